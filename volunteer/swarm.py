@@ -1,0 +1,157 @@
+"""What every peer of an experiment says in the DHT, and how it joins it.
+
+Three kinds of records live in the DHT:
+- hivemind's own expert records (``declare_experts`` / ``get_experts``): uid -> serving peer;
+- ``<prefix>_volunteers``: one signed subkey per volunteer (its uids, device and measured speed),
+  so any peer can count how many servers each uid has;
+- ``<prefix>_trainer``: one signed subkey per trainer with its latest step and loss, for dashboards.
+
+Our records are signed (``RSASignatureValidator``: a subkey holding ``[owner:<key>]`` can only be
+written by that key) and typed (``SchemaValidator``). Every peer of the swarm must use the same
+validators, so they are built here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import pydantic.v1 as pydantic
+from hivemind import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.moe.server.dht_handler import get_experts
+from hivemind.utils import get_dht_time
+
+RECORD_TTL = 60.0  # seconds a volunteer or trainer record lives unless refreshed
+
+
+class VolunteerRecordSchema(pydantic.BaseModel):
+    peer_id: pydantic.StrictStr
+    uids: List[pydantic.StrictStr]
+    device: pydantic.StrictStr
+    samples_per_second: pydantic.confloat(strict=True, ge=0.0)
+
+
+class TrainerRecordSchema(pydantic.BaseModel):
+    step: pydantic.conint(strict=True, ge=0)
+    loss: pydantic.StrictFloat
+    time: pydantic.StrictFloat
+
+
+class _ExperimentSchema(pydantic.BaseModel):
+    volunteers: Dict[BytesWithPublicKey, VolunteerRecordSchema]
+    trainer: Dict[BytesWithPublicKey, TrainerRecordSchema]
+
+
+@dataclass(frozen=True)
+class TrainerProgress:
+    step: int
+    loss: float
+    time: float
+
+
+@dataclass(frozen=True)
+class VolunteerRecord:
+    peer_id: str
+    uids: tuple[str, ...]
+    device: str
+    samples_per_second: float
+
+
+def record_validators(dht_prefix: str) -> list:
+    signer = RSASignatureValidator()
+    return [signer, SchemaValidator(_ExperimentSchema, prefix=dht_prefix)]
+
+
+def join_dht(
+    dht_prefix: str,
+    initial_peers: Sequence[str] = (),
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    identity_path: Path | None = None,
+    client_mode: bool = False,
+    announce_host: str | None = None,
+) -> DHT:
+    """Start a DHT peer in its own process, with this experiment's validators."""
+    kwargs = dict(host_maddrs=[f"/ip4/{host}/tcp/{port}"])
+    if identity_path is not None:
+        identity_path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs["identity_path"] = str(identity_path)
+    if announce_host is not None:
+        kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
+    dht = DHT(
+        initial_peers=list(initial_peers),
+        start=True,
+        client_mode=client_mode,
+        record_validators=record_validators(dht_prefix),
+        **kwargs,
+    )
+    dht.get_visible_maddrs()  # a hand-built peer sometimes fails to bootstrap until its addresses are read
+    return dht
+
+
+def visible_maddrs(dht: DHT) -> list[str]:
+    return [str(addr) for addr in dht.get_visible_maddrs()]
+
+
+def owner_subkey(dht: DHT) -> bytes:
+    """This process's signed subkey; ``record_validators`` made the signer the process-wide default."""
+    return RSASignatureValidator().local_public_key
+
+
+def publish_volunteer(dht: DHT, dht_prefix: str, record: VolunteerRecord, ttl: float = RECORD_TTL) -> bool:
+    value = dict(
+        peer_id=record.peer_id, uids=list(record.uids), device=record.device,
+        samples_per_second=float(record.samples_per_second),
+    )
+    return bool(dht.store(f"{dht_prefix}_volunteers", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
+
+
+def withdraw_volunteer(dht: DHT, dht_prefix: str) -> None:
+    """Overwrite our record with one that expires at once, so peers stop counting us."""
+    empty = dict(peer_id="", uids=[], device="", samples_per_second=0.0)
+    dht.store(f"{dht_prefix}_volunteers", empty, get_dht_time() + 1.0, subkey=owner_subkey(dht))
+
+
+def read_volunteers(dht: DHT, dht_prefix: str) -> list[VolunteerRecord]:
+    found = dht.get(f"{dht_prefix}_volunteers", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    records = []
+    for item in found.value.values():
+        value = item.value
+        if value.get("peer_id"):
+            records.append(VolunteerRecord(value["peer_id"], tuple(value["uids"]), value["device"],
+                                           value["samples_per_second"]))
+    return records
+
+
+def publish_trainer_progress(dht: DHT, dht_prefix: str, step: int, loss: float) -> bool:
+    value = dict(step=int(step), loss=float(loss), time=float(time.time()))
+    return bool(dht.store(f"{dht_prefix}_trainer", value, get_dht_time() + RECORD_TTL, subkey=owner_subkey(dht)))
+
+
+def read_trainer_progress(dht: DHT, dht_prefix: str) -> TrainerProgress | None:
+    """The most recent report of any trainer of the experiment."""
+    found = dht.get(f"{dht_prefix}_trainer", latest=True)
+    if found is None or not isinstance(found.value, dict) or not found.value:
+        return None
+    latest = max((item.value for item in found.value.values()), key=lambda v: v["time"])
+    return TrainerProgress(latest["step"], latest["loss"], latest["time"])
+
+
+def count_servers(dht: DHT, dht_prefix: str, uids: Sequence[str]) -> Counter:
+    """How many live servers each uid has: volunteer records, plus hivemind's expert records
+    (which name only the latest server of a uid, but also see servers that publish no record)."""
+    counts: Counter = Counter()
+    for record in read_volunteers(dht, dht_prefix):
+        counts.update(uid for uid in set(record.uids) if uid in uids)
+    for uid, expert in zip(uids, get_experts(dht, list(uids))):
+        if expert is not None and counts[uid] == 0:
+            counts[uid] = 1
+    return Counter({uid: counts[uid] for uid in uids})
