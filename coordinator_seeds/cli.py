@@ -1,0 +1,118 @@
+"""``coordinator-seed``: run the project's side of the swarm (the seed, and the trainer)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import trio
+import typer
+
+from volunteer import __version__
+from volunteer.procgroup import become_supervisor, unwrap
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="The project's side of a volunteer swarm.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"coordinator-seed (hivemind-volunteer) {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True)) -> None:
+    """Bootstrap peer, experiment manifest over HTTP, and the trainer."""
+
+
+def _manifest(experiment: Optional[Path]):
+    from volunteer.manifest import default_manifest, load
+
+    return load(experiment) if experiment else default_manifest()
+
+
+async def _until_signal(main, *args) -> None:
+    """Run ``main`` until it returns or SIGINT/SIGTERM arrives, then let it clean up."""
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            nursery.start_soon(main, *args)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _fail(e: BaseException) -> typer.Exit:
+    e = unwrap(e)
+    typer.echo(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", err=True)
+    return typer.Exit(2)
+
+
+def _is_known(e: BaseException, *types: type[BaseException]) -> bool:
+    return isinstance(unwrap(e), types)
+
+
+@app.command()
+def run(
+    host: str = typer.Option("127.0.0.1", help="Address for HTTP and the DHT."),
+    http_port: int = typer.Option(8470, help="HTTP port for /v1/experiment, /v1/peers, /healthz."),
+    dht_port: int = typer.Option(0, help="DHT port (fix it in production so peer addresses stay valid)."),
+    experiment: Optional[Path] = typer.Option(None, help="Manifest file (default: the shipped experiment)."),
+    identity: Optional[Path] = typer.Option(None, help="Identity key file (default: in the data dir)."),
+    announce_host: Optional[str] = typer.Option(None, help="Public address to announce."),
+) -> None:
+    """Run the seed: a stable DHT peer serving the experiment and its peers over HTTP."""
+    from coordinator_seeds.seed import SeedError, SeedSettings, run_seed
+    from volunteer.manifest import ManifestError
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = SeedSettings(_manifest(experiment), host=host, http_port=http_port, dht_port=dht_port,
+                                identity_path=identity, announce_host=announce_host)
+        become_supervisor()
+        trio.run(_until_signal, run_seed, settings)
+    except BaseException as e:
+        if _is_known(e, SeedError, ManifestError, OSError):
+            raise _fail(e)
+        raise
+
+
+@app.command()
+def train(
+    coordinator: Optional[str] = typer.Option(None, help="Coordinator seed URL."),
+    experiment: Optional[Path] = typer.Option(None, help="Manifest file, with --initial-peers."),
+    initial_peers: List[str] = typer.Option([], "--initial-peers"),
+    steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
+    log_every: int = typer.Option(10),
+) -> None:
+    """Train the experiment's model through the swarm's experts, logging the loss."""
+    from coordinator_seeds.trainer import TrainerSettings, train as run_training
+    from volunteer.coordinator import CoordinatorError, fetch_experiment
+    from volunteer.manifest import ManifestError
+    from volunteer.paths import default_paths
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if coordinator:
+            found = fetch_experiment(coordinator, default_paths("hivemind-coordinator").cache_dir)
+            manifest, peers = found.manifest, found.initial_peers
+        else:
+            manifest, peers = _manifest(experiment), tuple(initial_peers)
+            if not peers:
+                raise ValueError("pass --coordinator URL, or --initial-peers with --experiment")
+        become_supervisor()
+        run_training(TrainerSettings(manifest, tuple(peers), steps=steps, log_every=log_every))
+    except (CoordinatorError, ManifestError, ValueError, OSError) as e:
+        raise _fail(e)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

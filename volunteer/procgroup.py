@@ -1,0 +1,146 @@
+"""Keeping hivemind's processes one group: none may outlive the volunteer.
+
+hivemind forks a DHT process, connection handlers and two TaskPool processes per expert, and the
+DHT starts a p2pd daemon. Killing only the main pid leaves them running as orphans that accept calls,
+never answer, and keep the peer identity, so a restart fails (ENGINE-NOTES). Three defences:
+
+1. every child forked by this process gets ``PR_SET_PDEATHSIG = SIGKILL``: it dies with its parent;
+   it also drops the parent's signal handlers (trio's would swallow the SIGTERM hivemind uses to
+   stop its pools) and ignores SIGINT, so Ctrl-C reaches only the supervisor, which stops the rest;
+2. the volunteer leads its own process group and records it in a lock file;
+3. at start, a lock held by a dead volunteer's leftovers (p2pd is exec'd, so (1) misses it) is
+   cleared by killing that recorded group.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_installed = False
+
+
+def die_with_parent() -> None:
+    """Make every process this one forks from now on die when its parent does (Linux only)."""
+    def after_fork_in_child() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    global _installed
+    if _installed or not hasattr(os, "register_at_fork"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    os.register_at_fork(after_in_child=after_fork_in_child)
+    _installed = True
+
+
+def lead_process_group() -> None:
+    """Become the leader of a new process group unless already one (a shell's job already is)."""
+    if os.getpgid(0) != os.getpid():
+        os.setpgid(0, 0)
+
+
+def become_supervisor() -> None:
+    """Call once at the start of any process that forks hivemind peers (volunteer, seed, trainer)."""
+    lead_process_group()
+    die_with_parent()
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The one real error inside trio's exception groups, for a one-line message."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+class AlreadyRunning(RuntimeError):
+    """Another live volunteer holds this state directory."""
+
+
+@dataclass
+class InstanceLock:
+    """An exclusive ``flock`` on ``<state_dir>/volunteer.lock`` holding our pid and process group."""
+
+    path: Path
+    fd: int | None = None
+
+    def acquire(self, wait_for_leftovers: float = 15.0) -> str | None:
+        """Take the lock; returns a warning line if a crashed volunteer's leftovers had to be killed."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        warning = None
+        deadline = time.monotonic() + wait_for_leftovers
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+            owner = self._read_owner()
+            if owner.get("pid") and _alive(owner["pid"]):
+                os.close(fd)
+                raise AlreadyRunning(
+                    f"another volunteer (pid {owner['pid']}) is running with state dir {self.path.parent}"
+                )
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise AlreadyRunning(f"{self.path} is held by leftover processes that could not be stopped")
+            warning = self._kill_leftovers(owner.get("pgid"))
+            time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(dict(pid=os.getpid(), pgid=os.getpgid(0), started=time.time())).encode())
+        os.fsync(fd)
+        self.fd = fd
+        return warning
+
+    def _read_owner(self) -> dict:
+        try:
+            owner = json.loads(self.path.read_text() or "{}")
+            return owner if isinstance(owner, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _kill_leftovers(pgid: int | None) -> str:
+        if not isinstance(pgid, int) or pgid <= 1 or pgid == os.getpgid(0):
+            return "a crashed volunteer left this state dir locked; waiting for its processes to exit"
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return f"stopped the leftover processes of a crashed volunteer (process group {pgid})"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie counts as dead: it holds nothing
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True

@@ -1,0 +1,100 @@
+"""Serving the chosen experts with hivemind: one ``ModuleBackend`` per uid, counted and checkpointable.
+
+A request's path: a trainer's ``rpc_forward``/``rpc_backward`` reaches a hivemind ConnectionHandler
+process, which queues it in the expert's TaskPool; the Runtime thread of this process batches the
+queue and calls ``CountingBackend.forward``/``backward`` below, which compute, apply the optimizer
+(backward), and count the samples into ``stats.ExpertCounters``.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+import zlib
+from typing import Sequence
+
+import torch
+from hivemind.moe.server.module_backend import ModuleBackend
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
+
+from volunteer.checkpoints import CheckpointStore, ExpertCheckpoint
+from volunteer.experts import build_expert, sample_input
+from volunteer.manifest import Manifest
+from volunteer.stats import ExpertCounters
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+class CountingBackend(ModuleBackend):
+    """A ModuleBackend that counts the work it does and can be snapshotted while it serves."""
+
+    def __init__(self, name: str, module: torch.nn.Module, *, expert_type: str, counters: ExpertCounters, **kwargs):
+        super().__init__(name, module, **kwargs)
+        self.expert_type, self.counters = expert_type, counters
+        # the Runtime thread mutates weights in backward; checkpoints copy them under the same lock
+        self.lock = threading.Lock()
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        start = time.perf_counter()
+        with self.lock:
+            outputs = super().forward(*inputs)
+        self.counters.record("forward", inputs[0].shape[0], time.perf_counter() - start)
+        return outputs
+
+    def backward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        start = time.perf_counter()
+        with self.lock:
+            grads = super().backward(*inputs)
+        self.counters.record("backward", inputs[0].shape[0], time.perf_counter() - start)
+        return grads
+
+    def to_checkpoint(self) -> ExpertCheckpoint:
+        with self.lock:
+            module = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+            optimizer = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+        if optimizer is not None:
+            optimizer = _to_cpu(optimizer)
+        return ExpertCheckpoint(self.name, self.expert_type, module, optimizer, self.counters.snapshot().optimizer_steps)
+
+
+def _to_cpu(state):
+    if isinstance(state, torch.Tensor):
+        return state.to("cpu")
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_cpu(v) for v in state]
+    return state
+
+
+def initial_seed(uid: str) -> int:
+    """A fresh expert's weights depend only on its uid, so every server of a uid starts the same."""
+    return zlib.crc32(uid.encode())
+
+
+def build_backends(
+    manifest: Manifest, uids: Sequence[str], max_batch_size: int, store: CheckpointStore
+) -> tuple[dict[str, CountingBackend], list[str]]:
+    """Build one backend per uid, restoring each from its checkpoint when one is readable.
+
+    Returns the backends and the uids that were restored."""
+    backends, restored = {}, []
+    for uid in uids:
+        expert_type = manifest.expert_type_of(uid)
+        module = build_expert(expert_type.block, manifest.d_model, expert_type.d_hidden, seed=initial_seed(uid))
+        optimizer = OPTIMIZERS[manifest.optimizer.name](module.parameters(), lr=manifest.optimizer.lr)
+        checkpoint = store.load(uid, expert_type.name)
+        if checkpoint is not None:
+            module.load_state_dict(checkpoint.module)
+            if checkpoint.optimizer is not None:
+                optimizer.load_state_dict(checkpoint.optimizer)
+            restored.append(uid)
+        sample = sample_input(expert_type.block, 1, manifest.d_model)
+        backends[uid] = CountingBackend(
+            uid, module, optimizer=optimizer, expert_type=expert_type.name,
+            counters=ExpertCounters(uid, expert_type.name, checkpoint.updates if checkpoint else 0),
+            args_schema=(BatchTensorDescriptor.from_tensor(sample),),
+            min_batch_size=1, max_batch_size=max_batch_size,
+        )
+    return backends, restored
