@@ -1,0 +1,1 @@
+"""The project's side of a swarm: long-running seed peers that publish the experiment over HTTP."""

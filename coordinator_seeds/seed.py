@@ -1,0 +1,186 @@
+"""A coordinator seed: a long-lived DHT peer with a fixed identity that serves the experiment over HTTP.
+
+Volunteers ask a seed (``GET /v1/experiment``, ``GET /v1/peers``) what to serve and whom to bootstrap
+from, then talk to the swarm directly. The seed's peer id survives restarts (an identity key file), so
+addresses handed out earlier stay valid. HTTP is a starlette app served by hypercorn on trio; the
+DHT lives in hivemind's own process and is only touched from worker threads, never the trio thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+from hivemind import DHT
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from volunteer.manifest import Manifest
+from volunteer.paths import default_paths
+from volunteer.swarm import join_dht, visible_maddrs
+
+logger = logging.getLogger("coordinator_seeds.seed")
+
+
+class SeedError(RuntimeError):
+    """The seed cannot start; the message is one line saying why."""
+
+
+@dataclass(frozen=True)
+class SeedSettings:
+    manifest: Manifest
+    host: str = "127.0.0.1"  # HTTP bind host and DHT host
+    http_port: int = 8470
+    dht_port: int = 0  # 0 = any free port; production seeds need a fixed one, or their maddrs change
+    identity_path: Path | None = None  # default: <coordinator data dir>/seed_identity.key
+    announce_host: str | None = None
+
+    def resolved_identity_path(self) -> Path:
+        if self.identity_path is not None:
+            return self.identity_path
+        return default_paths("hivemind-coordinator").data_dir / "seed_identity.key"
+
+
+class Seed:
+    def __init__(self, settings: SeedSettings):
+        if settings.announce_host is not None and settings.dht_port == 0:
+            raise SeedError("announce_host needs a fixed dht_port: a random port cannot be announced")
+        self.settings = settings
+        self._dht: DHT | None = None
+        self._peer_id = ""
+        self._maddrs: tuple[str, ...] = ()
+        self._started_at = time.monotonic()
+        self._http_sock: socket.socket | None = None
+
+    # --- DHT ---------------------------------------------------------------------------------------
+
+    def start_dht(self) -> None:
+        """Blocking (a process start, 1-3 s): call it from a worker thread when inside trio."""
+        s = self.settings
+        if s.dht_port:
+            # p2pd's own failure on a taken port is a slow, multi-line daemon error; check first.
+            _check_port_free(s.host, s.dht_port, "DHT")
+        identity = s.resolved_identity_path()
+        identity.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            dht = join_dht(s.manifest.dht_prefix, host=s.host, port=s.dht_port, identity_path=identity,
+                           announce_host=s.announce_host)
+        except Exception as e:  # hivemind raises a zoo of types (P2PDaemonError, ValueError, ...)
+            raise SeedError(f"cannot start the DHT on {s.host}:{s.dht_port}: {_first_line(e)}") from e
+        self._dht = dht
+        # Read once here: the HTTP handlers must never make blocking DHT calls on the trio thread.
+        self._peer_id = dht.peer_id.to_base58()
+        self._maddrs = tuple(visible_maddrs(dht))
+        self._started_at = time.monotonic()
+        logger.info("seed DHT peer %s at %s", self._peer_id, ", ".join(self._maddrs))
+
+    @property
+    def peer_id(self) -> str:
+        return self._peer_id
+
+    @property
+    def maddrs(self) -> tuple[str, ...]:
+        return self._maddrs
+
+    def shutdown(self) -> None:
+        """Blocking: stops the DHT process (so the identity is free for a restart) and the HTTP socket."""
+        if self._http_sock is not None:
+            self._http_sock.close()
+            self._http_sock = None
+        if self._dht is not None:
+            self._dht.shutdown()  # joins, and terminates the process if it outlives the grace period
+            self._dht = None
+
+    # --- HTTP --------------------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        experiment = self.settings.manifest.to_dict()  # immutable: serialize once
+
+        async def get_experiment(request: Request) -> JSONResponse:
+            return JSONResponse(experiment)
+
+        async def get_peers(request: Request) -> JSONResponse:
+            return JSONResponse({"peer_id": self._peer_id, "maddrs": list(self._maddrs)})
+
+        async def healthz(request: Request) -> JSONResponse:
+            uptime = round(time.monotonic() - self._started_at, 3)
+            return JSONResponse({"ok": self._dht is not None, "peer_id": self._peer_id, "uptime_s": uptime})
+
+        return Starlette(routes=[
+            Route("/v1/experiment", get_experiment),
+            Route("/v1/peers", get_peers),
+            Route("/healthz", healthz),
+        ])
+
+    def bind_http(self) -> int:
+        """Bind the HTTP socket now (fails fast with SeedError if taken); returns the bound port."""
+        if self._http_sock is None:
+            self._http_sock = _bind(self.settings.host, self.settings.http_port, "HTTP")
+        return self._http_sock.getsockname()[1]
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve HTTP until cancelled; reports the bound port (useful with ``http_port=0``)."""
+        port = self.bind_http()
+        assert self._http_sock is not None
+        config = hypercorn.config.Config()
+        # Hand hypercorn the socket we bound, so the port check and port 0 need no race-prone re-bind.
+        config.bind = [f"fd://{self._http_sock.detach()}"]
+        self._http_sock = None
+        config.accesslog = None
+        config.errorlog = logging.getLogger("coordinator_seeds.http")
+        config.graceful_timeout = 2.0
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(hypercorn.trio.serve, self.app(), config))
+            logger.info("seed HTTP on http://%s:%d", self.settings.host, port)
+            task_status.started(port)
+
+
+async def run_seed(settings: SeedSettings, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Start the DHT, serve HTTP until cancelled, always stop the DHT. Reports the HTTP port."""
+    seed = Seed(settings)
+    seed.bind_http()  # before the DHT: a taken port should fail in milliseconds, not after a DHT start
+    try:
+        await trio.to_thread.run_sync(seed.start_dht)
+        await seed.serve(task_status=task_status)
+    finally:
+        with trio.CancelScope(shield=True):  # shutdown must finish even though we are being cancelled
+            await trio.to_thread.run_sync(seed.shutdown)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _bind(host: str, port: int, what: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # SO_REUSEADDR: a restart must not fail on the previous run's TIME_WAIT connections; on Linux
+    # it still refuses a port that another socket is listening on.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise SeedError(f"{what} port {port} is already in use on {host}") from None
+        raise SeedError(f"cannot bind {what} port {port} on {host}: {e.strerror}") from None
+    return sock
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    _bind(host, port, what).close()  # racy by nature, but catches the common "seed already running"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,51 @@
+"""Where the client keeps its files: the platform's usual places, or all under ``VOLUNTEER_HOME``.
+
+One environment variable moves everything, so tests (and portable installs) never touch the real
+home directory. Directories are created by whoever writes into them, via ``Paths.ensure``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import astuple, dataclass
+from pathlib import Path
+
+import platformdirs
+
+HOME_ENV = "VOLUNTEER_HOME"
+
+
+@dataclass(frozen=True)
+class Paths:
+    config_dir: Path
+    data_dir: Path
+    cache_dir: Path
+    state_dir: Path
+    runtime_dir: Path
+
+    def ensure(self) -> Paths:
+        """Create every directory; private (0o700) because they hold identity keys and checkpoints."""
+        for directory in astuple(self):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self
+
+
+def default_paths(app: str = "hivemind-volunteer") -> Paths:
+    home = os.environ.get(HOME_ENV)
+    if home:
+        base = Path(home).expanduser().absolute()
+        return Paths(base / "config", base / "data", base / "cache", base / "state", base / "runtime")
+    dirs = platformdirs.PlatformDirs(app, appauthor=False)
+    with warnings.catch_warnings():
+        # Headless servers and containers rarely set XDG_RUNTIME_DIR; platformdirs then falls back to a
+        # private per-user directory it has checked, which is all we need, so its warning is only noise.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        runtime_dir = dirs.user_runtime_path
+    return Paths(
+        config_dir=dirs.user_config_path,
+        data_dir=dirs.user_data_path,
+        cache_dir=dirs.user_cache_path,
+        state_dir=dirs.user_state_path,
+        runtime_dir=runtime_dir,
+    )
