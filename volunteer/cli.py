@@ -6,7 +6,6 @@ import json
 import logging
 import re
 import sys
-from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -103,8 +102,6 @@ def start(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Join the swarm, serve and train experts until Ctrl-C or SIGTERM."""
-    import trio
-
     from volunteer.node import run_volunteer
     from volunteer.paths import default_paths
     from volunteer.settings import Settings
@@ -116,7 +113,7 @@ def start(
             host=host, port=port, announce_host=announce_host, device=device, max_memory=parse_memory(max_memory),
             max_experts=max_experts, num_handlers=num_handlers, checkpoint_interval=checkpoint_interval,
         )
-        trio.run(partial(run_volunteer, settings, default_paths(), on_ready=_print_serving))
+        run_volunteer(settings, default_paths(), on_ready=_print_serving)
     except BaseException as e:
         raise _exit_for(e)
 

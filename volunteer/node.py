@@ -152,9 +152,9 @@ class VolunteerNode:
             self.server = None
 
 
-async def run_volunteer(
+def run_volunteer(
     settings: Settings, paths: Paths, *, on_ready: Callable[[NodeInfo], None] = lambda info: None
-) -> NodeInfo | None:
+) -> NodeInfo:
     """Run a volunteer until SIGINT/SIGTERM. Raises on bad input before anything is served."""
     become_supervisor()
     lock = InstanceLock(paths.state_dir / "volunteer.lock")
@@ -163,24 +163,30 @@ async def run_volunteer(
         logger.warning(warning)
     node = None
     try:
-        experiment = await trio.to_thread.run_sync(load_experiment, settings, paths)
-        node = VolunteerNode(settings, paths, experiment)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            info = await trio.to_thread.run_sync(node.start)
-            on_ready(info)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_every, settings.checkpoint_interval, node.checkpoint)
-                nursery.start_soon(_every, settings.announce_interval, node.announce)
-                async for signum in signals:
-                    logger.info(f"received {signal.Signals(signum).name}; leaving the swarm")
-                    nursery.cancel_scope.cancel()
-                    break
+        node = VolunteerNode(settings, paths, load_experiment(settings, paths))
+        # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the *thread*
+        # that forked it exits, and trio retires idle worker threads after a few seconds.
+        info = node.start()
+        on_ready(info)
+        trio.run(supervise, node)
         return info
     finally:
         if node is not None:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(node.shutdown)
+            node.shutdown()
         lock.release()
+
+
+async def supervise(node: VolunteerNode) -> None:
+    """Keep the node checkpointed and announced until SIGINT or SIGTERM."""
+    settings = node.settings
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_every, settings.checkpoint_interval, node.checkpoint)
+            nursery.start_soon(_every, settings.announce_interval, node.announce)
+            async for signum in signals:
+                logger.info(f"received {signal.Signals(signum).name}; leaving the swarm")
+                nursery.cancel_scope.cancel()
+                break
 
 
 async def _every(period: float, action: Callable[[], object]) -> None:
