@@ -151,7 +151,9 @@ async def run_seed(settings: SeedSettings, *, task_status: trio.TaskStatus[int] 
     seed = Seed(settings)
     seed.bind_http()  # before the DHT: a taken port should fail in milliseconds, not after a DHT start
     try:
-        await trio.to_thread.run_sync(seed.start_dht)
+        # On this thread, not a trio worker: the DHT child dies with the thread that forked it
+        # (PR_SET_PDEATHSIG, see volunteer.procgroup), and trio retires idle workers within seconds.
+        seed.start_dht()
         await seed.serve(task_status=task_status)
     finally:
         with trio.CancelScope(shield=True):  # shutdown must finish even though we are being cancelled

@@ -1,4 +1,9 @@
-"""Shared fixtures: real processes on 127.0.0.1, each test's files in its own temporary home."""
+"""Shared fixtures: real processes on 127.0.0.1, each test's files in its own temporary home.
+
+hypothesis is imported here, early, because its pytest plugin otherwise imports it at session end,
+and CPython 3.11's parser can fail ("AST constructor recursion depth mismatch") when it compiles
+while hivemind's background threads are still alive.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import signal
 import textwrap
 from pathlib import Path
 
+import hypothesis  # noqa: F401
 import pytest
 
 from volunteer.demo import ChildProcess

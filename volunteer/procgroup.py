@@ -29,7 +29,10 @@ _installed = False
 
 
 def die_with_parent() -> None:
-    """Make every process this one forks from now on die when its parent does (Linux only)."""
+    """Make every process this one forks from now on die when its parent does (Linux only).
+
+    The kernel's "parent" is the forking *thread*: fork hivemind peers only from threads that live
+    as long as the peer (the main thread, hivemind's Server thread), never from a worker pool."""
     def after_fork_in_child() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         signal.set_wakeup_fd(-1)
