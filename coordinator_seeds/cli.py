@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import signal
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,6 +10,7 @@ import trio
 import typer
 
 from volunteer import __version__
+from volunteer.logs import setup_logging
 from volunteer.procgroup import become_supervisor, unwrap
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The project's side of a volunteer swarm.")
@@ -67,7 +66,7 @@ def run(
     from coordinator_seeds.seed import SeedError, SeedSettings, run_seed
     from volunteer.manifest import ManifestError
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose=False)
     try:
         settings = SeedSettings(_manifest(experiment), host=host, http_port=http_port, dht_port=dht_port,
                                 identity_path=identity, announce_host=announce_host)
@@ -93,7 +92,7 @@ def train(
     from volunteer.manifest import ManifestError
     from volunteer.paths import default_paths
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose=False)
     try:
         if coordinator:
             found = fetch_experiment(coordinator, default_paths("hivemind-coordinator").cache_dir)

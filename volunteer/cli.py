@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from volunteer import __version__
+from volunteer.logs import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lend this machine to a hivemind MoE swarm.")
 EXIT_BAD_INPUT = 2
@@ -79,13 +78,6 @@ def _print_serving(info) -> None:
     print(info.serving_line(), flush=True)
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 @app.command()
 def start(
     coordinator: Optional[str] = typer.Option(None, envvar="VOLUNTEER_COORDINATOR", help="Coordinator seed URL."),
@@ -106,7 +98,7 @@ def start(
     from volunteer.paths import default_paths
     from volunteer.settings import Settings
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         settings = Settings(
             coordinator=coordinator, experiment_file=experiment, initial_peers=split_peers(initial_peers),
@@ -161,7 +153,7 @@ def demo(
     """Run a whole swarm on loopback: a coordinator seed, volunteers and the trainer."""
     from volunteer.demo import run_demo
 
-    _setup_logging(False)
+    setup_logging(False)
     try:
         code = run_demo(volunteers=volunteers, steps=steps)
     except BaseException as e:

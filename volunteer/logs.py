@@ -1,0 +1,25 @@
+"""Logging set-up shared by both command lines: plain lines on stderr, hivemind's chatter kept down."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        # hivemind logs every pool process it starts; a volunteer wants to see only what matters
+        logging.getLogger("hivemind").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        sys.unraisablehook = _drop_hivemind_exit_noise
+
+
+def _drop_hivemind_exit_noise(unraisable) -> None:
+    """hivemind's P2P objects raise from ``__del__`` at interpreter exit (no event loop left): harmless."""
+    if "hivemind" in getattr(type(unraisable.object), "__module__", "") or "hivemind" in repr(unraisable.object):
+        return
+    sys.__unraisablehook__(unraisable)
