@@ -17,6 +17,7 @@ import pytest
 import torch
 from hivemind.moe import get_experts
 
+from coordinator_seeds.dispatch import shutdown_dht
 from coordinator_seeds.trainer import TrainerSettings, train
 from volunteer.checkpoints import CheckpointStore
 from volunteer.coordinator import fetch_experiment
@@ -33,6 +34,14 @@ class Swarm:
     def __init__(self, root: Path):
         self.root = root
         self.procs = Processes()
+        try:
+            self._start()
+        except BaseException:
+            self.procs.stop_all()  # a fixture that fails in set-up gets no teardown
+            raise
+
+    def _start(self) -> None:
+        root = self.root
         manifest_file = root / "test-lm.toml"
         manifest_file.write_text(TEST_MANIFEST)
         seed, self.url = start_seed(experiment=manifest_file, home=root / "seed")
@@ -88,7 +97,7 @@ def test_plain_hivemind_client_calls_served_experts(swarm):
         y.pow(2).sum().backward()
         assert x.grad is not None and x.grad.abs().sum() > 0
     finally:
-        dht.shutdown()
+        shutdown_dht(dht)  # closes the expert-call client first, or it raises at GC on the main thread
 
 
 def _train(swarm: Swarm, steps: int, stop: threading.Event | None = None):
@@ -157,4 +166,4 @@ def test_kill_9_volunteer_then_restart_restores_it(swarm):
             local.load_state_dict(checkpoint.module)
             assert torch.allclose(expert(x), local(x), atol=1e-5), f"{uid} does not serve its checkpoint"
     finally:
-        dht.shutdown()
+        shutdown_dht(dht)  # closes the expert-call client first, or it raises at GC on the main thread

@@ -1,0 +1,336 @@
+"""A Mixture-of-Experts layer whose experts live on the swarm, called in one batch per expert per step.
+
+hivemind's ``RemoteMixtureOfExperts`` sends one RPC per sample per expert, which for a token-level
+language model (``batch x seq_len`` samples a step) is far too slow. ``BatchedRemoteMoE`` instead:
+
+1. keeps the live experts of its layer (``LiveExperts``: ``get_experts`` refreshed in the background,
+   minus experts that failed recently);
+2. gates locally over the full grid of uids (fixed-size logits, so the gate's parameters never depend
+   on who is alive), masked to the live experts, top-k per token, softmax over the chosen k;
+3. groups the tokens routed to each expert and sends each chosen expert one forward call and, in
+   backward, one backward call per step, all experts concurrently, each bounded by a timeout;
+4. tolerates failures like hivemind does: an expert that fails, times out or answers garbage is dropped
+   for the step and its tokens' weights renormalised over the experts that answered (a token nobody
+   answered gets zero output, so a residual model passes it through); in backward a failed expert gives
+   zero gradient for its inputs. A failing expert is evicted from the live set for a while.
+
+The RPCs are hivemind's own (``expert_forward`` / ``expert_backward`` on the server stub), run on
+hivemind's ``RemoteExpertWorker`` event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Sequence
+
+import torch
+from hivemind import DHT
+from hivemind.compression import serialize_torch_tensor
+from hivemind.moe import get_experts
+from hivemind.moe.client.expert import RemoteExpert, expert_backward, expert_forward, get_server_stub
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from volunteer.manifest import MoELayer
+
+logger = logging.getLogger("coordinator_seeds.dispatch")
+
+# Seconds beyond an RPC's own timeout that we wait for the event loop itself before giving up on it.
+_LOOP_GRACE = 5.0
+
+
+# --- which experts are alive ---------------------------------------------------------------------
+
+
+class LiveExperts:
+    """The experts of one layer that the DHT lists, minus those evicted after a failure.
+
+    ``current()`` never waits for the DHT once a first list exists: a stale list starts a background
+    refresh and the next call picks its result up. Eviction is keyed by ``(uid, server peer)`` and lasts
+    ``evict_for`` seconds: a dead server's DHT record outlives it (hivemind keeps it for twice the
+    server's update period), and re-admitting it at every refresh would cost a timeout each time, while a
+    new server taking the uid over is admitted at the next refresh.
+    """
+
+    def __init__(
+        self,
+        dht: DHT,
+        uids: Sequence[str],
+        *,
+        refresh_period: float = 15.0,
+        evict_for: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.dht, self.uids = dht, list(uids)
+        self.refresh_period, self.evict_for, self.clock = refresh_period, evict_for, clock
+        self._found: dict[int, RemoteExpert] = {}  # grid index -> expert, as the DHT last said
+        self._evicted: dict[tuple[str, str], float] = {}  # (uid, peer id) -> evicted until
+        self._pending: concurrent.futures.Future | None = None
+        self._started_at = -math.inf  # when the latest lookup was started
+        self._lock = threading.Lock()
+
+    def current(self) -> dict[int, RemoteExpert]:
+        """Live experts by grid index; the first call waits (bounded) for a lookup."""
+        with self._lock:
+            if self._started_at == -math.inf:  # nothing known yet: worth waiting for, once
+                self._start_lookup()
+                self._collect(wait=10.0)
+            self._collect(wait=0.0)
+            if self.clock() - self._started_at >= self.refresh_period and self._pending is None:
+                self._start_lookup()
+            return self._alive()
+
+    def refresh(self, timeout: float = 10.0) -> dict[int, RemoteExpert]:
+        """Look the layer up now and wait for the answer (for start-up, not the training loop)."""
+        with self._lock:
+            if self._pending is None:
+                self._start_lookup()
+            self._collect(wait=timeout)
+            return self._alive()
+
+    def evict(self, expert: RemoteExpert) -> None:
+        with self._lock:
+            self._evicted[expert.uid, str(expert.peer_id)] = self.clock() + self.evict_for
+
+    def _start_lookup(self) -> None:
+        # A blocking get_experts in a thread of our own: hivemind's return_future=True path awaits an
+        # MPFuture bound to the calling thread's event loop, and fails once that loop is gone.
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def lookup() -> None:
+            try:
+                future.set_result(get_experts(self.dht, self.uids))
+            except BaseException as e:  # handed to whoever collects the result
+                future.set_exception(e)
+
+        threading.Thread(target=lookup, name=f"lookup {self.uids[0]}", daemon=True).start()
+        self._pending, self._started_at = future, self.clock()
+
+    def _collect(self, wait: float) -> None:
+        if self._pending is None:
+            return
+        try:
+            found = self._pending.result(timeout=wait)
+        except concurrent.futures.TimeoutError:
+            return  # still running; keep the list we have
+        except Exception as e:  # a failed lookup must not stop training: keep the old list, retry later
+            logger.warning("expert lookup for %s failed: %s", self.uids[0].split(".", 1)[0], e)
+        else:
+            self._found = {i: expert for i, expert in enumerate(found) if expert is not None}
+        self._pending = None
+
+    def _alive(self) -> dict[int, RemoteExpert]:
+        now = self.clock()
+        self._evicted = {key: until for key, until in self._evicted.items() if until > now}
+        return {i: e for i, e in self._found.items() if (e.uid, str(e.peer_id)) not in self._evicted}
+
+
+# --- calling experts -----------------------------------------------------------------------------
+
+
+_Rpc = Callable[[str, Sequence[torch.Tensor], Any, Any], Awaitable[list[torch.Tensor]]]
+
+
+def call_experts(
+    requests: Sequence[tuple[RemoteExpert, Sequence[torch.Tensor]]], rpc: _Rpc, timeout: float
+) -> list[list[torch.Tensor] | BaseException]:
+    """Run ``rpc`` (``expert_forward`` or ``expert_backward``) for every request concurrently; each
+    result is the expert's tensors, or the exception (a ``TimeoutError`` after ``timeout`` seconds)."""
+
+    async def one(expert: RemoteExpert, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        stub = get_server_stub(expert.p2p, expert.peer_id)
+        serialized = [serialize_torch_tensor(t) for t in tensors]
+        return await asyncio.wait_for(rpc(expert.uid, tensors, serialized, stub), timeout)
+
+    async def everyone() -> list[Any]:
+        return await asyncio.gather(*(one(e, t) for e, t in requests), return_exceptions=True)
+
+    if not requests:
+        return []
+    future = RemoteExpertWorker.run_coroutine(everyone(), return_future=True)
+    try:
+        return future.result(timeout=timeout + _LOOP_GRACE)
+    except concurrent.futures.TimeoutError:  # the loop itself is stuck: count every call as failed
+        future.cancel()
+        return [TimeoutError("expert calls did not finish")] * len(requests)
+
+
+def checked_output(result: list[torch.Tensor] | BaseException, shape: torch.Size) -> torch.Tensor | None:
+    """The single tensor an expert returned, or None if it failed or sent the wrong shape or non-finite
+    values (either would corrupt every token it touches)."""
+    if isinstance(result, BaseException) or len(result) != 1:
+        return None
+    (tensor,) = result
+    if tensor.shape != shape or not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+        return None
+    return tensor
+
+
+def shutdown_dht(dht: DHT, timeout: float = 5.0) -> None:
+    """Shut ``dht`` down, closing first the RPC client that expert calls opened on it.
+
+    ``get_experts`` gives every expert the DHT's P2P replica, a client of the p2p daemon whose reader and
+    writer tasks run on hivemind's ``RemoteExpertWorker`` loop. Left to the garbage collector, its
+    finalizer runs in whatever thread drops it last, finds no event loop there and raises; closing it
+    on its own loop first leaves the finalizer nothing to do.
+    """
+    replica = getattr(dht, "_p2p_replica", None)  # hivemind 1.1.12 keeps the replica private
+
+    async def close() -> None:
+        await replica.shutdown()
+        for _ in range(3):  # let the cancelled tasks run to their end
+            await asyncio.sleep(0)
+
+    try:
+        if replica is not None:
+            RemoteExpertWorker.run_coroutine(close(), return_future=True).result(timeout=timeout)
+    except (concurrent.futures.TimeoutError, RuntimeError) as e:
+        logger.debug("closing the DHT's P2P replica failed: %s", e)
+    finally:
+        dht.shutdown()
+
+
+# --- the batched call as an autograd function -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpertCall:
+    """One RPC of a step: the tokens routed to one expert, and which of their k choices it is."""
+
+    expert: RemoteExpert
+    tokens: torch.Tensor  # int64 [n], rows of the flattened input
+    slots: torch.Tensor  # int64 [n], in [0, k)
+
+
+def plan_calls(chosen: torch.Tensor, experts: dict[int, RemoteExpert], max_batch_size: int) -> list[ExpertCall]:
+    """Group tokens by chosen expert; a group larger than a server's batch limit is split."""
+    calls = []
+    for index in chosen.unique().tolist():
+        tokens, slots = (chosen == index).nonzero(as_tuple=True)
+        for start in range(0, len(tokens), max_batch_size):
+            part = slice(start, start + max_batch_size)
+            calls.append(ExpertCall(experts[index], tokens[part], slots[part]))
+    return calls
+
+
+class _BatchedRemoteCall(torch.autograd.Function):
+    """``x [N, d] -> (outputs [N, k, d], answered bool [N, k])``; failed calls leave zeros and False."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, calls: list[ExpertCall], k: int, layer: BatchedRemoteMoE) -> Any:
+        inputs = x.detach().cpu()
+        results = call_experts([(c.expert, [inputs[c.tokens]]) for c in calls], expert_forward, layer.forward_timeout)
+        outputs = torch.zeros(len(inputs), k, inputs.shape[1])
+        answered = torch.zeros(len(inputs), k, dtype=torch.bool)
+        ok = []
+        for call, result in zip(calls, results):
+            output = checked_output(result, torch.Size((len(call.tokens), inputs.shape[1])))
+            if layer.record(call, output is not None, result):
+                outputs[call.tokens, call.slots] = output
+                answered[call.tokens, call.slots] = True
+                ok.append(call)
+        ctx.save_for_backward(inputs)
+        ctx.calls, ctx.layer = ok, layer  # only experts that answered forward are asked for backward
+        ctx.mark_non_differentiable(answered)
+        return outputs.to(x.device, x.dtype), answered.to(x.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_outputs: torch.Tensor, _grad_answered: Any) -> Any:
+        (inputs,) = ctx.saved_tensors
+        grads, calls, layer = grad_outputs.cpu().float(), ctx.calls, ctx.layer
+        requests = [(c.expert, [inputs[c.tokens], grads[c.tokens, c.slots].contiguous()]) for c in calls]
+        results = call_experts(requests, expert_backward, layer.backward_timeout)
+        grad_inputs = torch.zeros_like(inputs)
+        for call, result in zip(calls, results):
+            grad = checked_output(result, torch.Size((len(call.tokens), inputs.shape[1])))
+            if layer.record(call, grad is not None, result):
+                grad_inputs.index_add_(0, call.tokens, grad)
+        return grad_inputs.to(grad_outputs.device, grad_outputs.dtype), None, None, None
+
+
+# --- the layer -----------------------------------------------------------------------------------
+
+
+class BatchedRemoteMoE(nn.Module):
+    """``[..., d_model] -> [..., d_model]``: the weighted sum of the top-k live experts per token.
+
+    Counters for logs: ``calls_ok`` / ``calls_failed`` count RPCs (forward and backward), and
+    ``last_live_count`` is how many experts were live after the latest forward's failures.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        layer: MoELayer,
+        dht: DHT,
+        k_best: int,
+        forward_timeout: float = 10.0,
+        backward_timeout: float = 10.0,
+        *,
+        max_batch_size: int = 4096,
+        refresh_period: float = 15.0,
+        evict_for: float = 30.0,
+    ):
+        super().__init__()
+        self.layer, self.k_best, self.max_batch_size = layer, k_best, max_batch_size
+        self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
+        self.live = LiveExperts(dht, layer.uids(), refresh_period=refresh_period, evict_for=evict_for)
+        self.gate = nn.Linear(d_model, len(layer.uids()))
+        self.calls_ok = self.calls_failed = self.last_live_count = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        experts = self.live.current()
+        if not experts or len(flat) == 0:
+            self.last_live_count = len(experts)
+            return torch.zeros_like(x)
+        logits = self.gate(flat)
+        chosen = self.route(logits.detach(), experts)
+        calls = plan_calls(chosen, experts, self.max_batch_size)
+        outputs, answered = _BatchedRemoteCall.apply(flat, calls, chosen.shape[1], self)
+        self.last_live_count = len(self.live.current())
+        weights = renormalized_weights(logits.gather(1, chosen), answered)
+        return (weights.unsqueeze(-1) * outputs).sum(dim=1).reshape(x.shape)
+
+    def route(self, logits: torch.Tensor, experts: dict[int, RemoteExpert]) -> torch.Tensor:
+        """Grid indices ``int64 [N, k]`` of each token's top-k live experts, best first."""
+        dead = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+        dead[list(experts)] = False
+        k = min(self.k_best, len(experts))
+        return logits.masked_fill(dead, -math.inf).topk(k, dim=-1).indices
+
+    def record(self, call: ExpertCall, ok: bool, result: Any) -> bool:
+        """Count one RPC; evict its expert if it failed. Returns ``ok``."""
+        if ok:
+            self.calls_ok += 1
+            return True
+        self.calls_failed += 1
+        reason = result if isinstance(result, BaseException) else "a malformed or non-finite answer"
+        logger.warning("expert %s failed (%s); evicted for %.0f s", call.expert.uid, _describe(reason),
+                       self.live.evict_for)
+        self.live.evict(call.expert)
+        return False
+
+
+def renormalized_weights(chosen_logits: torch.Tensor, answered: torch.Tensor) -> torch.Tensor:
+    """Softmax over the chosen experts that answered; all zeros for a token nobody answered.
+
+    Masking logits (rather than dividing probabilities by their sum) keeps gradients finite even when
+    every expert of a token failed."""
+    anyone = answered.any(dim=-1, keepdim=True)
+    masked = chosen_logits.masked_fill(~answered, -math.inf).masked_fill(~anyone, 0.0)
+    return torch.softmax(masked, dim=-1) * anyone
+
+
+def _describe(reason: BaseException | str) -> str:
+    if isinstance(reason, BaseException):
+        return f"{type(reason).__name__}: {reason}".rstrip(": ")[:200]
+    return reason

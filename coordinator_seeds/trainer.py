@@ -1,0 +1,205 @@
+"""The coordinator's trainer: a byte-level language model whose feed-forward layers are swarm experts.
+
+Only the cheap parts of the model are local (embeddings, token mixers, gates, output head) and trained
+here with Adam. Every MoE layer of the manifest is a ``BatchedRemoteMoE``; the experts behind it are
+trained by their own servers when our backward pass calls them. A layer with no live expert acts as
+the identity (it is residual), so training goes on while volunteers come and go.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from hivemind import DHT
+from torch import nn
+
+from coordinator_seeds import corpus
+from coordinator_seeds.dispatch import BatchedRemoteMoE, shutdown_dht
+from volunteer.manifest import Manifest
+from volunteer.swarm import join_dht, publish_trainer_progress
+
+logger = logging.getLogger("coordinator_seeds.trainer")
+
+GRAD_CLIP = 1.0  # one bad batch must not wreck the local weights; experts clip (or not) on their own
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    manifest: Manifest
+    initial_peers: tuple[str, ...]
+    steps: int | None = None  # None = run until cancelled
+    log_every: int = 10
+    forward_timeout: float = 10.0
+    backward_timeout: float = 10.0
+    seed: int = 0
+    publish_progress: bool = True
+    expert_wait: float = 60.0  # seconds to wait at start for every layer to have an expert
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    loss: float
+    skipped: bool  # non-finite loss or gradient: no update was made
+    seconds: float
+    experts_alive: int  # over all layers, after this step's failures
+
+
+# --- the model -----------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """A small local token mixer: multi-head attention over earlier positions only."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.heads = math.gcd(d_model, 4)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, seq, d = h.shape
+        q, k, v = self.qkv(h).view(batch, seq, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(mixed.transpose(1, 2).reshape(batch, seq, d))
+
+
+class _Block(nn.Module):
+    """Pre-norm residual block: local attention, then the swarm's MoE as the feed-forward part."""
+
+    def __init__(self, d_model: int, moe: BatchedRemoteMoE):
+        super().__init__()
+        self.mix_norm, self.mixer = nn.LayerNorm(d_model), CausalSelfAttention(d_model)
+        self.moe_norm, self.moe = nn.LayerNorm(d_model), moe
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.mixer(self.mix_norm(h))
+        return h + self.moe(self.moe_norm(h))
+
+
+class MoELanguageModel(nn.Module):
+    """``int64 [batch, seq] -> logits [batch, seq, 256]``, one block per MoE layer of the manifest."""
+
+    def __init__(self, manifest: Manifest, dht: DHT, *, forward_timeout: float = 10.0,
+                 backward_timeout: float = 10.0):
+        super().__init__()
+        d, spec = manifest.d_model, manifest.trainer
+        self.embed = nn.Embedding(corpus.VOCAB_SIZE, d)
+        self.positions = nn.Parameter(torch.randn(spec.seq_len, d) * 0.02)
+        self.moes = [
+            BatchedRemoteMoE(d, layer, dht, spec.k_best, forward_timeout, backward_timeout,
+                             max_batch_size=manifest.max_batch_size)
+            for layer in manifest.layers
+        ]
+        self.blocks = nn.ModuleList(_Block(d, moe) for moe in self.moes)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, corpus.VOCAB_SIZE)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + self.positions[: tokens.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+    def experts_alive(self) -> int:
+        return sum(moe.last_live_count for moe in self.moes)
+
+    def grid_size(self) -> int:
+        return sum(len(moe.layer.uids()) for moe in self.moes)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def train(
+    settings: TrainerSettings,
+    *,
+    dht: DHT | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[StepReport]:
+    """Train until ``settings.steps`` steps are done or ``stop`` is set; returns one report a step."""
+    own_dht = dht is None
+    if dht is None:
+        dht = join_dht(settings.manifest.dht_prefix, settings.initial_peers, client_mode=True)
+    try:
+        return _train(settings, dht, on_step, stop or threading.Event())
+    finally:
+        if own_dht:
+            shutdown_dht(dht)
+
+
+def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], None] | None,
+           stop: threading.Event) -> list[StepReport]:
+    manifest = settings.manifest
+    with torch.random.fork_rng(devices=[]):  # reproducible weights without touching the caller's RNG
+        torch.manual_seed(settings.seed)
+        model = MoELanguageModel(manifest, dht, forward_timeout=settings.forward_timeout,
+                                 backward_timeout=settings.backward_timeout)
+    wait_for_experts(model, settings.expert_wait, stop)
+    optimizer = torch.optim.Adam(model.parameters(), lr=manifest.trainer.lr)
+    train_data, _held_out = corpus.split(corpus.load_stdlib())
+    data = corpus.batches(train_data, manifest.trainer.batch_size, manifest.trainer.seq_len,
+                          torch.Generator().manual_seed(settings.seed))
+    reports: list[StepReport] = []
+    window_start = time.perf_counter()
+    step = 0
+    while not stop.is_set() and (settings.steps is None or step < settings.steps):
+        step += 1
+        report = train_step(model, optimizer, *next(data), step=step)
+        reports.append(report)
+        if on_step is not None:
+            on_step(report)
+        if step % settings.log_every == 0:
+            _log(settings, dht, model, reports[-settings.log_every:], time.perf_counter() - window_start)
+            window_start = time.perf_counter()
+    return reports
+
+
+def wait_for_experts(model: MoELanguageModel, timeout: float, stop: threading.Event) -> None:
+    """Poll until every layer has a live expert, at most ``timeout`` seconds; layers still empty then
+    act as the identity until experts appear (they are looked up again in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lookup_timeout = min(10.0, max(deadline - time.monotonic(), 1.0))
+        empty = [moe.layer.uid_prefix for moe in model.moes if not moe.live.refresh(lookup_timeout)]
+        if not empty or time.monotonic() >= deadline or stop.wait(1.0):
+            break
+    if empty:
+        logger.warning("no experts found for %s after %.0f s; training with those layers as identity",
+                       ", ".join(empty), timeout)
+
+
+def train_step(model: MoELanguageModel, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+               targets: torch.Tensor, *, step: int) -> StepReport:
+    started = time.perf_counter()
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    value = loss.detach().item()
+    skipped = not math.isfinite(value)
+    if not skipped:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        skipped = not torch.isfinite(norm)
+        if not skipped:
+            optimizer.step()
+    return StepReport(step, value, skipped, time.perf_counter() - started, model.experts_alive())
+
+
+def _log(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, window: list[StepReport],
+         seconds: float) -> None:
+    losses = [r.loss for r in window if not r.skipped]
+    loss = sum(losses) / len(losses) if losses else math.nan
+    last = window[-1]
+    logger.info("step %d loss %.2f experts %d/%d %.1f steps/s", last.step, loss, last.experts_alive,
+                model.grid_size(), len(window) / max(seconds, 1e-9))
+    if settings.publish_progress and losses:
+        if not publish_trainer_progress(dht, settings.manifest.dht_prefix, last.step, loss):
+            logger.debug("publishing progress at step %d was refused by the DHT", last.step)
