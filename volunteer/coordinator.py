@@ -134,7 +134,7 @@ def _get_json(client: httpx.Client, url: httpx.URL, timeout: float) -> Any:
     body = _get_bounded(client, url, timeout)
     try:
         return json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, 4300+ digit ints, deep nesting
         kind = "HTML" if body.lstrip()[:1] == b"<" else "invalid JSON"
         raise _Invalid(f"{kind} from {url.path} ({str(e).splitlines()[0]})") from None
 
@@ -225,7 +225,7 @@ def _from_cache(url: str, path: Path, *, failure: str) -> Experiment:
         raise CoordinatorError(f"{failure} and no cached experiment")
     try:
         experiment, fetched_at = _read_cache(path)
-    except (OSError, ValueError, _Invalid) as e:  # ManifestError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, RecursionError, _Invalid) as e:  # ManifestError, JSONDecodeError: ValueErrors
         # Left in place on purpose: it may be worth a look, and the next good fetch replaces it.
         raise CoordinatorError(f"{failure} and the cached experiment {path} is corrupt ({_one_line(e)})") from None
     age = time.time() - fetched_at

@@ -120,7 +120,7 @@ def loads(text: str | bytes, *, fmt: str = "json") -> Manifest:
             raise ManifestError(f"manifest: not UTF-8 text ({e.reason})") from None
     try:
         data = tomllib.loads(text) if fmt == "toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # decode errors, deep nesting, ints over the digit limit
         raise ManifestError(f"manifest: not valid {fmt.upper()}: {str(e).splitlines()[0]}") from None
     return _parse(data)
 
@@ -171,7 +171,7 @@ class _Reader:
 
     def float(self, key: str, lo: float, hi: float, default: Any = None) -> float:
         value = self._get(key, _REQUIRED if default is None else default)
-        if type(value) not in (int, float) or not math.isfinite(value):
+        if type(value) not in (int, float) or type(value) is float and not math.isfinite(value):
             raise ManifestError(f"manifest: {self._path(key)} must be a number, got {value!r:.40}")
         if not lo < value <= hi:
             raise ManifestError(f"manifest: {self._path(key)} = {value} is outside ({lo}, {hi}]")
@@ -203,9 +203,9 @@ class _Reader:
             yield _Reader(item, f"{self._path(key)}[{i}]")
 
     def done(self) -> None:
-        extra = sorted(set(self.data) - self.seen)
+        extra = sorted(set(self.data) - self.seen, key=str)
         if extra:
-            raise ManifestError(f"manifest: unknown field {self._path(extra[0])}")
+            raise ManifestError(f"manifest: unknown field {self._path(str(extra[0]))!r:.80}")
 
 
 _REQUIRED = object()
@@ -234,7 +234,7 @@ def _parse(data: Any) -> Manifest:
     layers = []
     for raw in top.items("layers", 64):
         prefix = raw.name("uid_prefix")
-        grid = tuple(raw._get("grid", _REQUIRED))
+        grid = tuple(value) if isinstance(value := raw._get("grid", _REQUIRED), list) else ()
         if not grid or len(grid) > 4 or any(type(g) is not int or not 1 <= g <= 4096 for g in grid):
             raise ManifestError(f"manifest: {raw.where}.grid must be 1 to 4 integers in [1, 4096]")
         if math.prod(grid) > MAX_GRID_UIDS:

@@ -89,6 +89,8 @@ def build_backends(
             module.load_state_dict(checkpoint.module)
             if checkpoint.optimizer is not None:
                 optimizer.load_state_dict(checkpoint.optimizer)
+                for group in optimizer.param_groups:  # the manifest's rate wins over the one saved
+                    group["lr"] = manifest.optimizer.lr
             restored.append(uid)
         sample = sample_input(expert_type.block, 1, manifest.d_model)
         backends[uid] = CountingBackend(

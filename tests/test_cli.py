@@ -1,0 +1,255 @@
+"""The real console entries, run as subprocesses: exit codes and one-line errors a person can act on.
+
+Everything listens on 127.0.0.1 only; every child is bounded by a timeout and stopped with its group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import TEST_MANIFEST, Processes
+from volunteer import __version__
+from volunteer.demo import free_port, start_seed, start_volunteer
+
+TIMEOUT = 120
+VOLUNTEER = [sys.executable, "-m", "volunteer.cli"]
+SEED = [sys.executable, "-m", "coordinator_seeds.cli"]
+SERVING = r"^serving (\d+) experts of test-lm on cpu as (\S+?)(?:, \d+ restored from checkpoints)?: (.+)$"
+
+
+def run(argv: list[str], home: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "VOLUNTEER_COORDINATOR"}
+    env.update(VOLUNTEER_HOME=str(home), PYTHONUNBUFFERED="1", COLUMNS="120")
+    # a session of its own, so a failing test can never leave its children in ours
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{argv} did not exit in {timeout} s: {stderr[-2000:]}")
+    finally:
+        _kill_group(proc.pid)
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def one_line_error(result: subprocess.CompletedProcess, *, only: bool = False) -> str:
+    """The error line of a failed command: the last line on stderr, the only one starting with 'error'."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines, f"nothing on stderr; stdout: {result.stdout[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith("error: "), result.stderr
+    assert sum(line.startswith("error") for line in lines) == 1, result.stderr
+    if only:
+        assert len(lines) == 1, result.stderr
+    return lines[-1]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="module")
+def seed_url(tmp_path_factory) -> Iterator[str]:
+    """One real coordinator seed for the tests that need a swarm (starting it costs seconds on 2 cores)."""
+    root = tmp_path_factory.mktemp("cli-seed")
+    manifest = root / "test-lm.toml"
+    manifest.write_text(TEST_MANIFEST)
+    procs = Processes()
+    seed, url = start_seed(experiment=manifest, home=root)
+    procs.add(seed)
+    try:
+        yield url
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture
+def listening_port() -> Iterator[int]:
+    """A port on 127.0.0.1 held by a listening socket for the whole test."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+# --- version and help ----------------------------------------------------------------------------
+
+
+def test_version(home: Path):
+    result = run([*VOLUNTEER, "--version"], home)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"hivemind-volunteer {__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        pytest.param([*VOLUNTEER, "--help"], ["start", "hardware", "demo"], id="volunteer"),
+        pytest.param([*VOLUNTEER, "start", "--help"], ["--coordinator", "--experiment", "--max-memory"], id="start"),
+        pytest.param([*VOLUNTEER, "hardware", "--help"], ["--json", "--max-memory"], id="hardware"),
+        pytest.param([*VOLUNTEER, "demo", "--help"], ["--volunteers", "--steps"], id="demo"),
+        pytest.param([*SEED, "--help"], ["run", "train"], id="seed"),
+        pytest.param([*SEED, "run", "--help"], ["--http-port", "--experiment"], id="seed-run"),
+        pytest.param([*SEED, "train", "--help"], ["--coordinator", "--steps"], id="seed-train"),
+    ],
+)
+def test_help(home: Path, argv: list[str], expected: list[str]):
+    result = run(argv, home)
+    assert result.returncode == 0, result.stderr
+    for word in expected:
+        assert word in result.stdout, f"{word} missing from {argv} --help"
+
+
+# --- volunteer start: bad input ------------------------------------------------------------------
+
+
+def test_start_without_an_experiment_says_what_to_pass(home: Path):
+    result = run([*VOLUNTEER, "start"], home)
+    assert result.returncode == 2
+    line = one_line_error(result, only=True)
+    assert "--coordinator" in line and "volunteer demo" in line
+
+
+def test_start_with_a_bad_manifest_names_the_field(home: Path, tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TEST_MANIFEST.replace('block = "residual_ffn"', 'block = "transformer"'))
+    result = run([*VOLUNTEER, "start", "--experiment", str(bad), "--host", "127.0.0.1",
+                  "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmXrPbzKT1gnMfAVgLY6ANgk2xKHzHBCMXjVEC5oUJsvSh"], home)
+    assert result.returncode == 2
+    line = one_line_error(result, only=True)
+    assert "expert_types[0].block" in line and "transformer" in line
+    assert not (home / "data" / "identity.key").exists(), "nothing may start before the manifest is valid"
+
+
+def test_start_with_an_unreachable_coordinator_and_no_cache(home: Path):
+    url = f"http://127.0.0.1:{free_port()}"  # bound and closed again: nothing listens there
+    started = time.monotonic()
+    result = run([*VOLUNTEER, "start", "--coordinator", url, "--host", "127.0.0.1"], home, timeout=60)
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "unreachable" in line and url in line and "no cached experiment" in line
+    assert time.monotonic() - started < 60
+
+
+# --- volunteer hardware --------------------------------------------------------------------------
+
+
+def test_hardware_json(home: Path):
+    result = run([*VOLUNTEER, "hardware", "--json"], home)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {"hardware", "plan", "experiment"} <= report.keys()
+    assert report["experiment"] == "tiny-stdlib-lm"
+    assert report["plan"]["uids"] and all(isinstance(uid, str) for uid in report["plan"]["uids"])
+    assert report["hardware"]["cpu"]["cores"] >= 1
+
+
+def test_hardware_table(home: Path):
+    result = run([*VOLUNTEER, "hardware"], home)
+    assert result.returncode == 0, result.stderr
+    assert "Plan for" in result.stdout and "tiny-stdlib-lm" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "budget, expected",
+    [pytest.param("1MB", "budget", id="too-small"), pytest.param("lots", "--max-memory", id="not-a-size")],
+)
+def test_hardware_with_an_impossible_budget(home: Path, budget: str, expected: str):
+    result = run([*VOLUNTEER, "hardware", "--max-memory", budget], home)
+    assert result.returncode == 2
+    assert expected in one_line_error(result, only=True)
+
+
+# --- coordinator-seed ----------------------------------------------------------------------------
+
+
+def test_seed_on_a_taken_http_port(home: Path, listening_port: int):
+    result = run([*SEED, "run", "--host", "127.0.0.1", "--http-port", str(listening_port),
+                  "--identity", str(home / "seed.key")], home)
+    assert result.returncode == 2
+    line = one_line_error(result, only=True)
+    assert "already in use" in line and str(listening_port) in line
+
+
+# --- a running volunteer -------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_second_volunteer_on_the_same_state_dir_is_refused(home: Path, seed_url: str, processes: Processes):
+    first = processes.add(start_volunteer(home, seed_url))
+    match = first.wait_for_line(SERVING, timeout=150)
+    uids = match.group(3).split()
+    assert len(uids) == int(match.group(1)) > 0
+
+    second = run([*VOLUNTEER, "start", "--coordinator", seed_url, "--host", "127.0.0.1"], home)
+    assert second.returncode == 2
+    line = one_line_error(second)
+    assert f"another volunteer (pid {first.proc.pid}) is running" in line
+    assert first.proc.poll() is None, "the refused volunteer must not disturb the running one"
+
+    started = time.monotonic()
+    first.proc.send_signal(signal.SIGTERM)
+    try:
+        code = first.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"volunteer did not exit within 30 s of SIGTERM: {first.tail()}")
+    assert code == 0, first.tail(20)
+    assert time.monotonic() - started < 30
+
+    # nothing of the volunteer's process group outlives it (hivemind's pools, p2pd)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.killpg(first.proc.pid, 0)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes of group {first.proc.pid} outlived the volunteer: {_group_members(first.proc.pid)}")
+        time.sleep(0.2)
+
+    checkpoints = home / "data" / "checkpoints" / "test-lm"
+    assert {f"{uid}.pt" for uid in uids} <= {p.name for p in checkpoints.iterdir()}
+    assert not any(p.name.endswith((".tmp", ".new")) or ".corrupt-" in p.name for p in checkpoints.iterdir())
+
+
+@pytest.mark.integration
+def test_volunteer_on_a_taken_port(home: Path, seed_url: str, listening_port: int):
+    result = run([*VOLUNTEER, "start", "--coordinator", seed_url, "--host", "127.0.0.1",
+                  "--port", str(listening_port)], home)
+    assert result.returncode != 0
+    line = one_line_error(result)
+    assert str(listening_port) in line and "address already in use" in line
+
+
+def _group_members(pgid: int) -> list[str]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid:
+            members.append(re.sub(r"\s+", " ", text.split(")", 1)[0] + ")"))
+    return members
