@@ -36,18 +36,17 @@ class CountingBackend(ModuleBackend):
         self.lock = threading.Lock()
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        start = time.perf_counter()
-        with self.lock:
-            outputs = super().forward(*inputs)
-        self.counters.record("forward", inputs[0].shape[0], time.perf_counter() - start)
-        return outputs
+        return self._counted("forward", super().forward, inputs)
 
     def backward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._counted("backward", super().backward, inputs)
+
+    def _counted(self, kind: str, compute, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         start = time.perf_counter()
         with self.lock:
-            grads = super().backward(*inputs)
-        self.counters.record("backward", inputs[0].shape[0], time.perf_counter() - start)
-        return grads
+            results = compute(*inputs)
+        self.counters.record(kind, inputs[0].shape[0], time.perf_counter() - start)
+        return results
 
     def to_checkpoint(self) -> ExpertCheckpoint:
         with self.lock:
