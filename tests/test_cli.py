@@ -253,3 +253,21 @@ def _group_members(pgid: int) -> list[str]:
         if int(fields[2]) == pgid:
             members.append(re.sub(r"\s+", " ", text.split(")", 1)[0] + ")"))
     return members
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("0.5", 0.5), ("1", 1.0), ("8GiB", 8 * 2**30), ("800MB", 800 * 10**6), ("2000000000", 2_000_000_000), (None, None)],
+)
+def test_parse_memory_accepts_fractions_and_sizes(text, expected):
+    from volunteer.cli import parse_memory
+
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["1.5", "lots", "-1", "8 parsecs"])
+def test_parse_memory_rejects_ambiguous_or_bad_values(text):
+    from volunteer.cli import parse_memory
+
+    with pytest.raises(ValueError, match="--max-memory"):
+        parse_memory(text)

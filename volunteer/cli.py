@@ -45,6 +45,8 @@ def parse_memory(text: str | None) -> float | int | None:
     number, unit = float(match.group(1)), match.group(2).lower()
     if not unit and number <= 1:
         return number
+    if not unit and not number.is_integer():
+        raise ValueError(f"--max-memory {text!r}: a fraction must be at most 1; sizes need a unit (8GiB)")
     return int(number * units[unit])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 import zlib
@@ -157,6 +158,8 @@ def run_volunteer(
 ) -> NodeInfo:
     """Run a volunteer until SIGINT/SIGTERM. Raises on bad input before anything is served."""
     become_supervisor()
+    # NVML numbers GPUs by PCI bus, CUDA by speed unless told otherwise: make "cuda:N" mean the same GPU
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     lock = InstanceLock(paths.state_dir / "volunteer.lock")
     warning = lock.acquire()
     if warning:
