@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from volunteer.paths import fsync_dir, write_atomic
+
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 
@@ -31,28 +33,6 @@ class ExpertCheckpoint:
     module: dict[str, Any]
     optimizer: dict[str, Any] | None
     updates: int  # optimizer steps this expert has taken over its whole life
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Write through ``write(file)`` to a temporary file, fsync it, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointStore:
@@ -78,7 +58,7 @@ class CheckpointStore:
         if latest.exists():
             os.replace(latest, previous)
         os.replace(staged, latest)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return latest
 
     def load(self, uid: str, expert_type: str) -> ExpertCheckpoint | None:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any, Callable, Sequence
 import httpx
 
 from volunteer.manifest import Manifest, ManifestError, load
+from volunteer.paths import write_atomic
 
 logger = logging.getLogger("volunteer.coordinator")
 
@@ -206,16 +205,7 @@ def _write_cache(path: Path, url: str, experiment: Experiment) -> None:
               "initial_peers": list(experiment.initial_peers), "fetched_at": time.time()}
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".experiment-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomic(path, lambda f: f.write(json.dumps(record, sort_keys=True).encode()))
     except OSError as e:  # a cache is a convenience: a full disk must not fail a good fetch
         logger.warning("could not cache the experiment at %s: %s", path, e.strerror or e)
 

@@ -22,11 +22,11 @@ from hivemind import DHT
 from hivemind.moe import Server
 
 from volunteer import swarm
-from volunteer.checkpoints import CheckpointStore, write_atomic
+from volunteer.checkpoints import CheckpointStore
 from volunteer.coordinator import Experiment, fetch_experiment
 from volunteer.hardware import HardwareProfile, detect_hardware
 from volunteer.manifest import load as load_manifest
-from volunteer.paths import Paths
+from volunteer.paths import Paths, write_atomic
 from volunteer.procgroup import InstanceLock, become_supervisor
 from volunteer.serving import CountingBackend, build_backends
 from volunteer.settings import Settings

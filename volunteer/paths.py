@@ -10,6 +10,7 @@ import os
 import warnings
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -49,3 +50,25 @@ def default_paths(app: str = "hivemind-volunteer") -> Paths:
         state_dir=dirs.user_state_path,
         runtime_dir=runtime_dir,
     )
+
+
+def write_atomic(path: Path, write: Any) -> None:
+    """Write through ``write(file)`` to a temporary file, fsync it, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
