@@ -25,7 +25,7 @@ from volunteer.demo import free_port, start_seed, start_volunteer
 TIMEOUT = 120
 VOLUNTEER = [sys.executable, "-m", "volunteer.cli"]
 SEED = [sys.executable, "-m", "coordinator_seeds.cli"]
-SERVING = r"^serving (\d+) experts of test-lm on cpu as (\S+?)(?:, \d+ restored from checkpoints)?: (.+)$"
+SERVING = r"\"message\": \"serving (\d+) experts of test-lm on cpu as (\S+?)(?:, \d+ restored from checkpoints)?: ([^\"]+)\""
 
 
 def run(argv: list[str], home: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ from volunteer.serving import initial_seed
 from tests.conftest import TEST_MANIFEST, Processes
 
 pytestmark = pytest.mark.integration
-SERVING = r"^serving (\d+) experts of test-lm on cpu as (\S+?)(?:, (\d+) restored from checkpoints)?: (.+)$"
+SERVING = r"\"message\": \"serving (\d+) experts of test-lm on cpu as (\S+?)(?:, (\d+) restored from checkpoints)?: ([^\"]+)\""
 
 
 class Swarm:

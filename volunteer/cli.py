@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -57,11 +58,12 @@ def split_peers(peers: List[str]) -> tuple[str, ...]:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from hivemind.p2p import P2PDaemonError
 
+    from volunteer.control import ControlError
     from volunteer.coordinator import CoordinatorError
     from volunteer.procgroup import AlreadyRunning
 
     # P2PDaemonError: the DHT could not start (port taken, no bootstrap peer reachable)
-    return (ValueError, CoordinatorError, AlreadyRunning, OSError, P2PDaemonError)
+    return (ValueError, CoordinatorError, AlreadyRunning, OSError, P2PDaemonError, ControlError)
 
 
 def _exit_for(error: BaseException) -> BaseException:
@@ -74,10 +76,6 @@ def _exit_for(error: BaseException) -> BaseException:
     if isinstance(error, _known_errors()):
         return fail(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
     return error
-
-
-def _print_serving(info) -> None:
-    print(info.serving_line(), flush=True)
 
 
 @app.command()
@@ -93,21 +91,77 @@ def start(
     max_experts: Optional[int] = typer.Option(None, help="Host at most this many experts."),
     num_handlers: int = typer.Option(2, help="Connection handler processes."),
     checkpoint_interval: float = typer.Option(60.0, help="Seconds between checkpoints."),
+    headless: bool = typer.Option(False, "--headless", help="No dashboard: JSON lines on stdout (automatic "
+                                                             "when stdout is not a terminal)."),
+    log_interval: float = typer.Option(10.0, help="Seconds between headless stats lines."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Join the swarm, serve and train experts until Ctrl-C or SIGTERM."""
-    from volunteer.node import run_volunteer
+    """Join the swarm, serve and train experts until Ctrl-C, SIGTERM, `q` or `volunteer stop`."""
+    from volunteer.logs import EventLog
     from volunteer.paths import default_paths
     from volunteer.settings import Settings
+    from volunteer.supervisor import run_volunteer
 
-    setup_logging(verbose)
+    headless = headless or not sys.stdout.isatty()
+    setup_logging(verbose, json_lines=headless)
     try:
         settings = Settings(
             coordinator=coordinator, experiment_file=experiment, initial_peers=split_peers(initial_peers),
             host=host, port=port, announce_host=announce_host, device=device, max_memory=parse_memory(max_memory),
             max_experts=max_experts, num_handlers=num_handlers, checkpoint_interval=checkpoint_interval,
+            headless=headless, log_interval=log_interval,
         )
-        run_volunteer(settings, default_paths(), on_ready=_print_serving)
+        events = EventLog(sys.stdout if headless else None)
+        run_volunteer(settings, default_paths(), events=events, dashboard=not headless)
+    except BaseException as e:
+        raise _exit_for(e)
+
+
+def _control_path():
+    from volunteer.control import socket_path
+    from volunteer.paths import default_paths
+
+    return socket_path(default_paths().runtime_dir)
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Print the full figures as JSON.")) -> None:
+    """Print the live figures of the volunteer running on this machine."""
+    from volunteer import control
+    from volunteer.stats import StatsSnapshot
+
+    try:
+        answer = control.request(_control_path(), "status")
+    except BaseException as e:
+        raise _exit_for(e)
+    if as_json:
+        typer.echo(json.dumps(answer["status"], indent=1))
+        return
+    from volunteer.dashboard import summary_lines
+
+    for line in summary_lines(StatsSnapshot.from_dict(answer["status"])):
+        typer.echo(line)
+
+
+@app.command()
+def stop(timeout: float = typer.Option(60.0, help="Seconds to wait for the drain.")) -> None:
+    """Ask the running volunteer to drain (finish requests, checkpoint, leave) and wait until it exits."""
+    from volunteer import control
+
+    try:
+        seconds = control.stop(_control_path(), timeout=timeout)
+    except BaseException as e:
+        raise _exit_for(e)
+    typer.echo(f"stopped in {seconds:.1f} s")
+
+
+@app.command()
+def monitor(refresh: float = typer.Option(1.0, help="Seconds between refreshes.")) -> None:
+    """Show the dashboard of a volunteer that is already running (headless, in another terminal); `q` quits."""
+    from volunteer.dashboard import run_monitor
+
+    try:
+        run_monitor(_control_path(), refresh)
     except BaseException as e:
         raise _exit_for(e)
 

@@ -132,9 +132,10 @@ def run_demo(volunteers: int = 1, steps: int | None = None) -> int:
         children.append(seed)
         for i in range(volunteers):
             # one after another: each sees what the previous ones serve and picks other experts
-            child = start_volunteer(home / f"volunteer{i}", url, echo=sys.stdout, name=f"volunteer{i}")
+            child = start_volunteer(home / f"volunteer{i}", url, "--log-interval", "60", echo=sys.stdout,
+                                    name=f"volunteer{i}")
             children.append(child)
-            child.wait_for_line(r"^serving \d+ experts", timeout=180)
+            child.wait_for_line(r"\"event\": \"serving\"", timeout=180)
         experiment = fetch_experiment(url, home / "trainer-cache")
         print(f"training {experiment.manifest.name} through the swarm; Ctrl-C to stop")
         train(TrainerSettings(experiment.manifest, experiment.initial_peers, steps=steps, log_every=10))

@@ -1,36 +1,35 @@
 """A volunteer node's life: get the experiment, size, join, serve, checkpoint, leave.
 
 ``VolunteerNode`` holds the blocking hivemind side (its DHT and ``Server`` live in their own threads
-and processes); ``run_volunteer`` is the trio supervisor that starts it, keeps it announced and
-checkpointed, and shuts it down on a signal or a stop request.
+and processes) and the ``StatsCollector`` fed by its backends; ``supervisor.run_volunteer`` starts
+it, keeps it announced, checkpointed and visible, and drains it on a signal or a stop request.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
 
 import torch
-import trio
 from hivemind import DHT
 from hivemind.moe import Server
+from hivemind.p2p import P2PDaemonError
 
 from volunteer import swarm
 from volunteer.checkpoints import CheckpointStore
 from volunteer.coordinator import Experiment, fetch_experiment
 from volunteer.hardware import HardwareProfile, detect_hardware
+from volunteer.logs import EventLog
 from volunteer.manifest import load as load_manifest
 from volunteer.paths import Paths, write_atomic
-from volunteer.procgroup import InstanceLock, become_supervisor
 from volunteer.serving import CountingBackend, build_backends
 from volunteer.settings import Settings
 from volunteer.sizing import Plan, plan_experts
+from volunteer.stats import LifetimeStore, StatsCollector
 
 logger = logging.getLogger(__name__)
 SERVER_START_TIMEOUT = 120.0
@@ -63,8 +62,9 @@ def load_experiment(settings: Settings, paths: Paths) -> Experiment:
 
 
 class VolunteerNode:
-    def __init__(self, settings: Settings, paths: Paths, experiment: Experiment):
+    def __init__(self, settings: Settings, paths: Paths, experiment: Experiment, events: EventLog | None = None):
         self.settings, self.paths, self.experiment = settings, paths, experiment
+        self.events = events or EventLog()
         self.manifest = experiment.manifest
         self.store = CheckpointStore(paths.data_dir / "checkpoints" / self.manifest.name)
         self.state_file = paths.state_dir / "node.json"
@@ -72,29 +72,42 @@ class VolunteerNode:
         self.server: Server | None = None
         self.backends: dict[str, CountingBackend] = {}
         self.info: NodeInfo | None = None
+        self.collector: StatsCollector | None = None
 
     def start(self, hardware: HardwareProfile | None = None) -> NodeInfo:
         hardware = hardware or detect_hardware()
-        self.dht = swarm.join_dht(
-            self.manifest.dht_prefix, self.experiment.initial_peers,
-            host=self.settings.host, port=self.settings.port, announce_host=self.settings.announce_host,
-            identity_path=self.paths.data_dir / "identity.key",
-        )
+        previous = self._previous_state()
+        self.dht = self._join(previous.get("port"))
         peer_id = self.dht.peer_id.to_base58()
+        maddrs = tuple(swarm.visible_maddrs(self.dht))
+        self.events.emit("joined", f"joined the DHT of {self.manifest.name} as {peer_id}", peer_id=peer_id,
+                         maddrs=list(maddrs))
         plan = self._plan(hardware, peer_id)
         self.backends, restored = build_backends(self.manifest, plan.uids, plan.max_batch_size, self.store)
+        for uid in restored:
+            steps = self.backends[uid].counters.snapshot().optimizer_steps
+            self.events.emit("expert_restored", f"restored {uid} from its checkpoint ({steps} updates)",
+                             uid=uid, optimizer_steps=steps)
         self.server = Server(
             self.dht, self.backends, num_connection_handlers=self.settings.num_handlers,
             update_period=self.settings.announce_interval, device=torch.device(plan.device),
         )
         self.server.run_in_background(await_ready=True, timeout=SERVER_START_TIMEOUT)
-        self.info = NodeInfo(
-            self.manifest.name, peer_id, tuple(swarm.visible_maddrs(self.dht)), plan.uids, plan.device,
-            tuple(restored), plan,
+        self.info = NodeInfo(self.manifest.name, peer_id, maddrs, plan.uids, plan.device, tuple(restored), plan)
+        self.collector = StatsCollector(
+            self.manifest.name, peer_id, plan.device, [b.counters for b in self.backends.values()],
+            LifetimeStore(self.paths.state_dir / "lifetime.json"), plan=plan.to_dict(),
         )
         self.announce()
         self._save_state()
+        self.collector.state = "serving"
         return self.info
+
+    def report_serving(self) -> None:
+        info = self.info
+        self.events.emit("serving", info.serving_line(), peer_id=info.peer_id, device=info.device,
+                         uids=list(info.uids), restored=list(info.restored), maddrs=list(info.maddrs),
+                         plan=info.plan.to_dict())
 
     def _plan(self, hardware: HardwareProfile, peer_id: str) -> Plan:
         uids = self.manifest.all_uids()
@@ -107,23 +120,44 @@ class VolunteerNode:
             max_experts=self.settings.max_experts, seed=zlib.crc32(peer_id.encode()),
         )
 
-    def _previous_uids(self) -> list[str]:
+    def _join(self, previous_port: object) -> DHT:
+        """Join on the port given, else on the port of the last run: peers that cached our address
+        (trainers, other volunteers) reach us again at once. Any free port if that one is taken."""
+        join = partial(swarm.join_dht, self.manifest.dht_prefix, self.experiment.initial_peers,
+                       host=self.settings.host, announce_host=self.settings.announce_host,
+                       identity_path=self.paths.data_dir / "identity.key")
+        if self.settings.port or not isinstance(previous_port, int) or not 0 < previous_port < 65536:
+            return join(port=self.settings.port)
+        try:
+            return join(port=previous_port)
+        except P2PDaemonError as e:
+            if "address already in use" not in str(e):
+                raise
+            logger.info(f"port {previous_port} of the last run is taken; listening on a new one")
+            return join(port=0)
+
+    def _previous_state(self) -> dict:
+        """What node.json says of the last run of this experiment; {} if none or unreadable."""
         try:
             state = json.loads(self.state_file.read_text())
         except FileNotFoundError:
-            return []
+            return {}
         except (OSError, ValueError) as e:
-            logger.warning(f"state file {self.state_file} is unreadable ({e}); choosing experts afresh")
-            return []
+            logger.warning(f"state file {self.state_file} is unreadable ({e}); starting afresh")
+            return {}
         if not isinstance(state, dict) or state.get("experiment") != self.manifest.name:
-            return []
+            return {}
+        return state
+
+    def _previous_uids(self) -> list[str]:
         valid = set(self.manifest.all_uids())
-        return [uid for uid in state.get("uids", []) if isinstance(uid, str) and uid in valid]
+        uids = self._previous_state().get("uids", [])
+        return [uid for uid in uids if isinstance(uid, str) and uid in valid] if isinstance(uids, list) else []
 
     def _save_state(self) -> None:
         self.paths.state_dir.mkdir(parents=True, exist_ok=True)
         state = dict(experiment=self.manifest.name, uids=list(self.info.uids), device=self.info.device,
-                     peer_id=self.info.peer_id, plan=self.info.plan.to_dict(), saved=time.time())
+                     peer_id=self.info.peer_id, port=_tcp_port(self.info.maddrs), plan=self.info.plan.to_dict(), saved=time.time())
         write_atomic(self.state_file, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
     def announce(self) -> None:
@@ -136,66 +170,30 @@ class VolunteerNode:
         return len(self.backends)
 
     def shutdown(self) -> None:
-        """Leave the swarm in order: withdraw, save, stop serving, stop the DHT."""
-        if self.server is None:
-            if self.dht is not None:
-                self.dht.shutdown()
+        """Leave the swarm in order: withdraw, save, stop serving, stop the DHT. Safe to call twice."""
+        server, dht = self.server, self.dht
+        self.server = self.dht = None
+        if server is None:
+            if dht is not None:
+                dht.shutdown()
             return
         try:
-            swarm.withdraw_volunteer(self.dht, self.manifest.dht_prefix)
+            swarm.withdraw_volunteer(dht, self.manifest.dht_prefix)
         except Exception as e:  # the DHT may already be gone; leaving must go on
             logger.warning(f"could not withdraw the volunteer record: {e}")
         try:
             self.checkpoint()
+            if self.collector is not None:
+                self.collector.persist()
         finally:
-            self.server.shutdown()  # also shuts the DHT down
-            self.server.join(timeout=30)
-            self.server = None
+            server.shutdown()  # also shuts the DHT down
+            server.join(timeout=30)
 
 
-def run_volunteer(
-    settings: Settings, paths: Paths, *, on_ready: Callable[[NodeInfo], None] = lambda info: None
-) -> NodeInfo:
-    """Run a volunteer until SIGINT/SIGTERM. Raises on bad input before anything is served."""
-    become_supervisor()
-    # NVML numbers GPUs by PCI bus, CUDA by speed unless told otherwise: make "cuda:N" mean the same GPU
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    lock = InstanceLock(paths.state_dir / "volunteer.lock")
-    warning = lock.acquire()
-    if warning:
-        logger.warning(warning)
-    node = None
-    try:
-        node = VolunteerNode(settings, paths, load_experiment(settings, paths))
-        # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the *thread*
-        # that forked it exits, and trio retires idle worker threads after a few seconds.
-        info = node.start()
-        on_ready(info)
-        trio.run(supervise, node)
-        return info
-    finally:
-        if node is not None:
-            node.shutdown()
-        lock.release()
 
-
-async def supervise(node: VolunteerNode) -> None:
-    """Keep the node checkpointed and announced until SIGINT or SIGTERM."""
-    settings = node.settings
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_every, settings.checkpoint_interval, node.checkpoint)
-            nursery.start_soon(_every, settings.announce_interval, node.announce)
-            async for signum in signals:
-                logger.info(f"received {signal.Signals(signum).name}; leaving the swarm")
-                nursery.cancel_scope.cancel()
-                break
-
-
-async def _every(period: float, action: Callable[[], object]) -> None:
-    while True:
-        await trio.sleep(period)
-        try:
-            await trio.to_thread.run_sync(action)
-        except Exception as e:  # one failed save or announce must not stop serving
-            logger.warning(f"{getattr(action, '__name__', action)} failed: {type(e).__name__}: {e}")
+def _tcp_port(maddrs: tuple[str, ...]) -> int | None:
+    for maddr in maddrs:
+        parts = maddr.split("/")
+        if "tcp" in parts and parts.index("tcp") + 1 < len(parts) and parts[parts.index("tcp") + 1].isdigit():
+            return int(parts[parts.index("tcp") + 1])
+    return None

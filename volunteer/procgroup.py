@@ -95,7 +95,7 @@ class InstanceLock:
                     os.close(fd)
                     raise
             owner = self._read_owner()
-            if owner.get("pid") and _alive(owner["pid"]):
+            if owner.get("pid") and is_alive(owner["pid"]):
                 os.close(fd)
                 raise AlreadyRunning(
                     f"another volunteer (pid {owner['pid']}) is running with state dir {self.path.parent}"
@@ -134,7 +134,7 @@ class InstanceLock:
             self.fd = None
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -147,3 +147,33 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def group_members(pgid: int, proc: Path = Path("/proc")) -> list[tuple[int, list[str]]]:
+    """(pid, fields of /proc/<pid>/stat after the command name) of every live process in a group."""
+    members = []
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(os.path.join(entry.path, "stat")) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # it exited while we looked
+        if len(fields) > 12 and fields[2] == str(pgid) and fields[0] != "Z":
+            members.append((int(entry.name), fields))
+    return members
+
+
+def exit_now(code: int) -> None:
+    """Leave at once (a second Ctrl-C): kill the rest of our group, skip every cleanup handler.
+
+    Files stay whole because every one of them is written to a temporary name and renamed."""
+    me = os.getpid()
+    for pid, _ in group_members(os.getpgid(0)):
+        if pid != me:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    os._exit(code)

@@ -94,7 +94,8 @@ def build_backends(
         sample = sample_input(expert_type.block, 1, manifest.d_model)
         backends[uid] = CountingBackend(
             uid, module, optimizer=optimizer, expert_type=expert_type.name,
-            counters=ExpertCounters(uid, expert_type.name, checkpoint.updates if checkpoint else 0),
+            counters=ExpertCounters(uid, expert_type.name, checkpoint.updates if checkpoint else 0,
+                                   params=expert_type.num_params(manifest.d_model)),
             args_schema=(BatchTensorDescriptor.from_tensor(sample),),
             min_batch_size=1, max_batch_size=max_batch_size,
         )

@@ -1,21 +1,41 @@
-"""Contribution counters, measured where the work happens.
+"""Contribution stats, measured where the work happens, and the one snapshot every view renders.
 
 hivemind runs every expert's forward and backward in the Runtime thread of the volunteer's main
 process (connection handlers only relay tensors), so plain counters guarded by a lock, updated by
-``serving.CountingBackend``, see every sample that is really computed.
+``serving.CountingBackend``, see every sample that is really computed. ``StatsCollector`` samples
+them once a second into rate windows, adds the lifetime totals kept in the state dir, and builds
+the ``StatsSnapshot`` that the dashboard, the headless JSON lines and ``volunteer status`` share.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+from volunteer.paths import write_atomic
+from volunteer.telemetry import Telemetry
+
+logger = logging.getLogger(__name__)
+
+# hivemind's backward recomputes the forward pass, then runs it backward (about twice its cost)
+FORWARD_FLOPS_PER_PARAM = 2
+BACKWARD_FLOPS_PER_PARAM = 6
+RATE_WINDOWS = (10.0, 300.0)
+HISTORY_BUCKET = 10.0  # seconds per bar of the throughput history
+HISTORY_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
 class ExpertStats:
     uid: str
     expert_type: str
+    params: int = 0
     forward_batches: int = 0
     forward_samples: int = 0
     backward_batches: int = 0
@@ -24,30 +44,263 @@ class ExpertStats:
     busy_seconds: float = 0.0
     last_request: float | None = None  # unix time
 
+    @property
+    def flops(self) -> float:
+        return self.params * (FORWARD_FLOPS_PER_PARAM * self.forward_samples
+                              + BACKWARD_FLOPS_PER_PARAM * self.backward_samples)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class ExpertCounters:
-    """Mutable counters of one expert; ``snapshot()`` gives the frozen view that renderers use."""
+    """Mutable counters of one expert, bumped by the Runtime thread; ``snapshot()`` is the frozen view."""
 
-    def __init__(self, uid: str, expert_type: str, optimizer_steps: int = 0):
+    def __init__(self, uid: str, expert_type: str, optimizer_steps: int = 0, params: int = 0):
         self._lock = threading.Lock()
-        self._stats = ExpertStats(uid, expert_type, optimizer_steps=optimizer_steps)
+        self.uid, self.expert_type, self.params = uid, expert_type, params
+        self._counts = dict(forward_batches=0, forward_samples=0, backward_batches=0, backward_samples=0,
+                            optimizer_steps=optimizer_steps)
+        self._busy, self._last = 0.0, None
 
     def record(self, kind: str, samples: int, seconds: float) -> None:
         with self._lock:
-            s = self._stats
-            if kind == "forward":
-                changes = dict(forward_batches=s.forward_batches + 1, forward_samples=s.forward_samples + samples)
-            else:
-                changes = dict(
-                    backward_batches=s.backward_batches + 1, backward_samples=s.backward_samples + samples,
-                    optimizer_steps=s.optimizer_steps + 1,
-                )
-            self._stats = ExpertStats(**{**asdict(s), **changes, "busy_seconds": s.busy_seconds + seconds,
-                                         "last_request": time.time()})
+            self._counts[f"{kind}_batches"] += 1
+            self._counts[f"{kind}_samples"] += samples
+            if kind == "backward":  # every backward applies the optimizer once
+                self._counts["optimizer_steps"] += 1
+            self._busy += seconds
+            self._last = time.time()
 
     def snapshot(self) -> ExpertStats:
         with self._lock:
-            return self._stats
+            return ExpertStats(self.uid, self.expert_type, self.params, **self._counts,
+                               busy_seconds=self._busy, last_request=self._last)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """What a volunteer contributed, over a session or its whole life."""
+
+    forward_samples: int = 0
+    backward_samples: int = 0
+    optimizer_steps: int = 0
+    busy_seconds: float = 0.0
+    flops: float = 0.0
+    uptime_seconds: float = 0.0
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    @classmethod
+    def of(cls, experts: Iterable[ExpertStats], uptime: float) -> Totals:
+        experts = list(experts)
+        return cls(
+            forward_samples=sum(e.forward_samples for e in experts),
+            backward_samples=sum(e.backward_samples for e in experts),
+            optimizer_steps=sum(e.backward_batches for e in experts),  # this session's updates only
+            busy_seconds=sum(e.busy_seconds for e in experts),
+            flops=sum(e.flops for e in experts),
+            uptime_seconds=uptime,
+        )
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Totals:
+        """Strict: a state file or a status answer with anything but non-negative numbers is rejected."""
+        if not isinstance(data, dict):
+            raise ValueError("totals must be an object")
+        values = {}
+        for f in fields(cls):
+            value = data.get(f.name, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"totals.{f.name} must be a non-negative number, not {value!r}")
+            values[f.name] = int(value) if f.type == "int" else float(value)
+        return cls(**values)
+
+
+class LifetimeStore:
+    """Lifetime totals in ``<state_dir>/lifetime.json``, rewritten atomically every few seconds.
+
+    A kill -9 loses at most what happened since the last write; a corrupt file is moved aside and
+    counting starts again from the backup written before it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.backup = path.with_name(path.name + ".prev")
+
+    def load(self) -> Totals:
+        for candidate in (self.path, self.backup):
+            try:
+                return Totals.from_dict(json.loads(candidate.read_text()))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError) as e:
+                aside = candidate.with_name(f"{candidate.name}.corrupt-{int(time.time())}")
+                logger.warning(f"lifetime stats {candidate} are unreadable ({e}); moved to {aside.name}")
+                candidate.replace(aside)
+        return Totals()
+
+    def save(self, totals: Totals) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self.path.replace(self.backup)
+        write_atomic(self.path, lambda f: f.write(json.dumps(asdict(totals)).encode()))
+
+
+@dataclass(frozen=True)
+class ExpertView:
+    """One row of the experts table: counters plus measured rates (samples/s over the short window)."""
+
+    stats: ExpertStats
+    forward_rate: float = 0.0
+    backward_rate: float = 0.0
+
+
+@dataclass(frozen=True)
+class SwarmView:
+    dht_peers: int = 0
+    volunteers: int = 0
+    grid_size: int = 0
+    covered: int = 0  # uids with at least one server
+    replicas: dict[str, int] = field(default_factory=dict)  # my uid -> servers of it, me included
+    trainer_step: int | None = None
+    trainer_loss: float | None = None
+    trainer_seen: float | None = None  # unix time of the trainer's last report
+
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    time: float
+    experiment: str
+    peer_id: str
+    state: str  # joining | serving | paused | draining
+    device: str
+    started: float
+    experts: tuple[ExpertView, ...] = ()
+    session: Totals = Totals()
+    lifetime: Totals = Totals()
+    rates: dict[str, float] = field(default_factory=dict)  # "10s"/"300s" -> samples/s, fwd+bwd
+    history: tuple[float, ...] = ()  # samples/s per HISTORY_BUCKET, oldest first
+    telemetry: Telemetry | None = None
+    swarm: SwarmView | None = None
+    plan: dict[str, Any] = field(default_factory=dict)
+    events: tuple[str, ...] = ()  # the latest notable events, oldest first, "HH:MM:SS message"
+
+    @property
+    def uptime(self) -> float:
+        return max(0.0, self.time - self.started)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["uptime"] = self.uptime
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StatsSnapshot:
+        """Rebuild what ``to_dict`` made (``volunteer monitor`` renders a remote client's snapshot)."""
+        data = dict(data)
+        data.pop("uptime", None)
+        data["experts"] = tuple(
+            ExpertView(ExpertStats(**e["stats"]), e["forward_rate"], e["backward_rate"]) for e in data["experts"]
+        )
+        data["session"], data["lifetime"] = Totals.from_dict(data["session"]), Totals.from_dict(data["lifetime"])
+        data["history"] = tuple(data.get("history", ()))
+        data["events"] = tuple(data.get("events", ()))
+        data["telemetry"] = Telemetry.from_dict(data["telemetry"]) if data.get("telemetry") else None
+        data["swarm"] = SwarmView(**data["swarm"]) if data.get("swarm") else None
+        return cls(**data)
+
+
+class RateMeter:
+    """Cumulative counts sampled about once a second; rates are differences over a time window."""
+
+    def __init__(self, horizon: float = HISTORY_SECONDS):
+        self.horizon = horizon
+        self.samples: deque[tuple[float, dict[str, int]]] = deque()
+
+    def add(self, now: float, counts: dict[str, int]) -> None:
+        self.samples.append((now, counts))
+        while self.samples and now - self.samples[0][0] > self.horizon + 1:
+            self.samples.popleft()
+
+    def rate(self, key: str, window: float) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        now, latest = self.samples[-1]
+        then, earlier = next(((t, c) for t, c in self.samples if now - t <= window + 0.5), self.samples[0])
+        return (latest.get(key, 0) - earlier.get(key, 0)) / (now - then) if now > then else 0.0
+
+    def history(self, key: str, bucket: float = HISTORY_BUCKET) -> tuple[float, ...]:
+        """Rate per ``bucket`` seconds, from the oldest full bucket to now."""
+        if len(self.samples) < 2:
+            return ()
+        now = self.samples[-1][0]
+        edges = [now - bucket * i for i in range(int(self.horizon // bucket), -1, -1)]
+        values, previous = [], None
+        for edge in edges:
+            point = next(((t, c.get(key, 0)) for t, c in reversed(self.samples) if t <= edge + 0.5), None)
+            if point is not None and previous is not None and point[0] > previous[0]:
+                values.append((point[1] - previous[1]) / (point[0] - previous[0]))
+            previous = point if point is not None else previous
+        return tuple(values)
+
+
+class StatsCollector:
+    """Everything the views show, gathered in one place; pollers write into it, views read snapshots."""
+
+    def __init__(self, experiment: str, peer_id: str, device: str, counters: Iterable[ExpertCounters],
+                 lifetime: LifetimeStore, plan: dict[str, Any] | None = None):
+        self.experiment, self.peer_id, self.device = experiment, peer_id, device
+        self.counters = list(counters)
+        self.store = lifetime
+        self.lifetime_base = lifetime.load()
+        self.started = time.time()
+        self.state = "joining"
+        self.plan = plan or {}
+        self.meter = RateMeter()
+        self.telemetry: Telemetry | None = None
+        self.swarm: SwarmView | None = None
+        self.events: deque[str] = deque(maxlen=8)
+        self._saved = self.lifetime_base
+
+    def sample(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        counts: dict[str, int] = {"samples": 0}
+        for stats in (c.snapshot() for c in self.counters):
+            counts[f"{stats.uid}/forward"] = stats.forward_samples
+            counts[f"{stats.uid}/backward"] = stats.backward_samples
+            counts["samples"] += stats.forward_samples + stats.backward_samples
+        self.meter.add(now, counts)
+
+    def session(self, now: float | None = None) -> Totals:
+        now = time.time() if now is None else now
+        return Totals.of((c.snapshot() for c in self.counters), now - self.started)
+
+    def snapshot(self) -> StatsSnapshot:
+        now = time.time()
+        window = RATE_WINDOWS[0]
+        experts = tuple(
+            ExpertView(s, self.meter.rate(f"{s.uid}/forward", window), self.meter.rate(f"{s.uid}/backward", window))
+            for s in (c.snapshot() for c in self.counters)
+        )
+        session = Totals.of((e.stats for e in experts), now - self.started)
+        return StatsSnapshot(
+            time=now, experiment=self.experiment, peer_id=self.peer_id, state=self.state, device=self.device,
+            started=self.started, experts=experts, session=session, lifetime=self.lifetime_base + session,
+            rates={f"{w:.0f}s": self.meter.rate("samples", w) for w in RATE_WINDOWS},
+            history=self.meter.history("samples"), telemetry=self.telemetry, swarm=self.swarm, plan=self.plan,
+            events=tuple(self.events),
+        )
+
+    def note(self, message: str) -> None:
+        self.events.append(f"{time.strftime('%H:%M:%S')} {message}")
+
+    def persist(self) -> Totals:
+        """Write lifetime totals; never lets them go backwards, whatever the clock did."""
+        lifetime = self.lifetime_base + self.session()
+        lifetime = Totals(**{f.name: max(getattr(lifetime, f.name), getattr(self._saved, f.name))
+                             for f in fields(Totals)})
+        self.store.save(lifetime)
+        self._saved = lifetime
+        return lifetime
+

@@ -1,0 +1,227 @@
+"""A running volunteer's live figures: counters against a plain hivemind client, the headless JSON
+lines, ``volunteer status | stop`` over the control socket, lifetime totals across a restart, and the
+real dashboard driven in tmux.
+
+One seed keeps the DHT (and the volunteer records) alive while volunteers come and go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from hivemind.moe import get_experts
+
+from coordinator_seeds.dispatch import shutdown_dht
+from volunteer import swarm
+from volunteer.demo import ChildProcess, start_seed, start_volunteer
+from tests.conftest import TEST_MANIFEST, Processes
+
+pytestmark = pytest.mark.integration
+VOLUNTEER = [sys.executable, "-m", "volunteer.cli"]
+SERVING_EVENT = r'^\{"event": "serving"'
+
+
+def cli(home: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VOLUNTEER_HOME": str(home)}
+    return subprocess.run([*VOLUNTEER, *argv], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def json_lines(child: ChildProcess) -> list[dict]:
+    return [json.loads(line) for line in child.output if line.startswith("{")]
+
+
+def serving_event(child: ChildProcess) -> dict:
+    return json.loads(child.wait_for_line(SERVING_EVENT, timeout=150).string)
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory) -> Iterator[tuple[str, object]]:
+    root = tmp_path_factory.mktemp("live-seed")
+    manifest = root / "test-lm.toml"
+    manifest.write_text(TEST_MANIFEST)
+    procs = Processes()
+    try:
+        child, url = start_seed(experiment=manifest, home=root)
+        procs.add(child)
+        from volunteer.coordinator import fetch_experiment
+
+        yield url, fetch_experiment(url, root / "cache")
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture
+def short_home() -> Iterator[Path]:
+    """Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer than that."""
+    home = Path(tempfile.mkdtemp(prefix="vol-"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def client(seed) -> Iterator:
+    _url, experiment = seed
+    dht = swarm.join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, client_mode=True)
+    try:
+        yield dht
+    finally:
+        shutdown_dht(dht)
+
+
+def send(dht, uid: str, d_model: int, forward_only: list[int], with_backward: list[int]) -> None:
+    """Calls one after another, so the server cannot merge them into fewer batches."""
+    [expert] = get_experts(dht, [uid])
+    assert expert is not None, f"{uid} is not in the DHT"
+    for n in forward_only:
+        with torch.no_grad():
+            expert(torch.randn(n, d_model))
+    for n in with_backward:
+        x = torch.randn(n, d_model, requires_grad=True)
+        expert(x).sum().backward()
+
+
+def status(home: Path) -> dict:
+    result = cli(home, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def expert_stats(figures: dict, uid: str) -> dict:
+    return next(e["stats"] for e in figures["experts"] if e["stats"]["uid"] == uid)
+
+
+def wait_for(condition, timeout: float, what: str, period: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(period)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_counters_status_headless_lines_and_lifetime_across_restart(seed, client, short_home, processes: Processes):
+    url, experiment = seed
+    d_model = experiment.manifest.d_model
+    args = ("--max-experts", "2", "--log-interval", "1")
+    first = processes.add(start_volunteer(short_home, url, *args, name="first"))
+    serving = serving_event(first)
+    uids = serving["uids"]
+    uid, idle = uids
+
+    # the control socket is owner-only, in a private directory
+    sock = short_home / "runtime" / "volunteer.sock"
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+
+    send(client, uid, d_model, forward_only=[3, 5], with_backward=[7, 7])
+    figures = status(short_home)
+    mine = expert_stats(figures, uid)
+    assert (mine["forward_samples"], mine["backward_samples"]) == (3 + 5 + 7 + 7, 7 + 7)
+    assert (mine["forward_batches"], mine["backward_batches"], mine["optimizer_steps"]) == (4, 2, 2)
+    assert mine["busy_seconds"] > 0 and mine["last_request"] is not None
+    assert expert_stats(figures, idle)["forward_samples"] == 0
+    assert figures["session"]["forward_samples"] == 22 and figures["session"]["backward_samples"] == 14
+    assert figures["session"]["flops"] == pytest.approx(mine["params"] * (2 * 22 + 6 * 14))
+    assert figures["state"] == "serving" and figures["peer_id"] == serving["peer_id"]
+
+    # the headless JSON lines carry the same counters
+    def counted_line():
+        stats = [line for line in json_lines(first) if line["event"] == "stats"]
+        return stats and stats[-1]["session"]["forward_samples"] == 22 and stats[-1]
+    line = wait_for(counted_line, 10, "a stats line with the requests counted")
+    assert expert_stats(line, uid)["backward_samples"] == 14
+    assert line["telemetry"]["cpu"]["cores"] >= 1
+    assert all(isinstance(e["event"], str) for e in json_lines(first))
+
+    stopped = cli(short_home, "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.startswith("stopped in ")
+    assert first.proc.wait(timeout=30) == 0
+    assert not sock.exists()
+    saved = json.loads((short_home / "state" / "lifetime.json").read_text())
+    assert (saved["forward_samples"], saved["backward_samples"]) == (22, 14)
+
+    # a restart serves the same experts and counts on from the lifetime totals
+    second = processes.add(start_volunteer(short_home, url, *args, name="second"))
+    again = serving_event(second)
+    assert sorted(again["uids"]) == sorted(uids) and sorted(again["restored"]) == sorted(uids)
+    send(client, uid, d_model, forward_only=[4], with_backward=[])
+    figures = status(short_home)
+    assert figures["session"]["forward_samples"] == 4
+    assert figures["lifetime"]["forward_samples"] == 26 and figures["lifetime"]["backward_samples"] == 14
+    assert expert_stats(figures, uid)["optimizer_steps"] == 2  # restored from the checkpoint
+    assert cli(short_home, "stop").returncode == 0
+    assert second.proc.wait(timeout=30) == 0
+
+
+def test_status_and_stop_without_a_running_client(short_home: Path):
+    for command in ("status", "stop"):
+        result = cli(short_home, command)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            f"error: no volunteer is running (no control socket at {short_home / 'runtime' / 'volunteer.sock'})"
+        ]
+    # a socket file nobody listens on: what a killed client leaves behind
+    path = short_home / "runtime" / "volunteer.sock"
+    path.parent.mkdir(parents=True)
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))
+    result = cli(short_home, "status")
+    assert result.returncode == 2
+    assert "is stale" in result.stderr and "Traceback" not in result.stderr
+
+
+def _tmux(*args: str) -> str:
+    return subprocess.run(["tmux", *args], capture_output=True, text=True, timeout=10, check=True).stdout
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_dashboard_in_a_real_terminal(seed, client, short_home: Path):
+    """Start the TUI in tmux, see its panels fill with real numbers, press q, see it drain and leave."""
+    url, experiment = seed
+    session = f"volunteer-test-{os.getpid()}"
+    exit_file = short_home / "exit-code"
+    command = (f"VOLUNTEER_HOME={short_home} {sys.executable} -m volunteer.cli start --coordinator {url} "
+               f"--host 127.0.0.1 --max-experts 2; echo $? > {exit_file}")
+    _tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "45", command)
+    try:
+        screen = lambda: _tmux("capture-pane", "-p", "-t", session)  # noqa: E731
+        wait_for(lambda: "serving" in screen() and "testlm_ffn0" in screen(),
+                 150, "the dashboard to show its experts")
+        figures = status(short_home)
+        uid = figures["experts"][0]["stats"]["uid"]
+        peer_id = figures["peer_id"]
+        send(client, uid, experiment.manifest.d_model, forward_only=[], with_backward=[9] * 20)
+        text = wait_for(lambda: (s := screen()) and "180" in s and s, 15, "the dashboard to show 180 samples")
+        for panel in ("test-lm", uid, "Swarm", "Lifetime"):
+            assert panel in text, text
+        assert any(prefix in text for prefix in ("CPU", "GPU")), text
+
+        _tmux("send-keys", "-t", session, "q")
+        code = wait_for(lambda: exit_file.exists() and exit_file.read_text().strip(), 60, "the client to exit")
+        assert code == "0"
+        prefix = experiment.manifest.dht_prefix
+        wait_for(lambda: all(r.peer_id != peer_id for r in swarm.read_volunteers(client, prefix)), 15,
+                 "the swarm to notice the volunteer left")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=10)
+        lock = short_home / "state" / "volunteer.lock"
+        if lock.exists():  # kill whatever the session left, should the test have failed half way
+            pgid = json.loads(lock.read_text() or "{}").get("pgid")
+            if isinstance(pgid, int) and pgid > 1:
+                try:
+                    os.killpg(pgid, 9)
+                except ProcessLookupError:
+                    pass

@@ -1,0 +1,175 @@
+"""The running volunteer: a trio supervisor around a started ``VolunteerNode``.
+
+``run_volunteer`` takes the state dir's lock, starts the node on the main thread, then runs
+``supervise``: pollers that sample the stats, read the machine and the swarm, save lifetime totals
+and checkpoints and re-announce; the control socket; the dashboard or the headless JSON lines. A
+signal, ``volunteer stop`` or ``q`` starts the drain (state ``draining``): pollers stop, the node
+withdraws, checkpoints and leaves, the views stay up until it is done. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from functools import partial
+from typing import Any, Callable
+
+import trio
+
+from volunteer import swarm
+from volunteer.control import ControlServer, socket_path
+from volunteer.logs import EventLog, divert_logs_for_dashboard
+from volunteer.node import NodeInfo, VolunteerNode, load_experiment
+from volunteer.paths import Paths
+from volunteer.procgroup import InstanceLock, become_supervisor, exit_now
+from volunteer.settings import Settings
+from volunteer.telemetry import TelemetryReader
+
+logger = logging.getLogger(__name__)
+SAMPLE_PERIOD = 1.0
+TELEMETRY_PERIOD = 2.0
+SWARM_PERIOD = 10.0
+LIFETIME_SAVE_PERIOD = 5.0  # what a kill -9 can lose of the lifetime totals
+
+
+def run_volunteer(
+    settings: Settings, paths: Paths, *, events: EventLog | None = None, dashboard: bool = False,
+    on_ready: Callable[[NodeInfo], None] = lambda info: None,
+) -> NodeInfo:
+    """Run a volunteer until it is stopped. Raises on bad input before anything is served."""
+    become_supervisor()
+    # NVML numbers GPUs by PCI bus, CUDA by speed unless told otherwise: make "cuda:N" mean the same GPU
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    control = ControlServer(socket_path(paths.runtime_dir), {})  # a too-long path fails here, before joining
+    lock = InstanceLock(paths.state_dir / "volunteer.lock")
+    warning = lock.acquire()
+    if warning:
+        logger.warning(warning)
+    node = None
+    try:
+        node = VolunteerNode(settings, paths, load_experiment(settings, paths), events)
+        # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the *thread*
+        # that forked it exits, and trio retires idle worker threads after a few seconds.
+        info = node.start()
+        on_ready(info)
+        trio.run(supervise, node, control, dashboard)
+        return info
+    finally:
+        if node is not None:
+            node.shutdown()
+        lock.release()
+
+
+async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool = False) -> None:
+    settings, collector, events = node.settings, node.collector, node.events
+    stopping = trio.Event()
+    control.handlers.update(_control_handlers(node, stopping))
+    async with trio.open_nursery() as views:
+        views.start_soon(_watch_signals, stopping)
+        await views.start(control.serve)
+        node.report_serving()  # after the socket is up, so `volunteer status` works from this line on
+        if dashboard:
+            views.start_soon(_run_dashboard, node, stopping)
+        async with trio.open_nursery() as work:
+            reader = TelemetryReader()
+            work.start_soon(partial(_every, SAMPLE_PERIOD, collector.sample, first=0))
+            work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, collector, reader), first=0))
+            work.start_soon(partial(_every, SWARM_PERIOD, _SwarmPoller(node), first=1))
+            work.start_soon(_every, LIFETIME_SAVE_PERIOD, collector.persist)
+            work.start_soon(_every, settings.checkpoint_interval, node.checkpoint)
+            work.start_soon(_every, settings.announce_interval, node.announce)
+            if not dashboard:
+                work.start_soon(_every, settings.log_interval, lambda: events.write(_stats_line(collector)))
+            await stopping.wait()
+            work.cancel_scope.cancel()
+        collector.state = "draining"
+        started = time.monotonic()
+        events.emit("draining", "draining: finishing requests, saving checkpoints, leaving the swarm")
+        await trio.to_thread.run_sync(node.shutdown)
+        events.emit("stopped", f"left the swarm in {time.monotonic() - started:.1f} s",
+                    lifetime=collector.snapshot().lifetime.__dict__)
+        views.cancel_scope.cancel()
+
+
+def _control_handlers(node: VolunteerNode, stopping: trio.Event) -> dict[str, Any]:
+    async def status(request: dict[str, Any]) -> dict[str, Any]:
+        return dict(status=node.collector.snapshot().to_dict())
+
+    async def stop(request: dict[str, Any]) -> dict[str, Any]:
+        logger.info("stop requested over the control socket")
+        stopping.set()
+        return dict(pid=os.getpid())
+
+    return dict(status=status, stop=stop)
+
+
+async def _watch_signals(stopping: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if stopping.is_set():
+                logger.warning(f"second {signal.Signals(signum).name}: exiting now without draining")
+                exit_now(128 + signum)
+            logger.info(f"received {signal.Signals(signum).name}; draining (again to exit at once)")
+            stopping.set()
+
+
+async def _run_dashboard(node: VolunteerNode, stopping: trio.Event) -> None:
+    from volunteer.dashboard import run_dashboard
+
+    collector = node.collector
+
+    async def snapshot():
+        return collector.snapshot()
+
+    restore = divert_logs_for_dashboard(collector.note, node.paths.state_dir / "volunteer.log")
+    node.events.sink = collector.note
+    try:
+        while True:  # after `q` the screen stays up, without keys, to show the drain
+            if await run_dashboard(snapshot, keys=not stopping.is_set()) == "quit":
+                stopping.set()
+    finally:
+        node.events.sink = None
+        restore()
+
+
+class _SwarmPoller:
+    """Reads the swarm panel's figures and reports volunteers that come and go."""
+
+    def __init__(self, node: VolunteerNode):
+        self.node = node
+        self.known: set[str] | None = None
+
+    def __call__(self) -> None:
+        node = self.node
+        view, others = swarm.read_swarm_view(node.dht, node.manifest.dht_prefix, node.manifest.all_uids(),
+                                             node.info.uids, node.info.peer_id)
+        node.collector.swarm = view
+        if self.known is not None:
+            for peer in sorted(self.known - others):
+                node.events.emit("peer_lost", f"volunteer {peer} left the swarm", peer_id=peer)
+            for peer in sorted(others - self.known):
+                node.events.emit("peer_joined", f"volunteer {peer} joined the swarm", peer_id=peer)
+        self.known = others
+
+
+def _read_telemetry(collector, reader: TelemetryReader) -> None:
+    collector.telemetry = reader.read()
+
+
+def _stats_line(collector) -> dict[str, Any]:
+    figures = collector.snapshot().to_dict()
+    del figures["plan"], figures["events"]  # the plan is in the serving event; events are lines of their own
+    return {"event": "stats", **figures}
+
+
+async def _every(period: float, action: Callable[[], object], *, first: float | None = None) -> None:
+    """Run ``action`` in a worker thread every ``period`` seconds, the first time after ``first``."""
+    await trio.sleep(period if first is None else first)
+    while True:
+        try:
+            await trio.to_thread.run_sync(action)
+        except Exception as e:  # one failed poll, save or announce must not stop serving
+            logger.warning(f"{getattr(action, '__name__', type(action).__name__)} failed: {type(e).__name__}: {e}")
+        await trio.sleep(period)

@@ -1,0 +1,129 @@
+"""Live machine readings for the dashboard: each GPU through NVML, the CPU and RAM through /proc.
+
+The volunteer is a process group (hivemind forks a DHT, handlers and pools), so its own CPU and
+memory share is summed over the group, not read from the main pid alone.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from volunteer.hardware import gpu_telemetry
+from volunteer.procgroup import group_members
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class GpuReading:
+    index: int
+    name: str
+    utilization: float | None  # percent
+    memory_used: int  # bytes
+    memory_total: int
+    temperature: float | None  # Celsius
+    power_watts: float | None
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    cores: int
+    busy_percent: float  # whole machine, 100 = every core busy
+    load_average: float  # 1 minute
+    memory_used: int  # bytes, whole machine
+    memory_total: int
+    volunteer_cpu_percent: float  # our process group, 100 = one core
+    volunteer_memory: int  # bytes, proportional set size of our process group
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    cpu: CpuReading
+    gpus: tuple[GpuReading, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Telemetry:
+        return cls(CpuReading(**data["cpu"]), tuple(GpuReading(**g) for g in data.get("gpus", ())))
+
+
+class TelemetryReader:
+    """Call ``read()`` every second or two; CPU shares are measured between consecutive reads."""
+
+    def __init__(self, pgid: int | None = None, nvml: ModuleType | None = None, with_gpus: bool = True,
+                 proc: Path = Path("/proc")):
+        self.pgid = os.getpgid(0) if pgid is None else pgid
+        self.nvml, self.with_gpus, self.proc = nvml, with_gpus, proc
+        self._machine: tuple[int, int] | None = None  # (busy, total) jiffies at the last read
+        self._group: tuple[float, float] | None = None  # (cpu seconds, wall time) at the last read
+
+    def read(self) -> Telemetry:
+        gpus = ()
+        if self.with_gpus:
+            gpus = tuple(
+                GpuReading(g.index, g.name, g.utilization, g.memory_total - g.memory_free, g.memory_total,
+                           g.temperature, g.power_watts)
+                for g in gpu_telemetry(self.nvml)
+            )
+            self.with_gpus = bool(gpus)  # no NVML now means none later: stop probing for it
+        return Telemetry(self._read_cpu(), gpus)
+
+    def _read_cpu(self) -> CpuReading:
+        memory = _meminfo(self.proc / "meminfo")
+        total_kib, available_kib = memory.get("MemTotal", 0), memory.get("MemAvailable", 0)
+        try:
+            load = float((self.proc / "loadavg").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            load = 0.0
+        cpu_seconds, pss = self._group_usage()
+        wall = time.monotonic()
+        group_percent = 0.0
+        if self._group is not None and wall > self._group[1]:
+            group_percent = max(0.0, 100.0 * (cpu_seconds - self._group[0]) / (wall - self._group[1]))
+        self._group = (cpu_seconds, wall)
+        return CpuReading(
+            cores=os.cpu_count() or 1, busy_percent=self._machine_busy(), load_average=load,
+            memory_used=(total_kib - available_kib) * 1024, memory_total=total_kib * 1024,
+            volunteer_cpu_percent=group_percent, volunteer_memory=pss,
+        )
+
+    def _machine_busy(self) -> float:
+        try:
+            values = [int(v) for v in (self.proc / "stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        total = sum(values[:8])
+        previous, self._machine = self._machine, (total - idle, total)
+        if previous is None or total <= previous[1]:
+            return 0.0
+        return 100.0 * (total - idle - previous[0]) / (total - previous[1])
+
+    def _group_usage(self) -> tuple[float, int]:
+        """CPU seconds and PSS bytes summed over every live process of our group."""
+        cpu_ticks, pss_kib = 0, 0
+        for pid, fields in group_members(self.pgid, self.proc):
+            cpu_ticks += int(fields[11]) + int(fields[12])  # utime + stime
+            pss_kib += _meminfo(self.proc / str(pid) / "smaps_rollup").get("Pss", 0)
+        return cpu_ticks / _CLOCK_TICKS, pss_kib * 1024
+
+def _meminfo(path: Path) -> dict[str, int]:
+    """``Key: <n> kB`` lines (meminfo, smaps_rollup) as kibibytes."""
+    values = {}
+    try:
+        for line in path.read_text().splitlines():
+            key, _, rest = line.partition(":")
+            number = rest.split()
+            if number and number[0].isdigit():
+                values[key.strip()] = int(number[0])
+    except OSError:
+        pass
+    return values
+
