@@ -40,6 +40,7 @@ from torch.autograd.function import once_differentiable
 
 from volunteer.manifest import MoELayer
 
+LATEST = float("inf")  # get_experts: search the DHT for the newest record instead of trusting the cache
 logger = logging.getLogger("coordinator_seeds.dispatch")
 
 # Seconds beyond an RPC's own timeout that we wait for the event loop itself before giving up on it.
@@ -106,7 +107,8 @@ class LiveExperts:
 
         def lookup() -> None:
             try:
-                future.set_result(get_experts(self.dht, self.uids))
+                # the latest record, not a cached one: a server that withdrew must drop out at once
+                future.set_result(get_experts(self.dht, self.uids, expiration_time=LATEST))
             except BaseException as e:  # handed to whoever collects the result
                 future.set_exception(e)
 

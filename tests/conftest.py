@@ -7,15 +7,25 @@ while hivemind's background threads are still alive.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
+from typing import Iterator
 
 import hypothesis  # noqa: F401
 import pytest
 
-from volunteer.demo import ChildProcess
+from coordinator_seeds.dispatch import shutdown_dht
+from volunteer import swarm
+from volunteer.coordinator import fetch_experiment
+from volunteer.demo import ChildProcess, start_seed
 
 # Small enough for a 2-core CI box, big enough that each volunteer hosts several experts.
 TEST_MANIFEST = textwrap.dedent(
@@ -88,3 +98,69 @@ def processes():
     procs = Processes()
     yield procs
     procs.stop_all()
+
+
+# --- a live swarm on loopback: one seed per test module, volunteers and clients per test ---------
+
+VOLUNTEER = [sys.executable, "-m", "volunteer.cli"]
+SERVING_EVENT = r'^\{"event": "serving"'
+
+
+def cli(home: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VOLUNTEER_HOME": str(home)}
+    return subprocess.run([*VOLUNTEER, *argv], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def json_lines(child: ChildProcess) -> list[dict]:
+    return [json.loads(line) for line in child.output if line.startswith("{")]
+
+
+def serving_event(child: ChildProcess) -> dict:
+    return json.loads(child.wait_for_line(SERVING_EVENT, timeout=150).string)
+
+
+@pytest.fixture(scope="module")
+def seed(tmp_path_factory) -> Iterator[tuple[str, object]]:
+    root = tmp_path_factory.mktemp("live-seed")
+    manifest = root / "test-lm.toml"
+    manifest.write_text(TEST_MANIFEST)
+    procs = Processes()
+    try:
+        child, url = start_seed(experiment=manifest, home=root)
+        procs.add(child)
+        yield url, fetch_experiment(url, root / "cache")
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture
+def short_home() -> Iterator[Path]:
+    """Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer than that."""
+    home = Path(tempfile.mkdtemp(prefix="vol-"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def client(seed) -> Iterator:
+    _url, experiment = seed
+    dht = swarm.join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, client_mode=True)
+    try:
+        yield dht
+    finally:
+        shutdown_dht(dht)
+
+
+def status(home: Path) -> dict:
+    result = cli(home, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def wait_for(condition, timeout: float, what: str, period: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(period)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")

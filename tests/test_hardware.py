@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from volunteer.hardware import CPUInfo, GPUInfo, HardwareProfile, detect_cpu, detect_hardware, gpu_telemetry
+from volunteer.hardware import (
+    CPUInfo,
+    GPUInfo,
+    GPUProcess,
+    HardwareProfile,
+    detect_cpu,
+    detect_hardware,
+    gpu_telemetry,
+    match_torch_devices,
+    select_gpus,
+    torch_device,
+)
 
 GiB = 2**30
 
@@ -18,24 +30,54 @@ class NVMLError(Exception):
     pass
 
 
-class NVMLError_LibraryNotFound(NVMLError):  # noqa: N801 - the name pynvml gives it
+class NVMLError_LibraryNotFound(NVMLError):  # the names pynvml gives them
+    pass
+
+
+class NVMLError_NotSupported(NVMLError):
+    pass
+
+
+class NVMLError_NoPermission(NVMLError):
     pass
 
 
 class FakeNVML:
-    """The subset of pynvml that detection calls, over a list of GPU dicts; ``fail`` names calls that raise."""
+    """The subset of pynvml that detection calls, over a list of GPU dicts; ``fail`` names calls that raise.
+
+    ``names`` maps pids to process names; a pid missing from it is one NVML may not read.
+    """
 
     NVMLError = NVMLError
     NVML_TEMPERATURE_GPU = 0
 
-    def __init__(self, gpus: list[dict[str, Any]], fail: tuple[str, ...] = (), init_error: Exception | None = None):
+    def __init__(self, gpus: list[dict[str, Any]], fail: tuple[str, ...] = (), init_error: Exception | None = None,
+                 names: dict[int, str | bytes] | None = None):
         self.gpus, self.fail, self.init_error = gpus, fail, init_error
+        self.names = names if names is not None else {}
         self.initialized = False
 
     def _call(self, name: str, handle: int, value: Any) -> Any:
         if name in self.fail:
-            raise NVMLError("Not Supported")
+            raise NVMLError_NotSupported("Not Supported")
         return value
+
+    def nvmlSystemGetDriverVersion(self) -> str | bytes:
+        return self._call("driver", -1, b"550.54.15")
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        return self._call("cuda", -1, 12040)
+
+    def nvmlSystemGetProcessName(self, pid: int) -> str | bytes:
+        if pid not in self.names:
+            raise NVMLError_NoPermission("Insufficient Permissions")
+        return self.names[pid]
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[SimpleNamespace]:
+        return self._call("compute", h, [SimpleNamespace(**p) for p in self.gpus[h].get("compute", [])])
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, h: int) -> list[SimpleNamespace]:
+        return self._call("graphics", h, [SimpleNamespace(**p) for p in self.gpus[h].get("graphics", [])])
 
     def nvmlInit(self) -> None:
         if self.init_error is not None:
@@ -76,28 +118,73 @@ class FakeNVML:
 
 
 TWO_GPUS = [
-    dict(name="NVIDIA GeForce RTX 3060", uuid="GPU-aaaa", total=12 * GiB, free=11 * GiB, util=3, temp=41,
-         milliwatts=25_500, cc=(8, 6)),
-    dict(name=b"NVIDIA A100-SXM4-80GB", uuid=b"GPU-bbbb", total=80 * GiB, free=79 * GiB, util=97, temp=67,
-         milliwatts=301_000, cc=(8, 0)),
+    {
+        "name": "NVIDIA GeForce RTX 3060", "uuid": "GPU-aaaa", "total": 12 * GiB, "free": 11 * GiB, "util": 3,
+        "temp": 41, "milliwatts": 25_500, "cc": (8, 6),
+        # a desktop: Xorg draws on it, a CUDA app also draws (listed twice), and another user's job
+        "graphics": [{"pid": 1200, "usedGpuMemory": 200 * 2**20}, {"pid": 4242, "usedGpuMemory": GiB}],
+        "compute": [{"pid": 4242, "usedGpuMemory": GiB}, {"pid": 777, "usedGpuMemory": None}],
+    },
+    {
+        "name": b"NVIDIA A100-SXM4-80GB", "uuid": b"GPU-bbbb", "total": 80 * GiB, "free": 79 * GiB, "util": 97,
+        "temp": 67, "milliwatts": 301_000, "cc": (8, 0),
+    },
 ]
+NAMES: dict[int, str | bytes] = {1200: "/usr/lib/xorg/Xorg", 4242: b"python"}  # 777: another user's, unreadable
+
+RTX_PROCESSES = (
+    GPUProcess(4242, GiB, "python", "compute"),
+    GPUProcess(777, None, None, "compute"),
+    GPUProcess(1200, 200 * 2**20, "/usr/lib/xorg/Xorg", "graphics"),
+)
 
 
 def test_two_gpus_are_read_with_all_fields() -> None:
-    nvml = FakeNVML(TWO_GPUS)
+    nvml = FakeNVML(TWO_GPUS, names=NAMES)
     profile = detect_hardware(nvml)  # type: ignore[arg-type]
     assert profile.nvml_error is None
     assert profile.gpus == (
-        GPUInfo(0, "NVIDIA GeForce RTX 3060", "GPU-aaaa", 12 * GiB, 11 * GiB, 3.0, 41.0, 25.5, (8, 6)),
+        GPUInfo(0, "NVIDIA GeForce RTX 3060", "GPU-aaaa", 12 * GiB, 11 * GiB, 3.0, 41.0, 25.5, (8, 6), RTX_PROCESSES),
         GPUInfo(1, "NVIDIA A100-SXM4-80GB", "GPU-bbbb", 80 * GiB, 79 * GiB, 97.0, 67.0, 301.0, (8, 0)),
     )
+    assert (profile.driver_version, profile.cuda_driver_version) == ("550.54.15", "12.4")
     assert not nvml.initialized, "NVML must be shut down after reading"
     assert gpu_telemetry(nvml) == profile.gpus  # type: ignore[arg-type]
 
 
+def test_unsupported_process_queries_leave_the_other_kind() -> None:
+    # many GeForce boards under older drivers answer NOT_SUPPORTED for one of the two process lists
+    profile = detect_hardware(FakeNVML(TWO_GPUS, fail=("graphics",), names=NAMES))  # type: ignore[arg-type]
+    assert profile.gpus[0].processes == RTX_PROCESSES[:2]
+    both = detect_hardware(FakeNVML(TWO_GPUS, fail=("graphics", "compute")))  # type: ignore[arg-type]
+    assert [g.processes for g in both.gpus] == [(), ()] and both.nvml_error is None
+
+
+def test_unsupported_driver_queries_become_none() -> None:
+    profile = detect_hardware(FakeNVML(TWO_GPUS, fail=("driver", "cuda")))  # type: ignore[arg-type]
+    assert len(profile.gpus) == 2 and profile.driver_version is None and profile.cuda_driver_version is None
+
+
+class OldBindingNVML(FakeNVML):
+    """A binding that predates the process and driver queries: the attributes do not exist."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses",
+                    "nvmlSystemGetCudaDriverVersion"):
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+def test_an_old_binding_still_reads_the_gpus() -> None:
+    profile = detect_hardware(OldBindingNVML(TWO_GPUS))  # type: ignore[arg-type]
+    assert [g.uuid for g in profile.gpus] == ["GPU-aaaa", "GPU-bbbb"]
+    assert all(g.processes == () for g in profile.gpus)
+    assert profile.driver_version == "550.54.15" and profile.cuda_driver_version is None
+
+
 def test_failing_init_gives_a_cpu_profile_with_the_reason() -> None:
     profile = detect_hardware(FakeNVML(TWO_GPUS, init_error=NVMLError("Driver Not Loaded")))  # type: ignore[arg-type]
-    assert profile.gpus == ()
+    assert profile.gpus == () and profile.driver_version is None
     assert profile.nvml_error == "NVML failed: NVMLError: Driver Not Loaded"
     assert profile.cpu.cores >= 1
 
@@ -119,7 +206,7 @@ def test_unsupported_sensors_become_none_only_for_that_field() -> None:
 
 def test_failing_required_field_falls_back_to_cpu() -> None:
     profile = detect_hardware(FakeNVML(TWO_GPUS, fail=("memory",)))  # type: ignore[arg-type]
-    assert profile.gpus == () and profile.nvml_error == "NVML failed: NVMLError: Not Supported"
+    assert profile.gpus == () and profile.nvml_error == "NVML failed: NVMLError_NotSupported: Not Supported"
 
 
 def test_no_gpus_says_so() -> None:
@@ -175,9 +262,124 @@ def test_unlimited_cgroup_and_missing_proc_fall_back(tmp_path: Path) -> None:
 def test_profile_round_trips_through_json() -> None:
     profile = HardwareProfile(
         CPUInfo(8, 32 * GiB, 20 * GiB, "Fake CPU"),
-        detect_hardware(FakeNVML(TWO_GPUS, fail=("power",))).gpus,  # type: ignore[arg-type]
-        None,
+        detect_hardware(FakeNVML(TWO_GPUS, fail=("power",), names=NAMES)).gpus,  # type: ignore[arg-type]
+        None, "550.54.15", "12.4",
     )
+    assert profile.gpus[0].processes
     assert HardwareProfile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
     cpu_only = HardwareProfile(CPUInfo(1, GiB, GiB), (), "NVML not found")
     assert HardwareProfile.from_dict(json.loads(json.dumps(cpu_only.to_dict()))) == cpu_only
+
+
+def test_a_profile_saved_before_processes_and_drivers_still_loads() -> None:
+    old = {"cpu": CPUInfo(2, GiB, GiB).to_dict(), "nvml_error": None,
+           "gpus": [{"index": 0, "name": "old", "uuid": "GPU-0", "memory_total": GiB, "memory_free": GiB,
+                     "utilization": None, "temperature": None, "power_watts": None, "compute_capability": [7, 5]}]}
+    profile = HardwareProfile.from_dict(old)
+    assert profile.gpus[0].processes == () and profile.gpus[0].compute_capability == (7, 5)
+    assert profile.driver_version is None
+
+
+# --- choosing GPUs and finding them in torch -----------------------------------------------------
+
+
+def gpu(index: int, uuid: str, name: str = "GPU") -> GPUInfo:
+    return GPUInfo(index, name, uuid, 24 * GiB, 20 * GiB)
+
+
+THREE = HardwareProfile(
+    CPUInfo(16, 64 * GiB, 60 * GiB),
+    (gpu(0, "GPU-0a1b2c3d-0000-0000-0000-000000000000"), gpu(1, "GPU-0a1b9999-0000-0000-0000-000000000000"),
+     gpu(2, "GPU-ffee0000-0000-0000-0000-000000000000")),
+)
+CPU_ONLY = HardwareProfile(CPUInfo(2, 4 * GiB, 3 * GiB), (), "NVML not found: libnvidia-ml.so.1")
+
+
+@pytest.mark.parametrize(
+    "spec, indices",
+    [
+        ("0,2", [0, 2]),
+        ("2, 0", [2, 0]),  # the order given is kept: the first is the one planned first
+        ("GPU-ffee0000-0000-0000-0000-000000000000", [2]),
+        ("GPU-ffee,1", [2, 1]),  # a unique prefix is enough, as in CUDA_VISIBLE_DEVICES
+        ("ffee0000", [2]),  # without NVML's "GPU-" prefix, as torch prints it
+        ([1, "GPU-0a1b2"], [1, 0]),
+    ],
+)
+def test_select_gpus(spec: Any, indices: list[int]) -> None:
+    assert [g.index for g in select_gpus(THREE, spec)] == indices
+
+
+@pytest.mark.parametrize(
+    "profile, spec, message",
+    [
+        (THREE, "3", r"'3' is not a GPU of this machine; the GPUs found are: 0 \(GPU-0a1b2c3d"),
+        (THREE, "GPU-1234", "'GPU-1234' is not a GPU of this machine"),
+        (THREE, "GPU-0a1b", "'GPU-0a1b' matches several GPUs"),
+        (THREE, "0,GPU-0a1b2", "GPU 0 .* is listed twice"),
+        (THREE, "0,,1", "give GPU indices or UUIDs"),
+        (THREE, "", "give GPU indices or UUIDs"),
+        (CPU_ONLY, "0", r"no GPU was found \(NVML not found"),
+    ],
+)
+def test_select_gpus_refuses_what_it_cannot_find(profile: HardwareProfile, spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        select_gpus(profile, spec)
+    assert "\n" not in str(info.value)
+
+
+class FakeCuda:
+    """torch.cuda's surface that matching uses; ``visible`` lists the UUIDs torch would report, in its order."""
+
+    def __init__(self, visible: list[Any], available: bool = True):
+        self.visible, self.available, self.calls = visible, available, []
+
+    def is_available(self) -> bool:
+        self.calls.append("is_available")
+        return self.available
+
+    def device_count(self) -> int:
+        return len(self.visible)
+
+    def get_device_properties(self, index: int) -> SimpleNamespace:
+        uuid = self.visible[index]
+        return SimpleNamespace(name="GPU") if uuid is None else SimpleNamespace(name="GPU", uuid=uuid)
+
+
+class CUuuid:
+    """torch's ``_CUuuid``: 16 raw bytes, printed as 8-4-4-4-12 hex."""
+
+    def __init__(self, text: str):
+        self.bytes = uuid.UUID(text).bytes
+
+    def __repr__(self) -> str:
+        return str(uuid.UUID(bytes=self.bytes))
+
+
+def test_torch_devices_are_matched_by_uuid() -> None:
+    # CUDA_VISIBLE_DEVICES=2,0: torch sees NVML's 2 as cuda:0 and NVML's 0 as cuda:1; torch drops "GPU-"
+    cuda = FakeCuda([CUuuid("ffee0000-0000-0000-0000-000000000000"), "0A1B2C3D-0000-0000-0000-000000000000"])
+    assert match_torch_devices(THREE, cuda) == {THREE.gpus[2].uuid: 0, THREE.gpus[0].uuid: 1}
+    assert torch_device(THREE, "cuda:2", cuda) == "cuda:0" and torch_device(THREE, "cpu", cuda) == "cpu"
+    with pytest.raises(ValueError, match="cuda:1 is not visible to torch"):
+        torch_device(THREE, "cuda:1", cuda)
+
+
+def test_an_old_torch_without_uuids_matches_nothing() -> None:
+    assert match_torch_devices(THREE, FakeCuda([None, None])) == {}
+
+
+def test_no_gpu_means_cuda_is_never_asked() -> None:
+    cuda = FakeCuda(["ffee0000-0000-0000-0000-000000000000"])
+    assert match_torch_devices(CPU_ONLY, cuda) == {} and cuda.calls == []
+    unavailable = FakeCuda(["ffee0000-0000-0000-0000-000000000000"], available=False)
+    assert match_torch_devices(THREE, unavailable) == {}
+
+
+def test_match_on_this_machine_with_the_real_torch() -> None:
+    # a CPU-only torch (CI, development) says CUDA is unavailable, whatever NVML claimed
+    import torch
+
+    expected = {} if not torch.cuda.is_available() else match_torch_devices(THREE)
+    assert match_torch_devices(THREE) == expected
+    assert match_torch_devices(CPU_ONLY) == {}

@@ -14,70 +14,17 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 from hivemind.moe import get_experts
 
-from coordinator_seeds.dispatch import shutdown_dht
+from tests.conftest import Processes, cli, json_lines, serving_event, status, wait_for
 from volunteer import swarm
-from volunteer.demo import ChildProcess, start_seed, start_volunteer
-from tests.conftest import TEST_MANIFEST, Processes
+from volunteer.demo import start_volunteer
 
 pytestmark = pytest.mark.integration
-VOLUNTEER = [sys.executable, "-m", "volunteer.cli"]
-SERVING_EVENT = r'^\{"event": "serving"'
-
-
-def cli(home: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = {**os.environ, "VOLUNTEER_HOME": str(home)}
-    return subprocess.run([*VOLUNTEER, *argv], capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def json_lines(child: ChildProcess) -> list[dict]:
-    return [json.loads(line) for line in child.output if line.startswith("{")]
-
-
-def serving_event(child: ChildProcess) -> dict:
-    return json.loads(child.wait_for_line(SERVING_EVENT, timeout=150).string)
-
-
-@pytest.fixture(scope="module")
-def seed(tmp_path_factory) -> Iterator[tuple[str, object]]:
-    root = tmp_path_factory.mktemp("live-seed")
-    manifest = root / "test-lm.toml"
-    manifest.write_text(TEST_MANIFEST)
-    procs = Processes()
-    try:
-        child, url = start_seed(experiment=manifest, home=root)
-        procs.add(child)
-        from volunteer.coordinator import fetch_experiment
-
-        yield url, fetch_experiment(url, root / "cache")
-    finally:
-        procs.stop_all()
-
-
-@pytest.fixture
-def short_home() -> Iterator[Path]:
-    """Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer than that."""
-    home = Path(tempfile.mkdtemp(prefix="vol-"))
-    yield home
-    shutil.rmtree(home, ignore_errors=True)
-
-
-@pytest.fixture
-def client(seed) -> Iterator:
-    _url, experiment = seed
-    dht = swarm.join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, client_mode=True)
-    try:
-        yield dht
-    finally:
-        shutdown_dht(dht)
 
 
 def send(dht, uid: str, d_model: int, forward_only: list[int], with_backward: list[int]) -> None:
@@ -92,23 +39,8 @@ def send(dht, uid: str, d_model: int, forward_only: list[int], with_backward: li
         expert(x).sum().backward()
 
 
-def status(home: Path) -> dict:
-    result = cli(home, "status", "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
 def expert_stats(figures: dict, uid: str) -> dict:
     return next(e["stats"] for e in figures["experts"] if e["stats"]["uid"] == uid)
-
-
-def wait_for(condition, timeout: float, what: str, period: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(period)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_counters_status_headless_lines_and_lifetime_across_restart(seed, client, short_home, processes: Processes):
@@ -204,8 +136,8 @@ def test_dashboard_in_a_real_terminal(seed, client, short_home: Path):
         uid = figures["experts"][0]["stats"]["uid"]
         peer_id = figures["peer_id"]
         send(client, uid, experiment.manifest.d_model, forward_only=[], with_backward=[9] * 20)
-        text = wait_for(lambda: (s := screen()) and "180" in s and s, 15, "the dashboard to show 180 samples")
-        for panel in ("test-lm", uid, "Swarm", "Lifetime"):
+        text = wait_for(lambda: (s := screen()) and "360" in s and s, 15, "the dashboard to count 9 x 20 x 2 samples")
+        for panel in ("test-lm", uid, "swarm", "lifetime", "hardware", "experts", "samples/s"):
             assert panel in text, text
         assert any(prefix in text for prefix in ("CPU", "GPU")), text
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -24,32 +26,36 @@ from volunteer.sizing import (
     CUDA_CONTEXT_RESERVE,
     GPU_EXPERT_OVERHEAD,
     Plan,
+    Rebalance,
     SizingError,
     expert_cost,
     memory_budget,
+    optimizer_states,
     pick_device,
     plan_experts,
+    rebalance_moves,
 )
+from volunteer.throughput import Throughput
 
 MiB, GiB, GB = 2**20, 2**30, 10**9
 
 DEFAULT = default_manifest()
 BIG = Manifest.from_dict(
-    dict(
-        schema_version=1,
-        name="big-lm",
-        dht_prefix="big",
-        d_model=1024,
-        max_batch_size=1024,
-        expert_types=[
-            dict(name="small", block="residual_ffn", d_hidden=4096),
-            dict(name="large", block="swiglu_ffn", d_hidden=8192),
+    {
+        "schema_version": 1,
+        "name": "big-lm",
+        "dht_prefix": "big",
+        "d_model": 1024,
+        "max_batch_size": 1024,
+        "expert_types": [
+            {"name": "small", "block": "residual_ffn", "d_hidden": 4096},
+            {"name": "large", "block": "swiglu_ffn", "d_hidden": 8192},
         ],
-        layers=[
-            dict(uid_prefix="big_ffn0", grid=[16, 16], expert_type="small"),
-            dict(uid_prefix="big_ffn1", grid=[16, 16], expert_type="large"),
+        "layers": [
+            {"uid_prefix": "big_ffn0", "grid": [16, 16], "expert_type": "small"},
+            {"uid_prefix": "big_ffn1", "grid": [16, 16], "expert_type": "large"},
         ],
-    )
+    }
 )
 MANIFESTS = [DEFAULT, BIG]
 
@@ -67,6 +73,7 @@ MACHINES = {
     "gpu-6GB": HardwareProfile(CPU_DESKTOP, (gpu_box(6),)),
     "gpu-8GB": HardwareProfile(CPU_DESKTOP, (gpu_box(8),)),
     "gpu-24GB": HardwareProfile(CPU_DESKTOP, (gpu_box(24),)),
+    "gpu-24GB+6GB": HardwareProfile(CPU_DESKTOP, (gpu_box(24, 0), gpu_box(6, 1)), None, "550.54.15", "12.4"),
     "gpu-80GB": HardwareProfile(CPU_DESKTOP, (gpu_box(80),)),
 }
 
@@ -80,18 +87,26 @@ def uid_costs(manifest: Manifest, plan: Plan) -> dict[str, int]:
     return {uid: per_type[layer.expert_type] for layer in manifest.layers for uid in layer.uids()}
 
 
-def check_plan(manifest: Manifest, plan: Plan, counts: dict[str, int]) -> None:
+def check_plan(manifest: Manifest, plan: Plan, counts: dict[str, int], served: dict[str, float] | None = None) -> None:
     """Invariants every plan keeps, replaying its picks one by one."""
     cost = uid_costs(manifest, plan)
     assert len(set(plan.uids)) == len(plan.uids) and plan.uids
     assert set(plan.uids) <= set(cost)
     assert plan.expert_types == tuple(manifest.layer_of(uid).expert_type for uid in plan.uids)
     assert plan.planned_bytes == reserve(plan) + sum(cost[uid] for uid in plan.uids) <= plan.budget_bytes
+    assert plan.reserve_bytes == reserve(plan)
+    assert plan.planned_bytes == plan.reserve_bytes + sum(
+        next(c.total for c in plan.costs if c.expert_type == t) for t in plan.expert_types
+    )
     left = plan.budget_bytes - reserve(plan)
     unpicked = set(cost)
+
+    def need(uid: str) -> tuple[bool, float, int]:  # preferred, then least served throughput, then fewest servers
+        return counts.get(uid, 0) >= 0, (served or {}).get(uid, 0.0), counts.get(uid, 0)
+
     for uid in plan.uids:
         # never a more-served uid while a less-served one still fits
-        assert counts.get(uid, 0) == min(counts.get(u, 0) for u in unpicked if cost[u] <= left)
+        assert need(uid) == min(need(u) for u in unpicked if cost[u] <= left)
         unpicked.discard(uid)
         left -= cost[uid]
 
@@ -110,6 +125,23 @@ def test_expert_cost_adds_up() -> None:
     assert expert_cost(DEFAULT, small, 1024, "cuda:0").overhead == GPU_EXPERT_OVERHEAD
     sgd = Manifest.from_dict({**DEFAULT.to_dict(), "optimizer": {"name": "sgd", "lr": 0.1}})
     assert expert_cost(sgd, small, 1024, "cpu").optimizer == 0
+    assert cost.tensors == cost.total - CPU_EXPERT_OVERHEAD and (cost.batch_size, cost.dtype) == (1024, "float32")
+
+
+def test_optimizer_state_per_optimizer() -> None:
+    assert [optimizer_states(SimpleNamespace(name=n)) for n in ("adam", "adamw", "sgd")] == [2, 2, 0]
+    assert optimizer_states(SimpleNamespace(name="sgd", momentum=0.9)) == 1  # the momentum buffer
+
+
+def test_half_precision_halves_every_tensor_but_not_the_overhead() -> None:
+    small = DEFAULT.expert_type("small")
+    full, half = expert_cost(DEFAULT, small, 256, "cuda"), expert_cost(DEFAULT, small, 256, "cuda", "bfloat16")
+    assert 2 * half.tensors == full.tensors and half.overhead == full.overhead and half.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        expert_cost(DEFAULT, small, 256, "cuda", "int8")
+    # same budget, cheaper experts: at least as many of them
+    hw = MACHINES["gpu-6GB"]
+    assert len(plan_experts(hw, BIG, {}, dtype="float16").uids) >= len(plan_experts(hw, BIG, {}).uids)
 
 
 # --- device and budget ---------------------------------------------------------------------------
@@ -172,7 +204,7 @@ def test_plans_stay_within_budget(manifest: Manifest, machine: str) -> None:
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda m: m.name)
 def test_bigger_machines_host_at_least_as_much(manifest: Manifest, max_experts: int | None) -> None:
     plans = [plan_experts(hw, manifest, {}, max_experts=max_experts) for hw in MACHINES.values()]
-    for smaller, bigger in zip(plans, plans[1:]):
+    for smaller, bigger in itertools.pairwise(plans):
         assert len(bigger.uids) >= len(smaller.uids)
         if smaller.device == bigger.device:  # bytes compare only under one cost model (CPU overheads are larger)
             assert bigger.planned_bytes >= smaller.planned_bytes
@@ -241,7 +273,9 @@ def test_cheap_served_uids_are_taken_when_unserved_ones_do_not_fit() -> None:
 
 
 def test_batch_is_halved_until_one_expert_fits() -> None:
-    cost = lambda batch: expert_cost(BIG, BIG.expert_type("small"), batch, "cpu").total  # noqa: E731
+    def cost(batch: int) -> int:
+        return expert_cost(BIG, BIG.expert_type("small"), batch, "cpu").total
+
     plan = plan_experts(MACHINES["cpu-2-cores-4GB"], BIG, {}, max_memory=CPU_BASE_OVERHEAD + cost(256))
     assert plan.max_batch_size == 256 and plan.expert_types == ("small",)
     assert "max batch size halved from 1024 to 256 so that one expert fits" in plan.reasons
@@ -260,6 +294,75 @@ def test_too_small_a_budget_says_what_is_needed() -> None:
 def test_plan_round_trips_through_json() -> None:
     plan = plan_experts(MACHINES["gpu-8GB"], BIG, {}, seed=5)
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    measured = plan.with_throughput([Throughput("small", "GPU 8 GB", 64, 51234.5, {16: 20000.0, 64: 51234.5}, True)])
+    data = json.loads(json.dumps(measured.to_dict()))
+    assert Plan.from_dict(data) == measured and hash(measured)
+    # what `volunteer hardware --plan --json` shows: costs with their totals, throughput by batch
+    assert {c["expert_type"]: c["total"] for c in data["costs"]} == {c.expert_type: c.total for c in plan.costs}
+    assert data["throughput"][0]["by_batch"] == {"16": 20000.0, "64": 51234.5}
+    assert "expert type 'small' trains 51,234 samples/s on GPU 8 GB, best at batch 64 (cached)" in data["reasons"]
+
+
+def test_a_plan_saved_before_costs_were_recorded_still_loads() -> None:
+    plan = plan_experts(MACHINES["cpu-2-cores-4GB"], DEFAULT, {})
+    old = {k: v for k, v in plan.to_dict().items() if k not in ("dtype", "reserve_bytes", "costs", "throughput")}
+    loaded = Plan.from_dict(old)
+    assert loaded.uids == plan.uids and loaded.costs == () and loaded.dtype == "float32"
+    assert loaded.tensor_bytes == plan.planned_bytes  # all an old plan can say
+
+
+def test_tensor_bytes_leave_out_reserves_and_overheads() -> None:
+    plan = plan_experts(MACHINES["gpu-24GB"], DEFAULT, {})
+    overheads = len(plan.uids) * GPU_EXPERT_OVERHEAD
+    assert plan.tensor_bytes == plan.planned_bytes - CUDA_CONTEXT_RESERVE - overheads
+
+
+# --- the table of machines, with the swarm's served throughput -----------------------------------
+
+
+def test_mixed_gpus_plan_on_the_bigger_one_unless_told() -> None:
+    mixed = MACHINES["gpu-24GB+6GB"]
+    assert plan_experts(mixed, BIG, {}) == plan_experts(MACHINES["gpu-24GB"], BIG, {})
+    small_gpu = plan_experts(mixed, BIG, {}, device="cuda:1")
+    assert small_gpu.device == "cuda:1" and small_gpu.budget_bytes == memory_budget(mixed, "cuda:1", None)
+    assert small_gpu.uids == plan_experts(MACHINES["gpu-6GB"], BIG, {}).uids
+    check_plan(BIG, small_gpu, {})
+
+
+@pytest.mark.parametrize("machine", MACHINES, ids=str)
+def test_least_served_throughput_goes_first(machine: str) -> None:
+    uids = DEFAULT.all_uids()
+    served = {uid: float(100 * (i % 5)) for i, uid in enumerate(uids)}  # five levels, 0 to 400 samples/s
+    counts = {uid: 1 + i % 3 for i, uid in enumerate(uids)}
+    plan = plan_experts(MACHINES[machine], DEFAULT, counts, served_throughput=served, seed=9)
+    check_plan(DEFAULT, plan, counts, served)
+    assert plan == plan_experts(MACHINES[machine], DEFAULT, counts, served_throughput=served, seed=9)
+    picked = sorted(served[uid] for uid in plan.uids)
+    assert picked == sorted(served.values())[: len(picked)]
+    assert any(r.startswith("least served throughput first") for r in plan.reasons)
+
+
+def test_served_throughput_ties_go_by_server_count_and_preferred_uids_stay_first() -> None:
+    a, b, c, keep = DEFAULT.all_uids()[:4]
+    served = {uid: 500.0 for uid in DEFAULT.all_uids()} | {a: 10.0, b: 10.0, c: 10.0, keep: 900.0}
+    counts = {a: 3, b: 1, c: 2, keep: -1}
+    plan = plan_experts(MACHINES["gpu-24GB"], DEFAULT, counts, served_throughput=served)
+    assert plan.uids[:4] == (keep, b, c, a)
+
+
+def test_untrusted_throughput_values_cannot_break_the_order() -> None:
+    uids = DEFAULT.all_uids()
+    served = {uids[0]: math.nan, uids[1]: -5.0, uids[2]: math.inf} | {u: 7.0 for u in uids[3:]}
+    plan = plan_experts(MACHINES["gpu-24GB"], DEFAULT, {}, served_throughput=served, seed=1)
+    assert set(plan.uids[:3]) == set(uids[:3])  # read as 0 samples/s: the least served
+
+
+def test_no_served_throughput_is_the_old_order() -> None:
+    counts = {uid: i % 3 for i, uid in enumerate(DEFAULT.all_uids())}
+    for machine in MACHINES.values():
+        assert plan_experts(machine, DEFAULT, counts, seed=4) == plan_experts(
+            machine, DEFAULT, counts, seed=4, served_throughput={}
+        )
 
 
 # --- property ------------------------------------------------------------------------------------
@@ -271,16 +374,20 @@ def test_plan_round_trips_through_json() -> None:
     machine=st.sampled_from(sorted(MACHINES)),
     fraction=st.floats(0.01, 1.0),
     raw_counts=st.lists(st.integers(-1, 3), min_size=512, max_size=512),
+    raw_served=st.none() | st.lists(st.sampled_from([0.0, 10.0, 250.0, 1e4]), min_size=512, max_size=512),
     max_experts=st.none() | st.integers(1, 100),
     seed=st.integers(0, 2**32),
 )
 def test_any_plan_fits_its_budget(
-    manifest: Manifest, machine: str, fraction: float, raw_counts: list[int], max_experts: int | None, seed: int
+    manifest: Manifest, machine: str, fraction: float, raw_counts: list[int], raw_served: list[float] | None,
+    max_experts: int | None, seed: int,
 ) -> None:
     hw = MACHINES[machine]
     counts = dict(zip(manifest.all_uids(), raw_counts))
+    served = dict(zip(manifest.all_uids(), raw_served)) if raw_served is not None else None
     try:
-        plan = plan_experts(hw, manifest, counts, max_memory=fraction, max_experts=max_experts, seed=seed)
+        plan = plan_experts(hw, manifest, counts, max_memory=fraction, max_experts=max_experts, seed=seed,
+                            served_throughput=served)
     except SizingError:
         device = pick_device(hw, None)
         budget = memory_budget(hw, device, fraction)
@@ -288,5 +395,92 @@ def test_any_plan_fits_its_budget(
         room = budget - (CUDA_CONTEXT_RESERVE if device.startswith("cuda") else CPU_BASE_OVERHEAD)
         assert cheapest > room  # only raised when truly nothing fits
         return
-    check_plan(manifest, plan, counts)
+    check_plan(manifest, plan, counts, served)
     assert len(plan.uids) <= (max_experts or 64)
+
+
+# --- rebalancing ---------------------------------------------------------------------------------
+
+
+def test_rebalance_moves_my_most_replicated_uid_to_the_weakest() -> None:
+    swarm = {"a": 1000.0, "b": 400.0, "c": 0.0, "d": 300.0}
+    moves = rebalance_moves(["a", "b"], swarm, {"a": 200.0, "b": 200.0})
+    assert moves == Rebalance(drop=("a",), take=("c",))  # then d (300) is not under half of b (400): done
+    # no clear case: the weakest has more than half of what my most served uid has
+    assert rebalance_moves(["a"], {"a": 1000.0, "c": 600.0}, {"a": 200.0}) == Rebalance()
+    # a move that would leave my uid weaker than the target was: no move
+    assert not rebalance_moves(["a"], {"a": 1000.0, "c": 100.0}, {"a": 950.0})
+
+
+def test_rebalance_never_drops_a_uid_without_another_server() -> None:
+    swarm = {"a": 1000.0, "c": 0.0}
+    assert not rebalance_moves(["a"], swarm, {"a": 1000.0})  # I am a's only server
+    assert not rebalance_moves(["a"], swarm, {"a": 200.0}, server_counts={"a": 1})  # others claim it, counts say no
+    assert rebalance_moves(["a"], swarm, {"a": 200.0}, server_counts={"a": 2}).take == ("c",)
+
+
+def test_rebalance_keeps_expert_types_when_told() -> None:
+    swarm = {"a": 1000.0, "big": 0.0, "small": 100.0}
+    types = {"a": "small", "big": "large", "small": "small"}
+    moves = rebalance_moves(["a"], swarm, {"a": 200.0}, expert_types=types)
+    assert moves == Rebalance(drop=("a",), take=("small",))  # "big" is weaker but would not fit the plan
+
+
+def test_rebalance_does_nothing_without_throughput_of_mine() -> None:
+    assert not rebalance_moves(["a"], {"a": 1000.0, "c": 0.0}, {})
+    with pytest.raises(ValueError, match="margin"):
+        rebalance_moves(["a"], {"a": 1.0}, {}, margin=0)
+
+
+def coverage_after(swarm: dict[str, float], mine: dict[str, float], moves: Rebalance) -> dict[str, float]:
+    after = dict(swarm)
+    for donor, target in zip(moves.drop, moves.take):
+        after[donor] -= mine[donor]
+        after[target] += mine[donor]
+    return after
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rates=st.lists(st.sampled_from([0.0, 1.0, 5.0, 50.0, 100.0, 400.0, 1000.0]), min_size=2, max_size=24),
+    data=st.data(),
+    margin=st.sampled_from([0.25, 0.5, 0.9]),
+    typed=st.booleans(),
+)
+def test_rebalance_properties(rates: list[float], data: st.DataObject, margin: float, typed: bool) -> None:
+    grid = [f"u{i}" for i in range(len(rates))]
+    mine_uids = data.draw(st.lists(st.sampled_from(grid), min_size=1, max_size=len(grid), unique=True))
+    # what I serve of a uid is at most what the swarm serves of it
+    mine = {u: data.draw(st.sampled_from([0.0, 0.5, 1.0])) * rates[grid.index(u)] for u in mine_uids}
+    swarm = dict(zip(grid, rates))
+    types = {u: "small" if i % 2 else "large" for i, u in enumerate(grid)} if typed else None
+    counts = data.draw(st.none() | st.fixed_dictionaries({u: st.integers(1, 3) for u in mine_uids}))
+
+    moves = rebalance_moves(mine_uids, swarm, mine, margin, server_counts=counts, expert_types=types)
+    assert moves == rebalance_moves(list(mine_uids), dict(swarm), dict(mine), margin, server_counts=counts,
+                                    expert_types=types)  # deterministic
+    assert len(moves.drop) == len(moves.take) == len(set(moves.drop)) == len(set(moves.take))
+    assert set(moves.drop) <= set(mine_uids) and not set(moves.take) & set(mine_uids)
+    for donor, target in zip(moves.drop, moves.take):
+        assert swarm[donor] - mine[donor] > 0, "a uid I drop keeps another server"
+        assert counts is None or counts[donor] >= 2
+        assert types is None or types[donor] == types[target]
+    after = coverage_after(swarm, mine, moves)
+    if moves:
+        # the coverage, weakest first, strictly improves: the minimum rises or fewer uids sit at it
+        assert sorted(after.values()) > sorted(swarm.values())
+        assert min(after.values()) >= min(swarm.values())
+        weakest = [u for u in grid if swarm[u] == min(swarm.values())]
+        if len(weakest) == 1 and weakest[0] in moves.take:
+            assert min(after.values()) > min(swarm.values())
+
+
+def test_rebalance_on_the_default_grid_fills_the_hole_it_can() -> None:
+    uids = DEFAULT.all_uids()  # ffn0.* are "small", ffn1.* are "large"
+    swarm = {uid: 800.0 for uid in uids} | {uids[3]: 0.0, uids[12]: 0.0}
+    mine = {uids[0]: 300.0, uids[1]: 300.0, uids[2]: 300.0}
+    types = {uid: DEFAULT.expert_type_of(uid).name for uid in uids}
+    # my experts are all small: the large hole needs another volunteer; ties between donors go by uid
+    assert rebalance_moves(mine, swarm, mine, expert_types=types) == Rebalance((uids[0],), (uids[3],))
+    # without the type constraint both holes are filled
+    assert rebalance_moves(mine, swarm, mine) == Rebalance((uids[0], uids[1]), (uids[3], uids[12]))

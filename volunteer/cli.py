@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -11,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from volunteer import __version__
+from volunteer.config import parse_memory  # noqa: F401  (moved; re-exported for old imports)
 from volunteer.logs import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lend this machine to a hivemind MoE swarm.")
@@ -33,26 +33,6 @@ def _main(
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
-
-
-def parse_memory(text: str | None) -> float | int | None:
-    """``0.5`` is a fraction of free memory; ``12GiB``, ``800MB`` or a plain integer are bytes."""
-    if text is None:
-        return None
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in units:
-        raise ValueError(f"--max-memory {text!r}: give a fraction like 0.5 or a size like 8GiB")
-    number, unit = float(match.group(1)), match.group(2).lower()
-    if not unit and number <= 1:
-        return number
-    if not unit and not number.is_integer():
-        raise ValueError(f"--max-memory {text!r}: a fraction must be at most 1; sizes need a unit (8GiB)")
-    return int(number * units[unit])
-
-
-def split_peers(peers: List[str]) -> tuple[str, ...]:
-    return tuple(p for item in peers for p in re.split(r"[,\s]+", item) if p)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -80,39 +60,57 @@ def _exit_for(error: BaseException) -> BaseException:
 
 @app.command()
 def start(
-    coordinator: Optional[str] = typer.Option(None, envvar="VOLUNTEER_COORDINATOR", help="Coordinator seed URL."),
+    coordinator: Optional[str] = typer.Option(None, help="Coordinator seed URL. [env: VOLUNTEER_COORDINATOR]"),
     experiment: Optional[Path] = typer.Option(None, help="Experiment manifest file (TOML or JSON)."),
     initial_peers: List[str] = typer.Option([], "--initial-peers", help="DHT multiaddrs to join (with --experiment)."),
-    host: str = typer.Option("0.0.0.0", help="Address the DHT and expert RPCs listen on."),
-    port: int = typer.Option(0, help="TCP port for the DHT and experts (0 = any free port)."),
+    host: Optional[str] = typer.Option(None, help="Address the DHT and expert RPCs listen on. [default: 0.0.0.0]"),
+    port: Optional[int] = typer.Option(None, help="TCP port for the DHT and experts. [default: 0 = any free port]"),
     announce_host: Optional[str] = typer.Option(None, help="Public address to announce (port forwarding)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: the best GPU, else CPU)."),
     max_memory: Optional[str] = typer.Option(None, help="Memory budget: a fraction (0.5) or a size (8GiB)."),
     max_experts: Optional[int] = typer.Option(None, help="Host at most this many experts."),
-    num_handlers: int = typer.Option(2, help="Connection handler processes."),
-    checkpoint_interval: float = typer.Option(60.0, help="Seconds between checkpoints."),
-    headless: bool = typer.Option(False, "--headless", help="No dashboard: JSON lines on stdout (automatic "
-                                                             "when stdout is not a terminal)."),
-    log_interval: float = typer.Option(10.0, help="Seconds between headless stats lines."),
+    num_handlers: Optional[int] = typer.Option(None, help="Connection handler processes. [default: 2]"),
+    checkpoint_interval: Optional[float] = typer.Option(None, help="Seconds between checkpoints. [default: 60]"),
+    headless: Optional[bool] = typer.Option(None, "--headless", help="No dashboard: JSON lines on stdout (automatic "
+                                                                    "when stdout is not a terminal)."),
+    dashboard: Optional[bool] = typer.Option(None, "--dashboard", help="The dashboard even when stdout is no terminal."),
+    log_interval: Optional[float] = typer.Option(None, help="Seconds between headless stats lines. [default: 10]"),
+    cpu_threads: Optional[int] = typer.Option(None, help="Torch threads for serving."),
+    power: Optional[str] = typer.Option(None, help="light, medium or full. [default: full]"),
+    max_temp: Optional[float] = typer.Option(None, help="Pause while the GPU is hotter than this (Celsius)."),
+    run_hours: Optional[str] = typer.Option(None, help="Serve only in this daily window, e.g. 22-08."),
+    pause_on_gpu_use: Optional[bool] = typer.Option(None, "--pause-on-gpu-use/--no-pause-on-gpu-use",
+                                                    help="Pause while another process uses the GPU."),
+    stats: Optional[bool] = typer.Option(None, "--stats/--no-stats", help="Count samples and time requests."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Join the swarm, serve and train experts until Ctrl-C, SIGTERM, `q` or `volunteer stop`."""
+    """Join the swarm, serve and train experts until Ctrl-C, SIGTERM, `q` or `volunteer stop`.
+
+    Settings: flags > VOLUNTEER_* environment > volunteer.toml > defaults; see `volunteer config show`.
+    """
+    from volunteer.config import resolve_settings
     from volunteer.logs import EventLog
     from volunteer.paths import default_paths
-    from volunteer.settings import Settings
     from volunteer.supervisor import run_volunteer
 
-    headless = headless or not sys.stdout.isatty()
-    setup_logging(verbose, json_lines=headless)
+    flags = {
+        "coordinator": coordinator, "experiment_file": experiment, "initial_peers": initial_peers or None,
+        "host": host, "port": port, "announce_host": announce_host, "device": device, "max_memory": max_memory,
+        "max_experts": max_experts, "num_handlers": num_handlers, "checkpoint_interval": checkpoint_interval,
+        "headless": headless, "dashboard": dashboard, "log_interval": log_interval, "cpu_threads": cpu_threads,
+        "power": power, "max_temp": max_temp, "run_hours": run_hours, "pause_on_gpu_use": pause_on_gpu_use,
+        "stats": stats,
+    }
     try:
-        settings = Settings(
-            coordinator=coordinator, experiment_file=experiment, initial_peers=split_peers(initial_peers),
-            host=host, port=port, announce_host=announce_host, device=device, max_memory=parse_memory(max_memory),
-            max_experts=max_experts, num_handlers=num_handlers, checkpoint_interval=checkpoint_interval,
-            headless=headless, log_interval=log_interval,
-        )
-        events = EventLog(sys.stdout if headless else None)
-        run_volunteer(settings, default_paths(), events=events, dashboard=not headless)
+        settings = resolve_settings(flags).settings.require_experiment()
+    except BaseException as e:
+        setup_logging(verbose)
+        raise _exit_for(e)
+    show_dashboard = settings.show_dashboard(sys.stdout.isatty())
+    setup_logging(verbose, json_lines=not show_dashboard)
+    try:
+        events = EventLog(None if show_dashboard else sys.stdout)
+        run_volunteer(settings, default_paths(), events=events, dashboard=show_dashboard)
     except BaseException as e:
         raise _exit_for(e)
 
@@ -137,7 +135,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the full fi
     if as_json:
         typer.echo(json.dumps(answer["status"], indent=1))
         return
-    from volunteer.dashboard import summary_lines
+    from volunteer.monitor import summary_lines
 
     for line in summary_lines(StatsSnapshot.from_dict(answer["status"])):
         typer.echo(line)
@@ -156,9 +154,32 @@ def stop(timeout: float = typer.Option(60.0, help="Seconds to wait for the drain
 
 
 @app.command()
+def pause() -> None:
+    """Pause the running volunteer: it refuses work and hides from trainers, keeping its weights in memory."""
+    _pause_or_resume("pause")
+
+
+@app.command()
+def resume() -> None:
+    """Resume a paused volunteer (it stays paused while a limit such as --run-hours still holds)."""
+    _pause_or_resume("resume")
+
+
+def _pause_or_resume(command: str) -> None:
+    from volunteer import control
+
+    try:
+        answer = control.request(_control_path(), command)
+    except BaseException as e:
+        raise _exit_for(e)
+    reasons = f" ({'; '.join(answer['reasons'])})" if answer["reasons"] else ""
+    typer.echo(f"{answer['state']}{reasons}")
+
+
+@app.command()
 def monitor(refresh: float = typer.Option(1.0, help="Seconds between refreshes.")) -> None:
     """Show the dashboard of a volunteer that is already running (headless, in another terminal); `q` quits."""
-    from volunteer.dashboard import run_monitor
+    from volunteer.monitor import run_monitor
 
     try:
         run_monitor(_control_path(), refresh)
@@ -169,28 +190,32 @@ def monitor(refresh: float = typer.Option(1.0, help="Seconds between refreshes."
 @app.command()
 def hardware(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    coordinator: Optional[str] = typer.Option(None, envvar="VOLUNTEER_COORDINATOR"),
+    coordinator: Optional[str] = typer.Option(None),
     experiment: Optional[Path] = typer.Option(None, help="Plan for this manifest instead of the default one."),
     device: Optional[str] = typer.Option(None),
     max_memory: Optional[str] = typer.Option(None),
     max_experts: Optional[int] = typer.Option(None),
 ) -> None:
     """Show the detected hardware and the plan this machine would serve, without joining anything."""
+    from volunteer.config import resolve_settings
     from volunteer.hardware import detect_hardware
     from volunteer.manifest import default_manifest, load
     from volunteer.sizing import plan_experts
 
+    flags = {"coordinator": coordinator, "experiment_file": experiment, "device": device, "max_memory": max_memory,
+             "max_experts": max_experts}
     try:
-        if coordinator:
+        settings = resolve_settings(flags).settings
+        if settings.coordinator:
             from volunteer.coordinator import fetch_experiment
             from volunteer.paths import default_paths
 
-            manifest = fetch_experiment(coordinator, default_paths().cache_dir).manifest
+            manifest = fetch_experiment(settings.coordinator, default_paths().cache_dir).manifest
         else:
-            manifest = load(experiment) if experiment else default_manifest()
+            manifest = load(settings.experiment_file) if settings.experiment_file else default_manifest()
         profile = detect_hardware()
-        plan = plan_experts(profile, manifest, {}, device=device, max_memory=parse_memory(max_memory),
-                            max_experts=max_experts)
+        plan = plan_experts(profile, manifest, {}, device=settings.device, max_memory=settings.max_memory,
+                            max_experts=settings.max_experts)
     except BaseException as e:
         raise _exit_for(e)
     if as_json:
@@ -215,6 +240,23 @@ def demo(
     except BaseException as e:
         raise _exit_for(e)
     raise typer.Exit(code)
+
+
+config_app = typer.Typer(no_args_is_help=True,
+                         help="Settings: flags > VOLUNTEER_* environment > volunteer.toml > defaults.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Print the effective settings and where each came from; the config file is only ever read."""
+    from volunteer.config import resolve_settings
+
+    try:
+        resolved = resolve_settings({})
+    except BaseException as e:
+        raise _exit_for(e)
+    typer.echo(json.dumps(resolved.to_dict(), indent=2) if as_json else resolved.format_table())
 
 
 def main() -> None:

@@ -4,17 +4,40 @@ GPUs are read through NVML (``pynvml``) rather than torch, so detection needs no
 works before anything heavy is imported. No GPU stack is ever required: any NVML failure yields a
 CPU-only profile whose ``nvml_error`` tells the user why no GPU was found. The profile crosses
 process boundaries as JSON, hence the explicit ``to_dict`` / ``from_dict``.
+
+NVML numbers GPUs in PCI bus order and names them by UUID; torch numbers the GPUs it can see
+(``CUDA_VISIBLE_DEVICES``) in its own order. ``match_torch_devices`` joins the two by UUID.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid as uuid_module
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class GPUProcess:
+    """A process already holding memory on a GPU: what the volunteer shares the device with."""
+
+    pid: int  # as the driver sees it: inside a container this is usually the host's pid
+    used_memory: int | None  # bytes; None where the driver cannot say (e.g. Windows WDDM)
+    name: str | None = None  # None when NVML may not read it (another user's process, another pid namespace)
+    kind: str = "compute"  # "compute" (CUDA) or "graphics" (a display server, a game)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPUProcess:
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -28,6 +51,7 @@ class GPUInfo:
     temperature: float | None = None  # Celsius
     power_watts: float | None = None
     compute_capability: tuple[int, int] | None = None
+    processes: tuple[GPUProcess, ...] = ()  # other processes on this GPU when it was read
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -35,7 +59,12 @@ class GPUInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPUInfo:
         capability = data.get("compute_capability")
-        return cls(**{**data, "compute_capability": tuple(capability) if capability is not None else None})
+        processes = tuple(GPUProcess.from_dict(p) for p in data.get("processes", ()))
+        return cls(**{
+            **data,
+            "compute_capability": tuple(capability) if capability is not None else None,
+            "processes": processes,
+        })
 
 
 @dataclass(frozen=True)
@@ -58,49 +87,156 @@ class HardwareProfile:
     cpu: CPUInfo
     gpus: tuple[GPUInfo, ...] = ()
     nvml_error: str | None = None  # why no GPU was found, shown to the user
+    driver_version: str | None = None  # e.g. "550.54.15"
+    cuda_driver_version: str | None = None  # the newest CUDA the driver supports, e.g. "12.4"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cpu": self.cpu.to_dict(), "gpus": [g.to_dict() for g in self.gpus], "nvml_error": self.nvml_error}
+        return {
+            "cpu": self.cpu.to_dict(), "gpus": [g.to_dict() for g in self.gpus], "nvml_error": self.nvml_error,
+            "driver_version": self.driver_version, "cuda_driver_version": self.cuda_driver_version,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HardwareProfile:
         gpus = tuple(GPUInfo.from_dict(g) for g in data.get("gpus", ()))
-        return cls(CPUInfo.from_dict(data["cpu"]), gpus, data.get("nvml_error"))
+        return cls(
+            CPUInfo.from_dict(data["cpu"]), gpus, data.get("nvml_error"),
+            data.get("driver_version"), data.get("cuda_driver_version"),
+        )
 
 
 def detect_hardware(nvml: ModuleType | None = None, root: Path = Path("/")) -> HardwareProfile:
     """Read CPU, RAM and GPUs; ``nvml`` and ``root`` (where /proc and /sys live) are test seams."""
-    gpus, error = _read_gpus(nvml)
-    return HardwareProfile(detect_cpu(root), gpus, error)
+    reading = _read_nvml(nvml)
+    return HardwareProfile(detect_cpu(root), reading.gpus, reading.error, reading.driver, reading.cuda)
 
 
 def gpu_telemetry(nvml: ModuleType | None = None) -> tuple[GPUInfo, ...]:
     """Re-read the GPUs (free memory, utilization, temperature, power) for dashboards; () without NVML."""
-    return _read_gpus(nvml)[0]
+    return _read_nvml(nvml).gpus
 
 
-# --- GPUs ----------------------------------------------------------------------------------------
+# --- choosing GPUs and finding them in torch -----------------------------------------------------
 
 
-def _read_gpus(nvml: ModuleType | Any | None) -> tuple[tuple[GPUInfo, ...], str | None]:
+def select_gpus(profile: HardwareProfile, spec: str | Sequence[str | int]) -> tuple[GPUInfo, ...]:
+    """The GPUs a ``--gpus 0,2`` option names, in the order given.
+
+    Each item is an NVML index or a UUID; a UUID prefix is enough when only one GPU starts with it, as
+    with ``CUDA_VISIBLE_DEVICES``. Unknown, ambiguous or repeated items raise a one-line ValueError.
+    """
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+    if not items or not all(items):
+        raise ValueError(f"--gpus {spec!r}: give GPU indices or UUIDs separated by commas, e.g. 0,2")
+    if not profile.gpus:
+        raise ValueError(f"--gpus {spec!r}: no GPU was found ({profile.nvml_error or 'none listed'})")
+    chosen: list[GPUInfo] = []
+    for item in items:
+        gpu = _find_gpu(profile.gpus, item)
+        if any(g.index == gpu.index for g in chosen):
+            raise ValueError(f"--gpus {spec!r}: GPU {gpu.index} ({gpu.uuid}) is listed twice")
+        chosen.append(gpu)
+    return tuple(chosen)
+
+
+def _find_gpu(gpus: tuple[GPUInfo, ...], item: str) -> GPUInfo:
+    if item.isdigit():
+        matches = [g for g in gpus if g.index == int(item)]
+    else:
+        matches = [g for g in gpus if _bare_uuid(g.uuid).startswith(_bare_uuid(item))]
+    if len(matches) == 1:
+        return matches[0]
+    found = ", ".join(f"{g.index} ({g.uuid}, {g.name})" for g in gpus)
+    problem = "matches several GPUs" if matches else "is not a GPU of this machine"
+    raise ValueError(f"--gpus: {item!r} {problem}; the GPUs found are: {found}")
+
+
+def match_torch_devices(profile: HardwareProfile, cuda: Any | None = None) -> dict[str, int]:
+    """NVML UUID -> torch ``cuda:N`` index, for the GPUs torch can see; {} on a CPU-only machine.
+
+    torch is imported, and asked whether CUDA works, only when NVML found a GPU: on a CPU box this
+    must stay free, and ``is_available`` is what loads the CUDA driver. ``cuda`` (``torch.cuda``'s
+    surface) is a test seam.
+    """
+    if not profile.gpus:
+        return {}
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda
+    if not cuda.is_available():
+        return {}
+    known = {_bare_uuid(g.uuid): g.uuid for g in profile.gpus}
+    matches: dict[str, int] = {}
+    for index in range(cuda.device_count()):
+        uuid = torch_uuid(cuda.get_device_properties(index))
+        nvml_uuid = known.get(_bare_uuid(uuid)) if uuid is not None else None
+        if nvml_uuid is not None:
+            matches[nvml_uuid] = index
+    return matches
+
+
+def torch_uuid(properties: Any) -> str | None:
+    """A torch device's UUID as 8-4-4-4-12 hex (NVML's, less its "GPU-"); None before torch 2.4."""
+    raw = getattr(properties, "uuid", None)
+    if raw is None:
+        return None
+    data = getattr(raw, "bytes", None)  # the 16 raw bytes: immune to changes in how torch prints it
+    if isinstance(data, bytes) and len(data) == 16:
+        return str(uuid_module.UUID(bytes=data))
+    return str(raw)
+
+
+def torch_device(profile: HardwareProfile, device: str, cuda: Any | None = None) -> str:
+    """The torch device string for a plan's device (``cuda:N`` is an NVML index); ``cpu`` stays ``cpu``."""
+    if not device.startswith("cuda:"):
+        return device
+    gpu = next((g for g in profile.gpus if f"cuda:{g.index}" == device), None)
+    index = match_torch_devices(profile, cuda).get(gpu.uuid) if gpu is not None else None
+    if index is None:
+        raise ValueError(f"{device} is not visible to torch (CUDA_VISIBLE_DEVICES, or a CPU-only torch build?)")
+    return f"cuda:{index}"
+
+
+def _bare_uuid(uuid: str) -> str:
+    return uuid.lower().removeprefix("gpu-")
+
+
+# --- reading NVML --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _NVMLReading:
+    gpus: tuple[GPUInfo, ...] = ()
+    error: str | None = None
+    driver: str | None = None
+    cuda: str | None = None
+
+
+def _read_nvml(nvml: ModuleType | Any | None) -> _NVMLReading:
     # NVML is a C library behind ctypes: a missing library, a missing or mismatched driver, or an old
     # binding surface as NVMLError subclasses, OSError, ImportError or AttributeError. A broken GPU
     # stack must degrade to a CPU volunteer, never crash the client, hence the broad except.
     try:
         nvml = nvml if nvml is not None else _import_pynvml()
         nvml.nvmlInit()
-    except Exception as e:
-        return (), _nvml_reason(e)
+    except Exception as e:  # noqa: BLE001 - see above
+        return _NVMLReading(error=_nvml_reason(e))
     try:
         gpus = tuple(_read_gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount()))
-    except Exception as e:
-        return (), _nvml_reason(e)
+        driver = _optional(nvml, lambda: _text(nvml.nvmlSystemGetDriverVersion()))
+        cuda = _optional(nvml, lambda: _cuda_version(nvml.nvmlSystemGetCudaDriverVersion()))
+    except Exception as e:  # noqa: BLE001 - see above
+        return _NVMLReading(error=_nvml_reason(e))
     finally:
-        try:
+        # nothing useful to do if shutdown fails; the readings are already taken
+        with contextlib.suppress(Exception):
             nvml.nvmlShutdown()
-        except Exception:
-            pass  # nothing useful to do if shutdown fails; the readings are already taken
-    return gpus, None if gpus else "NVML found no NVIDIA GPU"
+    return _NVMLReading(gpus, None if gpus else "NVML found no NVIDIA GPU", driver, cuda)
+
+
+def _cuda_version(value: int) -> str:
+    return f"{value // 1000}.{value % 1000 // 10}"  # NVML encodes CUDA 12.4 as 12040
 
 
 def _import_pynvml() -> ModuleType:
@@ -127,6 +263,7 @@ def _read_gpu(nvml: Any, index: int) -> GPUInfo:
     temperature = _optional(nvml, lambda: float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)))
     power = _optional(nvml, lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0)  # NVML reports milliwatts
     capability = _optional(nvml, lambda: tuple(map(int, nvml.nvmlDeviceGetCudaComputeCapability(handle))))
+    processes = _processes(nvml, handle)
     return GPUInfo(
         index=index,
         name=_text(nvml.nvmlDeviceGetName(handle)),
@@ -137,13 +274,33 @@ def _read_gpu(nvml: Any, index: int) -> GPUInfo:
         temperature=temperature,
         power_watts=power,
         compute_capability=capability,  # type: ignore[arg-type]  # a pair, NVML returns (major, minor)
+        processes=processes,
     )
+
+
+def _processes(nvml: Any, handle: Any) -> tuple[GPUProcess, ...]:
+    """Compute and graphics processes, one entry per pid (a CUDA app that also draws is listed twice)."""
+    found: dict[int, GPUProcess] = {}
+    for kind, read in (
+        ("compute", "nvmlDeviceGetComputeRunningProcesses"),
+        ("graphics", "nvmlDeviceGetGraphicsRunningProcesses"),
+    ):
+        listed = _optional(nvml, lambda read=read: getattr(nvml, read)(handle)) or ()
+        for p in listed:
+            pid = int(p.pid)
+            if pid not in found:
+                used = getattr(p, "usedGpuMemory", None)
+                name = _optional(nvml, lambda pid=pid: _text(nvml.nvmlSystemGetProcessName(pid))) or None
+                found[pid] = GPUProcess(pid, int(used) if used is not None else None, name, kind)
+    return tuple(found.values())
 
 
 def _optional(nvml: Any, read: Callable[[], _T]) -> _T | None:
     try:
         return read()
-    except nvml.NVMLError:  # e.g. NVML_ERROR_NOT_SUPPORTED for power on many consumer boards
+    # NVML_ERROR_NOT_SUPPORTED for power on many consumer boards, NO_PERMISSION for other users'
+    # processes; AttributeError where the binding predates the call
+    except (nvml.NVMLError, AttributeError):
         return None
 
 

@@ -26,13 +26,20 @@ from volunteer.hardware import HardwareProfile, detect_hardware
 from volunteer.logs import EventLog
 from volunteer.manifest import load as load_manifest
 from volunteer.paths import Paths, write_atomic
-from volunteer.serving import CountingBackend, build_backends
+from volunteer.serving import (
+    CountingBackend,
+    build_backends,
+    resume_declaring,
+    stop_declaring,
+)
 from volunteer.settings import Settings
 from volunteer.sizing import Plan, plan_experts
 from volunteer.stats import LifetimeStore, StatsCollector
 
 logger = logging.getLogger(__name__)
 SERVER_START_TIMEOUT = 120.0
+DRAIN_QUIET = 2.0  # seconds without a request after which in-flight work is taken to be done
+DRAIN_TIMEOUT = 20.0  # trainers look experts up every 15 s: after that, nobody should still call us
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,13 @@ class VolunteerNode:
         self.events.emit("joined", f"joined the DHT of {self.manifest.name} as {peer_id}", peer_id=peer_id,
                          maddrs=list(maddrs))
         plan = self._plan(hardware, peer_id)
-        self.backends, restored = build_backends(self.manifest, plan.uids, plan.max_batch_size, self.store)
+        if self.settings.cpu_threads:
+            torch.set_num_threads(self.settings.cpu_threads)
+        power = self.settings.power_level  # light and medium take smaller batches and idle between them
+        self.backends, restored = build_backends(
+            self.manifest, plan.uids, max(1, int(plan.max_batch_size * power.batch_fraction)), self.store,
+            duty_cycle=power.duty_cycle,
+        )
         for uid in restored:
             steps = self.backends[uid].counters.snapshot().optimizer_steps
             self.events.emit("expert_restored", f"restored {uid} from its checkpoint ({steps} updates)",
@@ -161,6 +174,8 @@ class VolunteerNode:
         write_atomic(self.state_file, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
     def announce(self) -> None:
+        if self.collector is not None and self.collector.state == "paused":
+            return
         record = swarm.VolunteerRecord(self.info.peer_id, self.info.uids, self.info.device, 0.0)
         swarm.publish_volunteer(self.dht, self.manifest.dht_prefix, record)
 
@@ -169,8 +184,47 @@ class VolunteerNode:
             self.store.save(backend.to_checkpoint())
         return len(self.backends)
 
+    def withdraw(self) -> None:
+        """Stop announcing and hide our records: trainers route elsewhere at their next lookup."""
+        if self.server is None:
+            return
+        stop_declaring(self.server)
+        try:
+            swarm.withdraw_experts(self.dht, self.info.uids, self.server.dht_handler_thread.expiration)
+            swarm.withdraw_volunteer(self.dht, self.manifest.dht_prefix)
+        except Exception as e:  # the DHT may already be gone; leaving must go on
+            logger.warning(f"could not withdraw our DHT records: {e}")
+
+    def pause(self) -> None:
+        """Free the machine now: requests are refused (trainers fail over at once), records hidden."""
+        for backend in self.backends.values():
+            backend.paused.set()
+        self.collector.state = "paused"
+        self.withdraw()
+
+    def resume(self) -> None:
+        """Serve again with the weights still in memory: unpause, re-declare, re-announce."""
+        for backend in self.backends.values():
+            backend.paused.clear()
+        resume_declaring(self.server)
+        self.collector.state = "serving"
+        self.announce()
+
+    def drain(self, quiet: float = DRAIN_QUIET, timeout: float = DRAIN_TIMEOUT) -> float:
+        """Withdraw, then keep serving until no request came for ``quiet`` seconds (trainers have moved
+        on and in-flight requests are done) or ``timeout`` passed. Returns the seconds it took."""
+        started = time.monotonic()
+        self.withdraw()
+        while time.monotonic() - started < timeout:
+            last = max((b.counters.snapshot().last_request or 0.0 for b in self.backends.values()), default=0.0)
+            if time.time() - last >= quiet and time.monotonic() - started >= min(quiet, timeout):
+                break
+            time.sleep(0.1)
+        return time.monotonic() - started
+
     def shutdown(self) -> None:
         """Leave the swarm in order: withdraw, save, stop serving, stop the DHT. Safe to call twice."""
+        self.withdraw()
         server, dht = self.server, self.dht
         self.server = self.dht = None
         if server is None:
@@ -178,17 +232,12 @@ class VolunteerNode:
                 dht.shutdown()
             return
         try:
-            swarm.withdraw_volunteer(dht, self.manifest.dht_prefix)
-        except Exception as e:  # the DHT may already be gone; leaving must go on
-            logger.warning(f"could not withdraw the volunteer record: {e}")
-        try:
             self.checkpoint()
             if self.collector is not None:
                 self.collector.persist()
         finally:
             server.shutdown()  # also shuts the DHT down
             server.join(timeout=30)
-
 
 
 def _tcp_port(maddrs: tuple[str, ...]) -> int | None:

@@ -14,12 +14,14 @@ never answer, and keep the peer identity, so a restart fails (ENGINE-NOTES). Thr
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import fcntl
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +53,37 @@ def die_with_parent() -> None:
 
 
 def lead_process_group() -> None:
-    """Become the leader of a new process group unless already one (a shell's job already is)."""
-    if os.getpgid(0) != os.getpid():
-        os.setpgid(0, 0)
+    """Become the leader of a new process group unless already one (a shell's job already is).
+
+    Run from a terminal without job control (``sh -c "volunteer start; ..."``, tmux, ssh commands),
+    the new group must also become the terminal's foreground group, or it gets neither the keys the
+    dashboard reads nor the SIGINT of Ctrl-C; the shell's group gets the terminal back at exit."""
+    if os.getpgid(0) == os.getpid():
+        return
+    previous = os.getpgrp()
+    in_foreground = _foreground_group() == previous
+    os.setpgid(0, 0)
+    if in_foreground:
+        _give_terminal_to(os.getpgrp())
+        atexit.register(_give_terminal_to, previous)
+
+
+def _foreground_group() -> int | None:
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) if sys.stdin is not None and sys.stdin.isatty() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _give_terminal_to(pgid: int) -> None:
+    # a background group changing the foreground gets SIGTTOU unless it ignores it
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.tcsetpgrp(sys.stdin.fileno(), pgid)
+    except (OSError, ValueError):
+        pass  # the terminal or that group is gone: nothing to hand back
+    finally:
+        signal.signal(signal.SIGTTOU, previous)
 
 
 def become_supervisor() -> None:

@@ -15,6 +15,8 @@ import zlib
 from typing import Sequence
 
 import torch
+from hivemind.moe import Server
+from hivemind.moe.server.dht_handler import DHTHandlerThread
 from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
@@ -26,14 +28,21 @@ from volunteer.stats import ExpertCounters
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
-class CountingBackend(ModuleBackend):
-    """A ModuleBackend that counts the work it does and can be snapshotted while it serves."""
+class Paused(RuntimeError):
+    """Raised to a remote caller while the volunteer is paused: its trainer routes to other servers."""
 
-    def __init__(self, name: str, module: torch.nn.Module, *, expert_type: str, counters: ExpertCounters, **kwargs):
+
+class CountingBackend(ModuleBackend):
+    """A ModuleBackend that counts the work it does, can be paused and throttled, and snapshotted."""
+
+    def __init__(self, name: str, module: torch.nn.Module, *, expert_type: str, counters: ExpertCounters,
+                 duty_cycle: float = 1.0, **kwargs):
         super().__init__(name, module, **kwargs)
         self.expert_type, self.counters = expert_type, counters
         # the Runtime thread mutates weights in backward; checkpoints copy them under the same lock
         self.lock = threading.Lock()
+        self.paused = threading.Event()
+        self.duty_cycle = duty_cycle  # share of wall time spent computing (power level light/medium/full)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._counted("forward", super().forward, inputs)
@@ -42,10 +51,17 @@ class CountingBackend(ModuleBackend):
         return self._counted("backward", super().backward, inputs)
 
     def _counted(self, kind: str, compute, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if self.paused.is_set():  # fail fast: the owner wants the machine back now
+            raise Paused(f"{self.name} is paused by its volunteer")
         start = time.perf_counter()
         with self.lock:
             results = compute(*inputs)
-        self.counters.record(kind, inputs[0].shape[0], time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.counters.record(kind, inputs[0].shape[0], seconds)
+        if self.duty_cycle < 1.0:
+            # idle in proportion to the work done: the Runtime thread runs one batch at a time,
+            # so this caps the share of the device the volunteer takes
+            time.sleep(seconds * (1.0 / self.duty_cycle - 1.0))
         return results
 
     def to_checkpoint(self) -> ExpertCheckpoint:
@@ -73,7 +89,7 @@ def initial_seed(uid: str) -> int:
 
 
 def build_backends(
-    manifest: Manifest, uids: Sequence[str], max_batch_size: int, store: CheckpointStore
+    manifest: Manifest, uids: Sequence[str], max_batch_size: int, store: CheckpointStore, duty_cycle: float = 1.0,
 ) -> tuple[dict[str, CountingBackend], list[str]]:
     """Build one backend per uid, restoring each from its checkpoint when one is readable.
 
@@ -97,6 +113,25 @@ def build_backends(
             counters=ExpertCounters(uid, expert_type.name, checkpoint.updates if checkpoint else 0,
                                    params=expert_type.num_params(manifest.d_model)),
             args_schema=(BatchTensorDescriptor.from_tensor(sample),),
-            min_batch_size=1, max_batch_size=max_batch_size,
+            min_batch_size=1, max_batch_size=max_batch_size, duty_cycle=duty_cycle,
         )
     return backends, restored
+
+
+def stop_declaring(server: Server) -> None:
+    """Stop re-announcing the server's experts (pause, drain); the records then expire on their own."""
+    thread = server.dht_handler_thread
+    thread.stop.set()
+    thread.join(timeout=30)
+
+
+def resume_declaring(server: Server) -> None:
+    """Announce the experts again now and every update period (hivemind's thread cannot be restarted)."""
+    old = server.dht_handler_thread
+    if old.is_alive():
+        return
+    server.dht_handler_thread = DHTHandlerThread(
+        module_backends=server.module_backends, dht=server.dht, update_period=old.update_period,
+        expiration=old.expiration, daemon=True,
+    )
+    server.dht_handler_thread.start()

@@ -1,26 +1,31 @@
-"""How many experts, of which uids, this volunteer should serve: pure functions, no I/O.
+"""How many experts, of which uids, this volunteer should serve, and when to move: pure functions.
 
 The memory model is deliberately simple and errs on the side of safety: every byte an expert can hold
-in fp32 (weights, gradients, optimizer state, activations of a full batch) plus a per-expert and a
-per-server reserve. The choice of uids follows Petals' ``block_selection.py``: fill the least-served
-uids first, so joining volunteers spread over the experiment instead of piling onto the same experts.
+in the plan's dtype (weights, gradients, optimizer state, activations of a full batch) plus a
+per-expert and a per-server reserve. The choice of uids follows Petals' ``block_selection.py``: fill
+the least-served uids first (by the throughput the swarm serves them with, then by server count), so
+joining volunteers spread over the experiment instead of piling onto the same experts;
+``rebalance_moves`` applies the same idea to a volunteer already serving. What the device really does
+(throughput, peak memory against the plan) is measured in ``throughput.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
 
 from volunteer.experts import BLOCKS
 from volunteer.hardware import HardwareProfile
-from volunteer.manifest import ExpertType, Manifest
+from volunteer.manifest import ExpertType, Manifest, Optimizer
+from volunteer.throughput import Throughput
 
 MiB = 2**20
 GiB = 2**30
-BYTES_PER_FLOAT = 4  # experts are served and trained in fp32
-OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0}  # fp32 tensors per parameter (Adam: exp_avg, exp_avg_sq)
+# fp32 is the default; torch keeps grads and optimizer state in the weights' dtype, so one size fits all
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0}  # tensors per parameter (Adam: exp_avg, exp_avg_sq)
 
 # hivemind runs two TaskPool processes (forward and backward) per expert on top of the runtime; each
 # one's interpreter pages and shared-memory batch buffers cost far more on CPU than the weights do.
@@ -48,7 +53,7 @@ class SizingError(ValueError):
 
 @dataclass(frozen=True)
 class ExpertCost:
-    """Bytes for ONE expert of a manifest expert type at a given batch size, fp32."""
+    """Bytes for ONE expert of a manifest expert type at a given batch size and dtype."""
 
     expert_type: str
     params: int
@@ -57,45 +62,96 @@ class ExpertCost:
     optimizer: int
     activations: int
     overhead: int
+    batch_size: int = 0
+    dtype: str = "float32"
+
+    @property
+    def tensors(self) -> int:
+        """What torch's allocator holds for it, i.e. what ``torch.cuda.max_memory_allocated`` sees."""
+        return self.weights + self.grads + self.optimizer + self.activations
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations + self.overhead
+        return self.tensors + self.overhead
 
 
-def expert_cost(manifest: Manifest, expert_type: ExpertType, batch_size: int, device_kind: str) -> ExpertCost:
+def optimizer_states(optimizer: Optimizer) -> int:
+    """Parameter-sized tensors the optimizer keeps: Adam 2, SGD 1 with momentum and 0 without."""
+    if optimizer.name == "sgd":  # the manifest has no momentum yet and serving builds plain SGD
+        return 1 if getattr(optimizer, "momentum", 0) else 0
+    return OPTIMIZER_STATES[optimizer.name]
+
+
+def expert_cost(
+    manifest: Manifest, expert_type: ExpertType, batch_size: int, device_kind: str, dtype: str = "float32"
+) -> ExpertCost:
     """``device_kind`` is ``cpu`` or ``cuda`` (``cuda:N`` is accepted too)."""
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    size = DTYPE_BYTES[dtype]
     params = expert_type.num_params(manifest.d_model)
     per_sample = BLOCKS[expert_type.block].activations_per_sample(manifest.d_model, expert_type.d_hidden)
     return ExpertCost(
         expert_type=expert_type.name,
         params=params,
-        weights=params * BYTES_PER_FLOAT,
-        grads=params * BYTES_PER_FLOAT,
-        optimizer=OPTIMIZER_STATES[manifest.optimizer.name] * params * BYTES_PER_FLOAT,
+        weights=params * size,
+        grads=params * size,
+        optimizer=optimizer_states(manifest.optimizer) * params * size,
         # x2: hivemind's backward recomputes the forward pass, so both sets of activations coexist
-        activations=per_sample * batch_size * BYTES_PER_FLOAT * 2,
+        activations=per_sample * batch_size * size * 2,
         overhead=GPU_EXPERT_OVERHEAD if _is_gpu(device_kind) else CPU_EXPERT_OVERHEAD,
+        batch_size=batch_size,
+        dtype=dtype,
     )
 
 
 @dataclass(frozen=True)
 class Plan:
-    device: str  # "cpu" or "cuda:N"
+    device: str  # "cpu" or "cuda:N" (N is the NVML index: hardware.torch_device maps it for torch)
     budget_bytes: int  # what the volunteer allows on that device (see memory_budget)
     max_batch_size: int
     uids: tuple[str, ...]  # chosen expert uids, in the order they were picked
     expert_types: tuple[str, ...]  # expert type name of each uid (parallel to uids)
     planned_bytes: int  # the device's fixed reserve plus the sum of expert costs, <= budget_bytes
     reasons: tuple[str, ...]  # human sentences explaining the decision
+    dtype: str = "float32"
+    reserve_bytes: int = 0  # the device's fixed reserve (CUDA context, or the server process), in planned_bytes
+    costs: tuple[ExpertCost, ...] = ()  # one per expert type the manifest uses, at max_batch_size
+    throughput: tuple[Throughput, ...] = ()  # measured on this device, when asked (throughput.measure_plan)
 
     def to_dict(self) -> dict[str, object]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        data = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        data["costs"] = [{**asdict(c), "total": c.total} for c in self.costs]
+        data["throughput"] = [t.to_dict() for t in self.throughput]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Plan:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        # plans saved before costs and throughput were recorded lack them; the defaults stand in
+        fields["costs"] = tuple(
+            ExpertCost(**{k: v for k, v in c.items() if k != "total"}) for c in data.get("costs", ())  # type: ignore
+        )
+        fields["throughput"] = tuple(Throughput.from_dict(t) for t in data.get("throughput", ()))  # type: ignore
         return cls(**fields)  # type: ignore[arg-type]
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The planned bytes torch's allocator will hold: the costs without reserves and overheads."""
+        per_type = {c.expert_type: c.tensors for c in self.costs}
+        if not per_type:  # an old plan: all that is known is the total
+            return self.planned_bytes - self.reserve_bytes
+        return sum(per_type[t] for t in self.expert_types)
+
+    def with_throughput(self, results: Iterable[Throughput]) -> Plan:
+        """The plan with measured throughput recorded and explained."""
+        results = tuple(results)
+        reasons = [
+            f"expert type {t.expert_type!r} trains {t.samples_per_second:,.0f} samples/s on {t.device}, "
+            f"best at batch {t.best_batch_size}{' (cached)' if t.cached else ''}"
+            for t in results
+        ]
+        return replace(self, throughput=results, reasons=self.reasons + tuple(reasons))
 
 
 # --- device and budget ---------------------------------------------------------------------------
@@ -121,7 +177,7 @@ def pick_device(hardware: HardwareProfile, requested: str | None) -> str:
     raise ValueError(f"device must be cpu, cuda or cuda:N, got {requested!r}")
 
 
-def memory_budget(hardware: HardwareProfile, device: str, max_memory: float | int | None) -> int:
+def memory_budget(hardware: HardwareProfile, device: str, max_memory: float | None) -> int:
     """Bytes the volunteer may use on ``device``.
 
     ``None``: a safe default fraction (CPU: 0.5 of available RAM, GPU: 0.8 of free memory); a float in
@@ -130,7 +186,7 @@ def memory_budget(hardware: HardwareProfile, device: str, max_memory: float | in
     return _budget(hardware, device, max_memory)[0]
 
 
-def _budget(hardware: HardwareProfile, device: str, max_memory: float | int | None) -> tuple[int, str]:
+def _budget(hardware: HardwareProfile, device: str, max_memory: float | None) -> tuple[int, str]:
     """The budget and the sentence explaining it."""
     free, where = _free_memory(hardware, device)
     if max_memory is None:
@@ -167,23 +223,27 @@ def plan_experts(
     server_counts: Mapping[str, int],
     *,
     device: str | None = None,
-    max_memory: float | int | None = None,
+    max_memory: float | None = None,
     max_experts: int | None = None,
     seed: int = 0,
+    served_throughput: Mapping[str, float] | None = None,
+    dtype: str = "float32",
 ) -> Plan:
     """Choose the uids to serve; ``server_counts`` says how many servers each uid has now.
 
-    Uids with the fewest servers go first; a negative count marks a uid the caller prefers above all
-    (e.g. one this volunteer trained before, whose weights it still holds).
-    ``seed`` breaks ties between equally served uids; volunteers derive it from their peer id so that
-    two joining at once do not pick the same uids.
+    A negative count marks a uid the caller prefers above all (e.g. one this volunteer trained before,
+    whose weights it still holds). Then the uids the swarm serves with the least throughput go first
+    (``served_throughput``: uid -> samples/s, from peers' records; a missing uid counts as 0), then
+    those with the fewest servers. ``seed`` breaks the remaining ties; volunteers derive it from their
+    peer id so that two joining at once do not pick the same uids.
     """
     device = pick_device(hardware, device)
     budget, budget_reason = _budget(hardware, device, max_memory)
     reserve = CUDA_CONTEXT_RESERVE if _is_gpu(device) else CPU_BASE_OVERHEAD
-    batch, costs = _fit_batch(manifest, device, budget - reserve, budget_reason, reserve)
+    batch, costs = _fit_batch(manifest, device, budget - reserve, budget_reason, reserve, dtype)
     cap, cap_reason = _count_cap(hardware, device, max_experts)
-    picks, spent = _choose(manifest, server_counts, costs, budget - reserve, cap, seed)
+    served = served_throughput or {}
+    picks, spent = _choose(manifest, server_counts, served, costs, budget - reserve, cap, seed)
     uids = [uid for uid, _ in picks]
     reasons = [budget_reason, _reserve_reason(device, reserve)]
     if _is_gpu(device) and hardware.cpu.memory_available < GPU_HOST_OVERHEAD:
@@ -193,6 +253,10 @@ def plan_experts(
         reasons.append(f"max batch size halved from {manifest.max_batch_size} to {batch} so that one expert fits")
     reasons += [f"expert type {name!r} costs {_size(c.total)} at batch {batch}" for name, c in costs.items()]
     reasons += _choice_reasons(manifest, server_counts, uids, cap, cap_reason, budget - reserve - spent)
+    if served_throughput and uids:
+        rates = [_rate(served.get(uid, 0.0)) for uid in uids]
+        reasons.append(f"least served throughput first: the picked uids had {min(rates):,.0f} to "
+                       f"{max(rates):,.0f} samples/s served in the swarm")
     return Plan(
         device=device,
         budget_bytes=budget,
@@ -201,17 +265,20 @@ def plan_experts(
         expert_types=tuple(expert_type for _, expert_type in picks),
         planned_bytes=reserve + spent,
         reasons=tuple(reasons),
+        dtype=dtype,
+        reserve_bytes=reserve,
+        costs=tuple(costs.values()),
     )
 
 
 def _fit_batch(
-    manifest: Manifest, device: str, room: int, budget_reason: str, reserve: int
+    manifest: Manifest, device: str, room: int, budget_reason: str, reserve: int, dtype: str
 ) -> tuple[int, dict[str, ExpertCost]]:
     """Halve the manifest's max batch size until one expert of the cheapest used type fits in ``room``."""
     used = [manifest.expert_type(name) for name in dict.fromkeys(layer.expert_type for layer in manifest.layers)]
     batch = manifest.max_batch_size
     while True:
-        costs = {t.name: expert_cost(manifest, t, batch, device) for t in used}
+        costs = {t.name: expert_cost(manifest, t, batch, device, dtype) for t in used}
         cheapest = min(costs.values(), key=lambda c: c.total)
         if cheapest.total <= room:
             return batch, costs
@@ -237,25 +304,32 @@ def _count_cap(hardware: HardwareProfile, device: str, max_experts: int | None) 
 
 
 def _choose(
-    manifest: Manifest, counts: Mapping[str, int], costs: Mapping[str, ExpertCost], room: int, cap: int, seed: int
+    manifest: Manifest, counts: Mapping[str, int], served: Mapping[str, float], costs: Mapping[str, ExpertCost],
+    room: int, cap: int, seed: int,
 ) -> tuple[list[tuple[str, str]], int]:
-    """Greedy: the fitting uid with the fewest servers, then the least-picked layer, then a seeded order.
+    """Greedy: the fitting uid that is preferred, then least served (throughput, then servers), then
+    from the least-picked layer, then in a seeded order.
 
     Returns (uid, expert type) pairs in pick order and their total cost. All uids of a layer share one
     expert type, hence one cost: each layer's candidates are sorted once and only its head competes,
     so a step costs O(layers), not O(uids).
     """
-    queues = [  # per layer: (servers, seeded rank, uid), best first
-        sorted((counts.get(uid, 0), _seeded_rank(seed, uid), uid) for uid in layer.uids()) for layer in manifest.layers
+
+    def need(uid: str) -> tuple[bool, float, int]:  # smaller = needs this volunteer more
+        servers = counts.get(uid, 0)
+        return servers >= 0, _rate(served.get(uid, 0.0)), servers
+
+    queues = [  # per layer: (need, seeded rank, uid), best first
+        sorted((need(uid), _seeded_rank(seed, uid), uid) for uid in layer.uids()) for layer in manifest.layers
     ]
     layer_cost = [costs[layer.expert_type].total for layer in manifest.layers]
     taken = [0] * len(queues)  # how many of each layer's queue this plan has picked: its head's position
     picked: list[tuple[str, str]] = []
     spent = 0
 
-    def priority(i: int) -> tuple[int, int, bytes]:  # fewest servers, then least-picked layer, then seed
-        servers, rank, _ = queues[i][taken[i]]
-        return servers, taken[i], rank
+    def priority(i: int) -> tuple[tuple[bool, float, int], int, bytes]:  # need, least-picked layer, seed
+        uid_need, rank, _ = queues[i][taken[i]]
+        return uid_need, taken[i], rank
 
     while len(picked) < cap:
         fitting = [i for i, q in enumerate(queues) if taken[i] < len(q) and layer_cost[i] <= room - spent]
@@ -266,6 +340,11 @@ def _choose(
         taken[best] += 1
         spent += layer_cost[best]
     return picked, spent
+
+
+def _rate(value: float) -> float:
+    # peers' records are untrusted input: a NaN would make the order depend on the sort's whims
+    return float(value) if math.isfinite(value) and value > 0 else 0.0
 
 
 def _seeded_rank(seed: int, uid: str) -> bytes:
@@ -313,3 +392,74 @@ def _size(n: int) -> str:
     if abs(n) >= MiB:
         return f"{n / MiB:.0f} MiB"
     return f"{n / 2**10:.0f} KiB"
+
+
+# --- moving once serving -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rebalance:
+    """Swap ``drop[i]`` for ``take[i]``; empty (falsy) when staying put is best."""
+
+    drop: tuple[str, ...] = ()
+    take: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.drop)
+
+
+def rebalance_moves(
+    my_uids: Iterable[str],
+    swarm_throughput: Mapping[str, float],
+    my_throughput: Mapping[str, float],
+    margin: float = 0.5,
+    *,
+    server_counts: Mapping[str, int] | None = None,
+    expert_types: Mapping[str, str] | None = None,
+) -> Rebalance:
+    """Which of my uids to give up for which others, so that the swarm's weakest uids get served.
+
+    ``swarm_throughput``: uid -> samples/s served in the swarm, mine included, for every uid of the
+    grid (0 if unserved); ``my_throughput``: what I serve of each of my uids, assumed to move with me.
+    A swap needs a clear case: the target gets less than ``margin`` x what my donor uid gets, the
+    donor keeps another server (others serve it > 0 samples/s, and >= 2 servers if ``server_counts``
+    is given), and both end above the target's old level, so every swap strictly raises the sorted
+    coverage (the minimum, then the next) and no swap can undo another. ``expert_types`` (uid -> type)
+    keeps swaps within one type, so the memory plan still holds. Deterministic: ties go by uid.
+    """
+    if not 0 < margin <= 1:
+        raise ValueError(f"margin must be in (0, 1], got {margin}")
+    mine = list(dict.fromkeys(my_uids))
+    gain = {uid: _rate(my_throughput.get(uid, 0.0)) for uid in mine}
+    cover = {uid: _rate(rate) for uid, rate in swarm_throughput.items()}
+    for uid in mine:
+        cover[uid] = max(cover.get(uid, 0.0), gain[uid])
+    counts = {uid: server_counts.get(uid, 0) for uid in mine} if server_counts is not None else None
+    types = expert_types or {}
+    drop: list[str] = []
+    take: list[str] = []
+
+    def find_move() -> tuple[str, str] | None:
+        # uids moved in this call stay put: that bounds the loop and keeps swaps from undoing each other
+        donors = sorted(
+            (u for u in mine if u not in drop and gain[u] > 0 and (counts is None or counts[u] >= 2)),
+            key=lambda u: (-cover[u], u),
+        )
+        for target in sorted((u for u in cover if u not in mine and u not in take), key=lambda u: (cover[u], u)):
+            if not donors or cover[target] >= margin * cover[donors[0]]:
+                return None  # targets only get better covered from here, donors only worse
+            for donor in donors:
+                if cover[target] >= margin * cover[donor]:
+                    break
+                same_type = expert_types is None or types.get(donor) == types.get(target)
+                if same_type and cover[donor] - gain[donor] > cover[target]:
+                    return donor, target
+        return None
+
+    while (move := find_move()) is not None:
+        donor, target = move
+        cover[donor] -= gain[donor]
+        cover[target] += gain[donor]
+        drop.append(donor)
+        take.append(target)
+    return Rebalance(tuple(drop), tuple(take))

@@ -185,6 +185,8 @@ class StatsSnapshot:
     swarm: SwarmView | None = None
     plan: dict[str, Any] = field(default_factory=dict)
     events: tuple[str, ...] = ()  # the latest notable events, oldest first, "HH:MM:SS message"
+    pause_reasons: tuple[str, ...] = ()  # why the volunteer is paused ("paused by the user", "outside 22-08")
+    limits: dict[str, Any] = field(default_factory=dict)  # what the owner allowed: power, threads, memory...
 
     @property
     def uptime(self) -> float:
@@ -206,6 +208,7 @@ class StatsSnapshot:
         data["session"], data["lifetime"] = Totals.from_dict(data["session"]), Totals.from_dict(data["lifetime"])
         data["history"] = tuple(data.get("history", ()))
         data["events"] = tuple(data.get("events", ()))
+        data["pause_reasons"] = tuple(data.get("pause_reasons", ()))
         data["telemetry"] = Telemetry.from_dict(data["telemetry"]) if data.get("telemetry") else None
         data["swarm"] = SwarmView(**data["swarm"]) if data.get("swarm") else None
         return cls(**data)
@@ -261,6 +264,8 @@ class StatsCollector:
         self.telemetry: Telemetry | None = None
         self.swarm: SwarmView | None = None
         self.events: deque[str] = deque(maxlen=8)
+        self.pause_reasons: tuple[str, ...] = ()
+        self.limits: dict[str, Any] = {}
         self._saved = self.lifetime_base
 
     def sample(self, now: float | None = None) -> None:
@@ -289,7 +294,7 @@ class StatsCollector:
             started=self.started, experts=experts, session=session, lifetime=self.lifetime_base + session,
             rates={f"{w:.0f}s": self.meter.rate("samples", w) for w in RATE_WINDOWS},
             history=self.meter.history("samples"), telemetry=self.telemetry, swarm=self.swarm, plan=self.plan,
-            events=tuple(self.events),
+            events=tuple(self.events), pause_reasons=self.pause_reasons, limits=self.limits,
         )
 
     def note(self, message: str) -> None:

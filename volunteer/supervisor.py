@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
+from datetime import datetime
 from functools import partial
 from typing import Any, Callable
 
@@ -25,7 +27,7 @@ from volunteer.node import NodeInfo, VolunteerNode, load_experiment
 from volunteer.paths import Paths
 from volunteer.procgroup import InstanceLock, become_supervisor, exit_now
 from volunteer.settings import Settings
-from volunteer.telemetry import TelemetryReader
+from volunteer.telemetry import Telemetry, TelemetryReader
 
 logger = logging.getLogger(__name__)
 SAMPLE_PERIOD = 1.0
@@ -65,7 +67,9 @@ def run_volunteer(
 async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool = False) -> None:
     settings, collector, events = node.settings, node.collector, node.events
     stopping = trio.Event()
-    control.handlers.update(_control_handlers(node, stopping))
+    pauser = Pauser(node)
+    collector.limits = limits_of(settings)
+    control.handlers.update(_control_handlers(node, stopping, pauser))
     async with trio.open_nursery() as views:
         views.start_soon(_watch_signals, stopping)
         await views.start(control.serve)
@@ -76,6 +80,7 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
             reader = TelemetryReader()
             work.start_soon(partial(_every, SAMPLE_PERIOD, collector.sample, first=0))
             work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, collector, reader), first=0))
+            work.start_soon(partial(_every, TELEMETRY_PERIOD, pauser.check_limits, first=0.5))
             work.start_soon(partial(_every, SWARM_PERIOD, _SwarmPoller(node), first=1))
             work.start_soon(_every, LIFETIME_SAVE_PERIOD, collector.persist)
             work.start_soon(_every, settings.checkpoint_interval, node.checkpoint)
@@ -86,14 +91,15 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
             work.cancel_scope.cancel()
         collector.state = "draining"
         started = time.monotonic()
-        events.emit("draining", "draining: finishing requests, saving checkpoints, leaving the swarm")
+        events.emit("draining", "draining: withdrawn from the DHT, finishing requests, then saving and leaving")
+        await trio.to_thread.run_sync(node.drain)
         await trio.to_thread.run_sync(node.shutdown)
         events.emit("stopped", f"left the swarm in {time.monotonic() - started:.1f} s",
                     lifetime=collector.snapshot().lifetime.__dict__)
         views.cancel_scope.cancel()
 
 
-def _control_handlers(node: VolunteerNode, stopping: trio.Event) -> dict[str, Any]:
+def _control_handlers(node: VolunteerNode, stopping: trio.Event, pauser: Pauser) -> dict[str, Any]:
     async def status(request: dict[str, Any]) -> dict[str, Any]:
         return dict(status=node.collector.snapshot().to_dict())
 
@@ -102,7 +108,82 @@ def _control_handlers(node: VolunteerNode, stopping: trio.Event) -> dict[str, An
         stopping.set()
         return dict(pid=os.getpid())
 
-    return dict(status=status, stop=stop)
+    async def pause(request: dict[str, Any]) -> dict[str, Any]:
+        await trio.to_thread.run_sync(pauser.set, "user", "paused by the user")
+        return dict(state=node.collector.state, reasons=list(node.collector.pause_reasons))
+
+    async def resume(request: dict[str, Any]) -> dict[str, Any]:
+        await trio.to_thread.run_sync(pauser.set, "user", None)
+        return dict(state=node.collector.state, reasons=list(node.collector.pause_reasons))
+
+    return dict(status=status, stop=stop, pause=pause, resume=resume)
+
+
+def limits_of(settings: Settings) -> dict[str, Any]:
+    """What the owner allowed, as the dashboard and ``volunteer status`` show it."""
+    return dict(power=settings.power, cpu_threads=settings.cpu_threads, max_memory=settings.max_memory,
+                max_experts=settings.max_experts, max_temp=settings.max_temp, run_hours=settings.run_hours,
+                pause_on_gpu_use=settings.pause_on_gpu_use)
+
+
+def automatic_pause_reasons(settings: Settings, telemetry: Telemetry | None, now: datetime) -> dict[str, str | None]:
+    """Why the owner's limits want the volunteer paused right now; ``None`` for a limit that is met."""
+    reasons: dict[str, str | None] = dict(schedule=None, temperature=None, gpu_in_use=None)
+    hours = settings.hours
+    if hours is not None and not hours.contains(now):
+        reasons["schedule"] = f"outside the run hours {hours}"
+    gpus = telemetry.gpus if telemetry is not None else ()
+    if settings.max_temp is not None:
+        hot = [g for g in gpus if g.temperature is not None and g.temperature > settings.max_temp]
+        if hot:
+            reasons["temperature"] = f"GPU {hot[0].index} at {hot[0].temperature:.0f} C, above {settings.max_temp:.0f} C"
+    if settings.pause_on_gpu_use:
+        busy = [g for g in gpus if g.other_processes]
+        if busy:
+            reasons["gpu_in_use"] = f"another program is using GPU {busy[0].index}"
+    return reasons
+
+
+class Pauser:
+    """Pauses the node while any reason holds (the user, the schedule, heat, a game) and resumes it
+    when none is left; the weights stay in memory all along."""
+
+    def __init__(self, node: VolunteerNode):
+        self.node = node
+        self.reasons: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def set(self, key: str, reason: str | None) -> None:
+        with self._lock:
+            if reason is None:
+                self.reasons.pop(key, None)
+            else:
+                self.reasons[key] = reason
+            self._apply()
+
+    def check_limits(self) -> None:
+        found = automatic_pause_reasons(self.node.settings, self.node.collector.telemetry, datetime.now())
+        with self._lock:
+            for key, reason in found.items():
+                if reason is None:
+                    self.reasons.pop(key, None)
+                else:
+                    self.reasons[key] = reason
+            self._apply()
+
+    def _apply(self) -> None:
+        node, collector = self.node, self.node.collector
+        reasons = tuple(self.reasons.values())
+        changed = reasons != collector.pause_reasons
+        collector.pause_reasons = reasons
+        if reasons and collector.state == "serving":
+            node.pause()
+            node.events.emit("paused", f"paused: {'; '.join(reasons)}", reasons=list(reasons))
+        elif not reasons and collector.state == "paused":
+            node.resume()
+            node.events.emit("resumed", "resumed serving", reasons=[])
+        elif changed and reasons:
+            node.events.emit("paused", f"still paused: {'; '.join(reasons)}", reasons=list(reasons))
 
 
 async def _watch_signals(stopping: trio.Event) -> None:

@@ -114,10 +114,21 @@ def publish_volunteer(dht: DHT, dht_prefix: str, record: VolunteerRecord, ttl: f
     return bool(dht.store(f"{dht_prefix}_volunteers", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
 
 
-def withdraw_volunteer(dht: DHT, dht_prefix: str) -> None:
-    """Overwrite our record with one that expires at once, so peers stop counting us."""
+def withdraw_volunteer(dht: DHT, dht_prefix: str, ttl: float = RECORD_TTL) -> bool:
+    """Overwrite our record with an empty one, so peers stop counting us.
+
+    The DHT keeps whichever value of a key expires last, so the empty record must outlive the one it
+    replaces; readers skip it."""
     empty = dict(peer_id="", uids=[], device="", samples_per_second=0.0)
-    dht.store(f"{dht_prefix}_volunteers", empty, get_dht_time() + 1.0, subkey=owner_subkey(dht))
+    return bool(dht.store(f"{dht_prefix}_volunteers", empty, get_dht_time() + ttl + 1.0, subkey=owner_subkey(dht)))
+
+
+def withdraw_experts(dht: DHT, uids: Sequence[str], expiration: float) -> dict[str, bool]:
+    """Hide our expert records now instead of letting them expire: trainers stop routing to us at
+    their next lookup. ``get_experts`` ignores a value that is not a peer id string, and any server
+    of the same uid replaces this marker at its next declaration, whose expiry comes later."""
+    until = get_dht_time() + expiration + 0.5
+    return {uid: bool(dht.store(uid, b"", until)) for uid in uids}
 
 
 def read_volunteers(dht: DHT, dht_prefix: str) -> list[VolunteerRecord]:
@@ -154,7 +165,7 @@ def count_servers(dht: DHT, dht_prefix: str, uids: Sequence[str],
     counts: Counter = Counter()
     for record in read_volunteers(dht, dht_prefix) if volunteers is None else volunteers:
         counts.update(uid for uid in set(record.uids) if uid in uids)
-    for uid, expert in zip(uids, get_experts(dht, list(uids))):
+    for uid, expert in zip(uids, get_experts(dht, list(uids), expiration_time=float("inf"))):
         if expert is not None and counts[uid] == 0:
             counts[uid] = 1
     return Counter({uid: counts[uid] for uid in uids})

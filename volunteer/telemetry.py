@@ -28,6 +28,7 @@ class GpuReading:
     memory_total: int
     temperature: float | None  # Celsius
     power_watts: float | None
+    other_processes: int = 0  # processes of other programs using this GPU (games, other jobs)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,160 @@
+"""A good guest: pause and resume, a graceful drain under load, and kill -9 at random moments.
+
+Real processes on loopback: a seed, `volunteer start` processes, a trainer or a plain hivemind client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from hivemind.moe import get_experts
+
+from coordinator_seeds.trainer import TrainerSettings, train
+from tests.conftest import cli, serving_event, status, wait_for
+from volunteer.checkpoints import CheckpointStore
+from volunteer.demo import start_volunteer
+
+pytestmark = pytest.mark.integration
+
+
+def lookup(dht, uid: str):
+    [expert] = get_experts(dht, [uid], expiration_time=float("inf"))  # no cached record
+    return expert
+
+
+def test_pause_refuses_work_hides_from_trainers_and_resumes_without_reloading(seed, client, short_home, processes):
+    url, experiment = seed
+    volunteer = processes.add(start_volunteer(short_home, url, "--max-experts", "2", "--power", "medium",
+                                              "--cpu-threads", "1", name="paused"))
+    uid = serving_event(volunteer)["uids"][0]
+    x = torch.randn(4, experiment.manifest.d_model)
+    expert = wait_for(lambda: lookup(client, uid), 20, f"{uid} in the DHT")  # what a trainer holds
+    with torch.no_grad():
+        before = expert(x)
+
+    paused = cli(short_home, "pause")
+    assert paused.returncode == 0, paused.stderr
+    assert paused.stdout.strip() == "paused (paused by the user)"
+    figures = status(short_home)
+    assert figures["state"] == "paused" and figures["pause_reasons"] == ["paused by the user"]
+    assert figures["limits"]["power"] == "medium" and figures["limits"]["cpu_threads"] == 1
+
+    # a caller that still holds the old address is refused at once, and nothing is counted
+    started = time.monotonic()
+    with pytest.raises(Exception, match="paused"):
+        with torch.no_grad():
+            expert(x)
+    assert time.monotonic() - started < 5
+    assert status(short_home)["session"]["forward_samples"] == 4
+    # and the experts are hidden from new lookups, so trainers route elsewhere
+    wait_for(lambda: lookup(client, uid) is None, 20, f"{uid} to disappear from the DHT")
+
+    resumed = cli(short_home, "resume")
+    assert resumed.returncode == 0 and resumed.stdout.strip() == "serving", resumed.stderr
+    with torch.no_grad():
+        after = wait_for(lambda: lookup(client, uid), 20, f"{uid} back in the DHT")(x)
+    assert torch.equal(before, after), "resuming must keep the weights in memory, not rebuild them"
+    assert status(short_home)["state"] == "serving"
+    assert cli(short_home, "stop").returncode == 0
+    assert volunteer.proc.wait(timeout=60) == 0
+
+
+class FailedCalls(logging.Handler):
+    """The trainer's 'expert ... failed' warnings, with the time each was logged."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.failures: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "failed" in record.getMessage():
+            self.failures.append((record.created, record.getMessage()))
+
+
+def _train_in_background(experiment, stop: threading.Event, steps: list) -> threading.Thread:
+    settings = TrainerSettings(experiment.manifest, experiment.initial_peers, steps=None, log_every=1000,
+                               forward_timeout=5.0, backward_timeout=5.0, publish_progress=False)
+    thread = threading.Thread(target=train, args=(settings,), kwargs=dict(stop=stop, on_step=steps.append),
+                              daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sigterm_under_load_drains_within_the_bound(seed, short_home, tmp_path, processes):
+    url, experiment = seed
+    other = processes.add(start_volunteer(tmp_path / "other", url, "--max-experts", "4", name="other"))
+    serving_event(other)
+    leaving = processes.add(start_volunteer(short_home, url, "--max-experts", "4", name="leaving"))
+    leaving_uids = set(serving_event(leaving)["uids"])
+
+    failed = FailedCalls()
+    logging.getLogger("coordinator_seeds").addHandler(failed)
+    stop, steps = threading.Event(), []
+    trainer = _train_in_background(experiment, stop, steps)
+    try:
+        wait_for(lambda: len(steps) >= 10, 120, "ten training steps")
+        served_before = status(short_home)["session"]["backward_samples"]
+        assert served_before > 0, "the leaving volunteer must be under load"
+
+        started = time.monotonic()
+        leaving.proc.send_signal(signal.SIGTERM)
+        code = leaving.proc.wait(timeout=60)
+        took = time.monotonic() - started
+        steps_at_exit = len(steps)
+        wait_for(lambda: len(steps) >= steps_at_exit + 10, 60, "ten more steps after the volunteer left")
+    finally:
+        stop.set()
+        trainer.join(timeout=60)
+        logging.getLogger("coordinator_seeds").removeHandler(failed)
+    assert code == 0, leaving.tail(20)
+    assert took < 35, f"drain took {took:.1f} s"  # DRAIN_TIMEOUT 20 s + checkpoint and shutdown
+    events = [json.loads(line) for line in leaving.output if line.startswith('{"event"')]
+    names = [e["event"] for e in events]
+    assert names.index("draining") < names.index("stopped")
+    theirs = [message for _, message in failed.failures if any(uid in message for uid in leaving_uids)]
+    assert not theirs, f"the trainer saw errors from the drained volunteer: {theirs}"
+    store = CheckpointStore(short_home / "data" / "checkpoints" / experiment.manifest.name)
+    for uid in leaving_uids:
+        assert store.load(uid, experiment.manifest.expert_type_of(uid).name) is not None
+
+
+def test_kill_9_at_random_moments_under_load(seed, short_home, processes):
+    """Each restart serves again, from loadable checkpoints, and lifetime totals never go backwards."""
+    url, experiment = seed
+    rng = random.Random(1234)
+    stop, steps = threading.Event(), []
+    trainer = None
+    lifetime_file = short_home / "state" / "lifetime.json"
+    previous = 0
+    try:
+        for round_ in range(3):
+            child = processes.add(start_volunteer(short_home, url, "--max-experts", "4", "--checkpoint-interval",
+                                                  "1", name=f"round{round_}"))
+            event = serving_event(child)
+            if round_:
+                assert sorted(event["restored"]) == sorted(event["uids"]), "a restart must restore every expert"
+                assert status(short_home)["lifetime"]["backward_samples"] >= previous
+            if trainer is None:
+                trainer = _train_in_background(experiment, stop, steps)
+            time.sleep(rng.uniform(3.0, 8.0))
+            os.kill(child.proc.pid, signal.SIGKILL)
+            child.proc.wait(timeout=10)
+            saved = json.loads(lifetime_file.read_text())["backward_samples"]
+            assert saved >= previous, f"lifetime went backwards: {previous} -> {saved}"
+            previous = saved
+            store = CheckpointStore(short_home / "data" / "checkpoints" / experiment.manifest.name)
+            for uid in event["uids"]:
+                assert store.load(uid, experiment.manifest.expert_type_of(uid).name) is not None
+        assert previous > 0, "the volunteer served nothing under the trainer's load"
+    finally:
+        stop.set()
+        if trainer is not None:
+            trainer.join(timeout=60)
