@@ -417,6 +417,8 @@ VALID = {
     "pause_on_gpu_use": st.booleans(),
     "stats": st.booleans(),
     "dashboard": st.one_of(st.booleans(), st.just("auto")),
+    "remeasure": st.booleans(),
+    "rebalance_period": st.floats(min_value=0, max_value=1e6),
 }
 
 

@@ -82,6 +82,9 @@ def start(
     pause_on_gpu_use: Optional[bool] = typer.Option(None, "--pause-on-gpu-use/--no-pause-on-gpu-use",
                                                     help="Pause while another process uses the GPU."),
     stats: Optional[bool] = typer.Option(None, "--stats/--no-stats", help="Count samples and time requests."),
+    remeasure: Optional[bool] = typer.Option(None, "--remeasure", help="Re-run the throughput micro-benchmark."),
+    rebalance_period: Optional[float] = typer.Option(None, help="Mean seconds between rebalancing checks "
+                                                                  "(0 = never). [default: 300]"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Join the swarm, serve and train experts until Ctrl-C, SIGTERM, `q` or `volunteer stop`.
@@ -99,7 +102,7 @@ def start(
         "max_experts": max_experts, "num_handlers": num_handlers, "checkpoint_interval": checkpoint_interval,
         "headless": headless, "dashboard": dashboard, "log_interval": log_interval, "cpu_threads": cpu_threads,
         "power": power, "max_temp": max_temp, "run_hours": run_hours, "pause_on_gpu_use": pause_on_gpu_use,
-        "stats": stats,
+        "stats": stats, "remeasure": remeasure, "rebalance_period": rebalance_period,
     }
     try:
         settings = resolve_settings(flags).settings.require_experiment()
@@ -195,6 +198,9 @@ def hardware(
     device: Optional[str] = typer.Option(None),
     max_memory: Optional[str] = typer.Option(None),
     max_experts: Optional[int] = typer.Option(None),
+    measure: bool = typer.Option(False, "--plan", help="Also measure each expert type's throughput here "
+                                                      "(cached) and explain the whole decision."),
+    remeasure: bool = typer.Option(False, "--remeasure", help="With --plan: measure again, ignoring the cache."),
 ) -> None:
     """Show the detected hardware and the plan this machine would serve, without joining anything."""
     from volunteer.config import resolve_settings
@@ -216,6 +222,11 @@ def hardware(
         profile = detect_hardware()
         plan = plan_experts(profile, manifest, {}, device=settings.device, max_memory=settings.max_memory,
                             max_experts=settings.max_experts)
+        if measure or remeasure:
+            from volunteer.paths import default_paths
+            from volunteer.throughput import measure_plan
+
+            plan = measure_plan(profile, manifest, plan, default_paths().cache_dir, remeasure=remeasure)
     except BaseException as e:
         raise _exit_for(e)
     if as_json:

@@ -195,6 +195,8 @@ KEYS: tuple[Key, ...] = (
     Key("pause_on_gpu_use", BOOL, "pause while another process uses the GPU"),
     Key("stats", BOOL, "count samples and time requests"),
     Key("dashboard", AUTO_BOOL, "live dashboard; auto = when stdout is a terminal", unset="auto"),
+    Key("remeasure", BOOL, "re-run the throughput micro-benchmark instead of using its cache"),
+    Key("rebalance_period", FLOAT, "mean seconds between checks for a better choice of experts; 0 = never"),
 )
 KEY_BY_NAME = {key.name: key for key in KEYS}
 

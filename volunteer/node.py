@@ -22,7 +22,7 @@ from hivemind.p2p import P2PDaemonError
 from volunteer import swarm
 from volunteer.checkpoints import CheckpointStore
 from volunteer.coordinator import Experiment, fetch_experiment
-from volunteer.hardware import HardwareProfile, detect_hardware
+from volunteer.hardware import HardwareProfile, detect_hardware, torch_device
 from volunteer.logs import EventLog
 from volunteer.manifest import load as load_manifest
 from volunteer.paths import Paths, write_atomic
@@ -33,8 +33,9 @@ from volunteer.serving import (
     stop_declaring,
 )
 from volunteer.settings import Settings
-from volunteer.sizing import Plan, plan_experts
+from volunteer.sizing import Plan, Rebalance, plan_experts, rebalance_moves
 from volunteer.stats import LifetimeStore, StatsCollector
+from volunteer.throughput import PlanCheck, measure_plan, measured_peak
 
 logger = logging.getLogger(__name__)
 SERVER_START_TIMEOUT = 120.0
@@ -69,8 +70,10 @@ def load_experiment(settings: Settings, paths: Paths) -> Experiment:
 
 
 class VolunteerNode:
-    def __init__(self, settings: Settings, paths: Paths, experiment: Experiment, events: EventLog | None = None):
+    def __init__(self, settings: Settings, paths: Paths, experiment: Experiment, events: EventLog | None = None,
+                 prefer: tuple[str, ...] = ()):
         self.settings, self.paths, self.experiment = settings, paths, experiment
+        self.prefer = prefer  # uids to serve first (a rebalance's choice), else those of the last run
         self.events = events or EventLog()
         self.manifest = experiment.manifest
         self.store = CheckpointStore(paths.data_dir / "checkpoints" / self.manifest.name)
@@ -80,6 +83,7 @@ class VolunteerNode:
         self.backends: dict[str, CountingBackend] = {}
         self.info: NodeInfo | None = None
         self.collector: StatsCollector | None = None
+        self.torch_device = "cpu"
 
     def start(self, hardware: HardwareProfile | None = None) -> NodeInfo:
         hardware = hardware or detect_hardware()
@@ -90,6 +94,7 @@ class VolunteerNode:
         self.events.emit("joined", f"joined the DHT of {self.manifest.name} as {peer_id}", peer_id=peer_id,
                          maddrs=list(maddrs))
         plan = self._plan(hardware, peer_id)
+        self.torch_device = torch_device(hardware, plan.device)  # NVML numbers GPUs its own way
         if self.settings.cpu_threads:
             torch.set_num_threads(self.settings.cpu_threads)
         power = self.settings.power_level  # light and medium take smaller batches and idle between them
@@ -103,7 +108,8 @@ class VolunteerNode:
                              uid=uid, optimizer_steps=steps)
         self.server = Server(
             self.dht, self.backends, num_connection_handlers=self.settings.num_handlers,
-            update_period=self.settings.announce_interval, device=torch.device(plan.device),
+            update_period=self.settings.announce_interval,
+            device=torch.device(self.torch_device),
         )
         self.server.run_in_background(await_ready=True, timeout=SERVER_START_TIMEOUT)
         self.info = NodeInfo(self.manifest.name, peer_id, maddrs, plan.uids, plan.device, tuple(restored), plan)
@@ -116,6 +122,10 @@ class VolunteerNode:
         self.collector.state = "serving"
         return self.info
 
+    def check_plan(self) -> PlanCheck:
+        """The memory plan next to the peak measured since start (shown by the dashboard and status)."""
+        return PlanCheck.of(self.info.plan, measured_peak(self.torch_device))
+
     def report_serving(self) -> None:
         info = self.info
         self.events.emit("serving", info.serving_line(), peer_id=info.peer_id, device=info.device,
@@ -124,13 +134,36 @@ class VolunteerNode:
 
     def _plan(self, hardware: HardwareProfile, peer_id: str) -> Plan:
         uids = self.manifest.all_uids()
-        counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids))
-        # experts this volunteer trained before come first: their weights are worth more than fresh ones
-        for uid in self._previous_uids():
+        volunteers = swarm.read_volunteers(self.dht, self.manifest.dht_prefix)
+        counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers))
+        # experts this volunteer trained before (or a rebalance chose) come first: their weights are
+        # worth more than fresh ones
+        for uid in self.prefer or self._previous_uids():
             counts[uid] = -1
-        return plan_experts(
+        plan = plan_experts(
             hardware, self.manifest, counts, device=self.settings.device, max_memory=self.settings.max_memory,
             max_experts=self.settings.max_experts, seed=zlib.crc32(peer_id.encode()),
+            served_throughput=swarm.served_throughput(volunteers, uids),
+        )
+        # measured on this device once and cached; it is what this volunteer announces it can serve
+        return measure_plan(hardware, self.manifest, plan, self.paths.cache_dir, remeasure=self.settings.remeasure)
+
+    @property
+    def samples_per_second(self) -> float:
+        """What this volunteer can serve: the mean measured rate of its experts' types on its device."""
+        rates = {t.expert_type: t.samples_per_second for t in self.info.plan.throughput}
+        mine = [rates.get(t, 0.0) for t in self.info.plan.expert_types]
+        return sum(mine) / len(mine) if mine else 0.0
+
+    def rebalance(self) -> Rebalance:
+        """Whether moving some experts would serve the swarm's weakest uids better (``sizing.rebalance_moves``)."""
+        uids = self.manifest.all_uids()
+        volunteers = swarm.read_volunteers(self.dht, self.manifest.dht_prefix)
+        counts = swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers)
+        share = self.samples_per_second / max(1, len(self.info.uids))
+        return rebalance_moves(
+            self.info.uids, swarm.served_throughput(volunteers, uids), dict.fromkeys(self.info.uids, share),
+            server_counts=counts, expert_types={uid: self.manifest.expert_type_of(uid).name for uid in uids},
         )
 
     def _join(self, previous_port: object) -> DHT:
@@ -176,7 +209,7 @@ class VolunteerNode:
     def announce(self) -> None:
         if self.collector is not None and self.collector.state == "paused":
             return
-        record = swarm.VolunteerRecord(self.info.peer_id, self.info.uids, self.info.device, 0.0)
+        record = swarm.VolunteerRecord(self.info.peer_id, self.info.uids, self.info.device, self.samples_per_second)
         swarm.publish_volunteer(self.dht, self.manifest.dht_prefix, record)
 
     def checkpoint(self) -> int:

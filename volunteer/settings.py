@@ -90,6 +90,8 @@ class Settings:
     pause_on_gpu_use: bool = False  # pause while another process uses the GPU
     stats: bool = True  # count samples and sample timings; benchmarks turn it off to measure the cost
     dashboard: bool | None = None  # None = on when stdout is a terminal
+    remeasure: bool = False  # re-run the throughput micro-benchmark instead of using the cached figures
+    rebalance_period: float = 300.0  # mean seconds between rebalancing checks (randomised); 0 = never
 
     def __post_init__(self) -> None:
         if self.coordinator and self.experiment_file is not None:
@@ -102,6 +104,9 @@ class Settings:
             if value is not None and not (1 <= value and (most is None or value <= most)):
                 limit = f"between 1 and {most}" if most else "at least 1"
                 raise SettingError(f"{name} {value} must be {limit}", name)
+        if not (math.isfinite(self.rebalance_period) and self.rebalance_period >= 0):
+            raise SettingError(f"rebalance_period {self.rebalance_period} must be 0 (never) or a number of seconds",
+                               "rebalance_period")
         for name in ("checkpoint_interval", "announce_interval", "log_interval"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -27,6 +28,7 @@ from volunteer.node import NodeInfo, VolunteerNode, load_experiment
 from volunteer.paths import Paths
 from volunteer.procgroup import InstanceLock, become_supervisor, exit_now
 from volunteer.settings import Settings
+from volunteer.sizing import Rebalance
 from volunteer.telemetry import Telemetry, TelemetryReader
 
 logger = logging.getLogger(__name__)
@@ -49,24 +51,30 @@ def run_volunteer(
     warning = lock.acquire()
     if warning:
         logger.warning(warning)
-    node = None
+    node, prefer = None, ()
     try:
-        node = VolunteerNode(settings, paths, load_experiment(settings, paths), events)
-        # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the *thread*
-        # that forked it exits, and trio retires idle worker threads after a few seconds.
-        info = node.start()
-        on_ready(info)
-        trio.run(supervise, node, control, dashboard)
-        return info
+        experiment = load_experiment(settings, paths)
+        while True:  # once, or again after each rebalance with the uids it chose
+            node = VolunteerNode(settings, paths, experiment, events, prefer=prefer)
+            # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the *thread*
+            # that forked it exits, and trio retires idle worker threads after a few seconds.
+            info = node.start()
+            on_ready(info)
+            prefer = trio.run(supervise, node, control, dashboard)
+            node.shutdown()
+            if not prefer:
+                return info
     finally:
         if node is not None:
             node.shutdown()
         lock.release()
 
 
-async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool = False) -> None:
+async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool = False) -> tuple[str, ...]:
+    """Run until stopped; returns the uids to serve next if a rebalance asked for a restart, else ()."""
     settings, collector, events = node.settings, node.collector, node.events
     stopping = trio.Event()
+    moves: list[Rebalance] = []
     pauser = Pauser(node)
     collector.limits = limits_of(settings)
     control.handlers.update(_control_handlers(node, stopping, pauser))
@@ -79,7 +87,7 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
         async with trio.open_nursery() as work:
             reader = TelemetryReader()
             work.start_soon(partial(_every, SAMPLE_PERIOD, collector.sample, first=0))
-            work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, collector, reader), first=0))
+            work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, node, reader), first=0))
             work.start_soon(partial(_every, TELEMETRY_PERIOD, pauser.check_limits, first=0.5))
             work.start_soon(partial(_every, SWARM_PERIOD, _SwarmPoller(node), first=1))
             work.start_soon(_every, LIFETIME_SAVE_PERIOD, collector.persist)
@@ -87,16 +95,44 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
             work.start_soon(_every, settings.announce_interval, node.announce)
             if not dashboard:
                 work.start_soon(_every, settings.log_interval, lambda: events.write(_stats_line(collector)))
+            if settings.rebalance_period > 0:
+                work.start_soon(_rebalance, node, moves, stopping)
             await stopping.wait()
             work.cancel_scope.cancel()
         collector.state = "draining"
         started = time.monotonic()
+        if moves:
+            events.emit("rebalancing", f"moving {', '.join(moves[0].drop)} to {', '.join(moves[0].take)}: "
+                        "the swarm serves those least", drop=list(moves[0].drop), take=list(moves[0].take))
         events.emit("draining", "draining: withdrawn from the DHT, finishing requests, then saving and leaving")
         await trio.to_thread.run_sync(node.drain)
         await trio.to_thread.run_sync(node.shutdown)
         events.emit("stopped", f"left the swarm in {time.monotonic() - started:.1f} s",
                     lifetime=collector.snapshot().lifetime.__dict__)
         views.cancel_scope.cancel()
+    if not moves:
+        return ()
+    keep = [uid for uid in node.info.uids if uid not in moves[0].drop]
+    return tuple(keep + list(moves[0].take))
+
+
+async def _rebalance(node: VolunteerNode, moves: list[Rebalance], stopping: trio.Event) -> None:
+    """Every ``rebalance_period`` on average (randomised, so volunteers do not all move at once), ask
+    whether moving experts would serve the swarm's weakest uids better; if so, drain and restart."""
+    rng = random.Random()
+    while True:
+        await trio.sleep(node.settings.rebalance_period * rng.uniform(0.5, 1.5))
+        if node.collector.state != "serving":
+            continue
+        try:
+            found = await trio.to_thread.run_sync(node.rebalance)
+        except Exception as e:  # a failed look at the swarm is no reason to move, or to stop
+            logger.warning(f"rebalance check failed: {type(e).__name__}: {e}")
+            continue
+        if found:
+            moves.append(found)
+            stopping.set()
+            return
 
 
 def _control_handlers(node: VolunteerNode, stopping: trio.Event, pauser: Pauser) -> dict[str, Any]:
@@ -235,8 +271,11 @@ class _SwarmPoller:
         self.known = others
 
 
-def _read_telemetry(collector, reader: TelemetryReader) -> None:
+def _read_telemetry(node: VolunteerNode, reader: TelemetryReader) -> None:
+    collector = node.collector
     collector.telemetry = reader.read()
+    check = node.check_plan()
+    collector.plan = {**collector.plan, "measured_peak_bytes": check.measured_bytes, "plan_check": check.to_dict()}
 
 
 def _stats_line(collector) -> dict[str, Any]:

@@ -158,6 +158,18 @@ def read_trainer_progress(dht: DHT, dht_prefix: str) -> TrainerProgress | None:
     return TrainerProgress(latest["step"], latest["loss"], latest["time"])
 
 
+def served_throughput(volunteers: Sequence[VolunteerRecord], uids: Sequence[str]) -> dict[str, float]:
+    """Samples/s the swarm serves each uid with: every volunteer's measured rate, shared evenly among
+    the uids it serves (they share its device). 0 for a uid nobody with a record serves."""
+    rates = dict.fromkeys(uids, 0.0)
+    for record in volunteers:
+        share = record.samples_per_second / len(record.uids) if record.uids else 0.0
+        for uid in record.uids:
+            if uid in rates:
+                rates[uid] += share
+    return rates
+
+
 def count_servers(dht: DHT, dht_prefix: str, uids: Sequence[str],
                   volunteers: Sequence[VolunteerRecord] | None = None) -> Counter:
     """How many live servers each uid has: volunteer records, plus hivemind's expert records

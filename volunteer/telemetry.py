@@ -68,9 +68,10 @@ class TelemetryReader:
     def read(self) -> Telemetry:
         gpus = ()
         if self.with_gpus:
+            ours = {pid for pid, _ in group_members(self.pgid, self.proc)}
             gpus = tuple(
                 GpuReading(g.index, g.name, g.utilization, g.memory_total - g.memory_free, g.memory_total,
-                           g.temperature, g.power_watts)
+                           g.temperature, g.power_watts, sum(1 for p in g.processes if p.pid not in ours))
                 for g in gpu_telemetry(self.nvml)
             )
             self.with_gpus = bool(gpus)  # no NVML now means none later: stop probing for it
