@@ -190,17 +190,15 @@ class Pauser:
         self._lock = threading.Lock()
 
     def set(self, key: str, reason: str | None) -> None:
-        with self._lock:
-            if reason is None:
-                self.reasons.pop(key, None)
-            else:
-                self.reasons[key] = reason
-            self._apply()
+        self.update({key: reason})
 
     def check_limits(self) -> None:
-        found = automatic_pause_reasons(self.node.settings, self.node.collector.telemetry, datetime.now())
+        self.update(automatic_pause_reasons(self.node.settings, self.node.collector.telemetry, datetime.now()))
+
+    def update(self, reasons: dict[str, str | None]) -> None:
+        """Set or clear (``None``) each reason, then pause or resume as the remaining ones say."""
         with self._lock:
-            for key, reason in found.items():
+            for key, reason in reasons.items():
                 if reason is None:
                     self.reasons.pop(key, None)
                 else:

@@ -1,0 +1,98 @@
+"""Unit tests of the figures: counters, rates, lifetime totals on disk, and the automatic pause reasons."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from volunteer.settings import Settings
+from volunteer.stats import ExpertCounters, LifetimeStore, RateMeter, StatsCollector, StatsSnapshot, Totals
+from volunteer.supervisor import automatic_pause_reasons
+from volunteer.telemetry import CpuReading, GpuReading, Telemetry
+
+
+def test_counters_count_batches_samples_and_updates():
+    counters = ExpertCounters("l.0", "small", optimizer_steps=5, params=1000)
+    counters.record("forward", 8, 0.5)
+    counters.record("forward", 2, 0.25)
+    counters.record("backward", 8, 1.0)
+    s = counters.snapshot()
+    assert (s.forward_batches, s.forward_samples, s.backward_batches, s.backward_samples) == (2, 10, 1, 8)
+    assert s.optimizer_steps == 6 and s.busy_seconds == pytest.approx(1.75)
+    assert s.flops == 1000 * (2 * 10 + 6 * 8)
+
+
+def test_rates_over_a_window_and_history():
+    meter = RateMeter(horizon=60)
+    for t in range(0, 31):
+        meter.add(1000.0 + t, {"samples": 100 * t})
+    assert meter.rate("samples", 10) == pytest.approx(100)
+    assert meter.rate("missing", 10) == 0
+    history = meter.history("samples", bucket=10)
+    assert history and all(v == pytest.approx(100) for v in history)
+
+
+def test_lifetime_totals_survive_a_corrupt_file_through_the_backup(tmp_path: Path):
+    store = LifetimeStore(tmp_path / "lifetime.json")
+    assert store.load() == Totals()
+    store.save(Totals(forward_samples=10))
+    store.save(Totals(forward_samples=20))
+    (tmp_path / "lifetime.json").write_text("{not json")
+    assert store.load().forward_samples == 10  # the copy kept before the last write
+    assert any(p.name.startswith("lifetime.json.corrupt-") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bad", [[], {"forward_samples": -1}, {"flops": "many"}, {"busy_seconds": True}])
+def test_totals_refuse_anything_but_non_negative_numbers(bad):
+    with pytest.raises(ValueError):
+        Totals.from_dict(bad)
+
+
+def test_collector_lifetime_adds_the_session_and_never_goes_backwards(tmp_path: Path):
+    store = LifetimeStore(tmp_path / "lifetime.json")
+    store.save(Totals(forward_samples=100, backward_samples=50, uptime_seconds=10))
+    counters = ExpertCounters("l.0", "small", params=10)
+    collector = StatsCollector("exp", "peer", "cpu", [counters], store)
+    counters.record("forward", 7, 0.1)
+    saved = collector.persist()
+    assert saved.forward_samples == 107 and saved.backward_samples == 50
+    snapshot = collector.snapshot()
+    assert snapshot.session.forward_samples == 7 and snapshot.lifetime.forward_samples == 107
+    assert json.loads((tmp_path / "lifetime.json").read_text())["forward_samples"] == 107
+    assert StatsSnapshot.from_dict(json.loads(json.dumps(snapshot.to_dict()))) == snapshot
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["forward", "backward"]), st.integers(1, 512)), max_size=30))
+def test_session_totals_are_the_sum_of_what_was_recorded(records):
+    counters = ExpertCounters("l.0", "small", params=3)
+    for kind, samples in records:
+        counters.record(kind, samples, 0.001)
+    totals = Totals.of([counters.snapshot()], uptime=1.0)
+    assert totals.forward_samples == sum(n for k, n in records if k == "forward")
+    assert totals.backward_samples == sum(n for k, n in records if k == "backward")
+    assert totals.optimizer_steps == sum(1 for k, _ in records if k == "backward")
+
+
+def _telemetry(temperature: float, others: int) -> Telemetry:
+    cpu = CpuReading(2, 10.0, 0.5, 1, 2, 5.0, 1)
+    return Telemetry(cpu, (GpuReading(0, "gpu", 50.0, 1, 2, temperature, 100.0, others),))
+
+
+def test_automatic_pause_reasons():
+    limits = Settings(run_hours="22-08", max_temp=80, pause_on_gpu_use=True)
+    night, noon = datetime(2026, 1, 1, 23), datetime(2026, 1, 1, 12)
+    assert automatic_pause_reasons(limits, _telemetry(60, 0), night) == dict(schedule=None, temperature=None,
+                                                                             gpu_in_use=None)
+    reasons = automatic_pause_reasons(limits, _telemetry(85, 1), noon)
+    assert reasons["schedule"] == "outside the run hours 22-08"
+    assert reasons["temperature"] == "GPU 0 at 85 C, above 80 C"
+    assert reasons["gpu_in_use"] == "another program is using GPU 0"
+    # no limits set: nothing ever pauses, with or without telemetry
+    assert not any(automatic_pause_reasons(Settings(), _telemetry(99, 3), noon).values())
+    assert not any(automatic_pause_reasons(limits, None, night).values())
