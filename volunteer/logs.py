@@ -35,6 +35,9 @@ def setup_logging(verbose: bool, json_lines: bool = False) -> None:
         # only hivemind runs asyncio here; at exit it reports its own p2p tasks as "destroyed but pending"
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         sys.unraisablehook = _drop_hivemind_exit_noise
+        # Server.shutdown runs twice in hivemind 1.1.12: once when called, once more in the finally of
+        # its own thread when the runtime stops; the second finds the handlers gone and says so
+        logging.getLogger("hivemind.moe.server.connection_handler").addFilter(_SecondShutdownFilter())
 
 
 class JsonFormatter(logging.Formatter):
@@ -93,6 +96,11 @@ def divert_logs_for_dashboard(sink: Callable[[str], None], log_file: Path) -> Ca
         to_file.close()
 
     return restore
+
+
+class _SecondShutdownFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "shutdown had no effect" not in record.getMessage()
 
 
 def _drop_hivemind_exit_noise(unraisable) -> None:

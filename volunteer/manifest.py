@@ -128,7 +128,8 @@ def loads(text: str | bytes, *, fmt: str = "json") -> Manifest:
 def load(path: str | Path) -> Manifest:
     path = Path(path)
     try:
-        body = path.read_bytes()
+        with open(path, "rb") as f:  # bounded: --experiment /dev/zero must not fill the memory
+            body = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as e:
         raise ManifestError(f"manifest: cannot read {path}: {e.strerror}") from None
     return loads(body, fmt="toml" if path.suffix == ".toml" else "json")

@@ -188,7 +188,7 @@ class VolunteerNode:
             state = json.loads(self.state_file.read_text())
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             logger.warning(f"state file {self.state_file} is unreadable ({e}); starting afresh")
             return {}
         if not isinstance(state, dict) or state.get("experiment") != self.manifest.name:

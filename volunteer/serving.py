@@ -18,6 +18,9 @@ import torch
 from hivemind.moe import Server
 from hivemind.moe.server.dht_handler import DHTHandlerThread
 from hivemind.moe.server.module_backend import ModuleBackend
+from hivemind.moe.server.task_pool import TaskPool
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.nested import nested_flatten
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from volunteer.checkpoints import CheckpointStore, ExpertCheckpoint
@@ -26,6 +29,47 @@ from volunteer.manifest import Manifest
 from volunteer.stats import ExpertCounters
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+class CheckedTaskPool(TaskPool):
+    """Refuses a malformed request in the ConnectionHandler process, before it is queued.
+
+    hivemind checks nothing: a wrong shape or dtype from a remote peer reached the expert (or made
+    ``torch.cat`` kill the pool's batching loop, so the expert hung until restart), an empty batch
+    waited forever, and NaN gradients reached the optimizer and poisoned the weights."""
+
+    def __init__(self, process_func, *, schema, **kwargs):
+        super().__init__(process_func, **kwargs)
+        self.schema = tuple(schema)
+
+    def submit_task(self, *args: torch.Tensor):
+        problem = malformed(args, self.schema)
+        if problem is None:
+            return super().submit_task(*args)
+        future = MPFuture()
+        future.set_exception(ValueError(f"{self.name}: {problem}"))
+        return future
+
+
+def malformed(tensors: Sequence[torch.Tensor], schema: Sequence[BatchTensorDescriptor]) -> str | None:
+    """Why ``tensors`` do not fit ``schema`` (batch first), or None if they do."""
+    if len(tensors) != len(schema):
+        return f"expected {len(schema)} tensors, got {len(tensors)}"
+    rows = None
+    for i, (tensor, descr) in enumerate(zip(tensors, schema)):
+        if not isinstance(tensor, torch.Tensor):
+            return f"argument {i} is not a tensor"
+        if tensor.dim() != len(descr.size) or tuple(tensor.shape[1:]) != tuple(descr.size[1:]):
+            return (f"tensor {i} has shape {tuple(tensor.shape)}, expected "
+                    f"(batch, {', '.join(map(str, descr.size[1:]))})")
+        if tensor.dtype != descr.dtype:
+            return f"tensor {i} is {tensor.dtype}, expected {descr.dtype}"
+        if rows is not None and tensor.shape[0] != rows:
+            return "tensors differ in batch size"
+        rows = tensor.shape[0]
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"tensor {i} holds NaN or infinite values"
+    return "empty batch" if not rows else None
 
 
 class Paused(RuntimeError):
@@ -38,6 +82,12 @@ class CountingBackend(ModuleBackend):
     def __init__(self, name: str, module: torch.nn.Module, *, expert_type: str, counters: ExpertCounters,
                  duty_cycle: float = 1.0, **kwargs):
         super().__init__(name, module, **kwargs)
+        pool = dict(min_batch_size=self.forward_pool.min_batch_size, max_batch_size=self.forward_pool.max_batch_size,
+                    timeout=self.forward_pool.timeout)
+        self.forward_pool = CheckedTaskPool(self.forward, name=f"{name}_forward",
+                                            schema=nested_flatten(self.forward_schema), **pool)
+        self.backward_pool = CheckedTaskPool(self.backward, name=f"{name}_backward",
+                                             schema=nested_flatten(self.backward_schema), **pool)
         self.expert_type, self.counters = expert_type, counters
         # the Runtime thread mutates weights in backward; checkpoints copy them under the same lock
         self.lock = threading.Lock()

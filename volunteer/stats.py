@@ -29,6 +29,7 @@ BACKWARD_FLOPS_PER_PARAM = 6
 RATE_WINDOWS = (10.0, 300.0)
 HISTORY_BUCKET = 10.0  # seconds per bar of the throughput history
 HISTORY_SECONDS = 600.0
+MAX_TOTAL = 1e300  # a total beyond this (or NaN, or inf) is a corrupt file, not a contribution
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Totals:
         values = {}
         for f in fields(cls):
             value = data.get(f.name, 0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TOTAL:
                 raise ValueError(f"totals.{f.name} must be a non-negative number, not {value!r}")
             values[f.name] = int(value) if f.type == "int" else float(value)
         return cls(**values)
@@ -134,16 +135,18 @@ class LifetimeStore:
                 return Totals.from_dict(json.loads(candidate.read_text()))
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RecursionError) as e:
                 aside = candidate.with_name(f"{candidate.name}.corrupt-{int(time.time())}")
                 logger.warning(f"lifetime stats {candidate} are unreadable ({e}); moved to {aside.name}")
                 candidate.replace(aside)
         return Totals()
 
     def save(self, totals: Totals) -> None:
+        """Keep the current file as the backup, then replace it; each step leaves a whole file behind."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            self.path.replace(self.backup)
+            current = self.path.read_bytes()
+            write_atomic(self.backup, lambda f: f.write(current))
         write_atomic(self.path, lambda f: f.write(json.dumps(asdict(totals)).encode()))
 
 
