@@ -28,6 +28,7 @@ from volunteer.manifest import load as load_manifest
 from volunteer.paths import Paths, write_atomic
 from volunteer.serving import (
     CountingBackend,
+    VolunteerServer,
     build_backends,
     resume_declaring,
     stop_declaring,
@@ -106,7 +107,7 @@ class VolunteerNode:
             steps = self.backends[uid].counters.snapshot().optimizer_steps
             self.events.emit("expert_restored", f"restored {uid} from its checkpoint ({steps} updates)",
                              uid=uid, optimizer_steps=steps)
-        self.server = Server(
+        self.server = VolunteerServer(
             self.dht, self.backends, num_connection_handlers=self.settings.num_handlers,
             update_period=self.settings.announce_interval,
             device=torch.device(self.torch_device),

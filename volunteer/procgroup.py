@@ -6,7 +6,8 @@ never answer, and keep the peer identity, so a restart fails (ENGINE-NOTES). Thr
 
 1. every child forked by this process gets ``PR_SET_PDEATHSIG = SIGKILL``: it dies with its parent;
    it also drops the parent's signal handlers (trio's would swallow the SIGTERM hivemind uses to
-   stop its pools) and ignores SIGINT, so Ctrl-C reaches only the supervisor, which stops the rest;
+   stop its pools) and ignores SIGINT and SIGHUP, so Ctrl-C or a closed terminal reaches only the
+   supervisor, which stops the rest in order;
 2. the volunteer leads its own process group and records it in a lock file;
 3. at start, a lock held by a dead volunteer's leftovers (p2pd is exec'd, so (1) misses it) is
    cleared by killing that recorded group.
@@ -40,6 +41,7 @@ def die_with_parent() -> None:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal is the supervisor's to handle
 
     global _installed
     if _installed or not hasattr(os, "register_at_fork"):

@@ -168,6 +168,25 @@ def build_backends(
     return backends, restored
 
 
+class VolunteerServer(Server):
+    """hivemind's Server, announcing its experts only once its connection handlers accept calls.
+
+    hivemind starts declaring first: a trainer that found the expert at once got "protocols not
+    supported: ConnectionHandler.rpc_info" and dropped it for its eviction period."""
+
+    def run(self) -> None:
+        if not self.dht.is_alive():
+            self.dht.run_in_background(await_ready=True)
+        for handler in self.conn_handlers:
+            handler.run_in_background(await_ready=True)
+        if self.module_backends:
+            self.dht_handler_thread.start()
+        try:
+            self.runtime.run()
+        finally:
+            self.shutdown()
+
+
 def stop_declaring(server: Server) -> None:
     """Stop re-announcing the server's experts (pause, drain); the records then expire on their own."""
     thread = server.dht_handler_thread

@@ -85,11 +85,12 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
         if dashboard:
             views.start_soon(_run_dashboard, node, stopping)
         async with trio.open_nursery() as work:
-            reader = TelemetryReader()
-            work.start_soon(partial(_every, SAMPLE_PERIOD, collector.sample, first=0))
-            work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, node, reader), first=0))
+            if settings.stats:  # off: counters only (benchmarks measure what the rest costs)
+                reader = TelemetryReader()
+                work.start_soon(partial(_every, SAMPLE_PERIOD, collector.sample, first=0))
+                work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, node, reader), first=0))
+                work.start_soon(partial(_every, SWARM_PERIOD, _SwarmPoller(node), first=1))
             work.start_soon(partial(_every, TELEMETRY_PERIOD, pauser.check_limits, first=0.5))
-            work.start_soon(partial(_every, SWARM_PERIOD, _SwarmPoller(node), first=1))
             work.start_soon(_every, LIFETIME_SAVE_PERIOD, collector.persist)
             work.start_soon(_every, settings.checkpoint_interval, node.checkpoint)
             work.start_soon(_every, settings.announce_interval, node.announce)
@@ -221,8 +222,11 @@ class Pauser:
 
 
 async def _watch_signals(stopping: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # SIGHUP: the terminal went away (ssh dropped, tmux killed); leave as cleanly as on SIGTERM
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
+            if stopping.is_set() and signum == signal.SIGHUP:
+                continue  # a hangup comes more than once (from tmux, then the kernel): not a request
             if stopping.is_set():
                 logger.warning(f"second {signal.Signals(signum).name}: exiting now without draining")
                 exit_now(128 + signum)
@@ -244,6 +248,8 @@ async def _run_dashboard(node: VolunteerNode, stopping: trio.Event) -> None:
         while True:  # after `q` the screen stays up, without keys, to show the drain
             if await run_dashboard(snapshot, keys=not stopping.is_set()) == "quit":
                 stopping.set()
+    except OSError as e:  # the terminal is gone (SIGHUP follows): serving and the drain go on without it
+        logger.warning(f"the dashboard stopped: {e}")
     finally:
         node.events.sink = None
         restore()

@@ -16,6 +16,7 @@ from typing import Any
 from volunteer.hardware import gpu_telemetry
 from volunteer.procgroup import group_members
 
+PSS_PERIOD = 30.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -64,6 +65,7 @@ class TelemetryReader:
         self.nvml, self.with_gpus, self.proc = nvml, with_gpus, proc
         self._machine: tuple[int, int] | None = None  # (busy, total) jiffies at the last read
         self._group: tuple[float, float] | None = None  # (cpu seconds, wall time) at the last read
+        self._pss: tuple[float, int] | None = None  # (when, bytes) of the last memory reading
 
     def read(self) -> Telemetry:
         gpus = ()
@@ -109,12 +111,20 @@ class TelemetryReader:
         return 100.0 * (total - idle - previous[0]) / (total - previous[1])
 
     def _group_usage(self) -> tuple[float, int]:
-        """CPU seconds and PSS bytes summed over every live process of our group."""
+        """CPU seconds and PSS bytes summed over every live process of our group.
+
+        PSS is re-read only every ``PSS_PERIOD``: walking every process's page tables (smaps_rollup)
+        was most of an idle volunteer's CPU (bench/dashboard_cost.py)."""
         cpu_ticks, pss_kib = 0, 0
-        for pid, fields in group_members(self.pgid, self.proc):
+        members = group_members(self.pgid, self.proc)
+        for _, fields in members:
             cpu_ticks += int(fields[11]) + int(fields[12])  # utime + stime
-            pss_kib += _meminfo(self.proc / str(pid) / "smaps_rollup").get("Pss", 0)
-        return cpu_ticks / _CLOCK_TICKS, pss_kib * 1024
+        now = time.monotonic()
+        if self._pss is None or now - self._pss[0] >= PSS_PERIOD:
+            for pid, _ in members:
+                pss_kib += _meminfo(self.proc / str(pid) / "smaps_rollup").get("Pss", 0)
+            self._pss = (now, pss_kib * 1024)
+        return cpu_ticks / _CLOCK_TICKS, self._pss[1]
 
 def _meminfo(path: Path) -> dict[str, int]:
     """``Key: <n> kB`` lines (meminfo, smaps_rollup) as kibibytes."""

@@ -1,0 +1,143 @@
+"""The same expert served by ``volunteer start`` and by a plain ``hivemind.moe.Server``, same client.
+
+Both servers run at once, each in its own process tree, each serving one uid of the same layer (same
+expert type, same initial weights): the volunteer with ``--max-experts 1``, the plain server
+(``bench/plain_server.py``) built from hivemind's ``ModuleBackend`` with the volunteer's settings
+(2 connection handlers, the same max batch size, Adam with the same rate, announce every 20 s). One plain
+hivemind client drives them in alternating rounds (volunteer, plain, volunteer, plain, ...), so the
+load of the shared machine hits both alike, and the ratio is paired round by round. Before that, the
+idle CPU of both trees over the same few seconds (nobody calling), and with each round the CPU time of
+each server's process tree per call: steadier than throughput on a shared box.
+
+    .venv/bin/python -m bench.client_vs_hivemind [--seconds 2.5] [--rounds 6] [--threads 4] [--profile]
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from functools import partial
+
+from bench._common import (
+    BenchExperiment,
+    CpuMeter,
+    Swarm,
+    alternate,
+    bench_args,
+    machine_line,
+    measure,
+    median,
+    paired_ratio,
+    print_key,
+    print_table,
+    py_spy_top,
+    remote_step,
+    wait_experts,
+    with_cpu,
+)
+
+
+def main() -> None:
+    parser = bench_args(__doc__.splitlines()[0], seconds=2.5)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=4, help="client threads (4 saturate one server here)")
+    parser.add_argument("--batches", default="", help="comma-separated batch sizes (default: planned/4, planned)")
+    parser.add_argument("--idle-seconds", type=float, default=6.0)
+    parser.add_argument("--profile", action="store_true", help="py-spy both servers under load afterwards")
+    args = parser.parse_args()
+    exp = BenchExperiment()
+    print(machine_line())
+    print(f"expert: {exp.describe()}; {args.threads} client threads")
+
+    with Swarm(exp, keep=args.keep) as swarm:
+        volunteer = swarm.wait_serving(swarm.start_volunteer("volunteer", max_experts=1))
+        planned = volunteer.planned_batch(exp.max_batch_size)
+        free = [uid for uid in exp.manifest().all_uids() if uid not in volunteer.uids]
+        plain = swarm.wait_serving(swarm.start_plain_server("plain", [free[0]], planned))
+        client = swarm.client()
+        experts = dict(zip(("volunteer", "plain"), wait_experts(client, [*volunteer.uids, *plain.uids])))
+        print(f"volunteer serves {volunteer.uids[0]} (ready after {volunteer.ready_after:.1f} s), plain hivemind "
+              f"serves {plain.uids[0]} (ready after {plain.ready_after:.1f} s), max batch {planned}")
+        servers = {"volunteer": volunteer, "plain": plain}
+
+        batches = [int(b) for b in args.batches.split(",") if b] or [max(planned // 4, 1), planned]
+        time.sleep(2.0)  # past start-up work
+        with CpuMeter(**{name: s.child.proc.pid for name, s in servers.items()}) as idle:
+            time.sleep(args.idle_seconds)  # nobody calls: what each costs the machine just by running
+        idle_pct = {name: 100 * idle.used[name][0] / args.idle_seconds for name in servers}
+        print(f"idle CPU over {args.idle_seconds:.0f} s (100 = one core): volunteer {idle_pct['volunteer']:.1f}%, "
+              f"plain hivemind {idle_pct['plain']:.1f}%")
+        rows, figures = [], {"idle_cpu_pct_volunteer": f"{idle_pct['volunteer']:.1f}",
+                             "idle_cpu_pct_plain": f"{idle_pct['plain']:.1f}"}
+        for batch in batches:
+            runs = alternate({
+                name: with_cpu(partial(measure, remote_step(experts[name], batch, exp.d_model), args.seconds,
+                                       threads=args.threads), server=servers[name].child.proc.pid)
+                for name in servers
+            }, args.rounds)
+            key = paired_ratio(runs["volunteer"], runs["plain"])
+            cpu = {n: median(r.cpu_ms_per_call("server") for r in runs[n]) for n in servers}
+            rows.append([batch, median(r.per_second for r in runs["volunteer"]),
+                         median(r.per_second for r in runs["plain"]), f"{key:.3f}",
+                         " ".join(f"{r.per_second / p.per_second:.2f}" for r, p in zip(runs["volunteer"], runs["plain"])),
+                         f"{cpu['volunteer']:.1f}", f"{cpu['plain']:.1f}", f"{cpu['volunteer'] / cpu['plain']:.2f}"])
+            figures[f"volunteer_over_plain_b{batch}"] = f"{key:.3f}"
+            figures[f"cpu_per_call_ratio_b{batch}"] = f"{cpu['volunteer'] / cpu['plain']:.2f}"
+
+        print_table(
+            f"samples/s, forward+backward+Adam through RemoteExpert; median of {args.rounds} alternating rounds "
+            f"of {args.seconds:.0f} s",
+            ["batch", "volunteer", "plain hivemind", "volunteer/plain", "per round", "volunteer cpu ms/call",
+             "plain cpu ms/call", "cpu ratio"], rows)
+        print("cpu ms/call: CPU time of the server's whole process tree (p2pd included) per forward+backward call")
+        if args.profile:
+            profile(swarm, servers, experts, exp, batches[-1], args.threads, args.seconds)
+        print_key("client_vs_hivemind", figures)
+
+
+def profile(swarm: Swarm, servers: dict, experts: dict, exp: BenchExperiment, batch: int, threads: int,
+            seconds: float) -> None:
+    """Each server under load, sampled by py-spy: the hottest functions, and the share of samples that are
+    the volunteer's own work (see ``_volunteer_overhead``): what it adds to hivemind's server."""
+    duration = max(int(seconds * 2), 6)
+    for name, served in servers.items():
+        out: dict[str, tuple] = {}
+        raw = swarm.root / f"{name}.raw"
+        sampler = threading.Thread(target=lambda pid=served.child.proc.pid, raw=raw, out=out: out.__setitem__(
+            "top", py_spy_top(pid, duration, raw)))
+        sampler.start()
+        measure(remote_step(experts[name], batch, exp.d_model), duration + 2, threads=threads)
+        sampler.join(timeout=duration + 90)
+        _, functions = out.get("top", ([], []))
+        ours = _volunteer_overhead(raw)
+        print_table(f"py-spy, {name} server, batch {batch}: % of busy samples by function (self); "
+                    f"{ours:.1f}% of samples are the volunteer's own work", ["function", "%"],
+                    [[f, f"{v:.1f}"] for f, v in functions])
+
+
+def _volunteer_overhead(raw) -> float:
+    """Percent of samples in the volunteer's own work: frames from ``volunteer/`` (counting, locks, stats,
+    checkpoints, announcing, the trio supervisor), minus the expert's compute (hivemind's
+    ``ModuleBackend.forward/backward`` below ``CountingBackend``) and the frames every stack of the main
+    process carries (``cli.py``, ``run_volunteer``). The plain server's ``volunteer/experts.py`` frames
+    (the same expert module) do not count."""
+    total = inside = 0
+    try:
+        lines = raw.read_text().splitlines()
+    except OSError:
+        return float("nan")
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        ours = any("volunteer/" in f and not any(x in f for x in ("cli.py", "experts.py", "run_volunteer"))
+                   for f in frames)
+        compute = any("ModuleBackend.forward" in f or "ModuleBackend.backward" in f for f in frames)
+        inside += int(count) * (ours and not compute)
+    return 100.0 * inside / total if total else float("nan")
+
+
+if __name__ == "__main__":
+    main()
