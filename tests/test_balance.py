@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import cli, serving_event, wait_for
 from volunteer import swarm
 from volunteer.demo import start_volunteer
-from tests.conftest import cli, serving_event, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -217,16 +217,19 @@ def test_second_volunteer_on_the_same_state_dir_is_refused(home: Path, seed_url:
     assert code == 0, first.tail(20)
     assert time.monotonic() - started < 30
 
-    # nothing of the volunteer's process group outlives it (hivemind's pools, p2pd)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            os.killpg(first.proc.pid, 0)
-        except ProcessLookupError:
-            break
-        if time.monotonic() > deadline:
-            pytest.fail(f"processes of group {first.proc.pid} outlived the volunteer: {_group_members(first.proc.pid)}")
-        time.sleep(0.2)
+    # nothing of the volunteer's two process groups outlives it (itself; hivemind's workers and p2pd)
+    workers = json.loads((home / "state" / "volunteer.lock").read_text())["workers"]
+    assert isinstance(workers, int) and workers != first.proc.pid
+    for group in (first.proc.pid, workers):
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"processes of group {group} outlived the volunteer: {_group_members(group)}")
+            time.sleep(0.2)
 
     checkpoints = home / "data" / "checkpoints" / "test-lm"
     assert {f"{uid}.pt" for uid in uids} <= {p.name for p in checkpoints.iterdir()}

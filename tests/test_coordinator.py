@@ -32,7 +32,12 @@ with warnings.catch_warnings():
 
 from coordinator_seeds.seed import Seed, SeedError, SeedSettings, run_seed
 from volunteer.coordinator import (
-    MAX_BODY_BYTES, CoordinatorError, Experiment, cache_path, experiment_from_file, fetch_experiment,
+    MAX_BODY_BYTES,
+    CoordinatorError,
+    Experiment,
+    cache_path,
+    experiment_from_file,
+    fetch_experiment,
 )
 from volunteer.manifest import default_manifest
 from volunteer.paths import Paths, default_paths

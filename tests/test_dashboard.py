@@ -220,6 +220,16 @@ def test_render_gpus_and_a_measured_peak(snapshot: StatsSnapshot):
             assert expected in text, expected
 
 
+def test_render_shows_the_limits_and_why_it_is_paused(snapshot: StatsSnapshot):
+    paused = dataclasses.replace(snapshot, state="paused", pause_reasons=("outside the run hours 22-08",),
+                                 limits=dict(power="medium", cpu_threads=2, run_hours="22-08", max_temp=80.0,
+                                             pause_on_gpu_use=True))
+    text = screen(paused, 200, 40)
+    for expected in ("paused", "outside the run hours 22-08", "power medium", "2 threads", "hours 22-08",
+                     "max 80°C", "yields the GPU"):
+        assert expected in text, expected
+
+
 def test_more_experts_than_fit_are_counted(snapshot: StatsSnapshot):
     many = tuple(ExpertView(dataclasses.replace(e.stats, uid=f"{e.stats.uid}.{n}"), e.forward_rate, e.backward_rate)
                  for n in range(5) for e in snapshot.experts)

@@ -159,3 +159,25 @@ def test_kill_9_at_random_moments_under_load(seed, short_home, processes):
         stop.set()
         if trainer is not None:
             trainer.join(timeout=60)
+
+
+def test_a_second_signal_exits_at_once_and_leaves_whole_files(seed, short_home, processes):
+    url, experiment = seed
+    child = processes.add(start_volunteer(short_home, url, "--max-experts", "2", "--checkpoint-interval", "1",
+                                          name="impatient"))
+    uids = serving_event(child)["uids"]
+    time.sleep(2.5)  # at least one checkpoint of each expert
+    started = time.monotonic()
+    child.proc.send_signal(signal.SIGTERM)
+    child.wait_for_line(r'"event": "draining"', timeout=30)
+    child.proc.send_signal(signal.SIGTERM)
+    code = child.proc.wait(timeout=15)
+    assert code == 128 + signal.SIGTERM and time.monotonic() - started < 15
+    store = CheckpointStore(short_home / "data" / "checkpoints" / experiment.manifest.name)
+    for uid in uids:
+        assert store.load(uid, experiment.manifest.expert_type_of(uid).name) is not None
+    leftovers = [p.name for p in (short_home / "data" / "checkpoints" / experiment.manifest.name).iterdir()
+                 if p.name.startswith(".") or p.name.endswith(".tmp")]
+    assert not leftovers, leftovers
+    for state in (short_home / "state").glob("*.json"):  # whatever was written is whole
+        json.loads(state.read_text())

@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -119,41 +120,86 @@ def _tmux(*args: str) -> str:
     return subprocess.run(["tmux", *args], capture_output=True, text=True, timeout=10, check=True).stdout
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
-def test_dashboard_in_a_real_terminal(seed, client, short_home: Path):
-    """Start the TUI in tmux, see its panels fill with real numbers, press q, see it drain and leave."""
-    url, experiment = seed
-    session = f"volunteer-test-{os.getpid()}"
-    exit_file = short_home / "exit-code"
-    command = (f"VOLUNTEER_HOME={short_home} {sys.executable} -m volunteer.cli start --coordinator {url} "
-               f"--host 127.0.0.1 --max-experts 2; echo $? > {exit_file}")
-    _tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "45", command)
-    try:
-        screen = lambda: _tmux("capture-pane", "-p", "-t", session)  # noqa: E731
-        wait_for(lambda: "serving" in screen() and "testlm_ffn0" in screen(),
-                 150, "the dashboard to show its experts")
-        figures = status(short_home)
-        uid = figures["experts"][0]["stats"]["uid"]
-        peer_id = figures["peer_id"]
-        send(client, uid, experiment.manifest.d_model, forward_only=[], with_backward=[9] * 20)
-        text = wait_for(lambda: (s := screen()) and "360" in s and s, 15, "the dashboard to count 9 x 20 x 2 samples")
-        for panel in ("test-lm", uid, "swarm", "lifetime", "hardware", "experts", "samples/s"):
-            assert panel in text, text
-        assert any(prefix in text for prefix in ("CPU", "GPU")), text
+class Terminal:
+    """A volunteer's dashboard in a real terminal: a detached tmux session, killed at the end."""
 
-        _tmux("send-keys", "-t", session, "q")
-        code = wait_for(lambda: exit_file.exists() and exit_file.read_text().strip(), 60, "the client to exit")
-        assert code == "0"
-        prefix = experiment.manifest.dht_prefix
-        wait_for(lambda: all(r.peer_id != peer_id for r in swarm.read_volunteers(client, prefix)), 15,
-                 "the swarm to notice the volunteer left")
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=10)
-        lock = short_home / "state" / "volunteer.lock"
-        if lock.exists():  # kill whatever the session left, should the test have failed half way
-            pgid = json.loads(lock.read_text() or "{}").get("pgid")
-            if isinstance(pgid, int) and pgid > 1:
+    def __init__(self, home: Path, url: str):
+        self.home, self.session = home, f"volunteer-test-{os.getpid()}-{home.name}"
+        self.exit_file = home / "exit-code"
+        command = (f"VOLUNTEER_HOME={home} {sys.executable} -m volunteer.cli start --coordinator {url} "
+                   f"--host 127.0.0.1 --max-experts 2; echo $? > {self.exit_file}")
+        _tmux("new-session", "-d", "-s", self.session, "-x", "140", "-y", "45", command)
+
+    def screen(self) -> str:
+        return _tmux("capture-pane", "-p", "-t", self.session)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.session], capture_output=True, timeout=10)
+        lock = self.home / "state" / "volunteer.lock"
+        owner = json.loads(lock.read_text() or "{}") if lock.exists() else {}
+        for group in (owner.get("pgid"), owner.get("workers")):
+            if isinstance(group, int) and group > 1:  # whatever a failed test left behind
                 try:
-                    os.killpg(pgid, 9)
+                    os.killpg(group, 9)
                 except ProcessLookupError:
                     pass
+
+
+@pytest.fixture
+def terminal(seed, short_home: Path) -> Iterator[Terminal]:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    term = Terminal(short_home, seed[0])
+    try:
+        wait_for(lambda: "serving" in term.screen() and "testlm_ffn0" in term.screen(), 150,
+                 "the dashboard to show its experts")
+        yield term
+    finally:
+        term.close()
+
+
+def test_dashboard_in_a_real_terminal(seed, client, short_home: Path, terminal: Terminal):
+    """Start the TUI in tmux, see its panels fill with real numbers, press q, see it drain and leave."""
+    _url, experiment = seed
+    figures = status(short_home)
+    uid = figures["experts"][0]["stats"]["uid"]
+    peer_id = figures["peer_id"]
+    send(client, uid, experiment.manifest.d_model, forward_only=[], with_backward=[9] * 20)
+    text = wait_for(lambda: (s := terminal.screen()) and "360" in s and s, 15,
+                    "the dashboard to count 9 x 20 x 2 samples")
+    for panel in ("test-lm", uid, "swarm", "lifetime", "hardware", "experts", "samples/s"):
+        assert panel in text, text
+    assert any(prefix in text for prefix in ("CPU", "GPU")), text
+
+    _tmux("send-keys", "-t", terminal.session, "q")
+    exit_file = terminal.exit_file
+    code = wait_for(lambda: exit_file.exists() and exit_file.read_text().strip(), 60, "the client to exit")
+    assert code == "0"
+    prefix = experiment.manifest.dht_prefix
+    wait_for(lambda: all(r.peer_id != peer_id for r in swarm.read_volunteers(client, prefix)), 15,
+             "the swarm to notice the volunteer left")
+
+
+def test_closing_the_terminal_drains_the_client(seed, client, short_home: Path, terminal: Terminal):
+    """SIGHUP (ssh dropped, terminal closed) leaves as cleanly as SIGTERM: checkpoints, stats, no orphans."""
+    _url, experiment = seed
+    figures = status(short_home)
+    owner = json.loads((short_home / "state" / "volunteer.lock").read_text())
+    subprocess.run(["tmux", "kill-session", "-t", terminal.session], capture_output=True, timeout=10)
+    assert owner["workers"] != owner["pgid"]
+    wait_for(lambda: not _group_alive(owner["pgid"]) and not _group_alive(owner["workers"]), 60,
+             "the client and all its processes to exit")
+    checkpoints = short_home / "data" / "checkpoints" / experiment.manifest.name
+    assert {f"{e['stats']['uid']}.pt" for e in figures["experts"]} <= {p.name for p in checkpoints.iterdir()}
+    assert json.loads((short_home / "state" / "lifetime.json").read_text())["uptime_seconds"] > 0
+    prefix = experiment.manifest.dht_prefix
+    wait_for(lambda: all(r.peer_id != figures["peer_id"] for r in swarm.read_volunteers(client, prefix)), 15,
+             "the swarm to notice the volunteer left")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from volunteer.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, default_manifest, load, loads
+from volunteer.manifest import (
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    ManifestError,
+    default_manifest,
+    load,
+    loads,
+)
 
 DEFAULT_TOML = resources.files("volunteer.experiments").joinpath("default.toml").read_text()
 

@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from volunteer.settings import Settings
-from volunteer.stats import ExpertCounters, LifetimeStore, RateMeter, StatsCollector, StatsSnapshot, Totals
+from volunteer.stats import (
+    ExpertCounters,
+    LifetimeStore,
+    RateMeter,
+    StatsCollector,
+    StatsSnapshot,
+    Totals,
+)
 from volunteer.supervisor import automatic_pause_reasons
 from volunteer.telemetry import CpuReading, GpuReading, Telemetry
 

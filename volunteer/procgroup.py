@@ -8,9 +8,12 @@ never answer, and keep the peer identity, so a restart fails (ENGINE-NOTES). Thr
    it also drops the parent's signal handlers (trio's would swallow the SIGTERM hivemind uses to
    stop its pools) and ignores SIGINT and SIGHUP, so Ctrl-C or a closed terminal reaches only the
    supervisor, which stops the rest in order;
-2. the volunteer leads its own process group and records it in a lock file;
-3. at start, a lock held by a dead volunteer's leftovers (p2pd is exec'd, so (1) misses it) is
-   cleared by killing that recorded group.
+2. the volunteer leads its own process group, the terminal's foreground one, and puts every worker
+   it forks (and p2pd, which the DHT process execs) in a second group: a terminal's Ctrl-C or
+   hangup then reaches the supervisor alone (p2pd resets its signals on exec, so ignoring them is
+   not enough), which drains the workers in order;
+3. both groups are recorded in a lock file, and at start a lock held by a dead volunteer's
+   leftovers is cleared by killing those groups.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 _installed = False
+_worker_group: int | None = None  # the group forked children join (isolate_workers)
 
 
 def die_with_parent() -> None:
@@ -42,6 +46,11 @@ def die_with_parent() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed terminal is the supervisor's to handle
+        if _worker_group is not None:
+            try:
+                os.setpgid(0, _worker_group)
+            except OSError:
+                pass  # the anchor is gone: this process is being torn down with its parent anyway
 
     global _installed
     if _installed or not hasattr(os, "register_at_fork"):
@@ -52,6 +61,37 @@ def die_with_parent() -> None:
         return
     os.register_at_fork(after_in_child=after_fork_in_child)
     _installed = True
+
+
+def isolate_workers() -> int:
+    """Start the group that every process forked from now on joins, anchored by an idle child.
+
+    A group needs a live member to be joined, and the parent must know its id before each fork; a
+    tiny anchor process (dying with us) is both. Returns the group id."""
+    global _worker_group
+    if _worker_group is not None:
+        return _worker_group
+    die_with_parent()
+    pid = os.fork()
+    if pid == 0:  # the anchor: the at-fork hook made it die with us; it only waits
+        try:
+            os.setpgid(0, 0)
+            if os.getppid() == 1:
+                os._exit(0)
+            while True:
+                signal.pause()
+        finally:
+            os._exit(0)
+    try:
+        os.setpgid(pid, pid)  # also here: whichever of the two runs first makes the group
+    except OSError:
+        pass
+    _worker_group = pid
+    return pid
+
+
+def worker_group() -> int | None:
+    return _worker_group
 
 
 def lead_process_group() -> None:
@@ -135,10 +175,11 @@ class InstanceLock:
             if time.monotonic() > deadline:
                 os.close(fd)
                 raise AlreadyRunning(f"{self.path} is held by leftover processes that could not be stopped")
-            warning = self._kill_leftovers(owner.get("pgid"))
+            warning = self._kill_leftovers(owner.get("pgid"), owner.get("workers"))
             time.sleep(0.2)
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(dict(pid=os.getpid(), pgid=os.getpgid(0), started=time.time())).encode())
+        os.write(fd, json.dumps(dict(pid=os.getpid(), pgid=os.getpgid(0), workers=_worker_group,
+                                     started=time.time())).encode())
         os.fsync(fd)
         self.fd = fd
         return warning
@@ -151,14 +192,17 @@ class InstanceLock:
             return {}
 
     @staticmethod
-    def _kill_leftovers(pgid: int | None) -> str:
-        if not isinstance(pgid, int) or pgid <= 1 or pgid == os.getpgid(0):
+    def _kill_leftovers(*groups: object) -> str:
+        ours = {os.getpgid(0), _worker_group}
+        groups = tuple(g for g in groups if isinstance(g, int) and g > 1 and g not in ours)
+        if not groups:
             return "a crashed volunteer left this state dir locked; waiting for its processes to exit"
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return f"stopped the leftover processes of a crashed volunteer (process group {pgid})"
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return f"stopped the leftover processes of a crashed volunteer (process groups {', '.join(map(str, groups))})"
 
     def release(self) -> None:
         if self.fd is not None:
@@ -202,6 +246,11 @@ def exit_now(code: int) -> None:
 
     Files stay whole because every one of them is written to a temporary name and renamed."""
     me = os.getpid()
+    if _worker_group is not None:
+        try:
+            os.killpg(_worker_group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     for pid, _ in group_members(os.getpgid(0)):
         if pid != me:
             try:

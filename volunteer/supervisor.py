@@ -26,7 +26,12 @@ from volunteer.control import ControlServer, socket_path
 from volunteer.logs import EventLog, divert_logs_for_dashboard
 from volunteer.node import NodeInfo, VolunteerNode, load_experiment
 from volunteer.paths import Paths
-from volunteer.procgroup import InstanceLock, become_supervisor, exit_now
+from volunteer.procgroup import (
+    InstanceLock,
+    become_supervisor,
+    exit_now,
+    isolate_workers,
+)
 from volunteer.settings import Settings
 from volunteer.sizing import Rebalance
 from volunteer.telemetry import Telemetry, TelemetryReader
@@ -44,6 +49,7 @@ def run_volunteer(
 ) -> NodeInfo:
     """Run a volunteer until it is stopped. Raises on bad input before anything is served."""
     become_supervisor()
+    isolate_workers()  # before any fork: hivemind's processes go in a group the terminal does not signal
     # NVML numbers GPUs by PCI bus, CUDA by speed unless told otherwise: make "cuda:N" mean the same GPU
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     control = ControlServer(socket_path(paths.runtime_dir), {})  # a too-long path fails here, before joining

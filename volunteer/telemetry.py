@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from volunteer.hardware import gpu_telemetry
-from volunteer.procgroup import group_members
+from volunteer.procgroup import group_members, worker_group
 
 PSS_PERIOD = 30.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -59,9 +59,10 @@ class Telemetry:
 class TelemetryReader:
     """Call ``read()`` every second or two; CPU shares are measured between consecutive reads."""
 
-    def __init__(self, pgid: int | None = None, nvml: ModuleType | None = None, with_gpus: bool = True,
+    def __init__(self, groups: tuple[int, ...] | None = None, nvml: ModuleType | None = None, with_gpus: bool = True,
                  proc: Path = Path("/proc")):
-        self.pgid = os.getpgid(0) if pgid is None else pgid
+        # the supervisor's group and its workers' (procgroup.isolate_workers)
+        self.groups = groups if groups is not None else tuple(g for g in (os.getpgid(0), worker_group()) if g)
         self.nvml, self.with_gpus, self.proc = nvml, with_gpus, proc
         self._machine: tuple[int, int] | None = None  # (busy, total) jiffies at the last read
         self._group: tuple[float, float] | None = None  # (cpu seconds, wall time) at the last read
@@ -70,7 +71,7 @@ class TelemetryReader:
     def read(self) -> Telemetry:
         gpus = ()
         if self.with_gpus:
-            ours = {pid for pid, _ in group_members(self.pgid, self.proc)}
+            ours = {pid for pid, _ in self._members()}
             gpus = tuple(
                 GpuReading(g.index, g.name, g.utilization, g.memory_total - g.memory_free, g.memory_total,
                            g.temperature, g.power_watts, sum(1 for p in g.processes if p.pid not in ours))
@@ -110,13 +111,16 @@ class TelemetryReader:
             return 0.0
         return 100.0 * (total - idle - previous[0]) / (total - previous[1])
 
+    def _members(self) -> list[tuple[int, list[str]]]:
+        return [member for group in self.groups for member in group_members(group, self.proc)]
+
     def _group_usage(self) -> tuple[float, int]:
         """CPU seconds and PSS bytes summed over every live process of our group.
 
         PSS is re-read only every ``PSS_PERIOD``: walking every process's page tables (smaps_rollup)
         was most of an idle volunteer's CPU (bench/dashboard_cost.py)."""
         cpu_ticks, pss_kib = 0, 0
-        members = group_members(self.pgid, self.proc)
+        members = self._members()
         for _, fields in members:
             cpu_ticks += int(fields[11]) + int(fields[12])  # utime + stime
         now = time.monotonic()
