@@ -20,20 +20,19 @@ with warnings.catch_warnings():
     # pyproject filters "ignore:.*torch.jit.script.* is deprecated:DeprecationWarning".
     warnings.simplefilter("ignore", DeprecationWarning)
     from volunteer.manifest import Manifest, default_manifest
+from volunteer.rebalance import Rebalance, rebalance_moves
 from volunteer.sizing import (
     CPU_BASE_OVERHEAD,
     CPU_EXPERT_OVERHEAD,
     CUDA_CONTEXT_RESERVE,
     GPU_EXPERT_OVERHEAD,
     Plan,
-    Rebalance,
     SizingError,
     expert_cost,
     memory_budget,
     optimizer_states,
     pick_device,
     plan_experts,
-    rebalance_moves,
 )
 from volunteer.throughput import Throughput
 

@@ -26,6 +26,7 @@ from volunteer.hardware import HardwareProfile, detect_hardware, torch_device
 from volunteer.logs import EventLog
 from volunteer.manifest import load as load_manifest
 from volunteer.paths import Paths, write_atomic
+from volunteer.rebalance import Rebalance, rebalance_moves
 from volunteer.serving import (
     CountingBackend,
     VolunteerServer,
@@ -34,7 +35,7 @@ from volunteer.serving import (
     stop_declaring,
 )
 from volunteer.settings import Settings
-from volunteer.sizing import Plan, Rebalance, plan_experts, rebalance_moves
+from volunteer.sizing import Plan, plan_experts
 from volunteer.stats import LifetimeStore, StatsCollector
 from volunteer.throughput import PlanCheck, measure_plan, measured_peak
 
@@ -157,7 +158,7 @@ class VolunteerNode:
         return sum(mine) / len(mine) if mine else 0.0
 
     def rebalance(self) -> Rebalance:
-        """Whether moving some experts would serve the swarm's weakest uids better (``sizing.rebalance_moves``)."""
+        """Whether moving some experts would serve the swarm's weakest uids better (``rebalance.rebalance_moves``)."""
         uids = self.manifest.all_uids()
         volunteers = swarm.read_volunteers(self.dht, self.manifest.dht_prefix)
         counts = swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers)

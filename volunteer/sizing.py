@@ -4,8 +4,8 @@ The memory model is deliberately simple and errs on the side of safety: every by
 in the plan's dtype (weights, gradients, optimizer state, activations of a full batch) plus a
 per-expert and a per-server reserve. The choice of uids follows Petals' ``block_selection.py``: fill
 the least-served uids first (by the throughput the swarm serves them with, then by server count), so
-joining volunteers spread over the experiment instead of piling onto the same experts;
-``rebalance_moves`` applies the same idea to a volunteer already serving. What the device really does
+joining volunteers spread over the experiment instead of piling onto the same experts
+(``rebalance.py`` applies the same idea to a volunteer already serving). What the device really does
 (throughput, peak memory against the plan) is measured in ``throughput.py``.
 """
 
@@ -254,7 +254,7 @@ def plan_experts(
     reasons += [f"expert type {name!r} costs {_size(c.total)} at batch {batch}" for name, c in costs.items()]
     reasons += _choice_reasons(manifest, server_counts, uids, cap, cap_reason, budget - reserve - spent)
     if served_throughput and uids:
-        rates = [_rate(served.get(uid, 0.0)) for uid in uids]
+        rates = [finite_rate(served.get(uid, 0.0)) for uid in uids]
         reasons.append(f"least served throughput first: the picked uids had {min(rates):,.0f} to "
                        f"{max(rates):,.0f} samples/s served in the swarm")
     return Plan(
@@ -317,7 +317,7 @@ def _choose(
 
     def need(uid: str) -> tuple[bool, float, int]:  # smaller = needs this volunteer more
         servers = counts.get(uid, 0)
-        return servers >= 0, _rate(served.get(uid, 0.0)), servers
+        return servers >= 0, finite_rate(served.get(uid, 0.0)), servers
 
     queues = [  # per layer: (need, seeded rank, uid), best first
         sorted((need(uid), _seeded_rank(seed, uid), uid) for uid in layer.uids()) for layer in manifest.layers
@@ -342,7 +342,8 @@ def _choose(
     return picked, spent
 
 
-def _rate(value: float) -> float:
+def finite_rate(value: float) -> float:
+    """A samples/s figure from a peer, 0 unless finite and positive."""
     # peers' records are untrusted input: a NaN would make the order depend on the sort's whims
     return float(value) if math.isfinite(value) and value > 0 else 0.0
 
@@ -392,74 +393,3 @@ def _size(n: int) -> str:
     if abs(n) >= MiB:
         return f"{n / MiB:.0f} MiB"
     return f"{n / 2**10:.0f} KiB"
-
-
-# --- moving once serving -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Rebalance:
-    """Swap ``drop[i]`` for ``take[i]``; empty (falsy) when staying put is best."""
-
-    drop: tuple[str, ...] = ()
-    take: tuple[str, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.drop)
-
-
-def rebalance_moves(
-    my_uids: Iterable[str],
-    swarm_throughput: Mapping[str, float],
-    my_throughput: Mapping[str, float],
-    margin: float = 0.5,
-    *,
-    server_counts: Mapping[str, int] | None = None,
-    expert_types: Mapping[str, str] | None = None,
-) -> Rebalance:
-    """Which of my uids to give up for which others, so that the swarm's weakest uids get served.
-
-    ``swarm_throughput``: uid -> samples/s served in the swarm, mine included, for every uid of the
-    grid (0 if unserved); ``my_throughput``: what I serve of each of my uids, assumed to move with me.
-    A swap needs a clear case: the target gets less than ``margin`` x what my donor uid gets, the
-    donor keeps another server (others serve it > 0 samples/s, and >= 2 servers if ``server_counts``
-    is given), and both end above the target's old level, so every swap strictly raises the sorted
-    coverage (the minimum, then the next) and no swap can undo another. ``expert_types`` (uid -> type)
-    keeps swaps within one type, so the memory plan still holds. Deterministic: ties go by uid.
-    """
-    if not 0 < margin <= 1:
-        raise ValueError(f"margin must be in (0, 1], got {margin}")
-    mine = list(dict.fromkeys(my_uids))
-    gain = {uid: _rate(my_throughput.get(uid, 0.0)) for uid in mine}
-    cover = {uid: _rate(rate) for uid, rate in swarm_throughput.items()}
-    for uid in mine:
-        cover[uid] = max(cover.get(uid, 0.0), gain[uid])
-    counts = {uid: server_counts.get(uid, 0) for uid in mine} if server_counts is not None else None
-    types = expert_types or {}
-    drop: list[str] = []
-    take: list[str] = []
-
-    def find_move() -> tuple[str, str] | None:
-        # uids moved in this call stay put: that bounds the loop and keeps swaps from undoing each other
-        donors = sorted(
-            (u for u in mine if u not in drop and gain[u] > 0 and (counts is None or counts[u] >= 2)),
-            key=lambda u: (-cover[u], u),
-        )
-        for target in sorted((u for u in cover if u not in mine and u not in take), key=lambda u: (cover[u], u)):
-            if not donors or cover[target] >= margin * cover[donors[0]]:
-                return None  # targets only get better covered from here, donors only worse
-            for donor in donors:
-                if cover[target] >= margin * cover[donor]:
-                    break
-                same_type = expert_types is None or types.get(donor) == types.get(target)
-                if same_type and cover[donor] - gain[donor] > cover[target]:
-                    return donor, target
-        return None
-
-    while (move := find_move()) is not None:
-        donor, target = move
-        cover[donor] -= gain[donor]
-        cover[target] += gain[donor]
-        drop.append(donor)
-        take.append(target)
-    return Rebalance(tuple(drop), tuple(take))

@@ -32,8 +32,8 @@ from volunteer.procgroup import (
     exit_now,
     isolate_workers,
 )
+from volunteer.rebalance import Rebalance
 from volunteer.settings import Settings
-from volunteer.sizing import Rebalance
 from volunteer.telemetry import Telemetry, TelemetryReader
 
 logger = logging.getLogger(__name__)
