@@ -203,3 +203,24 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_monitor_shows_a_headless_client_and_leaves_it_running(seed, short_home: Path, processes):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    url, _experiment = seed
+    headless = processes.add(start_volunteer(short_home, url, "--max-experts", "2", name="headless"))
+    uids = serving_event(headless)["uids"]
+    session, exit_file = f"volunteer-monitor-{os.getpid()}", short_home / "monitor-exit"
+    _tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "45",
+          f"VOLUNTEER_HOME={short_home} {sys.executable} -m volunteer.cli monitor; echo $? > {exit_file}")
+    try:
+        screen = lambda: _tmux("capture-pane", "-p", "-t", session)  # noqa: E731
+        wait_for(lambda: all(uid in screen() for uid in uids) and "serving" in screen(), 30,
+                 "the monitor to show the client's experts")
+        _tmux("send-keys", "-t", session, "q")
+        wait_for(lambda: exit_file.exists() and exit_file.read_text().strip() == "0", 15, "the monitor to quit")
+        assert headless.proc.poll() is None, "quitting the monitor must leave the client running"
+        assert status(short_home)["state"] == "serving"
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True, timeout=10)
