@@ -129,18 +129,17 @@ def _control_path():
 def status(as_json: bool = typer.Option(False, "--json", help="Print the full figures as JSON.")) -> None:
     """Print the live figures of the volunteer running on this machine."""
     from volunteer import control
+    from volunteer.monitor import summary_lines
     from volunteer.stats import StatsSnapshot
 
     try:
-        answer = control.request(_control_path(), "status")
+        figures = control.request(_control_path(), "status")["status"]
+        lines = [json.dumps(figures, indent=1)] if as_json else summary_lines(StatsSnapshot.from_dict(figures))
+    except (KeyError, TypeError, AttributeError) as e:  # a volunteer of another version
+        raise fail(f"the running volunteer answered in a form this version cannot read ({type(e).__name__}: {e})")
     except BaseException as e:
         raise _exit_for(e)
-    if as_json:
-        typer.echo(json.dumps(answer["status"], indent=1))
-        return
-    from volunteer.monitor import summary_lines
-
-    for line in summary_lines(StatsSnapshot.from_dict(answer["status"])):
+    for line in lines:
         typer.echo(line)
 
 
@@ -173,10 +172,12 @@ def _pause_or_resume(command: str) -> None:
 
     try:
         answer = control.request(_control_path(), command)
+        reasons = f" ({'; '.join(map(str, answer['reasons']))})" if answer["reasons"] else ""
+        typer.echo(f"{answer['state']}{reasons}")
+    except (KeyError, TypeError) as e:  # a volunteer of another version
+        raise fail(f"the running volunteer answered in a form this version cannot read ({type(e).__name__}: {e})")
     except BaseException as e:
         raise _exit_for(e)
-    reasons = f" ({'; '.join(answer['reasons'])})" if answer["reasons"] else ""
-    typer.echo(f"{answer['state']}{reasons}")
 
 
 @app.command()

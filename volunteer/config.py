@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import stat
@@ -57,7 +58,10 @@ def _memory_text(text: str) -> float | int:
         return number
     if not unit and not number.is_integer():
         raise ValueError("a fraction must be at most 1; sizes need a unit (8GiB)")
-    return int(number * _MEMORY_UNITS[unit])
+    size = number * _MEMORY_UNITS[unit]
+    if not math.isfinite(size) or size > 2**60:  # float("1" * 400) is inf; int(inf) would raise OverflowError
+        raise ValueError("that size is beyond any machine; give a fraction like 0.5 or a size like 8GiB")
+    return int(size)
 
 
 def _memory_toml(value: Any) -> float | int:

@@ -88,10 +88,13 @@ class ControlServer:
                 else:
                     answer = {"ok": True, **await handler(request)}
                 await _send(stream, answer)
-            except (ValueError, trio.TooSlowError) as e:
-                await _send(stream, dict(ok=False, error=f"bad request: {e}"))
+            except (ValueError, RecursionError, trio.TooSlowError) as e:
+                await _send(stream, dict(ok=False, error=f"bad request: {type(e).__name__}: {e}"[:500]))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client went away; nothing to answer
+            except Exception as e:  # a failing command must not take the running volunteer down with it
+                logger.warning(f"control command failed: {type(e).__name__}: {e}")
+                await _send(stream, dict(ok=False, error=f"the command failed: {type(e).__name__}: {e}"[:500]))
 
 
 def _same_user(sock: trio.socket.SocketType) -> bool:

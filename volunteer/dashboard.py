@@ -358,7 +358,12 @@ async def _wait_quit_key(quit_pressed: trio.Event) -> None:
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
     # a dup, so closing the stream leaves stdin open; FdStream puts the blocking flag back on close
-    stream = trio.lowlevel.FdStream(os.dup(fd))
+    # a description of our own: FdStream makes it non-blocking, and stdin's is shared with the
+    # stdout rich draws to, whose writes would then fail with BlockingIOError on a full tty buffer
+    try:
+        stream = trio.lowlevel.FdStream(os.open(os.ttyname(fd), os.O_RDONLY | os.O_NOCTTY))
+    except OSError:
+        stream = trio.lowlevel.FdStream(os.dup(fd))
     try:
         tty.setcbreak(fd, termios.TCSANOW)  # keys arrive one by one, unechoed; Ctrl-C still signals
         with contextlib.suppress(trio.BrokenResourceError):  # a hung-up terminal reads as closed

@@ -259,7 +259,10 @@ class VolunteerNode:
 
     def shutdown(self) -> None:
         """Leave the swarm in order: withdraw, save, stop serving, stop the DHT. Safe to call twice."""
-        self.withdraw()
+        try:
+            self.withdraw()
+        except Exception as e:  # whatever went wrong, hivemind's processes must still be stopped
+            logger.warning(f"could not withdraw: {type(e).__name__}: {e}")
         server, dht = self.server, self.dht
         self.server = self.dht = None
         if server is None:

@@ -251,8 +251,8 @@ def exit_now(code: int) -> None:
             os.killpg(_worker_group, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for pid, _ in group_members(os.getpgid(0)):
-        if pid != me:
+    for pid, fields in group_members(os.getpgid(0)):
+        if pid != me and fields[1] == str(me):  # our children only: `volunteer start | tee` shares the group
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -8,7 +8,6 @@ queue and calls ``CountingBackend.forward``/``backward`` below, which compute, a
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 import zlib
@@ -117,15 +116,14 @@ class CountingBackend(ModuleBackend):
     def to_checkpoint(self) -> ExpertCheckpoint:
         with self.lock:
             module = {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
-            optimizer = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
-        if optimizer is not None:
-            optimizer = _to_cpu(optimizer)
+            # copied straight to host memory: a deepcopy on the GPU would need the optimizer state twice there
+            optimizer = _to_cpu(self.optimizer.state_dict()) if self.optimizer is not None else None
         return ExpertCheckpoint(self.name, self.expert_type, module, optimizer, self.counters.snapshot().optimizer_steps)
 
 
 def _to_cpu(state):
     if isinstance(state, torch.Tensor):
-        return state.to("cpu")
+        return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):
         return {k: _to_cpu(v) for k, v in state.items()}
     if isinstance(state, list):
@@ -191,12 +189,15 @@ def stop_declaring(server: Server) -> None:
     """Stop re-announcing the server's experts (pause, drain); the records then expire on their own."""
     thread = server.dht_handler_thread
     thread.stop.set()
-    thread.join(timeout=30)
+    if thread.ident is not None:  # hivemind starts it only once the handlers are up
+        thread.join(timeout=30)
 
 
 def resume_declaring(server: Server) -> None:
     """Announce the experts again now and every update period (hivemind's thread cannot be restarted)."""
     old = server.dht_handler_thread
+    if old.ident is not None:  # its stop event is set: it ends within one declaration
+        old.join(timeout=30)
     if old.is_alive():
         return
     server.dht_handler_thread = DHTHandlerThread(

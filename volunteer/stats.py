@@ -135,7 +135,7 @@ class LifetimeStore:
                 return Totals.from_dict(json.loads(candidate.read_text()))
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError, RecursionError) as e:
+            except (ValueError, RecursionError) as e:  # an OSError (EACCES, EIO) is not corruption: raised
                 aside = candidate.with_name(f"{candidate.name}.corrupt-{int(time.time())}")
                 logger.warning(f"lifetime stats {candidate} are unreadable ({e}); moved to {aside.name}")
                 candidate.replace(aside)

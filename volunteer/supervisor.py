@@ -79,7 +79,7 @@ def run_volunteer(
 async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool = False) -> tuple[str, ...]:
     """Run until stopped; returns the uids to serve next if a rebalance asked for a restart, else ()."""
     settings, collector, events = node.settings, node.collector, node.events
-    stopping = trio.Event()
+    stopping = Stopping()
     moves: list[Rebalance] = []
     pauser = Pauser(node)
     collector.limits = limits_of(settings)
@@ -92,10 +92,11 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
             views.start_soon(_run_dashboard, node, stopping)
         async with trio.open_nursery() as work:
             if settings.stats:  # off: counters only (benchmarks measure what the rest costs)
-                reader = TelemetryReader()
                 work.start_soon(partial(_every, SAMPLE_PERIOD, collector.sample, first=0))
-                work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, node, reader), first=0))
                 work.start_soon(partial(_every, SWARM_PERIOD, _SwarmPoller(node), first=1))
+            if settings.stats or settings.max_temp is not None or settings.pause_on_gpu_use:  # limits need it
+                reader = TelemetryReader()
+                work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, node, reader), first=0))
             work.start_soon(partial(_every, TELEMETRY_PERIOD, pauser.check_limits, first=0.5))
             work.start_soon(_every, LIFETIME_SAVE_PERIOD, collector.persist)
             work.start_soon(_every, settings.checkpoint_interval, node.checkpoint)
@@ -104,9 +105,9 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
                 work.start_soon(_every, settings.log_interval, lambda: events.write(_stats_line(collector)))
             if settings.rebalance_period > 0:
                 work.start_soon(_rebalance, node, moves, stopping)
-            await stopping.wait()
+            await stopping.event.wait()
             work.cancel_scope.cancel()
-        collector.state = "draining"
+        await trio.to_thread.run_sync(pauser.freeze)  # no pause or resume may undo the drain from here
         started = time.monotonic()
         if moves:
             events.emit("rebalancing", f"moving {', '.join(moves[0].drop)} to {', '.join(moves[0].take)}: "
@@ -117,13 +118,13 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
         events.emit("stopped", f"left the swarm in {time.monotonic() - started:.1f} s",
                     lifetime=collector.snapshot().lifetime.__dict__)
         views.cancel_scope.cancel()
-    if not moves:
+    if not moves or stopping.by_user:  # a stop during a rebalance's drain is still a stop
         return ()
     keep = [uid for uid in node.info.uids if uid not in moves[0].drop]
     return tuple(keep + list(moves[0].take))
 
 
-async def _rebalance(node: VolunteerNode, moves: list[Rebalance], stopping: trio.Event) -> None:
+async def _rebalance(node: VolunteerNode, moves: list[Rebalance], stopping: Stopping) -> None:
     """Every ``rebalance_period`` on average (randomised, so volunteers do not all move at once), ask
     whether moving experts would serve the swarm's weakest uids better; if so, drain and restart."""
     rng = random.Random()
@@ -138,17 +139,17 @@ async def _rebalance(node: VolunteerNode, moves: list[Rebalance], stopping: trio
             continue
         if found:
             moves.append(found)
-            stopping.set()
+            stopping.event.set()
             return
 
 
-def _control_handlers(node: VolunteerNode, stopping: trio.Event, pauser: Pauser) -> dict[str, Any]:
+def _control_handlers(node: VolunteerNode, stopping: Stopping, pauser: Pauser) -> dict[str, Any]:
     async def status(request: dict[str, Any]) -> dict[str, Any]:
         return dict(status=node.collector.snapshot().to_dict())
 
     async def stop(request: dict[str, Any]) -> dict[str, Any]:
         logger.info("stop requested over the control socket")
-        stopping.set()
+        stopping.by_user_now()
         return dict(pid=os.getpid())
 
     async def pause(request: dict[str, Any]) -> dict[str, Any]:
@@ -187,6 +188,19 @@ def automatic_pause_reasons(settings: Settings, telemetry: Telemetry | None, now
     return reasons
 
 
+class Stopping:
+    """Why the supervisor is leaving: the owner asked (signal, `volunteer stop`, `q`), or a rebalance
+    wants a restart. A stop by the owner always wins, and only a second one exits without draining."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.by_user = False
+
+    def by_user_now(self) -> None:
+        self.by_user = True
+        self.event.set()
+
+
 class Pauser:
     """Pauses the node while any reason holds (the user, the schedule, heat, a game) and resumes it
     when none is left; the weights stay in memory all along."""
@@ -194,6 +208,7 @@ class Pauser:
     def __init__(self, node: VolunteerNode):
         self.node = node
         self.reasons: dict[str, str] = {}
+        self.frozen = False
         self._lock = threading.Lock()
 
     def set(self, key: str, reason: str | None) -> None:
@@ -212,7 +227,15 @@ class Pauser:
                     self.reasons[key] = reason
             self._apply()
 
+    def freeze(self) -> None:
+        """Enter the drain: from now on no reason can pause or resume the node."""
+        with self._lock:
+            self.frozen = True
+            self.node.collector.state = "draining"
+
     def _apply(self) -> None:
+        if self.frozen:
+            return
         node, collector = self.node, self.node.collector
         reasons = tuple(self.reasons.values())
         changed = reasons != collector.pause_reasons
@@ -227,20 +250,20 @@ class Pauser:
             node.events.emit("paused", f"still paused: {'; '.join(reasons)}", reasons=list(reasons))
 
 
-async def _watch_signals(stopping: trio.Event) -> None:
+async def _watch_signals(stopping: Stopping) -> None:
     # SIGHUP: the terminal went away (ssh dropped, tmux killed); leave as cleanly as on SIGTERM
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
-            if stopping.is_set() and signum == signal.SIGHUP:
+            if stopping.by_user and signum == signal.SIGHUP:
                 continue  # a hangup comes more than once (from tmux, then the kernel): not a request
-            if stopping.is_set():
+            if stopping.by_user:
                 logger.warning(f"second {signal.Signals(signum).name}: exiting now without draining")
                 exit_now(128 + signum)
             logger.info(f"received {signal.Signals(signum).name}; draining (again to exit at once)")
-            stopping.set()
+            stopping.by_user_now()
 
 
-async def _run_dashboard(node: VolunteerNode, stopping: trio.Event) -> None:
+async def _run_dashboard(node: VolunteerNode, stopping: Stopping) -> None:
     from volunteer.dashboard import run_dashboard
 
     collector = node.collector
@@ -252,8 +275,8 @@ async def _run_dashboard(node: VolunteerNode, stopping: trio.Event) -> None:
     node.events.sink = collector.note
     try:
         while True:  # after `q` the screen stays up, without keys, to show the drain
-            if await run_dashboard(snapshot, keys=not stopping.is_set()) == "quit":
-                stopping.set()
+            if await run_dashboard(snapshot, keys=not stopping.by_user) == "quit":
+                stopping.by_user_now()
     except OSError as e:  # the terminal is gone (SIGHUP follows): serving and the drain go on without it
         logger.warning(f"the dashboard stopped: {e}")
     finally:

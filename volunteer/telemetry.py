@@ -67,6 +67,7 @@ class TelemetryReader:
         self._machine: tuple[int, int] | None = None  # (busy, total) jiffies at the last read
         self._group: tuple[float, float] | None = None  # (cpu seconds, wall time) at the last read
         self._pss: tuple[float, int] | None = None  # (when, bytes) of the last memory reading
+        self._seen_gpus = False
 
     def read(self) -> Telemetry:
         gpus = ()
@@ -77,7 +78,9 @@ class TelemetryReader:
                            g.temperature, g.power_watts, sum(1 for p in g.processes if p.pid not in ours))
                 for g in gpu_telemetry(self.nvml)
             )
-            self.with_gpus = bool(gpus)  # no NVML now means none later: stop probing for it
+            self._seen_gpus = self._seen_gpus or bool(gpus)
+            # never any GPU: no NVML, stop probing; once seen, a failed read is a hiccup, not an absence
+            self.with_gpus = self._seen_gpus
         return Telemetry(self._read_cpu(), gpus)
 
     def _read_cpu(self) -> CpuReading:
