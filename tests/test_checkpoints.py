@@ -343,3 +343,16 @@ def test_counting_backend_trains_counts_and_checkpoints(store: CheckpointStore, 
     assert_same(snapshot.optimizer, again[UID].optimizer.state_dict(), "rebuilt optimizer")
     assert again[UID].counters.snapshot().optimizer_steps == 2
     assert again[UID].to_checkpoint().updates == 2
+
+
+def test_a_crash_between_the_two_renames_loads_the_newer_staged_file(tmp_path: Path):
+    """save() writes <uid>.pt.new whole, moves <uid>.pt to .prev, then .new to .pt: a crash in between
+    leaves .prev (older) and .new (newer, whole); the newer must win, and dead writers' temp files go."""
+    store = CheckpointStore(tmp_path)
+    module, optimizer = trained_expert()
+    store.save(checkpoint_of(module, optimizer, updates=1))
+    store.save(checkpoint_of(module, optimizer, updates=2))
+    (tmp_path / f"{UID}.pt").replace(tmp_path / f"{UID}.pt.new")  # as if killed before the last rename
+    (tmp_path / f".{UID}.pt.new.999.tmp").write_bytes(b"half a checkpoint")
+    assert store.sweep() == 1 and not list(tmp_path.glob(".*.tmp"))
+    assert store.load(UID, "small").updates == 2

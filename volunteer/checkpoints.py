@@ -39,6 +39,14 @@ class CheckpointStore:
     def __init__(self, directory: Path):
         self.directory = directory
 
+    def sweep(self) -> int:
+        """Delete temporary files a killed writer left (write_atomic's ``.<name>.<pid>.tmp``)."""
+        swept = 0
+        for tmp in self.directory.glob(".*.tmp") if self.directory.is_dir() else ():
+            tmp.unlink(missing_ok=True)
+            swept += 1
+        return swept
+
     def _latest(self, uid: str) -> Path:
         return self.directory / f"{uid}.pt"
 
@@ -63,7 +71,8 @@ class CheckpointStore:
 
     def load(self, uid: str, expert_type: str) -> ExpertCheckpoint | None:
         """The newest readable checkpoint of ``uid``; unreadable files are moved aside with a warning."""
-        for path in (self._latest(uid), self._previous(uid), self._latest(uid).with_name(f"{uid}.pt.new")):
+        # a crash between save()'s two renames leaves no <uid>.pt but a whole, newer .new than .prev
+        for path in (self._latest(uid), self._latest(uid).with_name(f"{uid}.pt.new"), self._previous(uid)):
             if not path.exists():
                 continue
             try:

@@ -79,6 +79,7 @@ class VolunteerNode:
         self.events = events or EventLog()
         self.manifest = experiment.manifest
         self.store = CheckpointStore(paths.data_dir / "checkpoints" / self.manifest.name)
+        self.store.sweep()  # we hold the state dir's lock: any temporary file here is a dead writer's
         self.state_file = paths.state_dir / "node.json"
         self.dht: DHT | None = None
         self.server: Server | None = None
