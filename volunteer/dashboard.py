@@ -29,6 +29,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from volunteer.procgroup import forget_on_exit_now, on_exit_now
 from volunteer.stats import StatsSnapshot, Totals
 from volunteer.telemetry import Telemetry
 
@@ -323,16 +324,36 @@ async def run_dashboard(get_snapshot: Callable[[], Awaitable[StatsSnapshot | Non
     interval = min(max(refresh, 0.05), 1.0)  # uptime and "3s ago" tick by seconds: never skip one
     read_keys = keys and sys.stdin is not None and sys.stdin.isatty()
     view, quit_pressed = _View(read_keys), trio.Event()
-    with Live(get_renderable=view.renderable, console=console, screen=True, auto_refresh=False) as live:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_draw, get_snapshot, view, live, interval)
-            if read_keys:
-                nursery.start_soon(_wait_quit_key, quit_pressed)
-            if hasattr(signal, "SIGWINCH") and threading.current_thread() is threading.main_thread():
-                nursery.start_soon(_redraw_on_resize, live)
-            await quit_pressed.wait()
-            nursery.cancel_scope.cancel()
+    restore = _terminal_restorer(console)
+    on_exit_now(restore)  # a second Ctrl-C leaves through os._exit: no finally runs then
+    try:
+        with Live(get_renderable=view.renderable, console=console, screen=True, auto_refresh=False) as live:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_draw, get_snapshot, view, live, interval)
+                if read_keys:
+                    nursery.start_soon(_wait_quit_key, quit_pressed)
+                if hasattr(signal, "SIGWINCH") and threading.current_thread() is threading.main_thread():
+                    nursery.start_soon(_redraw_on_resize, live)
+                await quit_pressed.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        forget_on_exit_now(restore)
     return "quit"
+
+
+def _terminal_restorer(console: Console | None) -> Callable[[], None]:
+    """Puts the terminal back as it was: line mode, echo, the normal screen, the cursor."""
+    fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
+    saved = termios.tcgetattr(fd) if fd is not None else None
+    out = console.file if console is not None else sys.stdout
+
+    def restore() -> None:
+        if saved is not None:
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+        out.write("\x1b[?1049l\x1b[?25h")  # leave the alternate screen, show the cursor
+        out.flush()
+
+    return restore
 
 
 async def _draw(get_snapshot, view: _View, live: Live, interval: float) -> None:

@@ -33,6 +33,17 @@ from pathlib import Path
 _PR_SET_PDEATHSIG = 1
 _installed = False
 _worker_group: int | None = None  # the group forked children join (isolate_workers)
+_before_exit_now: list = []  # what must run even when exit_now skips every other cleanup
+
+
+def on_exit_now(action) -> None:
+    """Run ``action`` (restoring the terminal, say) if the process leaves through ``exit_now``."""
+    _before_exit_now.append(action)
+
+
+def forget_on_exit_now(action) -> None:
+    if action in _before_exit_now:
+        _before_exit_now.remove(action)
 
 
 def die_with_parent() -> None:
@@ -108,6 +119,7 @@ def lead_process_group() -> None:
     if in_foreground:
         _give_terminal_to(os.getpgrp())
         atexit.register(_give_terminal_to, previous)
+        on_exit_now(lambda: _give_terminal_to(previous))
 
 
 def _foreground_group() -> int | None:
@@ -245,6 +257,11 @@ def exit_now(code: int) -> None:
     """Leave at once (a second Ctrl-C): kill the rest of our group, skip every cleanup handler.
 
     Files stay whole because every one of them is written to a temporary name and renamed."""
+    for action in reversed(_before_exit_now):
+        try:
+            action()
+        except Exception:  # leaving now matters more than any one clean-up
+            pass
     me = os.getpid()
     if _worker_group is not None:
         try:

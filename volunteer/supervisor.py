@@ -57,14 +57,24 @@ def run_volunteer(
     warning = lock.acquire()
     if warning:
         logger.warning(warning)
-    node, prefer = None, ()
+    node, prefer, restore_logs = None, (), None
     try:
         experiment = load_experiment(settings, paths)
+        startup: list[str] = []
+        if dashboard:
+            # hivemind's workers, forked below, keep the log handlers they are born with: give them
+            # the log file now, or their warnings would tear the dashboard's screen
+            log_file = paths.state_dir / "volunteer.log"
+            print(f"joining the swarm of {experiment.manifest.name}; the dashboard follows (log: {log_file})",
+                  flush=True)
+            restore_logs = divert_logs_for_dashboard(startup.append, log_file)
         while True:  # once, or again after each rebalance with the uids it chose
             node = VolunteerNode(settings, paths, experiment, events, prefer=prefer)
             # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the *thread*
             # that forked it exits, and trio retires idle worker threads after a few seconds.
             info = node.start()
+            for line in startup:  # warnings of the start, for the events panel
+                node.collector.note(line)
             on_ready(info)
             prefer = trio.run(supervise, node, control, dashboard)
             node.shutdown()
@@ -73,6 +83,8 @@ def run_volunteer(
     finally:
         if node is not None:
             node.shutdown()
+        if restore_logs is not None:
+            restore_logs()
         lock.release()
 
 
