@@ -325,10 +325,10 @@ def _cores() -> int:
 
 def _memory(root: Path) -> tuple[int, int]:
     """(total, available) bytes: /proc/meminfo, else sysconf; then capped by a container's cgroup limit."""
-    info = _read_key_values(root / "proc/meminfo")
+    info = read_proc_sizes(root / "proc/meminfo")
     try:
-        total, available = _kib(info["MemTotal"]), _kib(info["MemAvailable"])
-    except (KeyError, ValueError):
+        total, available = info["MemTotal"], info["MemAvailable"]
+    except KeyError:
         total, available = _sysconf_memory()
     # /proc/meminfo shows the host's RAM even inside a container; sizing by it would get us OOM-killed.
     limit, usage = _cgroup_memory(root)
@@ -377,8 +377,14 @@ def _read_key_values(path: Path) -> dict[str, str]:
     return result
 
 
-def _kib(value: str) -> int:
-    return int(value.split()[0]) * 1024  # meminfo says "kB" but means KiB
+def read_proc_sizes(path: Path) -> dict[str, int]:
+    """The ``Key: <n> kB`` lines of a /proc file (meminfo, <pid>/status, smaps_rollup), in bytes."""
+    sizes = {}
+    for key, value in _read_key_values(path).items():
+        number = value.split()
+        if number and number[0].isdigit():
+            sizes[key] = int(number[0]) * 1024  # "kB" there means KiB
+    return sizes
 
 
 def _read_int(path: Path) -> int | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from volunteer.hardware import gpu_telemetry
+from volunteer.hardware import gpu_telemetry, read_proc_sizes
 from volunteer.procgroup import group_members, worker_group
 
 PSS_PERIOD = 30.0
@@ -84,8 +84,8 @@ class TelemetryReader:
         return Telemetry(self._read_cpu(), gpus)
 
     def _read_cpu(self) -> CpuReading:
-        memory = _meminfo(self.proc / "meminfo")
-        total_kib, available_kib = memory.get("MemTotal", 0), memory.get("MemAvailable", 0)
+        memory = read_proc_sizes(self.proc / "meminfo")
+        total, available = memory.get("MemTotal", 0), memory.get("MemAvailable", 0)
         try:
             load = float((self.proc / "loadavg").read_text().split()[0])
         except (OSError, ValueError, IndexError):
@@ -98,7 +98,7 @@ class TelemetryReader:
         self._group = (cpu_seconds, wall)
         return CpuReading(
             cores=os.cpu_count() or 1, busy_percent=self._machine_busy(), load_average=load,
-            memory_used=(total_kib - available_kib) * 1024, memory_total=total_kib * 1024,
+            memory_used=total - available, memory_total=total,
             volunteer_cpu_percent=group_percent, volunteer_memory=pss,
         )
 
@@ -122,27 +122,13 @@ class TelemetryReader:
 
         PSS is re-read only every ``PSS_PERIOD``: walking every process's page tables (smaps_rollup)
         was most of an idle volunteer's CPU (bench/dashboard_cost.py)."""
-        cpu_ticks, pss_kib = 0, 0
+        cpu_ticks, pss = 0, 0
         members = self._members()
         for _, fields in members:
             cpu_ticks += int(fields[11]) + int(fields[12])  # utime + stime
         now = time.monotonic()
         if self._pss is None or now - self._pss[0] >= PSS_PERIOD:
             for pid, _ in members:
-                pss_kib += _meminfo(self.proc / str(pid) / "smaps_rollup").get("Pss", 0)
-            self._pss = (now, pss_kib * 1024)
+                pss += read_proc_sizes(self.proc / str(pid) / "smaps_rollup").get("Pss", 0)
+            self._pss = (now, pss)
         return cpu_ticks / _CLOCK_TICKS, self._pss[1]
-
-def _meminfo(path: Path) -> dict[str, int]:
-    """``Key: <n> kB`` lines (meminfo, smaps_rollup) as kibibytes."""
-    values = {}
-    try:
-        for line in path.read_text().splitlines():
-            key, _, rest = line.partition(":")
-            number = rest.split()
-            if number and number[0].isdigit():
-                values[key.strip()] = int(number[0])
-    except OSError:
-        pass
-    return values
-

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from volunteer.hardware import read_proc_sizes
 from volunteer.paths import write_atomic
 
 if TYPE_CHECKING:
@@ -209,16 +210,10 @@ def measured_peak(device: str, status: Path = Path("/proc/self/status")) -> int:
         import torch
 
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        lines = status.read_text().splitlines()
-    except OSError:
-        lines = []
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    sizes = read_proc_sizes(status)
     for key in ("VmHWM", "VmRSS"):
-        try:
-            return int(fields[key].split()[0]) * 1024  # "kB" that means KiB
-        except (KeyError, ValueError, IndexError):
-            continue
+        if key in sizes:
+            return sizes[key]
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
