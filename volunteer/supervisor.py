@@ -76,8 +76,7 @@ def run_volunteer(
             for line in startup:  # warnings of the start, for the events panel
                 node.collector.note(line)
             on_ready(info)
-            prefer = trio.run(supervise, node, control, dashboard)
-            node.shutdown()
+            prefer = trio.run(supervise, node, control, dashboard)  # it drains and shuts the node down
             if not prefer:
                 return info
     finally:
@@ -92,7 +91,6 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
     """Run until stopped; returns the uids to serve next if a rebalance asked for a restart, else ()."""
     settings, collector, events = node.settings, node.collector, node.events
     stopping = Stopping()
-    moves: list[Rebalance] = []
     pauser = Pauser(node)
     collector.limits = limits_of(settings)
     control.handlers.update(_control_handlers(node, stopping, pauser))
@@ -116,14 +114,15 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
             if not dashboard:
                 work.start_soon(_every, settings.log_interval, lambda: events.write(_stats_line(collector)))
             if settings.rebalance_period > 0:
-                work.start_soon(_rebalance, node, moves, stopping)
+                work.start_soon(_rebalance, node, stopping)
             await stopping.event.wait()
             work.cancel_scope.cancel()
         await trio.to_thread.run_sync(pauser.freeze)  # no pause or resume may undo the drain from here
         started = time.monotonic()
+        moves = stopping.rebalance
         if moves:
-            events.emit("rebalancing", f"moving {', '.join(moves[0].drop)} to {', '.join(moves[0].take)}: "
-                        "the swarm serves those least", drop=list(moves[0].drop), take=list(moves[0].take))
+            events.emit("rebalancing", f"moving {', '.join(moves.drop)} to {', '.join(moves.take)}: "
+                        "the swarm serves those least", drop=list(moves.drop), take=list(moves.take))
         events.emit("draining", "draining: withdrawn from the DHT, finishing requests, then saving and leaving")
         await trio.to_thread.run_sync(node.drain)
         await trio.to_thread.run_sync(node.shutdown)
@@ -132,11 +131,10 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
         views.cancel_scope.cancel()
     if not moves or stopping.by_user:  # a stop during a rebalance's drain is still a stop
         return ()
-    keep = [uid for uid in node.info.uids if uid not in moves[0].drop]
-    return tuple(keep + list(moves[0].take))
+    return tuple([uid for uid in node.info.uids if uid not in moves.drop] + list(moves.take))
 
 
-async def _rebalance(node: VolunteerNode, moves: list[Rebalance], stopping: Stopping) -> None:
+async def _rebalance(node: VolunteerNode, stopping: Stopping) -> None:
     """Every ``rebalance_period`` on average (randomised, so volunteers do not all move at once), ask
     whether moving experts would serve the swarm's weakest uids better; if so, drain and restart."""
     rng = random.Random()
@@ -150,8 +148,7 @@ async def _rebalance(node: VolunteerNode, moves: list[Rebalance], stopping: Stop
             logger.warning(f"rebalance check failed: {type(e).__name__}: {e}")
             continue
         if found:
-            moves.append(found)
-            stopping.event.set()
+            stopping.for_rebalance(found)
             return
 
 
@@ -207,9 +204,14 @@ class Stopping:
     def __init__(self) -> None:
         self.event = trio.Event()
         self.by_user = False
+        self.rebalance: Rebalance | None = None  # the moves to make before serving again
 
     def by_user_now(self) -> None:
         self.by_user = True
+        self.event.set()
+
+    def for_rebalance(self, moves: Rebalance) -> None:
+        self.rebalance = moves
         self.event.set()
 
 
