@@ -178,7 +178,7 @@ class Served:
     def planned_batch(self, default: int) -> int:
         """The max batch size the volunteer planned (its ``state/node.json``), else ``default``."""
         try:
-            return int(json.loads((self.home / "state" / "node.json").read_text())["plan"]["max_batch_size"])
+            return int(json.loads((self.home / "state" / "node.json").read_text())["plans"][0]["max_batch_size"])
         except (OSError, ValueError, KeyError, TypeError):
             return default
 

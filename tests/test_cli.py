@@ -159,9 +159,11 @@ def test_hardware_json(home: Path):
     result = run([*VOLUNTEER, "hardware", "--json"], home)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert {"hardware", "plan", "experiment"} <= report.keys()
+    assert {"hardware", "plans", "left_out", "experiment"} <= report.keys()
     assert report["experiment"] == "tiny-stdlib-lm"
-    assert report["plan"]["uids"] and all(isinstance(uid, str) for uid in report["plan"]["uids"])
+    [plan] = report["plans"]  # a CPU box serves on its CPU alone
+    assert plan["device"] == "cpu" and report["left_out"] == []
+    assert plan["uids"] and all(isinstance(uid, str) for uid in plan["uids"])
     assert report["hardware"]["cpu"]["cores"] >= 1
 
 

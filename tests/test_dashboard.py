@@ -132,7 +132,7 @@ def snapshot(tmp_path_factory) -> StatsSnapshot:
     store.save(EARLIER)  # a previous session's totals
     plan = Plan(device="cpu", budget_bytes=4 * GiB, max_batch_size=64, uids=UIDS, expert_types=("small",) * len(UIDS),
                 planned_bytes=1536 * MiB, reasons=("fits",)).to_dict()
-    collector = StatsCollector(manifest.name, PEER_ID, "cpu", [b.counters for b in backends.values()], store, plan)
+    collector = StatsCollector(manifest.name, PEER_ID, "cpu", [b.counters for b in backends.values()], store, [plan])
     reader = TelemetryReader()
     reader.read()  # CPU shares are measured between two reads
     # the sampling clock is given (on a loaded CI box two passes can take seconds): three samples
@@ -213,7 +213,7 @@ def test_render_before_anything_is_known(width: int, height: int):
 def test_render_gpus_and_a_measured_peak(snapshot: StatsSnapshot):
     gpu = GpuReading(0, "NVIDIA H100", 87.0, 30 * GiB, 80 * GiB, 65.0, 250.0)
     with_gpu = dataclasses.replace(snapshot, telemetry=Telemetry(snapshot.telemetry.cpu, (gpu,)),
-                                   plan={**snapshot.plan, "measured_peak_bytes": 2 * GiB})
+                                   plans=({**snapshot.plans[0], "measured_peak_bytes": 2 * GiB},))
     for width, height in SIZES:
         text = screen(with_gpu, width, height)
         for expected in ("GPU0", "87% 65°C 250 W", "30.0/80.0 GiB", "peak", "2.0/4.0 GiB"):

@@ -804,7 +804,7 @@ def served(seed) -> Iterator[Served]:
         event = serving_event(child)
         dht = swarm.join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, client_mode=True)
         expert = wait_for(lambda: get_experts(dht, [UID])[0], 30, f"{UID} in the DHT")
-        yield Served(home, child, event, expert, event["plan"]["max_batch_size"], planted, cache_before)
+        yield Served(home, child, event, expert, event["plans"][0]["max_batch_size"], planted, cache_before)
     finally:
         proxy.stop()
         if dht is not None:

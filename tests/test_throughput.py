@@ -21,7 +21,8 @@ with warnings.catch_warnings():
     from volunteer.manifest import Manifest, default_manifest
 from volunteer import throughput
 from volunteer.experts import build_expert
-from volunteer.report import print_hardware_and_plan
+from volunteer.placement import Placement
+from volunteer.report import print_hardware_and_placement
 from volunteer.serving import OPTIMIZERS
 from volunteer.sizing import (
     CPU_EXPERT_OVERHEAD,
@@ -249,7 +250,8 @@ def test_the_cost_model_covers_a_real_expert(type_name: str, optimizer: str) -> 
 
 def render(profile: HardwareProfile, manifest: Manifest, plan, check=None) -> str:
     out = io.StringIO()
-    print_hardware_and_plan(profile, manifest, plan, Console(file=out, width=160, color_system=None), check=check)
+    print_hardware_and_placement(profile, manifest, Placement((plan,)), Console(file=out, width=160, color_system=None),
+                                 checks=[check] if check else [])
     return out.getvalue()
 
 

@@ -66,8 +66,10 @@ def start(
     host: Optional[str] = typer.Option(None, help="Address the DHT and expert RPCs listen on. [default: 0.0.0.0]"),
     port: Optional[int] = typer.Option(None, help="TCP port for the DHT and experts. [default: 0 = any free port]"),
     announce_host: Optional[str] = typer.Option(None, help="Public address to announce (port forwarding)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: the best GPU, else CPU)."),
-    max_memory: Optional[str] = typer.Option(None, help="Memory budget: a fraction (0.5) or a size (8GiB)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: every GPU, else CPU)."),
+    gpus: Optional[str] = typer.Option(None, help="Serve on these GPUs only: indices or UUIDs, e.g. 0,2."),
+    max_memory: Optional[str] = typer.Option(None, help="Memory budget on each device: a fraction (0.5) "
+                                                        "or a size (8GiB)."),
     max_experts: Optional[int] = typer.Option(None, help="Host at most this many experts."),
     num_handlers: Optional[int] = typer.Option(None, help="Connection handler processes. [default: 2]"),
     checkpoint_interval: Optional[float] = typer.Option(None, help="Seconds between checkpoints. [default: 60]"),
@@ -98,8 +100,8 @@ def start(
 
     flags = {
         "coordinator": coordinator, "experiment_file": experiment, "initial_peers": initial_peers or None,
-        "host": host, "port": port, "announce_host": announce_host, "device": device, "max_memory": max_memory,
-        "max_experts": max_experts, "num_handlers": num_handlers, "checkpoint_interval": checkpoint_interval,
+        "host": host, "port": port, "announce_host": announce_host, "device": device, "gpus": gpus,
+        "max_memory": max_memory, "max_experts": max_experts, "num_handlers": num_handlers, "checkpoint_interval": checkpoint_interval,
         "headless": headless, "dashboard": dashboard, "log_interval": log_interval, "cpu_threads": cpu_threads,
         "power": power, "max_temp": max_temp, "run_hours": run_hours, "pause_on_gpu_use": pause_on_gpu_use,
         "stats": stats, "remeasure": remeasure, "rebalance_period": rebalance_period,
@@ -197,20 +199,24 @@ def hardware(
     coordinator: Optional[str] = typer.Option(None),
     experiment: Optional[Path] = typer.Option(None, help="Plan for this manifest instead of the default one."),
     device: Optional[str] = typer.Option(None),
+    gpus: Optional[str] = typer.Option(None),
     max_memory: Optional[str] = typer.Option(None),
     max_experts: Optional[int] = typer.Option(None),
     measure: bool = typer.Option(False, "--plan", help="Also measure each expert type's throughput here "
                                                       "(cached) and explain the whole decision."),
     remeasure: bool = typer.Option(False, "--remeasure", help="With --plan: measure again, ignoring the cache."),
 ) -> None:
-    """Show the detected hardware and the plan this machine would serve, without joining anything."""
+    """Show the detected hardware and the plan of each device this machine would serve on, without
+    joining anything."""
+    from dataclasses import replace
+
     from volunteer.config import resolve_settings
     from volunteer.hardware import detect_hardware
     from volunteer.manifest import default_manifest, load
-    from volunteer.sizing import plan_experts
+    from volunteer.placement import pick_devices, place_experts
 
-    flags = {"coordinator": coordinator, "experiment_file": experiment, "device": device, "max_memory": max_memory,
-             "max_experts": max_experts}
+    flags = {"coordinator": coordinator, "experiment_file": experiment, "device": device, "gpus": gpus,
+             "max_memory": max_memory, "max_experts": max_experts}
     try:
         settings = resolve_settings(flags).settings
         if settings.coordinator:
@@ -221,21 +227,25 @@ def hardware(
         else:
             manifest = load(settings.experiment_file) if settings.experiment_file else default_manifest()
         profile = detect_hardware()
-        plan = plan_experts(profile, manifest, {}, device=settings.device, max_memory=settings.max_memory,
-                            max_experts=settings.max_experts)
+        placement = place_experts(profile, manifest, {}, devices=pick_devices(profile, settings.device, settings.gpus),
+                                  max_memory=settings.max_memory, max_experts=settings.max_experts)
         if measure or remeasure:
             from volunteer.paths import default_paths
             from volunteer.throughput import measure_plan
 
-            plan = measure_plan(profile, manifest, plan, default_paths().cache_dir, remeasure=remeasure)
+            placement = replace(placement, plans=tuple(
+                measure_plan(profile, manifest, plan, default_paths().cache_dir, remeasure=remeasure)
+                for plan in placement.plans
+            ))
     except BaseException as e:
         raise _exit_for(e)
     if as_json:
-        typer.echo(json.dumps(dict(hardware=profile.to_dict(), experiment=manifest.name, plan=plan.to_dict()), indent=2))
+        typer.echo(json.dumps(dict(hardware=profile.to_dict(), experiment=manifest.name, **placement.to_dict()),
+                              indent=2))
         return
-    from volunteer.report import print_hardware_and_plan
+    from volunteer.report import print_hardware_and_placement
 
-    print_hardware_and_plan(profile, manifest, plan)
+    print_hardware_and_placement(profile, manifest, placement)
 
 
 @app.command()

@@ -133,7 +133,7 @@ def _ratio(part: float, whole: float) -> float | None:
     return part / whole if whole else None
 
 
-def _hardware(t: Telemetry | None, plan: dict) -> RenderableType:
+def _hardware(t: Telemetry | None, plans: tuple[dict, ...]) -> RenderableType:
     if t is None:
         return Text("no reading yet", style="dim")
     grid = _grid(bars=True)
@@ -148,11 +148,14 @@ def _hardware(t: Telemetry | None, plan: dict) -> RenderableType:
     grid.add_row("RAM", _bar(_ratio(c.memory_used, c.memory_total)), format_used(c.memory_used, c.memory_total))
     grid.add_row("ours", _bar(c.volunteer_cpu_percent / (100 * max(c.cores, 1))),
                  f"{c.volunteer_cpu_percent:.0f}% {format_bytes(c.volunteer_memory)}")
-    budget, planned, peak = plan.get("budget_bytes"), plan.get("planned_bytes"), plan.get("measured_peak_bytes")
-    if budget and planned is not None:
+    for plan in plans:  # one row per serving device: "peak" alone, "peak0", "peak1"... with several
+        budget, planned, peak = plan.get("budget_bytes"), plan.get("planned_bytes"), plan.get("measured_peak_bytes")
+        if not budget or planned is None:
+            continue
         label, used = ("peak", peak) if peak is not None else ("plan", planned)
-        grid.add_row(label, _bar(_ratio(used, budget)), format_used(used, budget))
-    else:
+        suffix = str(plan.get("device", "")).removeprefix("cuda:") if len(plans) > 1 else ""
+        grid.add_row(label + suffix, _bar(_ratio(used, budget)), format_used(used, budget))
+    if not plans:
         grid.add_row("plan", "", Text("not made yet", style="dim"))
     return grid
 
@@ -191,7 +194,7 @@ def _contribution(session: Totals, lifetime: Totals) -> Table:
 
 def _experts(s: StatsSnapshot, height: int) -> RenderableType:
     if not s.experts:
-        planned = len(s.plan.get("uids", ()))
+        planned = sum(len(plan.get("uids", ())) for plan in s.plans)
         return Text(f"none serving yet ({planned} planned)" if planned else "none serving yet", style="dim")
     table = Table(box=None, expand=True, header_style="bold", pad_edge=False)
     for name in ("uid", "type", "samples", "fwd/s", "bwd/s", "steps", "srv", "last"):
@@ -264,7 +267,7 @@ def _screen(s: StatsSnapshot, width: int, height: int) -> RenderableType:
         grid.add_row("samples", f"{s.session.forward_samples + s.session.backward_samples:,}")
         grid.add_row("loss", "-" if s.swarm is None or s.swarm.trainer_loss is None else f"{s.swarm.trainer_loss:.3f}")
         return Group(_header(s, width), grid, _events(s.events, 1))
-    hardware, swarm, contribution = _hardware(s.telemetry, s.plan), _swarm(s), _contribution(s.session, s.lifetime)
+    hardware, swarm, contribution = _hardware(s.telemetry, s.plans), _swarm(s), _contribution(s.session, s.lifetime)
     experts = _panel(_Fit(lambda w, h: _experts(s, h)), "experts")
     spark_rows = 3 if width >= WIDE and height >= 36 else 1
     side = Layout(name="side")

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -35,7 +35,7 @@ from volunteer.serving import (
     stop_declaring,
 )
 from volunteer.settings import Settings
-from volunteer.sizing import Plan, plan_experts
+from volunteer.placement import Placement, pick_devices, place_experts
 from volunteer.stats import LifetimeStore, StatsCollector
 from volunteer.throughput import PlanCheck, measure_plan, measured_peak
 
@@ -52,10 +52,16 @@ class NodeInfo:
     experiment: str
     peer_id: str
     maddrs: tuple[str, ...]
-    uids: tuple[str, ...]
-    device: str
+    placement: Placement  # one plan per serving device
     restored: tuple[str, ...]
-    plan: Plan
+
+    @property
+    def uids(self) -> tuple[str, ...]:
+        return self.placement.uids
+
+    @property
+    def device(self) -> str:
+        return self.placement.device
 
     def serving_line(self) -> str:
         restored = f", {len(self.restored)} restored from checkpoints" if self.restored else ""
@@ -86,9 +92,11 @@ class VolunteerNode:
         self.backends: dict[str, CountingBackend] = {}
         self.info: NodeInfo | None = None
         self.collector: StatsCollector | None = None
-        self.torch_device = "cpu"
+        self.torch_devices: dict[str, str] = {}  # plan device (NVML numbering) -> torch device
 
-    def start(self, hardware: HardwareProfile | None = None) -> NodeInfo:
+    def start(self, hardware: HardwareProfile | None = None, torch_devices: dict[str, str] | None = None) -> NodeInfo:
+        """Join, plan, serve. ``hardware`` and ``torch_devices`` (plan device -> torch device) are test
+        seams: they let a CPU-only machine run the several-GPU path on CPU."""
         hardware = hardware or detect_hardware()
         previous = self._previous_state()
         self.dht = self._join(previous.get("port"))
@@ -96,15 +104,18 @@ class VolunteerNode:
         maddrs = tuple(swarm.visible_maddrs(self.dht))
         self.events.emit("joined", f"joined the DHT of {self.manifest.name} as {peer_id}", peer_id=peer_id,
                          maddrs=list(maddrs))
-        plan = self._plan(hardware, peer_id)
-        self.torch_device = torch_device(hardware, plan.device)  # NVML numbers GPUs its own way
+        placement = self._place(hardware, peer_id, torch_devices or {})
         if self.settings.cpu_threads:
             torch.set_num_threads(self.settings.cpu_threads)
         power = self.settings.power_level  # light and medium take smaller batches and idle between them
-        self.backends, restored = build_backends(
-            self.manifest, plan.uids, max(1, int(plan.max_batch_size * power.batch_fraction)), self.store,
-            duty_cycle=power.duty_cycle,
-        )
+        restored = []
+        for plan in placement.plans:
+            backends, restored_here = build_backends(
+                self.manifest, plan.uids, max(1, int(plan.max_batch_size * power.batch_fraction)), self.store,
+                duty_cycle=power.duty_cycle,
+            )
+            self.backends.update(backends)
+            restored += restored_here
         for uid in restored:
             steps = self.backends[uid].counters.snapshot().optimizer_steps
             self.events.emit("expert_restored", f"restored {uid} from its checkpoint ({steps} updates)",
@@ -112,30 +123,32 @@ class VolunteerNode:
         self.server = VolunteerServer(
             self.dht, self.backends, num_connection_handlers=self.settings.num_handlers,
             update_period=self.settings.announce_interval,
-            device=torch.device(self.torch_device),
+            placed=[(self.torch_devices[plan.device], plan.uids) for plan in placement.plans],
         )
         self.server.run_in_background(await_ready=True, timeout=SERVER_START_TIMEOUT)
-        self.info = NodeInfo(self.manifest.name, peer_id, maddrs, plan.uids, plan.device, tuple(restored), plan)
+        self.info = NodeInfo(self.manifest.name, peer_id, maddrs, placement, tuple(restored))
         self.collector = StatsCollector(
-            self.manifest.name, peer_id, plan.device, [b.counters for b in self.backends.values()],
-            LifetimeStore(self.paths.state_dir / "lifetime.json"), plan=plan.to_dict(),
+            self.manifest.name, peer_id, placement.device, [b.counters for b in self.backends.values()],
+            LifetimeStore(self.paths.state_dir / "lifetime.json"), plans=[plan.to_dict() for plan in placement.plans],
         )
         self.announce()
         self._save_state()
         self.collector.state = "serving"
         return self.info
 
-    def check_plan(self) -> PlanCheck:
-        """The memory plan next to the peak measured since start (shown by the dashboard and status)."""
-        return PlanCheck.of(self.info.plan, measured_peak(self.torch_device))
+    def check_plans(self) -> list[PlanCheck]:
+        """Each device's memory plan next to the peak measured there since start (dashboard, status)."""
+        return [PlanCheck.of(plan, measured_peak(self.torch_devices[plan.device])) for plan in self.info.placement.plans]
 
     def report_serving(self) -> None:
         info = self.info
         self.events.emit("serving", info.serving_line(), peer_id=info.peer_id, device=info.device,
                          uids=list(info.uids), restored=list(info.restored), maddrs=list(info.maddrs),
-                         plan=info.plan.to_dict())
+                         **info.placement.to_dict())
+        for note in info.placement.left_out:
+            self.events.emit("device_left_out", note)
 
-    def _plan(self, hardware: HardwareProfile, peer_id: str) -> Plan:
+    def _place(self, hardware: HardwareProfile, peer_id: str, torch_devices: dict[str, str]) -> Placement:
         uids = self.manifest.all_uids()
         volunteers = swarm.read_volunteers(self.dht, self.manifest.dht_prefix)
         counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers))
@@ -143,20 +156,29 @@ class VolunteerNode:
         # worth more than fresh ones
         for uid in self.prefer or self._previous_uids():
             counts[uid] = -1
-        plan = plan_experts(
-            hardware, self.manifest, counts, device=self.settings.device, max_memory=self.settings.max_memory,
-            max_experts=self.settings.max_experts, seed=zlib.crc32(peer_id.encode()),
-            served_throughput=swarm.served_throughput(volunteers, uids),
+        placement = place_experts(
+            hardware, self.manifest, counts, devices=pick_devices(hardware, self.settings.device, self.settings.gpus),
+            max_memory=self.settings.max_memory, max_experts=self.settings.max_experts,
+            seed=zlib.crc32(peer_id.encode()), served_throughput=swarm.served_throughput(volunteers, uids),
         )
-        # measured on this device once and cached; it is what this volunteer announces it can serve
-        return measure_plan(hardware, self.manifest, plan, self.paths.cache_dir, remeasure=self.settings.remeasure)
+        # NVML numbers GPUs its own way
+        self.torch_devices = {d: torch_devices.get(d) or torch_device(hardware, d) for d in placement.devices}
+        # measured on each device once and cached; it is what this volunteer announces it can serve
+        measured = tuple(measure_plan(hardware, self.manifest, plan, self.paths.cache_dir,
+                                      remeasure=self.settings.remeasure, torch_device=self.torch_devices[plan.device])
+                         for plan in placement.plans)
+        return replace(placement, plans=measured)
 
     @property
     def samples_per_second(self) -> float:
-        """What this volunteer can serve: the mean measured rate of its experts' types on its device."""
-        rates = {t.expert_type: t.samples_per_second for t in self.info.plan.throughput}
-        mine = [rates.get(t, 0.0) for t in self.info.plan.expert_types]
-        return sum(mine) / len(mine) if mine else 0.0
+        """What this volunteer can serve: on each device, the mean measured rate of its experts' types;
+        the devices compute at once, so their rates add up."""
+        total = 0.0
+        for plan in self.info.placement.plans:
+            rates = {t.expert_type: t.samples_per_second for t in plan.throughput}
+            mine = [rates.get(t, 0.0) for t in plan.expert_types]
+            total += sum(mine) / len(mine) if mine else 0.0
+        return total
 
     def rebalance(self) -> Rebalance:
         """Whether moving some experts would serve the swarm's weakest uids better (``rebalance.rebalance_moves``)."""
@@ -206,7 +228,8 @@ class VolunteerNode:
     def _save_state(self) -> None:
         self.paths.state_dir.mkdir(parents=True, exist_ok=True)
         state = dict(experiment=self.manifest.name, uids=list(self.info.uids), device=self.info.device,
-                     peer_id=self.info.peer_id, port=_tcp_port(self.info.maddrs), plan=self.info.plan.to_dict(), saved=time.time())
+                     peer_id=self.info.peer_id, port=_tcp_port(self.info.maddrs), **self.info.placement.to_dict(),
+                     saved=time.time())
         write_atomic(self.state_file, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
     def announce(self) -> None:

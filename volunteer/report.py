@@ -6,25 +6,33 @@ The JSON twin of this output is ``HardwareProfile.to_dict`` and ``Plan.to_dict``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.console import Console
 from rich.table import Table
 
 from volunteer.hardware import GPUInfo, HardwareProfile
 from volunteer.manifest import Manifest
+from volunteer.placement import Placement
 from volunteer.sizing import Plan
 from volunteer.throughput import PlanCheck
 
 GiB = 2**30
 
 
-def print_hardware_and_plan(
-    profile: HardwareProfile, manifest: Manifest, plan: Plan, console: Console | None = None,
-    check: PlanCheck | None = None,
+def print_hardware_and_placement(
+    profile: HardwareProfile, manifest: Manifest, placement: Placement, console: Console | None = None,
+    checks: Sequence[PlanCheck] = (),
 ) -> None:
-    """The hardware table, then the plan: budget, cost per expert type, throughput, uids and reasons."""
+    """The hardware table, then each device's plan: budget, cost per expert type, throughput, uids and
+    reasons; then the devices left out and why."""
     console = console or Console()
     print_hardware(profile, console)
-    print_plan(manifest, plan, console, check)
+    check_of = {check.device: check for check in checks}
+    for plan in placement.plans:
+        print_plan(manifest, plan, console, check_of.get(plan.device))
+    for note in placement.left_out:
+        console.print(f"\n{note}")
 
 
 def print_hardware(profile: HardwareProfile, console: Console) -> None:

@@ -1,22 +1,25 @@
 """Serving the chosen experts with hivemind: one ``ModuleBackend`` per uid, counted and checkpointable.
 
 A request's path: a trainer's ``rpc_forward``/``rpc_backward`` reaches a hivemind ConnectionHandler
-process, which queues it in the expert's TaskPool; the Runtime thread of this process batches the
-queue and calls ``CountingBackend.forward``/``backward`` below, which compute, apply the optimizer
-(backward), and count the samples into ``stats.ExpertCounters``.
+process, which queues it in the expert's TaskPool; the Runtime thread of the expert's device batches
+the queue (one thread per device: ``DeviceRuntimes``) and calls ``CountingBackend.forward``/
+``backward`` below, which compute, apply the optimizer (backward), and count the samples into
+``stats.ExpertCounters``.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import threading
 import time
 import zlib
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from hivemind.moe import Server
 from hivemind.moe.server.dht_handler import DHTHandlerThread
 from hivemind.moe.server.module_backend import ModuleBackend
+from hivemind.moe.server.runtime import Runtime
 from hivemind.moe.server.task_pool import TaskPool
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.nested import nested_flatten
@@ -166,11 +169,61 @@ def build_backends(
     return backends, restored
 
 
+class DeviceRuntimes:
+    """One hivemind ``Runtime`` thread per device, each batching the pools of the experts placed there.
+
+    hivemind's Server runs one Runtime for all its experts on one device. With one per GPU the GPUs
+    compute at once (torch releases the GIL inside kernels) and no batch waits for another GPU's. It
+    stands in for ``Server.runtime``: ``run`` in the server's thread, ``ready``, ``shutdown``."""
+
+    def __init__(self, groups: Sequence[tuple[str, Mapping[str, ModuleBackend]]], **runtime_kwargs):
+        self.runtimes = tuple(
+            Runtime(dict(backends), device=torch.device(device), **runtime_kwargs) for device, backends in groups
+        )
+        self.ready = mp.Event()
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        for runtime in self.runtimes:
+            runtime.start()
+        try:
+            while not all(runtime.ready.wait(0.05) for runtime in self.runtimes):
+                if not all(runtime.is_alive() for runtime in self.runtimes):
+                    return  # one failed to start: stop the others too
+            self.ready.set()
+            # one dead runtime would leave its experts declared but never answering: stop serving
+            while all(runtime.is_alive() for runtime in self.runtimes) and not self._stop.wait(0.5):
+                pass
+        finally:
+            self.shutdown()
+            for runtime in self.runtimes:
+                runtime.join(timeout=30)
+
+    def shutdown(self) -> None:
+        self.ready.clear()
+        self._stop.set()
+        for runtime in self.runtimes:
+            if not runtime.shutdown_trigger.is_set():
+                runtime.shutdown()
+
+
 class VolunteerServer(Server):
-    """hivemind's Server, announcing its experts only once its connection handlers accept calls.
+    """hivemind's Server, announcing its experts only once its connection handlers accept calls, and
+    computing on each expert's own device (``placed``: one (torch device, uids) pair per device).
 
     hivemind starts declaring first: a trainer that found the expert at once got "protocols not
     supported: ConnectionHandler.rpc_info" and dropped it for its eviction period."""
+
+    def __init__(self, dht, module_backends: dict[str, ModuleBackend], placed: Sequence[tuple[str, Sequence[str]]],
+                 **kwargs):
+        if len(placed) <= 1:  # one device: hivemind's own Runtime, as it always was
+            device = placed[0][0] if placed else "cpu"
+            super().__init__(dht, module_backends, device=torch.device(device), **kwargs)
+        else:
+            super().__init__(dht, module_backends, **kwargs)
+            self.runtime = DeviceRuntimes(
+                [(device, {uid: module_backends[uid] for uid in uids}) for device, uids in placed]
+            )
 
     def run(self) -> None:
         if not self.dht.is_alive():

@@ -75,7 +75,8 @@ class Settings:
     host: str = "0.0.0.0"  # where the DHT and expert RPCs listen
     port: int = 0  # 0 = any free port
     announce_host: str | None = None  # public address to announce, behind port forwarding
-    device: str | None = None  # "cpu", "cuda", "cuda:1"; None = the best GPU, else the CPU
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None = every GPU, else the CPU
+    gpus: str | None = None  # "0,2" or UUIDs: serve on these GPUs only (placement.pick_devices)
     max_memory: float | int | None = None  # fraction of free memory, or bytes; None = a safe default
     max_experts: int | None = None
     num_handlers: int = 2  # hivemind's default, 8 per expert, costs ~850 MiB for 4 experts (ENGINE-NOTES)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 
 from volunteer.experts import BLOCKS
@@ -228,6 +228,7 @@ def plan_experts(
     seed: int = 0,
     served_throughput: Mapping[str, float] | None = None,
     dtype: str = "float32",
+    exclude: Collection[str] = (),
 ) -> Plan:
     """Choose the uids to serve; ``server_counts`` says how many servers each uid has now.
 
@@ -235,7 +236,8 @@ def plan_experts(
     whose weights it still holds). Then the uids the swarm serves with the least throughput go first
     (``served_throughput``: uid -> samples/s, from peers' records; a missing uid counts as 0), then
     those with the fewest servers. ``seed`` breaks the remaining ties; volunteers derive it from their
-    peer id so that two joining at once do not pick the same uids.
+    peer id so that two joining at once do not pick the same uids. ``exclude``: uids never to pick
+    (those another device of this volunteer serves).
     """
     device = pick_device(hardware, device)
     budget, budget_reason = _budget(hardware, device, max_memory)
@@ -243,7 +245,7 @@ def plan_experts(
     batch, costs = _fit_batch(manifest, device, budget - reserve, budget_reason, reserve, dtype)
     cap, cap_reason = _count_cap(hardware, device, max_experts)
     served = served_throughput or {}
-    picks, spent = _choose(manifest, server_counts, served, costs, budget - reserve, cap, seed)
+    picks, spent = _choose(manifest, server_counts, served, costs, budget - reserve, cap, seed, frozenset(exclude))
     uids = [uid for uid, _ in picks]
     reasons = [budget_reason, _reserve_reason(device, reserve)]
     if _is_gpu(device) and hardware.cpu.memory_available < GPU_HOST_OVERHEAD:
@@ -252,7 +254,8 @@ def plan_experts(
     if batch < manifest.max_batch_size:
         reasons.append(f"max batch size halved from {manifest.max_batch_size} to {batch} so that one expert fits")
     reasons += [f"expert type {name!r} costs {_size(c.total)} at batch {batch}" for name, c in costs.items()]
-    reasons += _choice_reasons(manifest, server_counts, uids, cap, cap_reason, budget - reserve - spent)
+    reasons += _choice_reasons(manifest, server_counts, uids, cap, cap_reason, budget - reserve - spent,
+                               frozenset(exclude))
     if served_throughput and uids:
         rates = [finite_rate(served.get(uid, 0.0)) for uid in uids]
         reasons.append(f"least served throughput first: the picked uids had {min(rates):,.0f} to "
@@ -305,7 +308,7 @@ def _count_cap(hardware: HardwareProfile, device: str, max_experts: int | None) 
 
 def _choose(
     manifest: Manifest, counts: Mapping[str, int], served: Mapping[str, float], costs: Mapping[str, ExpertCost],
-    room: int, cap: int, seed: int,
+    room: int, cap: int, seed: int, exclude: frozenset[str] = frozenset(),
 ) -> tuple[list[tuple[str, str]], int]:
     """Greedy: the fitting uid that is preferred, then least served (throughput, then servers), then
     from the least-picked layer, then in a seeded order.
@@ -320,7 +323,8 @@ def _choose(
         return servers >= 0, finite_rate(served.get(uid, 0.0)), servers
 
     queues = [  # per layer: (need, seeded rank, uid), best first
-        sorted((need(uid), _seeded_rank(seed, uid), uid) for uid in layer.uids()) for layer in manifest.layers
+        sorted((need(uid), _seeded_rank(seed, uid), uid) for uid in layer.uids() if uid not in exclude)
+        for layer in manifest.layers
     ]
     layer_cost = [costs[layer.expert_type].total for layer in manifest.layers]
     taken = [0] * len(queues)  # how many of each layer's queue this plan has picked: its head's position
@@ -355,11 +359,14 @@ def _seeded_rank(seed: int, uid: str) -> bytes:
 
 
 def _choice_reasons(
-    manifest: Manifest, counts: Mapping[str, int], uids: list[str], cap: int, cap_reason: str, left: int
+    manifest: Manifest, counts: Mapping[str, int], uids: list[str], cap: int, cap_reason: str, left: int,
+    exclude: frozenset[str] = frozenset(),
 ) -> list[str]:
     total = len(manifest.all_uids())
     if len(uids) == total:
         stop = f"every uid of experiment {manifest.name!r}"
+    elif exclude and len(uids) == len(set(manifest.all_uids()) - exclude):
+        stop = f"every uid its other devices left of experiment {manifest.name!r}"
     elif len(uids) == cap:
         stop = cap_reason
     else:

@@ -186,7 +186,7 @@ class StatsSnapshot:
     history: tuple[float, ...] = ()  # samples/s per HISTORY_BUCKET, oldest first
     telemetry: Telemetry | None = None
     swarm: SwarmView | None = None
-    plan: dict[str, Any] = field(default_factory=dict)
+    plans: tuple[dict[str, Any], ...] = ()  # one memory plan per serving device (sizing.Plan.to_dict)
     events: tuple[str, ...] = ()  # the latest notable events, oldest first, "HH:MM:SS message"
     pause_reasons: tuple[str, ...] = ()  # why the volunteer is paused ("paused by the user", "outside 22-08")
     limits: dict[str, Any] = field(default_factory=dict)  # what the owner allowed: power, threads, memory...
@@ -210,6 +210,7 @@ class StatsSnapshot:
         )
         data["session"], data["lifetime"] = Totals.from_dict(data["session"]), Totals.from_dict(data["lifetime"])
         data["history"] = tuple(data.get("history", ()))
+        data["plans"] = tuple(data.get("plans", ()))
         data["events"] = tuple(data.get("events", ()))
         data["pause_reasons"] = tuple(data.get("pause_reasons", ()))
         data["telemetry"] = Telemetry.from_dict(data["telemetry"]) if data.get("telemetry") else None
@@ -255,14 +256,14 @@ class StatsCollector:
     """Everything the views show, gathered in one place; pollers write into it, views read snapshots."""
 
     def __init__(self, experiment: str, peer_id: str, device: str, counters: Iterable[ExpertCounters],
-                 lifetime: LifetimeStore, plan: dict[str, Any] | None = None):
+                 lifetime: LifetimeStore, plans: Iterable[dict[str, Any]] = ()):
         self.experiment, self.peer_id, self.device = experiment, peer_id, device
         self.counters = list(counters)
         self.store = lifetime
         self.lifetime_base = lifetime.load()
         self.started = time.time()
         self.state = "joining"
-        self.plan = plan or {}
+        self.plans = tuple(plans)
         self.meter = RateMeter()
         self.telemetry: Telemetry | None = None
         self.swarm: SwarmView | None = None
@@ -296,7 +297,7 @@ class StatsCollector:
             time=now, experiment=self.experiment, peer_id=self.peer_id, state=self.state, device=self.device,
             started=self.started, experts=experts, session=session, lifetime=self.lifetime_base + session,
             rates={f"{w:.0f}s": self.meter.rate("samples", w) for w in RATE_WINDOWS},
-            history=self.meter.history("samples"), telemetry=self.telemetry, swarm=self.swarm, plan=self.plan,
+            history=self.meter.history("samples"), telemetry=self.telemetry, swarm=self.swarm, plans=self.plans,
             events=tuple(self.events), pause_reasons=self.pause_reasons, limits=self.limits,
         )
 

@@ -321,13 +321,13 @@ class _SwarmPoller:
 def _read_telemetry(node: VolunteerNode, reader: TelemetryReader) -> None:
     collector = node.collector
     collector.telemetry = reader.read()
-    check = node.check_plan()
-    collector.plan = {**collector.plan, "measured_peak_bytes": check.measured_bytes, "plan_check": check.to_dict()}
+    collector.plans = tuple({**plan, "measured_peak_bytes": check.measured_bytes, "plan_check": check.to_dict()}
+                            for plan, check in zip(collector.plans, node.check_plans()))
 
 
 def _stats_line(collector) -> dict[str, Any]:
     figures = collector.snapshot().to_dict()
-    del figures["plan"], figures["events"]  # the plan is in the serving event; events are lines of their own
+    del figures["plans"], figures["events"]  # the plans are in the serving event; events are lines of their own
     return {"event": "stats", **figures}
 
 

@@ -74,13 +74,16 @@ class Throughput:
 
 def measure_plan(
     profile: HardwareProfile, manifest: Manifest, plan: Plan, cache_dir: Path, *, remeasure: bool = False,
-    time_budget: float = TIME_BUDGET_S,
+    time_budget: float = TIME_BUDGET_S, torch_device: str | None = None,
 ) -> Plan:
-    """The plan with its expert types measured on its device (cached), for ``volunteer hardware --plan``."""
-    from volunteer.hardware import torch_device
+    """The plan with its expert types measured on its device (cached), for ``volunteer hardware --plan``.
+
+    ``torch_device``: where to measure, when the caller already mapped the plan's device for torch."""
+    from volunteer import hardware
 
     results = measure_throughput(
-        manifest, cache_dir, device=torch_device(profile, plan.device), device_name=device_name(profile, plan.device),
+        manifest, cache_dir, device=torch_device or hardware.torch_device(profile, plan.device),
+        device_name=device_name(profile, plan.device),
         max_batch=plan.max_batch_size, expert_types=_used_types(plan), dtype=plan.dtype,
         remeasure=remeasure, time_budget=time_budget,
     )
