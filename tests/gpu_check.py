@@ -10,7 +10,10 @@ Not a pytest module (no ``test_`` prefix): CI and development boxes have no GPU.
    (forward, hivemind's recomputing backward, optimizer) at the planned max batch on each, and puts
    ``torch.cuda.max_memory_allocated`` next to the planned bytes;
 3. runs the throughput micro-benchmark (fresh, not cached) and prints it with the GPU's name;
-4. prints everything as one JSON object on the last line.
+4. starts a real volunteer node on loopback on every GPU (one plan and one hivemind Runtime thread
+   each), sends each GPU's experts forward and backward calls at their planned max batch from a
+   plain hivemind client, and puts each GPU's ``torch.cuda.max_memory_allocated`` next to its plan;
+5. prints everything as one JSON object on the last line.
 
 Exit status: 0 when every check passed, or when there is no GPU to check (said on stdout); 1 when a
 check failed. ``--cpu`` runs steps 2-4 on the CPU, to try this script where no GPU is lent.
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report))
             return 0
     report.update(check_plan_and_throughput(profile, "cpu" if args.cpu else args.device, args.time_budget, failures))
+    report["serving"] = check_serving("cpu" if args.cpu else args.device, failures)
     report["failures"] = failures
     print("\nFAILED: " + "; ".join(failures) if failures else "\nall checks passed")
     print(json.dumps(report))
@@ -205,6 +209,64 @@ def check_plan_and_throughput(profile, device: str | None, time_budget: float, f
     return {"device_name": measured.throughput[0].device if measured.throughput else None,
             "torch": torch.__version__, "plan": measured.to_dict(), "check": check.to_dict(),
             "process_gpu_bytes": process, "throughput": [t.to_dict() for t in measured.throughput]}
+
+
+# --- a node serving on every GPU ------------------------------------------------------------------
+
+
+def check_serving(device: str | None, failures: list[str], calls: int = 3) -> dict[str, Any]:
+    import torch
+    from hivemind.moe import get_experts
+
+    from coordinator_seeds.dispatch import shutdown_dht
+    from volunteer import swarm
+    from volunteer.coordinator import Experiment
+    from volunteer.manifest import default_manifest
+    from volunteer.node import VolunteerNode
+    from volunteer.paths import HOME_ENV, default_paths
+    from volunteer.settings import Settings
+
+    manifest = default_manifest()
+    home = tempfile.mkdtemp(prefix="gpu-check-")
+    os.environ[HOME_ENV] = home  # identity, checkpoints and caches of this check only
+    boot = swarm.join_dht(manifest.dht_prefix, host="127.0.0.1")
+    experiment = Experiment(manifest, tuple(swarm.visible_maddrs(boot)), "file")
+    node = VolunteerNode(Settings(host="127.0.0.1", device=device, rebalance_period=0), default_paths().ensure(),
+                         experiment)
+    client = None
+    try:
+        info = node.start()
+        print(f"\n{info.serving_line()}")
+        for note in info.placement.left_out:
+            print(f"  {note}")
+        client = swarm.join_dht(manifest.dht_prefix, experiment.initial_peers, host="127.0.0.1", client_mode=True)
+        for plan in info.placement.plans:
+            for uid in plan.uids:
+                [expert] = get_experts(client, [uid])
+                if expert is None:
+                    failures.append(f"{uid} on {plan.device} is not in the DHT")
+                    continue
+                for _ in range(calls):
+                    x = torch.randn(plan.max_batch_size, manifest.d_model, requires_grad=True)
+                    expert(x).sum().backward()
+        counted = {e.stats.uid: e.stats.backward_samples for e in node.collector.snapshot().experts}
+        short = [uid for uid in info.uids if counted.get(uid, 0) < calls]
+        if short:
+            failures.append(f"served experts that did not count {calls} backward calls: {short}")
+        checks = node.check_plans()
+        for check in checks:
+            print(f"served on {check.device}: peak {check.measured_bytes / MiB:.1f} MiB vs planned "
+                  f"{check.planned_bytes / MiB:.1f} MiB (ratio {check.ratio:.3f})")
+            if check.measured_bytes > check.planned_bytes:
+                failures.append(f"serving on {check.device}: measured {check.measured_bytes} bytes > planned "
+                                f"{check.planned_bytes}")
+        return {**info.placement.to_dict(), "checks": [c.to_dict() for c in checks]}
+    finally:
+        if client is not None:
+            shutdown_dht(client)
+        node.shutdown()
+        shutdown_dht(boot)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def own_gpu_memory(profile, device: str) -> int | None:

@@ -142,6 +142,16 @@ def test_start_with_a_bad_manifest_names_the_field(home: Path, tmp_path: Path):
     assert not (home / "data" / "identity.key").exists(), "nothing may start before the manifest is valid"
 
 
+def test_start_on_gpus_this_box_lacks_fails_before_joining(home: Path, tmp_path: Path):
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(TEST_MANIFEST)
+    result = run([*VOLUNTEER, "start", "--experiment", str(manifest), "--host", "127.0.0.1", "--gpus", "1",
+                  "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmXrPbzKT1gnMfAVgLY6ANgk2xKHzHBCMXjVEC5oUJsvSh"], home)
+    assert result.returncode == 2
+    assert "--gpus '1': no GPU was found" in one_line_error(result, only=True)
+    assert not (home / "data" / "identity.key").exists(), "a bad device choice must fail before joining"
+
+
 def test_start_with_an_unreachable_coordinator_and_no_cache(home: Path):
     url = f"http://127.0.0.1:{free_port()}"  # bound and closed again: nothing listens there
     started = time.monotonic()
@@ -171,6 +181,21 @@ def test_hardware_table(home: Path):
     result = run([*VOLUNTEER, "hardware"], home)
     assert result.returncode == 0, result.stderr
     assert "Plan for" in result.stdout and "tiny-stdlib-lm" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        pytest.param(["--gpus", "0"], "no GPU was found", id="gpus-on-a-cpu-box"),
+        pytest.param(["--gpus", "0", "--device", "cpu"], "both choose devices", id="gpus-and-device"),
+        pytest.param(["--gpus", ","], "give GPU indices or UUIDs", id="gpus-empty"),
+        pytest.param(["--device", "cuda"], "no GPU was found", id="cuda-on-a-cpu-box"),
+    ],
+)
+def test_hardware_with_devices_this_box_lacks(home: Path, options: list[str], expected: str):
+    result = run([*VOLUNTEER, "hardware", *options], home)
+    assert result.returncode == 2
+    assert expected in one_line_error(result, only=True)
 
 
 @pytest.mark.parametrize(

@@ -220,6 +220,17 @@ def test_render_gpus_and_a_measured_peak(snapshot: StatsSnapshot):
             assert expected in text, expected
 
 
+def test_render_has_a_memory_row_per_gpu(snapshot: StatsSnapshot):
+    gpus = tuple(GpuReading(i, "NVIDIA H100", 50.0, 30 * GiB, 80 * GiB, 60.0, 200.0) for i in range(2))
+    plans = tuple({**snapshot.plans[0], "device": f"cuda:{i}", "budget_bytes": 64 * GiB,
+                   "measured_peak_bytes": (i + 1) * 8 * GiB} for i in range(2))
+    two = dataclasses.replace(snapshot, device="cuda:0,cuda:1", plans=plans,
+                              telemetry=Telemetry(snapshot.telemetry.cpu, gpus))
+    text = screen(two, 160, 48)
+    for expected in ("GPU0", "GPU1", "peak0", "8.0/64.0 GiB", "peak1", "16.0/64.0 GiB", "cuda:0,cuda:1"):
+        assert expected in text, expected
+
+
 def test_render_shows_the_limits_and_why_it_is_paused(snapshot: StatsSnapshot):
     paused = dataclasses.replace(snapshot, state="paused", pause_reasons=("outside the run hours 22-08",),
                                  limits=dict(power="medium", cpu_threads=2, run_hours="22-08", max_temp=80.0,

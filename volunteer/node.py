@@ -98,13 +98,14 @@ class VolunteerNode:
         """Join, plan, serve. ``hardware`` and ``torch_devices`` (plan device -> torch device) are test
         seams: they let a CPU-only machine run the several-GPU path on CPU."""
         hardware = hardware or detect_hardware()
+        devices = pick_devices(hardware, self.settings.device, self.settings.gpus)  # a bad choice fails before joining
         previous = self._previous_state()
         self.dht = self._join(previous.get("port"))
         peer_id = self.dht.peer_id.to_base58()
         maddrs = tuple(swarm.visible_maddrs(self.dht))
         self.events.emit("joined", f"joined the DHT of {self.manifest.name} as {peer_id}", peer_id=peer_id,
                          maddrs=list(maddrs))
-        placement = self._place(hardware, peer_id, torch_devices or {})
+        placement = self._place(hardware, devices, peer_id, torch_devices or {})
         if self.settings.cpu_threads:
             torch.set_num_threads(self.settings.cpu_threads)
         power = self.settings.power_level  # light and medium take smaller batches and idle between them
@@ -148,7 +149,8 @@ class VolunteerNode:
         for note in info.placement.left_out:
             self.events.emit("device_left_out", note)
 
-    def _place(self, hardware: HardwareProfile, peer_id: str, torch_devices: dict[str, str]) -> Placement:
+    def _place(self, hardware: HardwareProfile, devices: tuple[str, ...], peer_id: str,
+               torch_devices: dict[str, str]) -> Placement:
         uids = self.manifest.all_uids()
         volunteers = swarm.read_volunteers(self.dht, self.manifest.dht_prefix)
         counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers))
@@ -157,7 +159,7 @@ class VolunteerNode:
         for uid in self.prefer or self._previous_uids():
             counts[uid] = -1
         placement = place_experts(
-            hardware, self.manifest, counts, devices=pick_devices(hardware, self.settings.device, self.settings.gpus),
+            hardware, self.manifest, counts, devices=devices,
             max_memory=self.settings.max_memory, max_experts=self.settings.max_experts,
             seed=zlib.crc32(peer_id.encode()), served_throughput=swarm.served_throughput(volunteers, uids),
         )
