@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -181,3 +182,47 @@ def test_a_second_signal_exits_at_once_and_leaves_whole_files(seed, short_home, 
     assert not leftovers, leftovers
     for state in (short_home / "state").glob("*.json"):  # whatever was written is whole
         json.loads(state.read_text())
+
+
+@pytest.mark.parametrize("victim", ["dht", "handler"])
+def test_a_dead_hivemind_process_restarts_the_node_with_its_weights(seed, client, short_home, processes, victim):
+    """A node whose DHT process or a connection handler died looks alive but serves nothing (with one of
+    two handlers dead, every call hung): the supervisor saves, restarts and serves the same uids again."""
+    url, experiment = seed
+    child = processes.add(start_volunteer(short_home, url, "--max-experts", "2", name=f"lost-{victim}"))
+    event = serving_event(child)
+    pid = event["pids"]["dht"] if victim == "dht" else event["pids"]["handlers"][0]
+    os.kill(pid, signal.SIGKILL)
+    failed = json.loads(child.wait_for_line(r'"event": "node_failed"', timeout=30).string)
+    assert str(pid) in failed["reason"]
+    again = serving_event(child)
+    assert again["peer_id"] == event["peer_id"] and sorted(again["uids"]) == sorted(event["uids"])
+    assert sorted(again["restored"]) == sorted(event["uids"]), "the weights come back from the checkpoints"
+    assert status(short_home)["state"] == "serving"
+    uid = again["uids"][0]
+    expert = wait_for(lambda: lookup(client, uid), 20, f"{uid} in the DHT again")
+    pool = ThreadPoolExecutor(1)  # a bare RemoteExpert call has no timeout of its own
+    try:
+        with torch.no_grad():
+            assert pool.submit(expert, torch.randn(3, experiment.manifest.d_model)).result(timeout=30).shape[0] == 3
+    finally:
+        pool.shutdown(wait=False)
+    child.proc.send_signal(signal.SIGTERM)
+    assert child.proc.wait(timeout=60) == 0
+
+
+def test_the_failure_budget_backs_off_then_gives_up():
+    from volunteer.supervisor import FailureBudget, NodeFailed
+
+    now = [0.0]
+    budget = FailureBudget(delays=(1.0, 5.0, 30.0), window=600.0, clock=lambda: now[0])
+    assert [budget.next_delay("boom") for _ in range(3)] == [1.0, 5.0, 30.0]
+    with pytest.raises(NodeFailed, match="boom; 4 failures within 10 min, giving up"):
+        budget.next_delay("boom")
+    now[0] = 10_000.0  # long after, the old failures no longer count
+    assert budget.next_delay("again") == 1.0
+    # the client exits 1 with the reason in one line: not bad input, so a service manager may retry
+    from volunteer.cli import _exit_for
+
+    code = _exit_for(NodeFailed("boom; 4 failures within 10 min, giving up"))
+    assert code.exit_code == 1

@@ -53,6 +53,9 @@ def _exit_for(error: BaseException) -> BaseException:
     error = unwrap(error)
     if isinstance(error, KeyboardInterrupt):
         return typer.Exit(130)
+    supervisor = sys.modules.get("volunteer.supervisor")  # only a running client raises NodeFailed
+    if supervisor is not None and isinstance(error, supervisor.NodeFailed):
+        return fail(str(error), code=1)  # not bad input: serving kept breaking; a service manager may retry
     if isinstance(error, _known_errors()):
         return fail(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
     return error

@@ -145,6 +145,7 @@ class VolunteerNode:
         info = self.info
         self.events.emit("serving", info.serving_line(), peer_id=info.peer_id, device=info.device,
                          uids=list(info.uids), restored=list(info.restored), maddrs=list(info.maddrs),
+                         pids=dict(dht=self.dht.pid, handlers=[h.pid for h in self.server.conn_handlers]),
                          **info.placement.to_dict())
         for note in info.placement.left_out:
             self.events.emit("device_left_out", note)
@@ -235,7 +236,7 @@ class VolunteerNode:
         write_atomic(self.state_file, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
     def announce(self) -> None:
-        if self.collector is not None and self.collector.state == "paused":
+        if self.collector is not None and self.collector.state == "paused" or not self.dht.is_alive():
             return
         record = swarm.VolunteerRecord(self.info.peer_id, self.info.uids, self.info.device, self.samples_per_second)
         swarm.publish_volunteer(self.dht, self.manifest.dht_prefix, record)
@@ -250,6 +251,8 @@ class VolunteerNode:
         if self.server is None:
             return
         stop_declaring(self.server)
+        if not self.dht.is_alive():  # its calls would wait for ever; its records expire on their own
+            return
         try:
             swarm.withdraw_experts(self.dht, self.info.uids, self.server.dht_handler_thread.expiration)
             swarm.withdraw_volunteer(self.dht, self.manifest.dht_prefix)
@@ -282,6 +285,22 @@ class VolunteerNode:
                 break
             time.sleep(0.1)
         return time.monotonic() - started
+
+    def failure(self) -> str | None:
+        """What stopped working in hivemind's machinery, or None while the node can serve."""
+        server, dht = self.server, self.dht
+        if server is None or dht is None:
+            return None
+        if not dht.is_alive():
+            return f"the DHT process (pid {dht.pid}) died"
+        if not server.is_alive():
+            return "hivemind's server thread stopped"
+        if not server.ready.is_set():
+            return "hivemind's expert runtime stopped"
+        dead = [str(h.pid) for h in server.conn_handlers if not h.is_alive()]
+        if dead:  # seen here: with one of two handlers dead, every call to the node hung
+            return f"connection handler process {', '.join(dead)} died"
+        return None
 
     def shutdown(self) -> None:
         """Leave the swarm in order: withdraw, save, stop serving, stop the DHT. Safe to call twice."""

@@ -15,6 +15,7 @@ import random
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from typing import Any, Callable
@@ -41,6 +42,9 @@ SAMPLE_PERIOD = 1.0
 TELEMETRY_PERIOD = 2.0
 SWARM_PERIOD = 10.0
 LIFETIME_SAVE_PERIOD = 5.0  # what a kill -9 can lose of the lifetime totals
+WATCH_PERIOD = 2.0  # how often the node's hivemind threads and processes are checked
+RESTART_DELAYS = (2.0, 5.0, 15.0, 30.0, 60.0)  # before each restart after a failure, within an hour
+RESTART_WINDOW = 3600.0  # more failures than RESTART_DELAYS in this many seconds: exit 1 for the service manager
 
 
 def run_volunteer(
@@ -58,6 +62,7 @@ def run_volunteer(
     if warning:
         logger.warning(warning)
     node, prefer, restore_logs = None, (), None
+    failures = FailureBudget()
     try:
         experiment = load_experiment(settings, paths)
         startup: list[str] = []
@@ -68,17 +73,30 @@ def run_volunteer(
             print(f"joining the swarm of {experiment.manifest.name}; the dashboard follows (log: {log_file})",
                   flush=True)
             restore_logs = divert_logs_for_dashboard(startup.append, log_file)
-        while True:  # once, or again after each rebalance with the uids it chose
+        info = None
+        while True:  # once; again after a rebalance with the uids it chose, or after a failure
             node = VolunteerNode(settings, paths, experiment, events, prefer=prefer)
-            # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the *thread*
-            # that forked it exits, and trio retires idle worker threads after a few seconds.
-            info = node.start()
+            try:
+                # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the
+                # *thread* that forked it exits, and trio retires idle worker threads after a few seconds.
+                info = node.start()
+            except Exception as e:
+                node.shutdown()
+                if info is None:  # the first start: bad input or a broken machine, said in one line
+                    raise
+                (events or node.events).emit("restart_failed", f"restart failed: {type(e).__name__}: {e}",
+                                             error=str(e))
+                time.sleep(failures.next_delay(f"restart failed: {e}"))
+                continue
             for line in startup:  # warnings of the start, for the events panel
                 node.collector.note(line)
             on_ready(info)
-            prefer = trio.run(supervise, node, control, dashboard)  # it drains and shuts the node down
-            if not prefer:
+            outcome = trio.run(supervise, node, control, dashboard)  # it drains and shuts the node down
+            if outcome.failure:
+                time.sleep(failures.next_delay(outcome.failure))
+            elif not outcome.uids:
                 return info
+            prefer = outcome.uids
     finally:
         if node is not None:
             node.shutdown()
@@ -87,8 +105,40 @@ def run_volunteer(
         lock.release()
 
 
-async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool = False) -> tuple[str, ...]:
-    """Run until stopped; returns the uids to serve next if a rebalance asked for a restart, else ()."""
+@dataclass(frozen=True)
+class Outcome:
+    """How a node's run ended: ``uids`` to serve next (empty: the owner stopped it), and the
+    ``failure`` that ended it, if one did."""
+
+    uids: tuple[str, ...] = ()
+    failure: str | None = None
+
+
+class FailureBudget:
+    """Restarts after failures, with growing delays; too many in ``RESTART_WINDOW`` and we give up."""
+
+    def __init__(self, delays: tuple[float, ...] = RESTART_DELAYS, window: float = RESTART_WINDOW,
+                 clock: Callable[[], float] = time.monotonic):
+        self.delays, self.window, self.clock = delays, window, clock
+        self.times: list[float] = []
+
+    def next_delay(self, failure: str) -> float:
+        """Seconds to wait before serving again; raises ``NodeFailed`` when the budget is spent."""
+        now = self.clock()
+        self.times = [t for t in self.times if now - t < self.window] + [now]
+        if len(self.times) > len(self.delays):
+            raise NodeFailed(f"{failure}; {len(self.times)} failures within {self.window / 60:.0f} min, giving up")
+        delay = self.delays[len(self.times) - 1]
+        logger.warning(f"{failure}; serving again in {delay:.0f} s")
+        return delay
+
+
+class NodeFailed(RuntimeError):
+    """The node kept failing: the client exits 1 and leaves it to its service manager."""
+
+
+async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool = False) -> Outcome:
+    """Run until stopped or the node fails; drain, shut the node down, and say what comes next."""
     settings, collector, events = node.settings, node.collector, node.events
     stopping = Stopping()
     pauser = Pauser(node)
@@ -103,18 +153,19 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
         async with trio.open_nursery() as work:
             if settings.stats:  # off: counters only (benchmarks measure what the rest costs)
                 work.start_soon(partial(_every, SAMPLE_PERIOD, collector.sample, first=0))
-                work.start_soon(partial(_every, SWARM_PERIOD, _SwarmPoller(node), first=1))
+                work.start_soon(partial(_every, SWARM_PERIOD, _SwarmPoller(node), first=1, abandon=True))
             if settings.stats or settings.max_temp is not None or settings.pause_on_gpu_use:  # limits need it
                 reader = TelemetryReader()
                 work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, node, reader), first=0))
             work.start_soon(partial(_every, TELEMETRY_PERIOD, pauser.check_limits, first=0.5))
             work.start_soon(_every, LIFETIME_SAVE_PERIOD, collector.persist)
             work.start_soon(_every, settings.checkpoint_interval, node.checkpoint)
-            work.start_soon(_every, settings.announce_interval, node.announce)
+            work.start_soon(partial(_every, settings.announce_interval, node.announce, abandon=True))
             if not dashboard:
                 work.start_soon(_every, settings.log_interval, lambda: events.write(_stats_line(collector)))
             if settings.rebalance_period > 0:
                 work.start_soon(_rebalance, node, stopping)
+            work.start_soon(_watch_node, node, stopping)
             await stopping.event.wait()
             work.cancel_scope.cancel()
         await trio.to_thread.run_sync(pauser.freeze)  # no pause or resume may undo the drain from here
@@ -129,9 +180,24 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
         events.emit("stopped", f"left the swarm in {time.monotonic() - started:.1f} s",
                     lifetime=collector.snapshot().lifetime.__dict__)
         views.cancel_scope.cancel()
-    if not moves or stopping.by_user:  # a stop during a rebalance's drain is still a stop
-        return ()
-    return tuple([uid for uid in node.info.uids if uid not in moves.drop] + list(moves.take))
+    if stopping.by_user:  # a stop during a rebalance's or a failure's drain is still a stop
+        return Outcome()
+    if stopping.failure:
+        return Outcome(node.info.uids, stopping.failure)
+    if moves is None:
+        return Outcome()
+    return Outcome(tuple([uid for uid in node.info.uids if uid not in moves.drop] + list(moves.take)))
+
+
+async def _watch_node(node: VolunteerNode, stopping: Stopping) -> None:
+    """A node whose hivemind server, runtime or DHT died serves nothing while it looks alive: restart it."""
+    while True:
+        await trio.sleep(WATCH_PERIOD)
+        failure = node.failure()
+        if failure:
+            node.events.emit("node_failed", f"{failure}: saving and restarting", reason=failure)
+            stopping.for_failure(failure)
+            return
 
 
 async def _rebalance(node: VolunteerNode, stopping: Stopping) -> None:
@@ -143,7 +209,7 @@ async def _rebalance(node: VolunteerNode, stopping: Stopping) -> None:
         if node.collector.state != "serving":
             continue
         try:
-            found = await trio.to_thread.run_sync(node.rebalance)
+            found = await trio.to_thread.run_sync(node.rebalance, abandon_on_cancel=True)
         except Exception as e:  # a failed look at the swarm is no reason to move, or to stop
             logger.warning(f"rebalance check failed: {type(e).__name__}: {e}")
             continue
@@ -205,6 +271,7 @@ class Stopping:
         self.event = trio.Event()
         self.by_user = False
         self.rebalance: Rebalance | None = None  # the moves to make before serving again
+        self.failure: str | None = None  # what broke, when the node must be restarted
 
     def by_user_now(self) -> None:
         self.by_user = True
@@ -212,6 +279,10 @@ class Stopping:
 
     def for_rebalance(self, moves: Rebalance) -> None:
         self.rebalance = moves
+        self.event.set()
+
+    def for_failure(self, failure: str) -> None:
+        self.failure = failure
         self.event.set()
 
 
@@ -331,12 +402,16 @@ def _stats_line(collector) -> dict[str, Any]:
     return {"event": "stats", **figures}
 
 
-async def _every(period: float, action: Callable[[], object], *, first: float | None = None) -> None:
-    """Run ``action`` in a worker thread every ``period`` seconds, the first time after ``first``."""
+async def _every(period: float, action: Callable[[], object], *, first: float | None = None,
+                 abandon: bool = False) -> None:
+    """Run ``action`` in a worker thread every ``period`` seconds, the first time after ``first``.
+
+    ``abandon``: on cancel, stop waiting for a call in flight. For DHT reads and writes, which block
+    for ever once the DHT process is dead: the drain must not wait for them."""
     await trio.sleep(period if first is None else first)
     while True:
         try:
-            await trio.to_thread.run_sync(action)
+            await trio.to_thread.run_sync(action, abandon_on_cancel=abandon)
         except Exception as e:  # one failed poll, save or announce must not stop serving
             logger.warning(f"{getattr(action, '__name__', type(action).__name__)} failed: {type(e).__name__}: {e}")
         await trio.sleep(period)
