@@ -624,6 +624,35 @@ def test_corrupt_node_state_is_ignored_and_left_alone(node, body: bytes | None, 
     assert all("\n" not in w and "starting afresh" in w for w in warnings)
 
 
+@pytest.mark.parametrize("body", [b"", b"junk", b"\x30\x82\x01\x0a" + bytes(64), None], ids=["empty", "junk",
+                                                                                     "truncated-der", "a-directory"])
+def test_a_corrupt_record_key_is_refused_in_one_line_and_kept(tmp_path: Path, body: bytes | None):
+    from volunteer.swarm import use_record_key
+
+    path = tmp_path / "data" / "record-key.der"
+    path.parent.mkdir()
+    path.mkdir() if body is None else path.write_bytes(body)
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="record signing key .* is unreadable .*move it away") as raised:
+        use_record_key(path)
+    assert "\n" not in str(raised.value)
+    assert_untouched(before, tmp_path)
+
+
+def test_the_record_key_is_made_once_owner_only_and_signs_every_run(tmp_path: Path):
+    from hivemind.dht.crypto import RSASignatureValidator
+
+    from volunteer.swarm import use_record_key
+
+    path = tmp_path / "data" / "record-key.der"
+    first = use_record_key(path)
+    owner = RSASignatureValidator().local_public_key  # what owner_subkey and the DHT's validator sign with
+    assert path.stat().st_mode & 0o777 == 0o600
+    again = use_record_key(path)  # a restart, or the next run
+    assert again.to_bytes() == first.to_bytes() == path.read_bytes()
+    assert RSASignatureValidator().local_public_key == owner
+
+
 # id, lifetime.json bytes
 LIFETIMES = [
     pytest.param(b"\x00\xff", id="garbage"),

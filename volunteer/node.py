@@ -197,6 +197,7 @@ class VolunteerNode:
     def _join(self, previous_port: object) -> DHT:
         """Join on the port given, else on the port of the last run: peers that cached our address
         (trainers, other volunteers) reach us again at once. Any free port if that one is taken."""
+        swarm.use_record_key(self.paths.data_dir / "record-key.der")  # the same owner of our records in every run
         join = partial(swarm.join_dht, self.manifest.dht_prefix, self.experiment.initial_peers,
                        host=self.settings.host, announce_host=self.settings.announce_host,
                        identity_path=self.paths.data_dir / "identity.key")

@@ -8,11 +8,13 @@ Three kinds of records live in the DHT:
 
 Our records are signed (``RSASignatureValidator``: a subkey holding ``[owner:<key>]`` can only be
 written by that key) and typed (``SchemaValidator``). Every peer of the swarm must use the same
-validators, so they are built here, once.
+validators, so they are built here, once. A volunteer signs with a key kept in its data dir
+(``use_record_key``), so it is the same owner in every run, as its peer id is the same peer.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -21,11 +23,15 @@ from typing import Dict, List, Sequence
 
 import pydantic.v1 as pydantic
 from hivemind import DHT
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.moe.server.dht_handler import get_experts
 from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
+from volunteer.paths import write_atomic
 from volunteer.stats import SwarmView
 
 RECORD_TTL = 60.0  # seconds a volunteer or trainer record lives unless refreshed
@@ -62,6 +68,42 @@ class VolunteerRecord:
     uids: tuple[str, ...]
     device: str
     samples_per_second: float
+
+
+class StoredRSAKey(RSAPrivateKey):
+    """hivemind's RSA signing key, read from a file instead of generated."""
+
+    def __init__(self, der: bytes):
+        key = serialization.load_der_private_key(der, password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"an RSA key was expected, found {type(key).__name__}")
+        self._private_key = key
+
+
+def use_record_key(path: Path) -> RSAPrivateKey:
+    """Sign this process's records with the key in ``path`` (DER, owner-only), made there if missing.
+
+    hivemind's validators and ``owner_subkey`` sign with its process-wide key: this installs ours as
+    that key, so call it before the DHT is built. A file that holds no key is refused in one line and
+    left alone: it is an identity, and replacing it would make this volunteer a stranger."""
+    try:
+        key: RSAPrivateKey = StoredRSAKey(path.read_bytes())
+    except FileNotFoundError:
+        key = RSAPrivateKey()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(f) -> None:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(key.to_bytes())
+
+        write_atomic(path, write)
+    except (OSError, ValueError, TypeError) as e:
+        reason = str(e).split(". ")[0]  # cryptography's messages run on for several sentences
+        raise ValueError(f"the record signing key {path} is unreadable ({reason}); move it away to sign "
+                         "as a new volunteer") from None
+    with RSAPrivateKey._process_wide_key_lock:
+        RSAPrivateKey._process_wide_key = key
+    return key
 
 
 def record_validators(dht_prefix: str) -> list:
