@@ -61,6 +61,11 @@ def run(
     experiment: Optional[Path] = typer.Option(None, help="Manifest file (default: the shipped experiment)."),
     identity: Optional[Path] = typer.Option(None, help="Identity key file (default: in the data dir)."),
     announce_host: Optional[str] = typer.Option(None, help="Public address to announce."),
+    data_dir: Optional[Path] = typer.Option(None, help="Identity, trusted trainer key and leaderboard "
+                                                       "(default: the platform's data dir)."),
+    trainer_key: Optional[Path] = typer.Option(None, help="The trainer key whose contributions count "
+                                                          "(default: trainer-key.der in the data dir)."),
+    leaderboard_period: float = typer.Option(10.0, help="Seconds between reads of the trainers' records."),
 ) -> None:
     """Run the seed: a stable DHT peer serving the experiment and its peers over HTTP."""
     from coordinator_seeds.seed import SeedError, SeedSettings, run_seed
@@ -69,7 +74,8 @@ def run(
     setup_logging(verbose=False)
     try:
         settings = SeedSettings(_manifest(experiment), host=host, http_port=http_port, dht_port=dht_port,
-                                identity_path=identity, announce_host=announce_host)
+                                identity_path=identity, announce_host=announce_host, data_dir=data_dir,
+                                trainer_key_path=trainer_key, leaderboard_period=leaderboard_period)
         become_supervisor()
         trio.run(_until_signal, run_seed, settings)
     except BaseException as e:
@@ -85,6 +91,9 @@ def train(
     initial_peers: List[str] = typer.Option([], "--initial-peers"),
     steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
     log_every: int = typer.Option(10),
+    key: Optional[Path] = typer.Option(None, help="Key that signs the contributions it publishes (default: "
+                                                  "trainer-key.der in the coordinator's data dir, the one "
+                                                  "a seed on this machine trusts)."),
 ) -> None:
     """Train the experiment's model through the swarm's experts, logging the loss."""
     from coordinator_seeds.trainer import TrainerSettings, train as run_training
@@ -102,7 +111,10 @@ def train(
             if not peers:
                 raise ValueError("pass --coordinator URL, or --initial-peers with --experiment")
         become_supervisor()
-        run_training(TrainerSettings(manifest, tuple(peers), steps=steps, log_every=log_every))
+        from coordinator_seeds.seed import TRAINER_KEY
+
+        key_path = key or default_paths("hivemind-coordinator").data_dir / TRAINER_KEY
+        run_training(TrainerSettings(manifest, tuple(peers), steps=steps, log_every=log_every, key_path=key_path))
     except (CoordinatorError, ManifestError, ValueError, OSError) as e:
         raise _fail(e)
     except KeyboardInterrupt:

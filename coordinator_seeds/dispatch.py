@@ -43,6 +43,8 @@ from volunteer.manifest import MoELayer
 LATEST = float("inf")  # get_experts: search the DHT for the newest record instead of trusting the cache
 logger = logging.getLogger("coordinator_seeds.dispatch")
 
+FORWARD, BACKWARD = 0, 1  # indices into BatchedRemoteMoE.answered's pairs
+
 # Seconds beyond an RPC's own timeout that we wait for the event loop itself before giving up on it.
 _LOOP_GRACE = 5.0
 
@@ -234,7 +236,7 @@ class _BatchedRemoteCall(torch.autograd.Function):
         ok = []
         for call, result in zip(calls, results):
             output = checked_output(result, torch.Size((len(call.tokens), inputs.shape[1])))
-            if layer.record(call, output is not None, result):
+            if layer.record(call, output is not None, result, FORWARD):
                 outputs[call.tokens, call.slots] = output
                 answered[call.tokens, call.slots] = True
                 ok.append(call)
@@ -253,7 +255,7 @@ class _BatchedRemoteCall(torch.autograd.Function):
         grad_inputs = torch.zeros_like(inputs)
         for call, result in zip(calls, results):
             grad = checked_output(result, torch.Size((len(call.tokens), inputs.shape[1])))
-            if layer.record(call, grad is not None, result):
+            if layer.record(call, grad is not None, result, BACKWARD):
                 grad_inputs.index_add_(0, call.tokens, grad)
         return grad_inputs.to(grad_outputs.device, grad_outputs.dtype), None, None, None
 
@@ -266,6 +268,8 @@ class BatchedRemoteMoE(nn.Module):
 
     Counters for logs: ``calls_ok`` / ``calls_failed`` count RPCs (forward and backward), and
     ``last_live_count`` is how many experts were live after the latest forward's failures.
+    ``answered`` is the work each server did for us, as we saw it: peer id -> [forward samples,
+    backward samples] of well-formed answers (the leaderboard's verified contributions).
     """
 
     def __init__(
@@ -287,6 +291,7 @@ class BatchedRemoteMoE(nn.Module):
         self.live = LiveExperts(dht, layer.uids(), refresh_period=refresh_period, evict_for=evict_for)
         self.gate = nn.Linear(d_model, len(layer.uids()))
         self.calls_ok = self.calls_failed = self.last_live_count = 0
+        self.answered: dict[str, list[int]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -309,10 +314,11 @@ class BatchedRemoteMoE(nn.Module):
         k = min(self.k_best, len(experts))
         return logits.masked_fill(dead, -math.inf).topk(k, dim=-1).indices
 
-    def record(self, call: ExpertCall, ok: bool, result: Any) -> bool:
-        """Count one RPC; evict its expert if it failed. Returns ``ok``."""
+    def record(self, call: ExpertCall, ok: bool, result: Any, direction: int = FORWARD) -> bool:
+        """Count one RPC and, if it answered, its samples; evict its expert if it failed. Returns ``ok``."""
         if ok:
             self.calls_ok += 1
+            self.answered.setdefault(str(call.expert.peer_id), [0, 0])[direction] += len(call.tokens)
             return True
         self.calls_failed += 1
         reason = result if isinstance(result, BaseException) else "a malformed or non-finite answer"

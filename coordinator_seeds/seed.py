@@ -2,8 +2,9 @@
 
 Volunteers ask a seed (``GET /v1/experiment``, ``GET /v1/peers``) what to serve and whom to bootstrap
 from, then talk to the swarm directly. The seed's peer id survives restarts (an identity key file), so
-addresses handed out earlier stay valid. HTTP is a starlette app served by hypercorn on trio; the
-DHT lives in hivemind's own process and is only touched from worker threads, never the trio thread.
+addresses handed out earlier stay valid. It also keeps the leaderboard of verified contributions
+(``GET /v1/leaderboard``, see ``leaderboard.py``). HTTP is a starlette app served by hypercorn on trio;
+the DHT lives in hivemind's own process and is only touched from worker threads, never the trio thread.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from starlette.routing import Route
 
 from volunteer.manifest import Manifest
 from volunteer.paths import default_paths
-from volunteer.swarm import join_dht, visible_maddrs
+from coordinator_seeds.leaderboard import Leaderboard
+from volunteer.swarm import join_dht, owner_subkey_of, read_contributions, record_key, visible_maddrs
 
 logger = logging.getLogger("coordinator_seeds.seed")
+
+
+TRAINER_KEY = "trainer-key.der"  # coordinator-seed train signs with it by default: the seed trusts it
 
 
 class SeedError(RuntimeError):
@@ -42,13 +47,20 @@ class SeedSettings:
     host: str = "127.0.0.1"  # HTTP bind host and DHT host
     http_port: int = 8470
     dht_port: int = 0  # 0 = any free port; production seeds need a fixed one, or their maddrs change
-    identity_path: Path | None = None  # default: <coordinator data dir>/seed_identity.key
+    identity_path: Path | None = None  # default: <data dir>/seed_identity.key
     announce_host: str | None = None
+    data_dir: Path | None = None  # identity, trusted trainer key, leaderboard; default: the platform's
+    trainer_key_path: Path | None = None  # whose contributions count; default: <data dir>/trainer-key.der
+    leaderboard_period: float = 10.0  # seconds between reads of the trainers' records
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir if self.data_dir is not None else default_paths("hivemind-coordinator").data_dir
 
     def resolved_identity_path(self) -> Path:
-        if self.identity_path is not None:
-            return self.identity_path
-        return default_paths("hivemind-coordinator").data_dir / "seed_identity.key"
+        return self.identity_path or self.resolved_data_dir() / "seed_identity.key"
+
+    def resolved_trainer_key_path(self) -> Path:
+        return self.trainer_key_path or self.resolved_data_dir() / TRAINER_KEY
 
 
 class Seed:
@@ -61,6 +73,11 @@ class Seed:
         self._maddrs: tuple[str, ...] = ()
         self._started_at = time.monotonic()
         self._http_sock: socket.socket | None = None
+        try:
+            trusted = owner_subkey_of(record_key(settings.resolved_trainer_key_path()))
+            self.leaderboard = Leaderboard(settings.resolved_data_dir() / "leaderboard.json", [trusted])
+        except (OSError, ValueError) as e:
+            raise SeedError(str(e)) from None
 
     # --- DHT ---------------------------------------------------------------------------------------
 
@@ -92,6 +109,15 @@ class Seed:
     def maddrs(self) -> tuple[str, ...]:
         return self._maddrs
 
+    def update_leaderboard(self) -> bool:
+        """Blocking: read the trainers' records and add the trusted ones up; saves when anything changed."""
+        if self._dht is None:
+            return False
+        changed = self.leaderboard.merge(read_contributions(self._dht, self.settings.manifest.dht_prefix))
+        if changed:
+            self.leaderboard.save()
+        return changed
+
     def shutdown(self) -> None:
         """Blocking: stops the DHT process (so the identity is free for a restart) and the HTTP socket."""
         if self._http_sock is not None:
@@ -112,6 +138,15 @@ class Seed:
         async def get_peers(request: Request) -> JSONResponse:
             return JSONResponse({"peer_id": self._peer_id, "maddrs": list(self._maddrs)})
 
+        async def leaderboard(request: Request) -> JSONResponse:
+            try:
+                limit = max(0, int(request.query_params.get("limit", "100")))
+            except ValueError:
+                return JSONResponse({"error": "limit must be a whole number"}, status_code=400)
+            entries = self.leaderboard.entries()
+            return JSONResponse({"experiment": self.settings.manifest.name, "volunteers": len(entries),
+                                 "entries": [e.to_dict() for e in entries[:limit]]})
+
         async def healthz(request: Request) -> JSONResponse:
             uptime = round(time.monotonic() - self._started_at, 3)
             return JSONResponse({"ok": self._dht is not None, "peer_id": self._peer_id, "uptime_s": uptime})
@@ -119,6 +154,7 @@ class Seed:
         return Starlette(routes=[
             Route("/v1/experiment", get_experiment),
             Route("/v1/peers", get_peers),
+            Route("/v1/leaderboard", leaderboard),
             Route("/healthz", healthz),
         ])
 
@@ -143,7 +179,16 @@ class Seed:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(hypercorn.trio.serve, self.app(), config))
             logger.info("seed HTTP on http://%s:%d", self.settings.host, port)
+            nursery.start_soon(self._keep_leaderboard)
             task_status.started(port)
+
+    async def _keep_leaderboard(self) -> None:
+        while True:
+            await trio.sleep(self.settings.leaderboard_period)
+            try:  # a DHT call blocks for ever if the DHT process is gone: never wait on it at shutdown
+                await trio.to_thread.run_sync(self.update_leaderboard, abandon_on_cancel=True)
+            except Exception as e:  # one failed read or write must not stop the seed
+                logger.warning("leaderboard update failed: %s", _first_line(e))
 
 
 async def run_seed(settings: SeedSettings, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:

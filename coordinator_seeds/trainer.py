@@ -3,16 +3,20 @@
 Only the cheap parts of the model are local (embeddings, token mixers, gates, output head) and trained
 here with Adam. Every MoE layer of the manifest is a ``BatchedRemoteMoE``; the experts behind it are
 trained by their own servers when our backward pass calls them. A layer with no live expert acts as
-the identity (it is residual), so training goes on while volunteers come and go.
+the identity (it is residual), so training goes on while volunteers come and go. Every ``log_every``
+steps it publishes its loss and, per volunteer, the samples that volunteer's experts answered
+(signed with ``key_path``'s key: the seed's leaderboard counts only a trainer it trusts).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -23,7 +27,7 @@ from torch import nn
 from coordinator_seeds import corpus
 from coordinator_seeds.dispatch import BatchedRemoteMoE, shutdown_dht
 from volunteer.manifest import Manifest
-from volunteer.swarm import join_dht, publish_trainer_progress
+from volunteer.swarm import join_dht, publish_contributions, publish_trainer_progress, use_record_key
 
 logger = logging.getLogger("coordinator_seeds.trainer")
 
@@ -39,7 +43,8 @@ class TrainerSettings:
     forward_timeout: float = 10.0
     backward_timeout: float = 10.0
     seed: int = 0
-    publish_progress: bool = True
+    publish_progress: bool = True  # the loss for dashboards, and what each volunteer answered for the leaderboard
+    key_path: Path | None = None  # the key that signs our records; a seed counts only those of the key it trusts
     expert_wait: float = 60.0  # seconds to wait at start for every layer to have an expert
 
 
@@ -110,6 +115,15 @@ class MoELanguageModel(nn.Module):
     def experts_alive(self) -> int:
         return sum(moe.last_live_count for moe in self.moes)
 
+    def answered(self) -> dict[str, tuple[int, int]]:
+        """Per volunteer peer id, the samples its experts answered over every layer."""
+        totals: dict[str, tuple[int, int]] = {}
+        for moe in self.moes:
+            for peer, (forward, backward) in moe.answered.items():
+                f, b = totals.get(peer, (0, 0))
+                totals[peer] = (f + forward, b + backward)
+        return totals
+
     def grid_size(self) -> int:
         return sum(len(moe.layer.uids()) for moe in self.moes)
 
@@ -126,6 +140,8 @@ def train(
 ) -> list[StepReport]:
     """Train until ``settings.steps`` steps are done or ``stop`` is set; returns one report a step."""
     own_dht = dht is None
+    if settings.key_path is not None:
+        use_record_key(settings.key_path)
     if dht is None:
         dht = join_dht(settings.manifest.dht_prefix, settings.initial_peers, client_mode=True)
     try:
@@ -148,6 +164,7 @@ def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], 
     data = corpus.batches(train_data, manifest.trainer.batch_size, manifest.trainer.seq_len,
                           torch.Generator().manual_seed(settings.seed))
     reports: list[StepReport] = []
+    run = secrets.token_hex(8)  # this run's contributions; the seed adds up runs
     window_start = time.perf_counter()
     step = 0
     while not stop.is_set() and (settings.steps is None or step < settings.steps):
@@ -157,7 +174,7 @@ def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], 
         if on_step is not None:
             on_step(report)
         if step % settings.log_every == 0:
-            _log(settings, dht, model, reports[-settings.log_every:], time.perf_counter() - window_start)
+            _log(settings, dht, model, reports[-settings.log_every:], time.perf_counter() - window_start, run)
             window_start = time.perf_counter()
     return reports
 
@@ -194,7 +211,7 @@ def train_step(model: MoELanguageModel, optimizer: torch.optim.Optimizer, inputs
 
 
 def _log(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, window: list[StepReport],
-         seconds: float) -> None:
+         seconds: float, run: str) -> None:
     losses = [r.loss for r in window if not r.skipped]
     loss = sum(losses) / len(losses) if losses else math.nan
     last = window[-1]
@@ -203,3 +220,6 @@ def _log(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, window: l
     if settings.publish_progress and losses:
         if not publish_trainer_progress(dht, settings.manifest.dht_prefix, last.step, loss):
             logger.debug("publishing progress at step %d was refused by the DHT", last.step)
+    if settings.publish_progress and model.answered():
+        if not publish_contributions(dht, settings.manifest.dht_prefix, run, model.answered()):
+            logger.debug("publishing contributions at step %d was refused by the DHT", last.step)

@@ -633,7 +633,7 @@ def test_a_corrupt_record_key_is_refused_in_one_line_and_kept(tmp_path: Path, bo
     path.parent.mkdir()
     path.mkdir() if body is None else path.write_bytes(body)
     before = snapshot(tmp_path)
-    with pytest.raises(ValueError, match="record signing key .* is unreadable .*move it away") as raised:
+    with pytest.raises(ValueError, match="record signing key .* is unreadable .*move it away to sign as a new peer") as raised:
         use_record_key(path)
     assert "\n" not in str(raised.value)
     assert_untouched(before, tmp_path)

@@ -103,7 +103,7 @@ def start_seed(echo: IO[str] | None = None, experiment: Path | None = None, home
     if experiment is not None:
         argv += ["--experiment", str(experiment)]
     if home is not None:
-        argv += ["--identity", str(home / "seed_identity.key")]
+        argv += ["--data-dir", str(home)]  # its identity, trusted trainer key and leaderboard
     seed = ChildProcess("seed", argv, echo=echo)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -138,7 +138,9 @@ def run_demo(volunteers: int = 1, steps: int | None = None) -> int:
             child.wait_for_line(r"\"event\": \"serving\"", timeout=180)
         experiment = fetch_experiment(url, home / "trainer-cache")
         print(f"training {experiment.manifest.name} through the swarm; Ctrl-C to stop")
-        train(TrainerSettings(experiment.manifest, experiment.initial_peers, steps=steps, log_every=10))
+        print(f"verified contributions: {url}/v1/leaderboard")
+        train(TrainerSettings(experiment.manifest, experiment.initial_peers, steps=steps, log_every=10,
+                              key_path=home / "trainer-key.der"))  # the key the seed trusts
         return 0
     except KeyboardInterrupt:
         return 130

@@ -50,9 +50,17 @@ class TrainerRecordSchema(pydantic.BaseModel):
     time: pydantic.StrictFloat
 
 
+class ContributionsRecordSchema(pydantic.BaseModel):
+    run: pydantic.constr(strict=True, min_length=1, max_length=64)
+    # volunteer peer id -> [forward samples, backward samples] its experts answered this trainer run
+    peers: Dict[pydantic.StrictStr, pydantic.conlist(pydantic.conint(strict=True, ge=0), min_items=2, max_items=2)]
+    time: pydantic.StrictFloat
+
+
 class _ExperimentSchema(pydantic.BaseModel):
     volunteers: Dict[BytesWithPublicKey, VolunteerRecordSchema]
     trainer: Dict[BytesWithPublicKey, TrainerRecordSchema]
+    contributions: Dict[BytesWithPublicKey, ContributionsRecordSchema]
 
 
 @dataclass(frozen=True)
@@ -81,11 +89,20 @@ class StoredRSAKey(RSAPrivateKey):
 
 
 def use_record_key(path: Path) -> RSAPrivateKey:
-    """Sign this process's records with the key in ``path`` (DER, owner-only), made there if missing.
+    """Sign this process's records with the key in ``path`` (``record_key``).
 
     hivemind's validators and ``owner_subkey`` sign with its process-wide key: this installs ours as
-    that key, so call it before the DHT is built. A file that holds no key is refused in one line and
-    left alone: it is an identity, and replacing it would make this volunteer a stranger."""
+    that key, so call it before the DHT is built."""
+    key = record_key(path)
+    with RSAPrivateKey._process_wide_key_lock:
+        RSAPrivateKey._process_wide_key = key
+    return key
+
+
+def record_key(path: Path) -> RSAPrivateKey:
+    """The signing key in ``path`` (DER, owner-only), made there if missing. A file that holds no key
+    is refused in one line and left alone: it is an identity, and replacing it would make its owner
+    a stranger to the swarm."""
     try:
         key: RSAPrivateKey = StoredRSAKey(path.read_bytes())
     except FileNotFoundError:
@@ -100,9 +117,7 @@ def use_record_key(path: Path) -> RSAPrivateKey:
     except (OSError, ValueError, TypeError) as e:
         reason = str(e).split(". ")[0]  # cryptography's messages run on for several sentences
         raise ValueError(f"the record signing key {path} is unreadable ({reason}); move it away to sign "
-                         "as a new volunteer") from None
-    with RSAPrivateKey._process_wide_key_lock:
-        RSAPrivateKey._process_wide_key = key
+                         "as a new peer") from None
     return key
 
 
@@ -198,6 +213,38 @@ def read_trainer_progress(dht: DHT, dht_prefix: str) -> TrainerProgress | None:
         return None
     latest = max((item.value for item in found.value.values()), key=lambda v: v["time"])
     return TrainerProgress(latest["step"], latest["loss"], latest["time"])
+
+
+@dataclass(frozen=True)
+class Contributions:
+    """What one trainer run saw each volunteer's experts answer: the swarm's verified work."""
+
+    owner: bytes  # the signed subkey of the trainer that published it
+    run: str
+    peers: dict[str, tuple[int, int]]  # peer id -> (forward samples, backward samples)
+    time: float
+
+
+def publish_contributions(dht: DHT, dht_prefix: str, run: str, peers: dict[str, tuple[int, int]],
+                          ttl: float = RECORD_TTL) -> bool:
+    value = dict(run=run, peers={peer: [int(f), int(b)] for peer, (f, b) in peers.items()}, time=float(time.time()))
+    return bool(dht.store(f"{dht_prefix}_contributions", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
+
+
+def read_contributions(dht: DHT, dht_prefix: str) -> list[Contributions]:
+    found = dht.get(f"{dht_prefix}_contributions", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    return [
+        Contributions(owner, item.value["run"], {p: (c[0], c[1]) for p, c in item.value["peers"].items()},
+                      item.value["time"])
+        for owner, item in found.value.items()
+    ]
+
+
+def owner_subkey_of(key: RSAPrivateKey) -> bytes:
+    """The subkey that records signed by ``key`` are stored under (what a seed trusts)."""
+    return RSASignatureValidator(key).local_public_key
 
 
 def served_throughput(volunteers: Sequence[VolunteerRecord], uids: Sequence[str]) -> dict[str, float]:

@@ -1,0 +1,143 @@
+"""The leaderboard of verified contributions: what trusted trainers saw each volunteer's experts answer.
+
+A volunteer counts its own work, but any peer can claim anything. The trainer counts, per server
+peer, the samples whose answers came back well-formed (``dispatch.BatchedRemoteMoE.answered``) and
+publishes these running totals, one record per training run, signed with its key
+(``swarm.publish_contributions``). The seed reads them from the DHT, keeps only those signed by a key
+it trusts (by default the trainer key in its own data dir, which ``coordinator-seed train`` on the same
+machine uses), adds the runs up and keeps the result in a state file, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Collection, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from volunteer.paths import write_atomic
+from volunteer.swarm import Contributions
+
+logger = logging.getLogger("coordinator_seeds.leaderboard")
+FOLD_AFTER = 3600.0  # a run silent this long is added to the totals and forgotten
+MAX_FOLDED_RUNS = 10_000  # run ids remembered after folding, so a late record is not counted twice
+
+
+@dataclass(frozen=True)
+class Entry:
+    peer_id: str
+    forward_samples: int
+    backward_samples: int
+    first_seen: float  # when a trusted trainer first saw an answer from it (trainer's clock)
+    last_seen: float
+
+    @property
+    def samples(self) -> int:
+        return self.forward_samples + self.backward_samples
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "samples": self.samples}
+
+
+class Leaderboard:
+    """Totals per volunteer peer id over every run of every trusted trainer."""
+
+    def __init__(self, path: Path, trusted: Collection[bytes]):
+        self.path, self.trusted = path, frozenset(trusted)
+        self.folded: dict[str, list[int]] = {}  # peer -> [forward, backward] of finished runs
+        # run -> {"time": its latest record's time (trainer's clock), "updated": when we took it (ours),
+        #         "peers": {peer: [forward, backward]}}
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.seen: dict[str, list[float]] = {}  # peer -> [first, last]
+        self.folded_runs: list[str] = []
+        self._load()
+
+    def merge(self, records: Iterable[Contributions], now: float | None = None) -> bool:
+        """Take the newest totals of each trusted run; returns whether anything changed."""
+        now = time.time() if now is None else now
+        changed = False
+        for record in records:
+            if record.owner not in self.trusted or record.run in self.folded_runs or not math.isfinite(record.time):
+                continue
+            run = self.runs.setdefault(record.run, {"time": -math.inf, "updated": now, "peers": {}})
+            if record.time <= run["time"]:
+                continue  # the same record again, or an older one
+            run["time"], run["updated"] = record.time, now
+            for peer, counts in record.peers.items():
+                before = run["peers"].get(peer, [0, 0])
+                after = [max(b, c) for b, c in zip(before, counts)]  # a run's totals never shrink
+                if after != before:
+                    run["peers"][peer] = after
+                    first, _last = self.seen.get(peer, [record.time, record.time])
+                    self.seen[peer] = [min(first, record.time), record.time]
+            changed = True
+        return self._fold(now) or changed
+
+    def entries(self) -> list[Entry]:
+        """Every volunteer a trusted trainer saw answer, most samples first."""
+        totals = {peer: list(counts) for peer, counts in self.folded.items()}
+        for run in self.runs.values():
+            for peer, (forward, backward) in run["peers"].items():
+                total = totals.setdefault(peer, [0, 0])
+                total[0] += forward
+                total[1] += backward
+        entries = [Entry(peer, f, b, *self.seen.get(peer, [0.0, 0.0])) for peer, (f, b) in totals.items()]
+        return sorted(entries, key=lambda e: (-e.samples, e.peer_id))
+
+    def save(self) -> None:
+        state = dict(version=1, folded=self.folded, runs=self.runs, seen=self.seen, folded_runs=self.folded_runs)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, lambda f: f.write(json.dumps(state).encode()))
+
+    def _fold(self, now: float) -> bool:
+        done = [run for run, data in self.runs.items() if data["updated"] < now - FOLD_AFTER]
+        for run in done:
+            for peer, (forward, backward) in self.runs.pop(run)["peers"].items():
+                total = self.folded.setdefault(peer, [0, 0])
+                total[0] += forward
+                total[1] += backward
+        self.folded_runs = (self.folded_runs + done)[-MAX_FOLDED_RUNS:]
+        return bool(done)
+
+    def _load(self) -> None:
+        try:
+            state = json.loads(self.path.read_bytes())
+            folded, runs, seen, folded_runs = _checked(state)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:
+            # the totals are the volunteers' history: keep the file for a person to look at
+            aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
+            try:
+                self.path.rename(aside)
+                where = f"moved to {aside.name}"
+            except OSError:
+                where = "left in place"
+            logger.warning(f"leaderboard {self.path} is unreadable ({type(e).__name__}); {where}, starting empty")
+            return
+        self.folded, self.runs, self.seen, self.folded_runs = folded, runs, seen, folded_runs
+
+
+def _checked(state: Any) -> tuple[dict, dict, dict, list]:
+    """The state file's parts, or ValueError: every count a non-negative int, every time a float."""
+    if not isinstance(state, dict) or state.get("version") != 1:
+        raise ValueError("not a version 1 leaderboard")
+    folded = {str(p): _counts(c) for p, c in state["folded"].items()}
+    runs = {
+        str(run): {"time": float(data["time"]), "updated": float(data["updated"]),
+                   "peers": {str(p): _counts(c) for p, c in data["peers"].items()}}
+        for run, data in state["runs"].items()
+    }
+    seen = {str(p): [float(t[0]), float(t[1])] for p, t in state["seen"].items()}
+    folded_runs = [str(run) for run in state["folded_runs"]]
+    return folded, runs, seen, folded_runs
+
+
+def _counts(value: Any) -> list[int]:
+    if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int and v >= 0 for v in value)):
+        raise ValueError(f"bad counts {value!r:.40}")
+    return list(value)

@@ -1,0 +1,174 @@
+"""The leaderboard of verified contributions: merging trainers' records, its state file, and a real swarm.
+
+The last test runs a seed, a volunteer and a trainer on loopback: the seed lists the volunteer with
+the samples the trainer saw it answer, never more than the volunteer counted itself, and ignores a
+record signed by a trainer it does not trust.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from coordinator_seeds.leaderboard import FOLD_AFTER, Leaderboard
+from tests.conftest import TEST_MANIFEST, Processes, serving_event, status, wait_for
+from volunteer.swarm import Contributions
+
+TRUSTED, ROGUE = b"[owner:trusted]", b"[owner:rogue]"
+
+
+def record(run: str, t: float, owner: bytes = TRUSTED, **peers: tuple[int, int]) -> Contributions:
+    return Contributions(owner, run, dict(peers), t)
+
+
+def totals(board: Leaderboard) -> dict[str, tuple[int, int]]:
+    return {e.peer_id: (e.forward_samples, e.backward_samples) for e in board.entries()}
+
+
+def test_runs_add_up_and_only_trusted_trainers_count(tmp_path: Path):
+    board = Leaderboard(tmp_path / "leaderboard.json", [TRUSTED])
+    assert board.merge([record("run1", 10.0, a=(5, 5), b=(1, 0)), record("run2", 10.0, a=(3, 2))], now=10.0)
+    assert board.merge([record("run1", 20.0, a=(9, 8))], now=20.0)  # a run's totals grow: the newest replaces
+    old_news = [record("run1", 20.0, a=(9, 8)), record("run1", 15.0, a=(100, 100))]
+    assert not board.merge(old_news, now=21.0)
+    assert not board.merge([record("run3", 30.0, ROGUE, a=(10**9, 10**9), c=(7, 7))], now=30.0)
+    assert totals(board) == {"a": (12, 10), "b": (1, 0)}
+    assert [e.peer_id for e in board.entries()] == ["a", "b"]  # most samples first
+    [a, _b] = board.entries()
+    assert (a.first_seen, a.last_seen, a.samples) == (10.0, 20.0, 22)
+
+
+def test_a_run_never_goes_backwards(tmp_path: Path):
+    board = Leaderboard(tmp_path / "leaderboard.json", [TRUSTED])
+    board.merge([record("run1", 10.0, a=(9, 9))], now=10.0)
+    board.merge([record("run1", 11.0, a=(4, 12))], now=11.0)  # a restarted trainer reusing a run id, say
+    assert totals(board) == {"a": (9, 12)}
+
+
+def test_quiet_runs_are_folded_and_not_counted_again(tmp_path: Path):
+    board = Leaderboard(tmp_path / "leaderboard.json", [TRUSTED])
+    board.merge([record("run1", 10.0, a=(5, 5))], now=11.0)
+    assert board.merge([], now=11.0 + FOLD_AFTER + 1)
+    assert board.runs == {} and board.folded == {"a": [5, 5]} and totals(board) == {"a": (5, 5)}
+    board.merge([record("run1", 12.0, a=(6, 6))], now=11.0 + FOLD_AFTER + 2)  # a late copy of a folded run
+    assert totals(board) == {"a": (5, 5)}
+
+
+def test_the_state_file_survives_a_restart(tmp_path: Path):
+    path = tmp_path / "leaderboard.json"
+    board = Leaderboard(path, [TRUSTED])
+    board.merge([record("run0", 1.0, b=(1, 1))], now=1.0)
+    board.merge([record("run1", 10.0, a=(5, 5))], now=2.0 + FOLD_AFTER)  # run1 stays, run0 is folded
+    board.save()
+    again = Leaderboard(path, [TRUSTED])
+    assert totals(again) == totals(board) and again.entries() == board.entries()
+    assert again.folded_runs == ["run0"]
+
+
+@pytest.mark.parametrize("body", [b"\x00garbage", b'{"version": 1, "folded": {"a": [1, -1]}}', b"[]",
+                                  b'{"version": 2}', b"[" * 100_000])
+def test_an_unreadable_state_file_is_kept_aside(tmp_path: Path, body: bytes, caplog: pytest.LogCaptureFixture):
+    path = tmp_path / "leaderboard.json"
+    path.write_bytes(body)
+    with caplog.at_level(logging.WARNING, logger="coordinator_seeds.leaderboard"):
+        board = Leaderboard(path, [TRUSTED])
+    assert board.entries() == [] and not path.exists()
+    [aside] = tmp_path.glob("leaderboard.json.unreadable-*")
+    assert aside.read_bytes() == body, "the old totals are a person's to recover, not ours to drop"
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "unreadable" in warning and "\n" not in warning
+
+
+# --- a real swarm --------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_the_seed_lists_what_a_trusted_trainer_saw(tmp_path: Path, short_home: Path):
+    from coordinator_seeds.dispatch import shutdown_dht
+    from coordinator_seeds.trainer import TrainerSettings, train
+    from volunteer import swarm
+    from volunteer.coordinator import fetch_experiment
+    from volunteer.demo import ChildProcess, free_port, start_volunteer, wait_http_ok
+
+    manifest_file = tmp_path / "test-lm.toml"
+    manifest_file.write_text(TEST_MANIFEST)
+    seed_dir = tmp_path / "seed"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    procs = Processes()
+
+    def start_seed() -> None:
+        procs.add(ChildProcess("seed", [
+            sys.executable, "-m", "coordinator_seeds.cli", "run", "--host", "127.0.0.1", "--http-port", str(port),
+            "--experiment", str(manifest_file), "--data-dir", str(seed_dir), "--leaderboard-period", "1",
+        ]))
+        wait_http_ok(f"{url}/healthz", timeout=90)
+
+    def board() -> dict:
+        return httpx.get(f"{url}/v1/leaderboard", timeout=10).json()
+
+    try:
+        start_seed()
+        experiment = fetch_experiment(url, tmp_path / "cache")
+        volunteer = procs.add(start_volunteer(short_home, url, "--max-experts", "8", name="counted"))
+        peer_id = serving_event(volunteer)["peer_id"]
+        assert board()["entries"] == []
+
+        # a rogue trainer claims work for our volunteer and a made-up one: signed, but not trusted
+        swarm.use_record_key(tmp_path / "rogue.der")  # before the DHT: its validator signs with this key
+        rogue = swarm.join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, client_mode=True)
+        try:
+            assert swarm.publish_contributions(rogue, experiment.manifest.dht_prefix, "fake",
+                                               {peer_id: (10**9, 10**9), "QmNobody": (5, 5)})
+        finally:
+            shutdown_dht(rogue)
+
+        settings = TrainerSettings(experiment.manifest, experiment.initial_peers, steps=20, log_every=5,
+                                   forward_timeout=5.0, backward_timeout=5.0, key_path=seed_dir / "trainer-key.der")
+        reports = train(settings)
+        assert len(reports) == 20
+        entry = wait_for(lambda: next((e for e in board()["entries"] if e["peer_id"] == peer_id), None), 30,
+                         "the volunteer on the leaderboard")
+        assert entry["backward_samples"] > 0 and entry["forward_samples"] >= entry["backward_samples"]
+        counted = status(short_home)["session"]
+        # verified work is what the trainer got back: never more than the volunteer did
+        assert entry["forward_samples"] <= counted["forward_samples"]
+        assert entry["backward_samples"] <= counted["backward_samples"]
+        assert [e["peer_id"] for e in board()["entries"]] == [peer_id], "the rogue's claims were counted"
+
+        # the totals outlive the seed: once the trainer's last record is in (the seed reads every second)
+        readings = [board()]
+
+        def settled() -> bool:
+            readings.append(board())
+            return readings[-1] == readings[-2]
+
+        wait_for(settled, 30, "the leaderboard to settle", period=2.0)
+        before = readings[-1]
+        procs.stop_all()
+        saved = json.loads((seed_dir / "leaderboard.json").read_text())
+        assert saved["runs"] and saved["version"] == 1
+        start_seed()
+        assert board()["entries"] == before["entries"]
+    finally:
+        procs.stop_all()
+
+
+def test_the_leaderboard_limit_must_be_a_number(tmp_path: Path):
+    from starlette.testclient import TestClient
+
+    from coordinator_seeds.seed import Seed, SeedSettings
+    from volunteer.manifest import loads
+
+    seed = Seed(SeedSettings(loads(TEST_MANIFEST, fmt="toml"), data_dir=tmp_path))
+    seed.leaderboard.merge([Contributions(next(iter(seed.leaderboard.trusted)), "r", {"a": (1, 2)}, time.time())])
+    client = TestClient(seed.app())
+    assert client.get("/v1/leaderboard").json()["entries"][0]["samples"] == 3
+    assert client.get("/v1/leaderboard?limit=0").json() == {"experiment": "test-lm", "volunteers": 1, "entries": []}
+    assert client.get("/v1/leaderboard?limit=lots").status_code == 400
