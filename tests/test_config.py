@@ -552,3 +552,10 @@ def test_dashboard_auto_follows_the_terminal():
     assert not Settings(headless=True).show_dashboard(True)
     assert Settings(dashboard=True).show_dashboard(False)
     assert math.isclose(Settings(power="light").power_level.duty_cycle, 0.3)
+
+
+def test_a_path_at_an_unknown_users_home_is_a_config_error(tmp_path: Path):
+    # found by hypothesis: Path("~0").expanduser() raises RuntimeError, which crashed start
+    with pytest.raises(ConfigError, match="cannot expand '~0': no such user") as info:
+        resolve({}, {"VOLUNTEER_EXPERIMENT_FILE": "~0/exp.toml"}, tmp_path / "none.toml")
+    one_line(info.value)

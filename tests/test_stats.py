@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from volunteer.limits import automatic_pause_reasons
 from volunteer.settings import Settings
 from volunteer.stats import (
     ExpertCounters,
@@ -19,7 +20,6 @@ from volunteer.stats import (
     StatsSnapshot,
     Totals,
 )
-from volunteer.supervisor import automatic_pause_reasons
 from volunteer.telemetry import CpuReading, GpuReading, Telemetry
 
 

@@ -154,7 +154,14 @@ INT = Kind("an integer", _int_text, _expect(int))
 FLOAT = Kind("a number", _float_text, lambda v: float(_expect(int, float)(v)))
 BOOL = Kind("true or false", _bool_text, _expect(bool))
 AUTO_BOOL = Kind("true, false or \"auto\"", _auto_bool_text, _auto_bool_toml)
-PATH = Kind("a path", _optional(lambda s: Path(s).expanduser()), lambda v: PATH.text(_expect(str)(v)), str)
+def _path_text(text: str) -> Path:
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "~nobody": no such user, so no home to expand to
+        raise ValueError(f"cannot expand {text.split('/')[0]!r}: no such user") from None
+
+
+PATH = Kind("a path", _optional(_path_text), lambda v: PATH.text(_expect(str)(v)), str)
 MEMORY = Kind("a fraction or a size", _memory_text, _memory_toml, format_memory)
 PEERS = Kind("a list of multiaddrs", _peers_text, _peers_toml, list)
 

@@ -1,0 +1,90 @@
+"""The owner's limits: what they allow, and pausing while any of them says so.
+
+``limits_of`` is what the dashboard and ``volunteer status`` show; ``automatic_pause_reasons`` reads
+the schedule, the GPUs' temperature and other programs on them; ``Pauser`` pauses and resumes the
+node as the reasons come and go (the user's ``volunteer pause`` is one of them).
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+from typing import Any
+
+from volunteer.node import VolunteerNode
+from volunteer.settings import Settings
+from volunteer.telemetry import Telemetry
+
+
+def limits_of(settings: Settings) -> dict[str, Any]:
+    """What the owner allowed, as the dashboard and ``volunteer status`` show it."""
+    return dict(power=settings.power, cpu_threads=settings.cpu_threads, max_memory=settings.max_memory,
+                max_experts=settings.max_experts, max_temp=settings.max_temp, run_hours=settings.run_hours,
+                pause_on_gpu_use=settings.pause_on_gpu_use)
+
+
+def automatic_pause_reasons(settings: Settings, telemetry: Telemetry | None, now: datetime) -> dict[str, str | None]:
+    """Why the owner's limits want the volunteer paused right now; ``None`` for a limit that is met."""
+    reasons: dict[str, str | None] = dict(schedule=None, temperature=None, gpu_in_use=None)
+    hours = settings.hours
+    if hours is not None and not hours.contains(now):
+        reasons["schedule"] = f"outside the run hours {hours}"
+    gpus = telemetry.gpus if telemetry is not None else ()
+    if settings.max_temp is not None:
+        hot = [g for g in gpus if g.temperature is not None and g.temperature > settings.max_temp]
+        if hot:
+            reasons["temperature"] = f"GPU {hot[0].index} at {hot[0].temperature:.0f} C, above {settings.max_temp:.0f} C"
+    if settings.pause_on_gpu_use:
+        busy = [g for g in gpus if g.other_processes]
+        if busy:
+            reasons["gpu_in_use"] = f"another program is using GPU {busy[0].index}"
+    return reasons
+
+
+class Pauser:
+    """Pauses the node while any reason holds (the user, the schedule, heat, a game) and resumes it
+    when none is left; the weights stay in memory all along."""
+
+    def __init__(self, node: VolunteerNode):
+        self.node = node
+        self.reasons: dict[str, str] = {}
+        self.frozen = False
+        self._lock = threading.Lock()
+
+    def set(self, key: str, reason: str | None) -> None:
+        self.update({key: reason})
+
+    def check_limits(self) -> None:
+        self.update(automatic_pause_reasons(self.node.settings, self.node.collector.telemetry, datetime.now()))
+
+    def update(self, reasons: dict[str, str | None]) -> None:
+        """Set or clear (``None``) each reason, then pause or resume as the remaining ones say."""
+        with self._lock:
+            for key, reason in reasons.items():
+                if reason is None:
+                    self.reasons.pop(key, None)
+                else:
+                    self.reasons[key] = reason
+            self._apply()
+
+    def freeze(self) -> None:
+        """Enter the drain: from now on no reason can pause or resume the node."""
+        with self._lock:
+            self.frozen = True
+            self.node.collector.state = "draining"
+
+    def _apply(self) -> None:
+        if self.frozen:
+            return
+        node, collector = self.node, self.node.collector
+        reasons = tuple(self.reasons.values())
+        changed = reasons != collector.pause_reasons
+        collector.pause_reasons = reasons
+        if reasons and collector.state == "serving":
+            node.pause()
+            node.events.emit("paused", f"paused: {'; '.join(reasons)}", reasons=list(reasons))
+        elif not reasons and collector.state == "paused":
+            node.resume()
+            node.events.emit("resumed", "resumed serving", reasons=[])
+        elif changed and reasons:
+            node.events.emit("paused", f"still paused: {'; '.join(reasons)}", reasons=list(reasons))
