@@ -103,3 +103,7 @@ def test_automatic_pause_reasons():
     # no limits set: nothing ever pauses, with or without telemetry
     assert not any(automatic_pause_reasons(Settings(), _telemetry(99, 3), noon).values())
     assert not any(automatic_pause_reasons(limits, None, night).values())
+    # serving on GPU 1 only, GPU 0's heat and its game are no reason to pause; serving on GPU 0 they are
+    assert automatic_pause_reasons(limits, _telemetry(85, 1), night, serving_gpus={1})["gpu_in_use"] is None
+    assert automatic_pause_reasons(limits, _telemetry(85, 1), night, serving_gpus={1})["temperature"] is None
+    assert automatic_pause_reasons(limits, _telemetry(85, 1), night, serving_gpus={0, 1})["temperature"]

@@ -8,6 +8,7 @@ node as the reasons come and go (the user's ``volunteer pause`` is one of them).
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
@@ -23,13 +24,19 @@ def limits_of(settings: Settings) -> dict[str, Any]:
                 pause_on_gpu_use=settings.pause_on_gpu_use)
 
 
-def automatic_pause_reasons(settings: Settings, telemetry: Telemetry | None, now: datetime) -> dict[str, str | None]:
-    """Why the owner's limits want the volunteer paused right now; ``None`` for a limit that is met."""
+def automatic_pause_reasons(settings: Settings, telemetry: Telemetry | None, now: datetime,
+                            serving_gpus: Collection[int] = ()) -> dict[str, str | None]:
+    """Why the owner's limits want the volunteer paused right now; ``None`` for a limit that is met.
+
+    ``serving_gpus``: the NVML indices we serve on. Heat and other programs count on those alone (a
+    game on the other GPU is no reason to leave this one); serving on the CPU, every GPU counts."""
     reasons: dict[str, str | None] = dict(schedule=None, temperature=None, gpu_in_use=None)
     hours = settings.hours
     if hours is not None and not hours.contains(now):
         reasons["schedule"] = f"outside the run hours {hours}"
     gpus = telemetry.gpus if telemetry is not None else ()
+    if serving_gpus:
+        gpus = tuple(g for g in gpus if g.index in serving_gpus)
     if settings.max_temp is not None:
         hot = [g for g in gpus if g.temperature is not None and g.temperature > settings.max_temp]
         if hot:
@@ -55,7 +62,8 @@ class Pauser:
         self.update({key: reason})
 
     def check_limits(self) -> None:
-        self.update(automatic_pause_reasons(self.node.settings, self.node.collector.telemetry, datetime.now()))
+        ours = {int(d.removeprefix("cuda:")) for d in self.node.info.placement.devices if d.startswith("cuda:")}
+        self.update(automatic_pause_reasons(self.node.settings, self.node.collector.telemetry, datetime.now(), ours))
 
     def update(self, reasons: dict[str, str | None]) -> None:
         """Set or clear (``None``) each reason, then pause or resume as the remaining ones say."""
