@@ -13,6 +13,8 @@ Not a pytest module (no ``test_`` prefix): CI and development boxes have no GPU.
 4. starts a real volunteer node on loopback on every GPU (one plan and one hivemind Runtime thread
    each), sends each GPU's experts forward and backward calls at their planned max batch from a
    plain hivemind client, and puts each GPU's ``torch.cuda.max_memory_allocated`` next to its plan;
+   then restarts the node and trains each GPU's restored experts again (weights and optimizer state
+   must come back onto their GPU);
 5. prints everything as one JSON object on the last line.
 
 Exit status: 0 when every check passed, or when there is no GPU to check (said on stdout); 1 when a
@@ -260,6 +262,19 @@ def check_serving(device: str | None, failures: list[str], calls: int = 3) -> di
             if check.measured_bytes > check.planned_bytes:
                 failures.append(f"serving on {check.device}: measured {check.measured_bytes} bytes > planned "
                                 f"{check.planned_bytes}")
+        # a restart restores weights and optimizer state onto each GPU; a backward step then uses both
+        node.shutdown()
+        node = VolunteerNode(node.settings, node.paths, experiment)
+        again = node.start()
+        if sorted(again.restored) != sorted(info.uids):
+            failures.append(f"the restart restored {len(again.restored)} of {len(info.uids)} experts")
+        for plan in again.placement.plans:
+            [expert] = get_experts(client, [plan.uids[0]])
+            try:
+                expert(torch.randn(4, manifest.d_model, requires_grad=True)).sum().backward()
+            except Exception as e:
+                failures.append(f"after the restart, {plan.uids[0]} on {plan.device} failed: {type(e).__name__}: {e}")
+        print(f"restarted: {again.serving_line()}")
         return {**info.placement.to_dict(), "checks": [c.to_dict() for c in checks]}
     finally:
         if client is not None:

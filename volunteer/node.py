@@ -113,7 +113,7 @@ class VolunteerNode:
         for plan in placement.plans:
             backends, restored_here = build_backends(
                 self.manifest, plan.uids, max(1, int(plan.max_batch_size * power.batch_fraction)), self.store,
-                duty_cycle=power.duty_cycle,
+                duty_cycle=power.duty_cycle, device=self.torch_devices[plan.device],
             )
             self.backends.update(backends)
             restored += restored_here

@@ -141,8 +141,9 @@ def initial_seed(uid: str) -> int:
 
 def build_backends(
     manifest: Manifest, uids: Sequence[str], max_batch_size: int, store: CheckpointStore, duty_cycle: float = 1.0,
+    device: str = "cpu",
 ) -> tuple[dict[str, CountingBackend], list[str]]:
-    """Build one backend per uid, restoring each from its checkpoint when one is readable.
+    """Build one backend per uid on ``device``, restoring each from its checkpoint when one is readable.
 
     Returns the backends and the uids that were restored."""
     backends, restored = {}, []
@@ -151,14 +152,8 @@ def build_backends(
         module = build_expert(expert_type.block, manifest.d_model, expert_type.d_hidden, seed=initial_seed(uid))
         optimizer = OPTIMIZERS[manifest.optimizer.name](module.parameters(), lr=manifest.optimizer.lr)
         checkpoint = store.load(uid, expert_type.name)
-        if checkpoint is not None:
-            module.load_state_dict(checkpoint.module)
-            if checkpoint.optimizer is not None:
-                optimizer.load_state_dict(checkpoint.optimizer)
-                for group in optimizer.param_groups:  # the manifest's rate wins over the one saved
-                    group["lr"] = manifest.optimizer.lr
-            restored.append(uid)
         sample = sample_input(expert_type.block, 1, manifest.d_model)
+        # built on the CPU: hivemind runs a dummy forward on CPU zeros to learn the output schema
         backends[uid] = CountingBackend(
             uid, module, optimizer=optimizer, expert_type=expert_type.name,
             counters=ExpertCounters(uid, expert_type.name, checkpoint.updates if checkpoint else 0,
@@ -166,6 +161,16 @@ def build_backends(
             args_schema=(BatchTensorDescriptor.from_tensor(sample),),
             min_batch_size=1, max_batch_size=max_batch_size, duty_cycle=duty_cycle,
         )
+        # then moved, before the optimizer state is loaded: load_state_dict puts that state on its
+        # parameters' device, and Adam's step fails on state left on the CPU next to GPU weights
+        module.to(device)
+        if checkpoint is not None:
+            module.load_state_dict(checkpoint.module)
+            if checkpoint.optimizer is not None:
+                optimizer.load_state_dict(checkpoint.optimizer)
+                for group in optimizer.param_groups:  # the manifest's rate wins over the one saved
+                    group["lr"] = manifest.optimizer.lr
+            restored.append(uid)
     return backends, restored
 
 
