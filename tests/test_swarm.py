@@ -25,7 +25,7 @@ from volunteer.coordinator import fetch_experiment
 from volunteer.demo import start_seed, start_volunteer
 from volunteer.experts import build_expert
 from volunteer.serving import initial_seed
-from volunteer.swarm import read_volunteers
+from volunteer.swarm import join_dht, read_volunteers
 
 pytestmark = pytest.mark.integration
 SERVING = r"\"message\": \"serving (\d+) experts of test-lm on cpu as (\S+?)(?:, (\d+) restored from checkpoints)?: ([^\"]+)\""
@@ -158,11 +158,16 @@ def test_kill_9_volunteer_then_restart_restores_it(swarm):
     assert swarm.uids["a"] == old_uids
     assert int(match.group(3) or 0) == 4, "restart did not restore its checkpoints"
 
+    # the killed run's record lives on for a minute; signed with the same stored key, the new one replaces it
+    # (read by a peer with the experiment's validators: a plain hivemind DHT's get of these keys hung)
+    records = join_dht(swarm.manifest.dht_prefix, swarm.experiment.initial_peers, client_mode=True)
+    try:
+        mine = [r for r in read_volunteers(records, swarm.manifest.dht_prefix) if r.peer_id == match.group(2)]
+        assert len(mine) == 1, f"the restarted volunteer is counted {len(mine)} times"
+    finally:
+        shutdown_dht(records)
     dht = hivemind.DHT(initial_peers=list(swarm.experiment.initial_peers), client_mode=True, start=True)
     try:
-        # the killed run's record lives on for a minute; signed with the same stored key, the new one replaces it
-        mine = [r for r in read_volunteers(dht, swarm.manifest.dht_prefix) if r.peer_id == match.group(2)]
-        assert len(mine) == 1, f"the restarted volunteer is counted {len(mine)} times"
         x = torch.randn(3, swarm.manifest.d_model)
         for uid, checkpoint in saved.items():
             [expert] = get_experts(dht, [uid])
