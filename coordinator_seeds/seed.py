@@ -144,8 +144,12 @@ class Seed:
             except ValueError:
                 return JSONResponse({"error": "limit must be a whole number"}, status_code=400)
             entries = self.leaderboard.entries()
-            return JSONResponse({"experiment": self.settings.manifest.name, "volunteers": len(entries),
-                                 "entries": [e.to_dict() for e in entries[:limit]]})
+            answer = {"experiment": self.settings.manifest.name, "volunteers": len(entries)}
+            peer = request.query_params.get("peer")
+            if peer is not None:  # one volunteer's line and its rank, for its own dashboard
+                rank = next((i for i, e in enumerate(entries, 1) if e.peer_id == peer), None)
+                return JSONResponse({**answer, "rank": rank, "entries": [entries[rank - 1].to_dict()] if rank else []})
+            return JSONResponse({**answer, "entries": [e.to_dict() for e in entries[:limit]]})
 
         async def healthz(request: Request) -> JSONResponse:
             uptime = round(time.monotonic() - self._started_at, 3)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import json
 import os
 import pty
@@ -218,6 +219,19 @@ def test_render_gpus_and_a_measured_peak(snapshot: StatsSnapshot):
         text = screen(with_gpu, width, height)
         for expected in ("GPU0", "87% 65°C 250 W", "30.0/80.0 GiB", "peak", "2.0/4.0 GiB"):
             assert expected in text, expected
+
+
+def test_render_and_summary_show_the_verified_contribution(snapshot: StatsSnapshot):
+    from volunteer.monitor import summary_lines
+
+    verified = dataclasses.replace(snapshot, verified=dict(forward_samples=10_000, backward_samples=2_345, rank=3,
+                                                          volunteers=40))
+    for width, height in SIZES:
+        text = screen(verified, width, height)
+        assert re.search(r"verified +#3/40 +12,345", text), text
+    assert "verified by the coordinator's trainers: 12,345 (#3 of 40) samples" in summary_lines(verified)
+    assert "verified" not in screen(snapshot, 160, 48)  # no coordinator asked yet: no row
+    assert StatsSnapshot.from_dict(verified.to_dict()) == verified
 
 
 def test_render_has_a_memory_row_per_gpu(snapshot: StatsSnapshot):

@@ -653,6 +653,43 @@ def test_the_record_key_is_made_once_owner_only_and_signs_every_run(tmp_path: Pa
     assert RSASignatureValidator().local_public_key == owner
 
 
+# id, what the coordinator's leaderboard answers a volunteer that asks for its own line
+BAD_LEADERBOARDS = [
+    pytest.param(Answer(500, b"oops", "text/plain"), id="500"),
+    pytest.param(Answer(body=b"<html>login</html>", content_type="text/html"), id="html"),
+    pytest.param(Answer(body=b'{"entries": "many", "volunteers": 1}'), id="entries-a-string"),
+    pytest.param(Answer(body=b'{"entries": [{"forward_samples": -1, "backward_samples": 0}], "volunteers": 1}'),
+                 id="negative"),
+    pytest.param(Answer(body=b'{"entries": [{}, {}], "volunteers": 2, "rank": 1}'), id="two-lines"),
+    pytest.param(Answer(body=b'{"entries": [], "volunteers": 1, "rank": true}'), id="rank-a-bool"),
+    pytest.param(Answer(body=b'[1, 2]'), id="a-list"),
+    pytest.param(Answer(body=b"x" * (2 * 1024 * 1024)), id="huge"),
+]
+
+
+@pytest.mark.parametrize("answer", BAD_LEADERBOARDS)
+def test_a_bad_leaderboard_is_no_news(coordinator: FakeCoordinator, answer: Answer):
+    from volunteer.coordinator import fetch_verified
+
+    coordinator.answer("/v1/leaderboard", **answer.__dict__)
+    with pytest.raises(CoordinatorError, match="no leaderboard from") as raised:
+        fetch_verified(coordinator.url, "QmMe", timeout=5.0)
+    assert "\n" not in str(raised.value)
+
+
+def test_the_leaderboard_line_of_a_volunteer(coordinator: FakeCoordinator):
+    from volunteer.coordinator import Verified, fetch_verified
+
+    coordinator.answer("/v1/leaderboard", body=b'{"volunteers": 7, "rank": 2, "entries": '
+                                                b'[{"peer_id": "QmMe", "forward_samples": 30, "backward_samples": 12}]}')
+    assert fetch_verified(coordinator.url, "QmMe") == Verified(30, 12, 2, 7)
+    coordinator.answer("/v1/leaderboard", body=b'{"volunteers": 7, "rank": null, "entries": []}')
+    assert fetch_verified(coordinator.url, "QmMe") == Verified(0, 0, None, 7)
+    coordinator.stop()
+    with pytest.raises(CoordinatorError, match="no leaderboard from"):
+        fetch_verified(coordinator.url, "QmMe", timeout=2.0)
+
+
 # id, lifetime.json bytes
 LIFETIMES = [
     pytest.param(b"\x00\xff", id="garbage"),

@@ -142,6 +142,11 @@ def test_the_seed_lists_what_a_trusted_trainer_saw(tmp_path: Path, short_home: P
         assert httpx.get(f"{url}/v1/leaderboard?limit=0").json() == {"experiment": "test-lm", "volunteers": 1,
                                                                      "entries": []}
         assert httpx.get(f"{url}/v1/leaderboard?limit=lots").status_code == 400
+        # the volunteer shows its own line (it asks every 30 s)
+        mine = wait_for(lambda: (status(short_home).get("verified") or {}).get("rank"), 45, "the volunteer's line")
+        verified = status(short_home)["verified"]
+        assert mine == 1 and verified["volunteers"] == 1
+        assert 0 < verified["backward_samples"] <= counted["backward_samples"]
 
         # the totals outlive the seed: the file holds at least what it served, and a restart goes on from it
         procs.stop_all()

@@ -90,6 +90,41 @@ def cache_path(cache_dir: Path, url: str) -> Path:
 # --- network -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Verified:
+    """This volunteer's line of the coordinator's leaderboard: what its trusted trainers saw it answer."""
+
+    forward_samples: int
+    backward_samples: int
+    rank: int | None  # 1 = most samples; None until a trainer has seen it answer
+    volunteers: int  # on the leaderboard
+
+
+def fetch_verified(url: str, peer_id: str, *, timeout: float = 5.0,
+                   transport: httpx.BaseTransport | None = None) -> Verified:
+    """One try, no cache (callers poll): a failure raises ``CoordinatorError`` and only means no news."""
+    base = _base_url(url)
+    try:
+        with httpx.Client(transport=transport, timeout=timeout, follow_redirects=True, max_redirects=3) as client:
+            body = _get_json(client, base.join("v1/leaderboard").copy_merge_params({"peer": peer_id}), timeout)
+        entries, volunteers, rank = body["entries"], body["volunteers"], body.get("rank")
+        if not (isinstance(entries, list) and len(entries) <= 1 and _count(volunteers)
+                and (rank is None or _count(rank))):
+            raise _Invalid("a malformed leaderboard")
+        forward, backward = (entries[0]["forward_samples"], entries[0]["backward_samples"]) if entries else (0, 0)
+        if not (_count(forward) and _count(backward)):
+            raise _Invalid("a malformed leaderboard entry")
+    except (_Transient, _Invalid) as e:
+        raise CoordinatorError(f"no leaderboard from {url}: {e}") from None
+    except (TypeError, KeyError, IndexError):
+        raise CoordinatorError(f"no leaderboard from {url}: a malformed answer") from None
+    return Verified(forward, backward, rank, volunteers)
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
 def _base_url(url: str) -> httpx.URL:
     try:
         parsed = httpx.URL(url)

@@ -177,7 +177,7 @@ def _swarm(s: StatsSnapshot) -> RenderableType:
     return grid
 
 
-def _contribution(session: Totals, lifetime: Totals) -> Table:
+def _contribution(session: Totals, lifetime: Totals, verified: dict | None = None) -> Table:
     table = Table(box=None, expand=True, header_style="bold", pad_edge=False)
     for name in ("", "session", "lifetime"):
         table.add_column(name, justify="right" if name else "left", style=None if name else "bold", no_wrap=True)
@@ -189,7 +189,18 @@ def _contribution(session: Totals, lifetime: Totals) -> Table:
         ("uptime", lambda t: format_duration(t.uptime_seconds)),
     ):
         table.add_row(label, show(session), show(lifetime))
+    if verified is not None:  # the coordinator's leaderboard: what its trainers saw this volunteer answer
+        rank = verified.get("rank")
+        table.add_row("verified", f"#{rank}/{verified.get('volunteers', 0)}" if rank else "",
+                      f"{verified.get('forward_samples', 0) + verified.get('backward_samples', 0):,}")
     return table
+
+
+def verified_text(verified: dict) -> str:
+    """``12,345 (#3 of 40)``: samples its trusted trainers counted, and the rank on the leaderboard."""
+    samples = verified.get("forward_samples", 0) + verified.get("backward_samples", 0)
+    rank = verified.get("rank")
+    return f"{samples:,}" + (f" (#{rank} of {verified.get('volunteers', 0)})" if rank else "")
 
 
 def _experts(s: StatsSnapshot, height: int) -> RenderableType:
@@ -267,7 +278,8 @@ def _screen(s: StatsSnapshot, width: int, height: int) -> RenderableType:
         grid.add_row("samples", f"{s.session.forward_samples + s.session.backward_samples:,}")
         grid.add_row("loss", "-" if s.swarm is None or s.swarm.trainer_loss is None else f"{s.swarm.trainer_loss:.3f}")
         return Group(_header(s, width), grid, _events(s.events, 1))
-    hardware, swarm, contribution = _hardware(s.telemetry, s.plans), _swarm(s), _contribution(s.session, s.lifetime)
+    hardware, swarm = _hardware(s.telemetry, s.plans), _swarm(s)
+    contribution = _contribution(s.session, s.lifetime, s.verified)
     experts = _panel(_Fit(lambda w, h: _experts(s, h)), "experts")
     spark_rows = 3 if width >= WIDE and height >= 36 else 1
     side = Layout(name="side")

@@ -18,6 +18,7 @@ from volunteer.dashboard import (
     format_rate,
     limits_text,
     run_dashboard,
+    verified_text,
 )
 from volunteer.stats import StatsSnapshot, Totals
 
@@ -36,6 +37,8 @@ def summary_lines(s: StatsSnapshot) -> list[str]:
                      f"{e.optimizer_steps:,} updates, last request {format_ago(e.last_request, s.time)}")
     lines.append(f"session: {_totals(s.session)}")
     lines.append(f"lifetime: {_totals(s.lifetime)}")
+    if s.verified is not None:
+        lines.append(f"verified by the coordinator's trainers: {verified_text(s.verified)} samples")
     if s.swarm is not None:
         w = s.swarm
         trainer = f", trainer step {w.trainer_step} loss {w.trainer_loss:.3f}" if w.trainer_loss is not None else ""

@@ -187,6 +187,7 @@ class StatsSnapshot:
     telemetry: Telemetry | None = None
     swarm: SwarmView | None = None
     plans: tuple[dict[str, Any], ...] = ()  # one memory plan per serving device (sizing.Plan.to_dict)
+    verified: dict[str, Any] | None = None  # its coordinator leaderboard line (coordinator.Verified)
     events: tuple[str, ...] = ()  # the latest notable events, oldest first, "HH:MM:SS message"
     pause_reasons: tuple[str, ...] = ()  # why the volunteer is paused ("paused by the user", "outside 22-08")
     limits: dict[str, Any] = field(default_factory=dict)  # what the owner allowed: power, threads, memory...
@@ -267,6 +268,7 @@ class StatsCollector:
         self.meter = RateMeter()
         self.telemetry: Telemetry | None = None
         self.swarm: SwarmView | None = None
+        self.verified: dict[str, Any] | None = None
         self.events: deque[str] = deque(maxlen=8)
         self.pause_reasons: tuple[str, ...] = ()
         self.limits: dict[str, Any] = {}
@@ -297,7 +299,7 @@ class StatsCollector:
             time=now, experiment=self.experiment, peer_id=self.peer_id, state=self.state, device=self.device,
             started=self.started, experts=experts, session=session, lifetime=self.lifetime_base + session,
             rates={f"{w:.0f}s": self.meter.rate("samples", w) for w in RATE_WINDOWS},
-            history=self.meter.history("samples"), telemetry=self.telemetry, swarm=self.swarm, plans=self.plans,
+            history=self.meter.history("samples"), telemetry=self.telemetry, swarm=self.swarm, plans=self.plans, verified=self.verified,
             events=tuple(self.events), pause_reasons=self.pause_reasons, limits=self.limits,
         )
 

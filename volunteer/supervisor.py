@@ -16,7 +16,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -24,6 +24,7 @@ import trio
 
 from volunteer import swarm
 from volunteer.control import ControlServer, socket_path
+from volunteer.coordinator import CoordinatorError, fetch_verified
 from volunteer.limits import Pauser, limits_of
 from volunteer.logs import EventLog, divert_logs_for_dashboard
 from volunteer.node import NodeInfo, VolunteerNode, load_experiment
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 SAMPLE_PERIOD = 1.0
 TELEMETRY_PERIOD = 2.0
 SWARM_PERIOD = 10.0
+VERIFIED_PERIOD = 30.0  # the coordinator's leaderboard line: every volunteer asks, so not too often
 LIFETIME_SAVE_PERIOD = 5.0  # what a kill -9 can lose of the lifetime totals
 WATCH_PERIOD = 2.0  # how often the node's hivemind threads and processes are checked
 RESTART_DELAYS = (2.0, 5.0, 15.0, 30.0, 60.0)  # before each restart after a failure, within an hour
@@ -155,6 +157,8 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
             if settings.stats:  # off: counters only (benchmarks measure what the rest costs)
                 work.start_soon(partial(_every, SAMPLE_PERIOD, collector.sample, first=0))
                 work.start_soon(partial(_every, SWARM_PERIOD, _SwarmPoller(node), first=1, abandon=True))
+                if settings.coordinator:
+                    work.start_soon(partial(_every, VERIFIED_PERIOD, partial(_read_verified, node), first=5))
             if settings.stats or settings.max_temp is not None or settings.pause_on_gpu_use:  # limits need it
                 reader = TelemetryReader()
                 work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, node, reader), first=0))
@@ -314,6 +318,15 @@ class _SwarmPoller:
             for peer in sorted(others - self.known):
                 node.events.emit("peer_joined", f"volunteer {peer} joined the swarm", peer_id=peer)
         self.known = others
+
+
+def _read_verified(node: VolunteerNode) -> None:
+    try:
+        verified = fetch_verified(node.settings.coordinator, node.info.peer_id)
+    except CoordinatorError as e:  # no news: the last line read stays on screen
+        logger.debug(str(e))
+        return
+    node.collector.verified = asdict(verified)
 
 
 def _read_telemetry(node: VolunteerNode, reader: TelemetryReader) -> None:
