@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
@@ -54,11 +55,16 @@ class Leaderboard:
         self.runs: dict[str, dict[str, Any]] = {}
         self.seen: dict[str, list[float]] = {}  # peer -> [first, last]
         self.folded_runs: list[str] = []
+        self._lock = threading.Lock()  # merged in a worker thread, read by HTTP handlers on the trio thread
         self._load()
 
     def merge(self, records: Iterable[Contributions], now: float | None = None) -> bool:
         """Take the newest totals of each trusted run; returns whether anything changed."""
         now = time.time() if now is None else now
+        with self._lock:
+            return self._merge(records, now)
+
+    def _merge(self, records: Iterable[Contributions], now: float) -> bool:
         changed = False
         for record in records:
             if record.owner not in self.trusted or record.run in self.folded_runs or not math.isfinite(record.time):
@@ -79,6 +85,10 @@ class Leaderboard:
 
     def entries(self) -> list[Entry]:
         """Every volunteer a trusted trainer saw answer, most samples first."""
+        with self._lock:
+            return self._entries()
+
+    def _entries(self) -> list[Entry]:
         totals = {peer: list(counts) for peer, counts in self.folded.items()}
         for run in self.runs.values():
             for peer, (forward, backward) in run["peers"].items():
@@ -89,9 +99,11 @@ class Leaderboard:
         return sorted(entries, key=lambda e: (-e.samples, e.peer_id))
 
     def save(self) -> None:
-        state = dict(version=1, folded=self.folded, runs=self.runs, seen=self.seen, folded_runs=self.folded_runs)
+        with self._lock:
+            state = json.dumps(dict(version=1, folded=self.folded, runs=self.runs, seen=self.seen,
+                                    folded_runs=self.folded_runs)).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, lambda f: f.write(json.dumps(state).encode()))
+        write_atomic(self.path, lambda f: f.write(state))
 
     def _fold(self, now: float) -> bool:
         done = [run for run, data in self.runs.items() if data["updated"] < now - FOLD_AFTER]

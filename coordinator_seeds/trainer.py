@@ -176,6 +176,8 @@ def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], 
         if step % settings.log_every == 0:
             _log(settings, dht, model, reports[-settings.log_every:], time.perf_counter() - window_start, run)
             window_start = time.perf_counter()
+    if settings.publish_progress and step % settings.log_every:  # the steps since the last log count too
+        _publish_answered(settings, dht, model, run)
     return reports
 
 
@@ -220,6 +222,11 @@ def _log(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, window: l
     if settings.publish_progress and losses:
         if not publish_trainer_progress(dht, settings.manifest.dht_prefix, last.step, loss):
             logger.debug("publishing progress at step %d was refused by the DHT", last.step)
-    if settings.publish_progress and model.answered():
-        if not publish_contributions(dht, settings.manifest.dht_prefix, run, model.answered()):
-            logger.debug("publishing contributions at step %d was refused by the DHT", last.step)
+    if settings.publish_progress:
+        _publish_answered(settings, dht, model, run)
+
+
+def _publish_answered(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, run: str) -> None:
+    answered = model.answered()
+    if answered and not publish_contributions(dht, settings.manifest.dht_prefix, run, answered):
+        logger.debug("publishing what the volunteers answered was refused by the DHT")

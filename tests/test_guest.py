@@ -191,6 +191,8 @@ def test_a_dead_hivemind_process_restarts_the_node_with_its_weights(seed, client
     url, experiment = seed
     child = processes.add(start_volunteer(short_home, url, "--max-experts", "2", name=f"lost-{victim}"))
     event = serving_event(child)
+    if victim == "handler":  # the owner's pause must outlive the restart
+        assert cli(short_home, "pause").returncode == 0
     pid = event["pids"]["dht"] if victim == "dht" else event["pids"]["handlers"][0]
     os.kill(pid, signal.SIGKILL)
     failed = json.loads(child.wait_for_line(r'"event": "node_failed"', timeout=30).string)
@@ -198,6 +200,10 @@ def test_a_dead_hivemind_process_restarts_the_node_with_its_weights(seed, client
     again = serving_event(child)
     assert again["peer_id"] == event["peer_id"] and sorted(again["uids"]) == sorted(event["uids"])
     assert sorted(again["restored"]) == sorted(event["uids"]), "the weights come back from the checkpoints"
+    if victim == "handler":
+        paused = wait_for(lambda: status(short_home)["state"] == "paused", 10, "the restarted node to pause")
+        assert paused and status(short_home)["pause_reasons"] == ["paused by the user"]
+        assert cli(short_home, "resume").returncode == 0
     assert status(short_home)["state"] == "serving"
     uid = again["uids"][0]
     expert = wait_for(lambda: lookup(client, uid), 20, f"{uid} in the DHT again")
@@ -226,3 +232,13 @@ def test_the_failure_budget_backs_off_then_gives_up():
 
     code = _exit_for(NodeFailed("boom; 4 failures within 10 min, giving up"))
     assert code.exit_code == 1
+
+
+def test_sigterm_between_a_failure_and_the_restart_stops_cleanly(seed, short_home, processes):
+    url, _experiment = seed
+    child = processes.add(start_volunteer(short_home, url, "--max-experts", "1", name="gap"))
+    os.kill(serving_event(child)["pids"]["handlers"][0], signal.SIGKILL)
+    child.wait_for_line(r'"event": "stopped"', timeout=60)  # the failed node has left; 2 s until the restart
+    child.proc.send_signal(signal.SIGTERM)
+    assert child.proc.wait(timeout=60) == 0
+    assert not any('"event": "serving"' in line for line in child.output[-5:]), "it started again"

@@ -690,6 +690,18 @@ def test_the_leaderboard_line_of_a_volunteer(coordinator: FakeCoordinator):
         fetch_verified(coordinator.url, "QmMe", timeout=2.0)
 
 
+def test_two_processes_making_the_record_key_at_once_agree_on_one(tmp_path: Path):
+    from volunteer.swarm import _create_once, record_key
+
+    path = tmp_path / "data" / "trainer-key.der"
+    assert _create_once(path, b"first")
+    assert not _create_once(path, b"second"), "the second writer must not replace the first one's key"
+    assert path.read_bytes() == b"first" and path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["trainer-key.der"]  # no temp file left
+    made = tmp_path / "other.der"
+    assert record_key(made).to_bytes() == record_key(made).to_bytes() == made.read_bytes()
+
+
 # id, lifetime.json bytes
 LIFETIMES = [
     pytest.param(b"\x00\xff", id="garbage"),

@@ -18,7 +18,7 @@ from hivemind.moe import get_experts
 from tests.conftest import wait_for
 from tests.test_sizing import BIG, CPU_DESKTOP, DEFAULT, MACHINES, MiB, check_plan, gpu_box
 from volunteer.hardware import HardwareProfile, detect_cpu
-from volunteer.placement import Placement, pick_devices, place_experts
+from volunteer.placement import Placement, choose_devices, pick_devices, place_experts
 from volunteer.sizing import SizingError, plan_experts
 
 MIXED = MACHINES["gpu-24GB+6GB"]
@@ -59,6 +59,24 @@ def test_device_and_gpus_options_choose_devices() -> None:
         pick_devices(MACHINES["cpu-2-cores-4GB"], gpus="0")
     with pytest.raises(ValueError, match="device cuda requested but no GPU was found"):
         pick_devices(MACHINES["cpu-2-cores-4GB"], "cuda")
+
+
+def test_gpus_torch_cannot_see_are_left_out_of_the_default_choice() -> None:
+    from tests.test_hardware import FakeCuda
+
+    both = [g.uuid.removeprefix("GPU-") for g in MIXED.gpus]
+    assert choose_devices(MIXED, cuda=FakeCuda(both)) == (("cuda:0", "cuda:1"), ())
+    # CUDA_VISIBLE_DEVICES=1: torch sees one of the two
+    devices, notes = choose_devices(MIXED, cuda=FakeCuda(both[1:]))
+    assert devices == ("cuda:1",)
+    assert notes == ("cuda:0 (GPU 24 GB) serves nothing: torch cannot see it (a CPU-only torch build, or "
+                     "CUDA_VISIBLE_DEVICES)",)
+    # a CPU-only torch on a GPU box: the CPU serves, and both GPUs are said to be left out
+    devices, notes = choose_devices(MIXED, cuda=FakeCuda(both, available=False))
+    assert devices == ("cpu",) and len(notes) == 2
+    # a GPU the owner named is not second-guessed: it fails loudly when mapped for torch
+    assert choose_devices(MIXED, gpus="0", cuda=FakeCuda(both[1:])) == (("cuda:0",), ())
+    assert choose_devices(MIXED, "cuda:0", cuda=FakeCuda(both[1:])) == (("cuda:0",), ())
 
 
 # --- what each device holds ----------------------------------------------------------------------

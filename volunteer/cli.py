@@ -41,9 +41,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from volunteer.control import ControlError
     from volunteer.coordinator import CoordinatorError
     from volunteer.procgroup import AlreadyRunning
+    from volunteer.serving import ServerStartError
 
     # P2PDaemonError: the DHT could not start (port taken, no bootstrap peer reachable)
-    return (ValueError, CoordinatorError, AlreadyRunning, OSError, P2PDaemonError, ControlError)
+    return (ValueError, CoordinatorError, AlreadyRunning, OSError, P2PDaemonError, ControlError, ServerStartError)
 
 
 def _exit_for(error: BaseException) -> BaseException:
@@ -216,7 +217,7 @@ def hardware(
     from volunteer.config import resolve_settings
     from volunteer.hardware import detect_hardware
     from volunteer.manifest import default_manifest, load
-    from volunteer.placement import pick_devices, place_experts
+    from volunteer.placement import choose_devices, place_experts
 
     flags = {"coordinator": coordinator, "experiment_file": experiment, "device": device, "gpus": gpus,
              "max_memory": max_memory, "max_experts": max_experts}
@@ -230,8 +231,10 @@ def hardware(
         else:
             manifest = load(settings.experiment_file) if settings.experiment_file else default_manifest()
         profile = detect_hardware()
-        placement = place_experts(profile, manifest, {}, devices=pick_devices(profile, settings.device, settings.gpus),
-                                  max_memory=settings.max_memory, max_experts=settings.max_experts)
+        devices, hidden = choose_devices(profile, settings.device, settings.gpus)
+        placement = place_experts(profile, manifest, {}, devices=devices, max_memory=settings.max_memory,
+                                  max_experts=settings.max_experts)
+        placement = replace(placement, left_out=hidden + placement.left_out)
         if measure or remeasure:
             from volunteer.paths import default_paths
             from volunteer.throughput import measure_plan

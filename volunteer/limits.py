@@ -52,9 +52,9 @@ class Pauser:
     """Pauses the node while any reason holds (the user, the schedule, heat, a game) and resumes it
     when none is left; the weights stay in memory all along."""
 
-    def __init__(self, node: VolunteerNode):
+    def __init__(self, node: VolunteerNode, reasons: dict[str, str] | None = None):
         self.node = node
-        self.reasons: dict[str, str] = {}
+        self.reasons: dict[str, str] = dict(reasons or {})  # those of the node before a restart
         self.frozen = False
         self._lock = threading.Lock()
 

@@ -35,7 +35,7 @@ from volunteer.serving import (
     stop_declaring,
 )
 from volunteer.settings import Settings
-from volunteer.placement import Placement, pick_devices, place_experts
+from volunteer.placement import Placement, choose_devices, pick_devices, place_experts
 from volunteer.stats import LifetimeStore, StatsCollector
 from volunteer.throughput import PlanCheck, measure_plan, measured_peak
 
@@ -98,14 +98,21 @@ class VolunteerNode:
         """Join, plan, serve. ``hardware`` and ``torch_devices`` (plan device -> torch device) are test
         seams: they let a CPU-only machine run the several-GPU path on CPU."""
         hardware = hardware or detect_hardware()
-        devices = pick_devices(hardware, self.settings.device, self.settings.gpus)  # a bad choice fails before joining
+        # a bad choice fails here, before joining: an absent GPU, or one torch cannot see
+        if torch_devices is None:
+            devices, hidden = choose_devices(hardware, self.settings.device, self.settings.gpus)
+            torch_devices = {d: torch_device(hardware, d) for d in devices}  # NVML numbers GPUs its own way
+        else:
+            devices, hidden = pick_devices(hardware, self.settings.device, self.settings.gpus), ()
+        self.torch_devices = dict(torch_devices)
         previous = self._previous_state()
         self.dht = self._join(previous.get("port"))
         peer_id = self.dht.peer_id.to_base58()
         maddrs = tuple(swarm.visible_maddrs(self.dht))
         self.events.emit("joined", f"joined the DHT of {self.manifest.name} as {peer_id}", peer_id=peer_id,
                          maddrs=list(maddrs))
-        placement = self._place(hardware, devices, peer_id, torch_devices or {})
+        placement = self._place(hardware, devices, peer_id)
+        placement = replace(placement, left_out=hidden + placement.left_out)
         if self.settings.cpu_threads:
             torch.set_num_threads(self.settings.cpu_threads)
         power = self.settings.power_level  # light and medium take smaller batches and idle between them
@@ -150,8 +157,7 @@ class VolunteerNode:
         for note in info.placement.left_out:
             self.events.emit("device_left_out", note)
 
-    def _place(self, hardware: HardwareProfile, devices: tuple[str, ...], peer_id: str,
-               torch_devices: dict[str, str]) -> Placement:
+    def _place(self, hardware: HardwareProfile, devices: tuple[str, ...], peer_id: str) -> Placement:
         uids = self.manifest.all_uids()
         volunteers = swarm.read_volunteers(self.dht, self.manifest.dht_prefix)
         counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers))
@@ -164,8 +170,6 @@ class VolunteerNode:
             max_memory=self.settings.max_memory, max_experts=self.settings.max_experts,
             seed=zlib.crc32(peer_id.encode()), served_throughput=swarm.served_throughput(volunteers, uids),
         )
-        # NVML numbers GPUs its own way
-        self.torch_devices = {d: torch_devices.get(d) or torch_device(hardware, d) for d in placement.devices}
         # measured on each device once and cached; it is what this volunteer announces it can serve
         measured = tuple(measure_plan(hardware, self.manifest, plan, self.paths.cache_dir,
                                       remeasure=self.settings.remeasure, torch_device=self.torch_devices[plan.device])
@@ -292,8 +296,7 @@ class VolunteerNode:
         server, dht = self.server, self.dht
         if server is None or dht is None:
             return None
-        if not dht.is_alive():
-            return f"the DHT process (pid {dht.pid}) died"
+        # the server first: when a runtime dies, hivemind's cleanup stops the DHT and handlers too
         if not server.is_alive():
             return "hivemind's server thread stopped"
         if not server.ready.is_set():
@@ -301,6 +304,8 @@ class VolunteerNode:
         dead = [str(h.pid) for h in server.conn_handlers if not h.is_alive()]
         if dead:  # seen here: with one of two handlers dead, every call to the node hung
             return f"connection handler process {', '.join(dead)} died"
+        if not dht.is_alive():
+            return f"the DHT process (pid {dht.pid}) died"
         return None
 
     def shutdown(self) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from volunteer.hardware import HardwareProfile, select_gpus
+from volunteer.hardware import HardwareProfile, match_torch_devices, select_gpus
 from volunteer.manifest import Manifest
 from volunteer.sizing import Plan, SizingError, pick_device, plan_experts
 
@@ -49,8 +50,8 @@ class Placement:
 
 
 def pick_devices(hardware: HardwareProfile, device: str | None = None, gpus: str | None = None) -> tuple[str, ...]:
-    """The devices to serve on: ``--gpus 0,2`` (indices or UUIDs), else ``--device``: ``cpu``,
-    ``cuda:N``, or ``cuda``/``auto``/unset for every GPU (most free memory first), else the CPU."""
+    """The devices to serve on: ``--gpus 0,2`` (indices or UUIDs, in that order), else ``--device``:
+    ``cpu``, ``cuda:N``, or ``cuda``/``auto``/unset for every GPU (most free memory first), else the CPU."""
     if gpus is not None:
         if device not in ALL_GPUS:
             raise ValueError(f"--gpus {gpus} and --device {device} both choose devices: give only one")
@@ -58,6 +59,29 @@ def pick_devices(hardware: HardwareProfile, device: str | None = None, gpus: str
     if device in ALL_GPUS and hardware.gpus:
         return tuple(f"cuda:{g.index}" for g in sorted(hardware.gpus, key=lambda g: (-g.memory_free, g.index)))
     return (pick_device(hardware, device),)
+
+
+def choose_devices(hardware: HardwareProfile, device: str | None = None, gpus: str | None = None,
+                   cuda: Any | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``pick_devices``, less the GPUs torch cannot see when the choice was the default one; returns
+    the devices and the notes on those left out. ``cuda`` is ``torch.cuda``'s test seam."""
+    devices = pick_devices(hardware, device, gpus)
+    if gpus is None and device in ALL_GPUS:
+        return keep_visible(hardware, devices, cuda)
+    return devices, ()
+
+
+def keep_visible(hardware: HardwareProfile, devices: tuple[str, ...], cuda: Any | None = None
+                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The devices torch can use, and why each GPU it cannot see is left out (NVML lists every GPU;
+    torch sees none with a CPU-only build, and only some under ``CUDA_VISIBLE_DEVICES``). With no GPU
+    left, the CPU serves. For the default choice only: a GPU the owner named must fail loudly."""
+    visible = match_torch_devices(hardware, cuda)
+    gpus = {f"cuda:{g.index}": g for g in hardware.gpus}
+    kept = tuple(d for d in devices if d not in gpus or gpus[d].uuid in visible)
+    notes = tuple(f"{d} ({gpus[d].name}) serves nothing: torch cannot see it (a CPU-only torch build, or "
+                  "CUDA_VISIBLE_DEVICES)" for d in devices if d not in kept)
+    return (kept or ("cpu",)), notes
 
 
 def place_experts(

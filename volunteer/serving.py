@@ -174,6 +174,10 @@ def build_backends(
     return backends, restored
 
 
+class ServerStartError(RuntimeError):
+    """hivemind's server did not come up; one line, the details are in the log."""
+
+
 class DeviceRuntimes:
     """One hivemind ``Runtime`` thread per device, each batching the pools of the experts placed there.
 
@@ -242,13 +246,37 @@ class VolunteerServer(Server):
         finally:
             self.shutdown()
 
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        """Start; with ``await_ready``, wait until it serves, and fail at once if it stopped instead."""
+        self.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while await_ready and not self.ready.wait(0.1):
+            if not self.is_alive():
+                raise ServerStartError("the expert server stopped while starting (its error is in the log)")
+            if deadline is not None and time.monotonic() > deadline:
+                raise ServerStartError(f"the expert server was not ready after {timeout:.0f} s")
+
+    def shutdown(self) -> None:
+        """hivemind's shutdown, without waiting for ever on a declaration the DHT will never answer."""
+        self.ready.clear()
+        for handler in self.conn_handlers:
+            handler.shutdown()
+        if self.module_backends:
+            stop_declaring(self)
+        self.dht.shutdown()
+        self.runtime.shutdown()
+
+
+DECLARE_JOIN_TIMEOUT = 30.0  # a declaration in flight: hivemind's DHT calls have no timeout of their own
+
 
 def stop_declaring(server: Server) -> None:
     """Stop re-announcing the server's experts (pause, drain); the records then expire on their own."""
     thread = server.dht_handler_thread
     thread.stop.set()
     if thread.ident is not None:  # hivemind starts it only once the handlers are up
-        thread.join(timeout=30)
+        # on a dead DHT a declaration in flight never returns: the thread is a daemon, leave it
+        thread.join(timeout=DECLARE_JOIN_TIMEOUT if server.dht.is_alive() else 1.0)
 
 
 def resume_declaring(server: Server) -> None:

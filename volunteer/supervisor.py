@@ -53,7 +53,7 @@ RESTART_WINDOW = 3600.0  # more failures than RESTART_DELAYS in this many second
 def run_volunteer(
     settings: Settings, paths: Paths, *, events: EventLog | None = None, dashboard: bool = False,
     on_ready: Callable[[NodeInfo], None] = lambda info: None,
-) -> NodeInfo:
+) -> NodeInfo | None:
     """Run a volunteer until it is stopped. Raises on bad input before anything is served."""
     become_supervisor()
     isolate_workers()  # before any fork: hivemind's processes go in a group the terminal does not signal
@@ -66,6 +66,10 @@ def run_volunteer(
         logger.warning(warning)
     node, prefer, restore_logs = None, (), None
     failures = FailureBudget()
+    pause_reasons: dict[str, str] | None = None
+    # while no node is supervised (starting, between restarts) SIGTERM and SIGHUP still stop cleanly
+    handlers = {signum: signal.signal(signum, _raise_stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    info = None
     try:
         experiment = load_experiment(settings, paths)
         startup: list[str] = []
@@ -76,7 +80,6 @@ def run_volunteer(
             print(f"joining the swarm of {experiment.manifest.name}; the dashboard follows (log: {log_file})",
                   flush=True)
             restore_logs = divert_logs_for_dashboard(startup.append, log_file)
-        info = None
         while True:  # once; again after a rebalance with the uids it chose, or after a failure
             node = VolunteerNode(settings, paths, experiment, events, prefer=prefer)
             try:
@@ -94,18 +97,33 @@ def run_volunteer(
             for line in startup:  # warnings of the start, for the events panel
                 node.collector.note(line)
             on_ready(info)
-            outcome = trio.run(supervise, node, control, dashboard)  # it drains and shuts the node down
+            outcome = trio.run(supervise, node, control, dashboard, pause_reasons)  # it drains and shuts the node down
             if outcome.failure:
                 time.sleep(failures.next_delay(outcome.failure))
             elif not outcome.uids:
                 return info
-            prefer = outcome.uids
+            prefer, pause_reasons = outcome.uids, outcome.pause_reasons
+    except StopRequested as e:
+        logger.info(f"{e} while no node was serving: stopped")
+        return info
     finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         if node is not None:
             node.shutdown()
         if restore_logs is not None:
             restore_logs()
         lock.release()
+
+
+class StopRequested(BaseException):
+    """SIGTERM or SIGHUP while no node is being supervised: stop, as a drain would. A BaseException,
+    as KeyboardInterrupt is, so that no ``except Exception`` (ours around a restart, or hivemind's)
+    takes it for a failure."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise StopRequested(signal.Signals(signum).name)
 
 
 @dataclass(frozen=True)
@@ -115,7 +133,7 @@ class Outcome:
 
     uids: tuple[str, ...] = ()
     failure: str | None = None
-
+    pause_reasons: dict[str, str] | None = None  # still in force: the next node starts paused
 
 class FailureBudget:
     """Restarts after failures, with growing delays; too many in ``RESTART_WINDOW`` and we give up."""
@@ -140,11 +158,16 @@ class NodeFailed(RuntimeError):
     """The node kept failing: the client exits 1 and leaves it to its service manager."""
 
 
-async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool = False) -> Outcome:
-    """Run until stopped or the node fails; drain, shut the node down, and say what comes next."""
+async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool = False,
+                    pause_reasons: dict[str, str] | None = None) -> Outcome:
+    """Run until stopped or the node fails; drain, shut the node down, and say what comes next.
+
+    ``pause_reasons``: those of the node before a restart; it starts paused while any holds."""
     settings, collector, events = node.settings, node.collector, node.events
     stopping = Stopping()
-    pauser = Pauser(node)
+    pauser = Pauser(node, pause_reasons)
+    if pauser.reasons:
+        await trio.to_thread.run_sync(pauser.update, {})
     collector.limits = limits_of(settings)
     control.handlers.update(_control_handlers(node, stopping, pauser))
     async with trio.open_nursery() as views:
@@ -188,10 +211,11 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
     if stopping.by_user:  # a stop during a rebalance's or a failure's drain is still a stop
         return Outcome()
     if stopping.failure:
-        return Outcome(node.info.uids, stopping.failure)
+        return Outcome(node.info.uids, stopping.failure, pauser.reasons)
     if moves is None:
         return Outcome()
-    return Outcome(tuple([uid for uid in node.info.uids if uid not in moves.drop] + list(moves.take)))
+    return Outcome(tuple([uid for uid in node.info.uids if uid not in moves.drop] + list(moves.take)),
+                   pause_reasons=pauser.reasons)
 
 
 async def _watch_node(node: VolunteerNode, stopping: Stopping) -> None:

@@ -31,7 +31,7 @@ from hivemind.moe.server.dht_handler import get_experts
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from volunteer.paths import write_atomic
+from volunteer.paths import fsync_dir
 from volunteer.stats import SwarmView
 
 RECORD_TTL = 60.0  # seconds a volunteer or trainer record lives unless refreshed
@@ -107,18 +107,33 @@ def record_key(path: Path) -> RSAPrivateKey:
         key: RSAPrivateKey = StoredRSAKey(path.read_bytes())
     except FileNotFoundError:
         key = RSAPrivateKey()
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-        def write(f) -> None:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(key.to_bytes())
-
-        write_atomic(path, write)
+        if not _create_once(path, key.to_bytes()):  # another process (a seed, a trainer) made it first
+            return record_key(path)
     except (OSError, ValueError, TypeError) as e:
         reason = str(e).split(". ")[0]  # cryptography's messages run on for several sentences
         raise ValueError(f"the record signing key {path} is unreadable ({reason}); move it away to sign "
                          "as a new peer") from None
     return key
+
+
+def _create_once(path: Path, data: bytes) -> bool:
+    """Write ``data`` whole to ``path``, owner-only, unless ``path`` exists; False if it did."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # unlike a rename, never replaces a key another process just made
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
 
 
 def record_validators(dht_prefix: str) -> list:
@@ -249,7 +264,8 @@ def owner_subkey_of(key: RSAPrivateKey) -> bytes:
 
 def served_throughput(volunteers: Sequence[VolunteerRecord], uids: Sequence[str]) -> dict[str, float]:
     """Samples/s the swarm serves each uid with: every volunteer's measured rate, shared evenly among
-    the uids it serves (they share its device). 0 for a uid nobody with a record serves."""
+    the uids it serves (its record gives one rate for all its devices). 0 for a uid nobody with a record
+    serves."""
     rates = dict.fromkeys(uids, 0.0)
     for record in volunteers:
         share = record.samples_per_second / len(record.uids) if record.uids else 0.0
