@@ -234,11 +234,27 @@ def test_the_failure_budget_backs_off_then_gives_up():
     assert code.exit_code == 1
 
 
-def test_sigterm_between_a_failure_and_the_restart_stops_cleanly(seed, short_home, processes):
+def test_between_a_failure_and_the_restart_status_says_restarting_and_stop_stops(seed, short_home, processes):
+    from volunteer import control
+
     url, _experiment = seed
     child = processes.add(start_volunteer(short_home, url, "--max-experts", "1", name="gap"))
     os.kill(serving_event(child)["pids"]["handlers"][0], signal.SIGKILL)
     child.wait_for_line(r'"event": "stopped"', timeout=60)  # the failed node has left; 2 s until the restart
-    child.proc.send_signal(signal.SIGTERM)
+    path = control.socket_path(short_home / "runtime")
+    # the socket answers in the gap (a few seconds: the back-off, then the new node's start)
+    answer = wait_for(lambda: _restarting(control, path), 5, "'restarting' on the socket", period=0.1)
+    assert answer["status"]["peer_id"] and answer["status"]["experts"], "the last figures come along"
+    assert control.request(path, "stop")["pid"] == child.proc.pid
     assert child.proc.wait(timeout=60) == 0
     assert not any('"event": "serving"' in line for line in child.output[-5:]), "it started again"
+    assert not path.exists()
+
+
+def _restarting(control, path):
+    """The status answer if it says "restarting"; None while the old node's socket is going or none is up."""
+    try:
+        answer = control.request(path, "status", timeout=2.0)
+    except control.ControlError:
+        return None
+    return answer if answer["status"]["state"] == "restarting" else None

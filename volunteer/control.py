@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -34,6 +35,46 @@ class ControlError(RuntimeError):
 
 class NotRunning(ControlError):
     pass
+
+
+class ServedInThread:
+    """``ControlServer.in_thread``: serves from a daemon thread's trio loop while the ``with`` lasts."""
+
+    def __init__(self, server: ControlServer):
+        self.server = server
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+        self._started = threading.Event()
+
+    def __enter__(self) -> ServedInThread:
+        self._started.clear()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), name="control", daemon=True)
+        self._thread.start()
+        self._started.wait(5)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None and self._scope is not None:
+            try:
+                trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
+            except trio.RunFinishedError:
+                pass
+        if self._thread is not None:
+            self._thread.join(5)  # its socket must be gone before the next server binds the path
+        self._token = self._scope = self._thread = None
+
+    async def _main(self) -> None:
+        with trio.CancelScope() as scope:
+            self._scope, self._token = scope, trio.lowlevel.current_trio_token()
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.server.serve)
+                    self._started.set()
+            except OSError as e:  # the socket could not be bound: the client runs on without it
+                logger.warning(f"control socket unavailable between runs: {e}")
+            finally:
+                self._started.set()
 
 
 def socket_path(runtime_dir: Path) -> Path:
@@ -70,6 +111,11 @@ class ControlServer:
             await trio.serve_listeners(self._serve_one, [trio.SocketListener(sock)])
         finally:
             self.path.unlink(missing_ok=True)
+
+    def in_thread(self) -> ServedInThread:
+        """This server in a thread of its own, for ``with``: for when no trio loop runs on the main
+        thread (a restart starts a node there). Each ``with`` serves until it ends."""
+        return ServedInThread(self)
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
         async with stream:

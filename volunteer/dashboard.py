@@ -33,7 +33,7 @@ from volunteer.procgroup import forget_on_exit_now, on_exit_now
 from volunteer.stats import StatsSnapshot, Totals
 from volunteer.telemetry import Telemetry
 
-STATE_STYLES = {"joining": "yellow", "serving": "green", "paused": "cyan", "draining": "magenta"}
+STATE_STYLES = {"joining": "yellow", "serving": "green", "paused": "cyan", "draining": "magenta", "restarting": "yellow"}
 SPARKS = "▁▂▃▄▅▆▇█"
 SNAPSHOT_TIMEOUT = 5.0  # a control socket that does not answer in this long counts as lost
 WIDE, TINY_WIDTH, TINY_HEIGHT = 120, 60, 14

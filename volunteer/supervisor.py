@@ -11,6 +11,7 @@ starts a node again; the owner's limits pause and resume it (``limits.Pauser``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -80,29 +81,34 @@ def run_volunteer(
             print(f"joining the swarm of {experiment.manifest.name}; the dashboard follows (log: {log_file})",
                   flush=True)
             restore_logs = divert_logs_for_dashboard(startup.append, log_file)
+        # on a restart, the control socket answers "restarting" and takes a stop (between_runs)
+        between: contextlib.AbstractContextManager = contextlib.nullcontext()
+        delay = 0.0
         while True:  # once; again after a rebalance with the uids it chose, or after a failure
-            node = VolunteerNode(settings, paths, experiment, events, prefer=prefer)
-            try:
-                # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the
-                # *thread* that forked it exits, and trio retires idle worker threads after a few seconds.
-                info = node.start()
-            except Exception as e:
-                node.shutdown()
-                if info is None:  # the first start: bad input or a broken machine, said in one line
-                    raise
-                (events or node.events).emit("restart_failed", f"restart failed: {type(e).__name__}: {e}",
-                                             error=str(e))
-                time.sleep(failures.next_delay(f"restart failed: {e}"))
-                continue
+            with between:
+                time.sleep(delay)
+                node = VolunteerNode(settings, paths, experiment, events, prefer=prefer)
+                try:
+                    # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the
+                    # *thread* that forked it exits, and trio retires idle worker threads after seconds.
+                    info = node.start()
+                except Exception as e:
+                    node.shutdown()
+                    if info is None:  # the first start: bad input or a broken machine, said in one line
+                        raise
+                    (events or node.events).emit("restart_failed", f"restart failed: {type(e).__name__}: {e}",
+                                                 error=str(e))
+                    delay = failures.next_delay(f"restart failed: {e}")
+                    continue
             for line in startup:  # warnings of the start, for the events panel
                 node.collector.note(line)
             on_ready(info)
             outcome = trio.run(supervise, node, control, dashboard, pause_reasons)  # it drains and shuts the node down
-            if outcome.failure:
-                time.sleep(failures.next_delay(outcome.failure))
-            elif not outcome.uids:
+            if not outcome.failure and not outcome.uids:
                 return info
+            delay = failures.next_delay(outcome.failure) if outcome.failure else 0.0
             prefer, pause_reasons = outcome.uids, outcome.pause_reasons
+            between = between_runs(control, node.collector.snapshot().to_dict())
     except StopRequested as e:
         logger.info(f"{e} while no node was serving: stopped")
         return info
@@ -114,6 +120,21 @@ def run_volunteer(
         if restore_logs is not None:
             restore_logs()
         lock.release()
+
+
+def between_runs(control: ControlServer, last: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """The control socket while a restart waits and starts its node: ``status`` gives the last figures
+    as state "restarting", ``stop`` stops the client as SIGTERM does (the main thread's handler)."""
+
+    async def status(request: dict[str, Any]) -> dict[str, Any]:
+        return dict(status={**last, "state": "restarting", "time": time.time()})
+
+    async def stop(request: dict[str, Any]) -> dict[str, Any]:
+        logger.info("stop requested over the control socket while restarting")
+        os.kill(os.getpid(), signal.SIGTERM)
+        return dict(pid=os.getpid())
+
+    return ControlServer(control.path, dict(status=status, stop=stop)).in_thread()
 
 
 class StopRequested(BaseException):
