@@ -77,6 +77,7 @@ def test_gpus_torch_cannot_see_are_left_out_of_the_default_choice() -> None:
     # a GPU the owner named is not second-guessed: it fails loudly when mapped for torch
     assert choose_devices(MIXED, gpus="0", cuda=FakeCuda(both[1:])) == (("cuda:0",), ())
     assert choose_devices(MIXED, "cuda:0", cuda=FakeCuda(both[1:])) == (("cuda:0",), ())
+    assert choose_devices(MIXED, "cuda", cuda=FakeCuda(both, available=False)) == (("cuda:0", "cuda:1"), ())
 
 
 # --- what each device holds ----------------------------------------------------------------------

@@ -63,10 +63,11 @@ def pick_devices(hardware: HardwareProfile, device: str | None = None, gpus: str
 
 def choose_devices(hardware: HardwareProfile, device: str | None = None, gpus: str | None = None,
                    cuda: Any | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``pick_devices``, less the GPUs torch cannot see when the choice was the default one; returns
-    the devices and the notes on those left out. ``cuda`` is ``torch.cuda``'s test seam."""
+    """``pick_devices``, less the GPUs torch cannot see when the choice was the default one (not
+    ``--gpus``, ``--device cuda`` or ``cuda:N``); returns the devices and the notes on those left out.
+    ``cuda`` is ``torch.cuda``'s test seam."""
     devices = pick_devices(hardware, device, gpus)
-    if gpus is None and device in ALL_GPUS:
+    if gpus is None and device in (None, "auto"):
         return keep_visible(hardware, devices, cuda)
     return devices, ()
 
