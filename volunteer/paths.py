@@ -52,18 +52,28 @@ def default_paths(app: str = "hivemind-volunteer") -> Paths:
     )
 
 
-def write_atomic(path: Path, write: Any) -> None:
-    """Write through ``write(file)`` to a temporary file, fsync it, then rename it over ``path``."""
+def write_atomic(path: Path, write: Any, *, replace: bool = True) -> bool:
+    """Write through ``write(file)`` to a temporary file, fsync it, then rename it over ``path``.
+
+    ``replace=False``: link it into place instead, never replacing a ``path`` that exists (a key
+    another process just made); returns False, writing nothing, if it did."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+    return True
 
 
 def fsync_dir(directory: Path) -> None:

@@ -31,7 +31,7 @@ from hivemind.moe.server.dht_handler import get_experts
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from volunteer.paths import fsync_dir
+from volunteer.paths import write_atomic
 from volunteer.stats import SwarmView
 
 RECORD_TTL = 60.0  # seconds a volunteer or trainer record lives unless refreshed
@@ -119,21 +119,12 @@ def record_key(path: Path) -> RSAPrivateKey:
 def _create_once(path: Path, data: bytes) -> bool:
     """Write ``data`` whole to ``path``, owner-only, unless ``path`` exists; False if it did."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # unlike a rename, never replaces a key another process just made
-        except FileExistsError:
-            return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return True
+
+    def write(f) -> None:
+        os.fchmod(f.fileno(), 0o600)  # before a byte of the key is in it
+        f.write(data)
+
+    return write_atomic(path, write, replace=False)
 
 
 def record_validators(dht_prefix: str) -> list:
