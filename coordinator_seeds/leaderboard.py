@@ -91,10 +91,7 @@ class Leaderboard:
     def _entries(self) -> list[Entry]:
         totals = {peer: list(counts) for peer, counts in self.folded.items()}
         for run in self.runs.values():
-            for peer, (forward, backward) in run["peers"].items():
-                total = totals.setdefault(peer, [0, 0])
-                total[0] += forward
-                total[1] += backward
+            _add(totals, run["peers"])
         entries = [Entry(peer, f, b, *self.seen.get(peer, [0.0, 0.0])) for peer, (f, b) in totals.items()]
         return sorted(entries, key=lambda e: (-e.samples, e.peer_id))
 
@@ -108,10 +105,7 @@ class Leaderboard:
     def _fold(self, now: float) -> bool:
         done = [run for run, data in self.runs.items() if data["updated"] < now - FOLD_AFTER]
         for run in done:
-            for peer, (forward, backward) in self.runs.pop(run)["peers"].items():
-                total = self.folded.setdefault(peer, [0, 0])
-                total[0] += forward
-                total[1] += backward
+            _add(self.folded, self.runs.pop(run)["peers"])
         self.folded_runs = (self.folded_runs + done)[-MAX_FOLDED_RUNS:]
         return bool(done)
 
@@ -132,6 +126,14 @@ class Leaderboard:
             logger.warning(f"leaderboard {self.path} is unreadable ({type(e).__name__}); {where}, starting empty")
             return
         self.folded, self.runs, self.seen, self.folded_runs = folded, runs, seen, folded_runs
+
+
+def _add(totals: dict[str, list[int]], peers: dict[str, list[int]]) -> None:
+    """Add a run's [forward, backward] per peer into ``totals``."""
+    for peer, (forward, backward) in peers.items():
+        total = totals.setdefault(peer, [0, 0])
+        total[0] += forward
+        total[1] += backward
 
 
 def _checked(state: Any) -> tuple[dict, dict, dict, list]:
