@@ -33,11 +33,11 @@ import torch
 from hivemind.p2p import PeerID
 
 from coordinator_seeds.dispatch import shutdown_dht
-from volunteer.demo import ChildProcess
-from volunteer.logs import setup_logging
-from volunteer.manifest import Manifest, loads
-from volunteer.procgroup import die_with_parent
-from volunteer.swarm import join_dht
+from volunteer.core.harness import ChildProcess
+from volunteer.core.logs import setup_logging
+from volunteer.core.manifest import Manifest, loads
+from volunteer.core.procgroup import die_with_parent
+from volunteer.core.records import join_dht
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"

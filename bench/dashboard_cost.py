@@ -50,9 +50,9 @@ def render_costs(home: Path, frames: int = 30) -> list[tuple[str, float]]:
     """Milliseconds per operation on one real snapshot of the volunteer living in ``home``."""
     from rich.console import Console
 
-    from volunteer import control
-    from volunteer.dashboard import render
-    from volunteer.stats import StatsSnapshot
+    from volunteer.node import control
+    from volunteer.node.stats import StatsSnapshot
+    from volunteer.views.dashboard import render
 
     path = control.socket_path(home / "runtime")
     rows = []

@@ -17,7 +17,7 @@ throughput of its expert types (``volunteer/throughput.py``, cached) after hivem
 before it reports; part 2 times that measurement uncached and cached.
 
 Part 2, the same steps in this process, one at a time: interpreter + imports (``python -c 'import
-volunteer.node'``, its heavy parts, and ``volunteer.supervisor``, which ``start`` loads, in fresh
+volunteer.node.node'``, its heavy parts, and ``volunteer.node.supervisor``, which ``start`` loads, in fresh
 processes), the hardware probe, reading the manifest,
 joining the DHT, planning, building the 4 backends (weights, Adam, one dummy forward each), starting
 hivemind's Server, and the throughput measurement (``volunteer/throughput.py``) when it exists.
@@ -148,8 +148,8 @@ def import_times(repeats: int = 2) -> list[tuple[str, float]]:
 
     bare = best("pass")
     rows = [("python start-up (bare)", bare)]
-    # volunteer.cli imports the rest lazily; `volunteer start` loads volunteer.supervisor (node, stats, ...)
-    for module in ("torch", "hivemind", "volunteer.node", "volunteer.supervisor", "volunteer.cli"):
+    # volunteer.cli imports the rest lazily; `volunteer start` loads volunteer.node.supervisor (node, stats, ...)
+    for module in ("torch", "hivemind", "volunteer.node.node", "volunteer.node.supervisor", "volunteer.cli"):
         rows.append((f"import {module} (cumulative)", best(f"import {module}") - bare))
     return rows
 
@@ -164,12 +164,12 @@ def timed(steps: list[tuple[str, float]], name: str, action: Callable[[], object
 def in_process_steps(swarm: Swarm, experts: int) -> list[tuple[str, float]]:
     from hivemind.moe import Server
 
-    from volunteer import swarm as volunteer_swarm
-    from volunteer.checkpoints import CheckpointStore
-    from volunteer.hardware import detect_hardware
-    from volunteer.manifest import load
-    from volunteer.serving import build_backends
-    from volunteer.sizing import plan_experts
+    from volunteer.core import records as volunteer_swarm
+    from volunteer.core.manifest import load
+    from volunteer.host.hardware import detect_hardware
+    from volunteer.planning.sizing import plan_experts
+    from volunteer.serving.backends import build_backends
+    from volunteer.serving.checkpoints import CheckpointStore
 
     steps: list[tuple[str, float]] = []
     hardware = timed(steps, "hardware probe (detect_hardware)", detect_hardware)
@@ -204,7 +204,7 @@ def in_process_steps(swarm: Swarm, experts: int) -> list[tuple[str, float]]:
 def throughput_step(hardware, manifest, plan, cache_dir: Path) -> list[tuple[str, float]]:
     """``volunteer/throughput.py`` (issue 4): measuring the plan's expert types, uncached then cached."""
     try:
-        from volunteer.throughput import measure_plan
+        from volunteer.planning.sizing import measure_plan
     except ImportError:
         return [("TODO throughput measurement: volunteer/throughput.py not there yet", float("nan"))]
     rows = []
@@ -253,7 +253,7 @@ def main() -> None:
             "first_request_s": f"{first['(c) first request']:.2f}",
             "serving_line_s": f"{first['serving line']:.2f}",
             "restart_first_request_s": f"{runs['restart']['(c) first request']:.2f}",
-            "import_volunteer_node_s": f"{dict(imports)['import volunteer.node (cumulative)']:.2f}",
+            "import_volunteer_node_s": f"{dict(imports)['import volunteer.node.node (cumulative)']:.2f}",
             "shutdown_s": f"{leave['first start']:.2f}",
         }
         print_key("join_time", figures)

@@ -2,7 +2,7 @@
 
 Built only from hivemind's own parts (``ModuleBackend``, ``Server``, ``DHT``) with the volunteer's
 settings: 2 connection handlers, the same max batch size, the same optimizer, the same initial weights
-(``volunteer.serving.initial_seed``), the same announce period. It prints a line in the volunteer's
+(``volunteer.serving.backends.initial_seed``), the same announce period. It prints a line in the volunteer's
 format, ``serving N experts of plain-hivemind on cpu as PEER: uids``, and stops on SIGTERM or SIGINT.
 
     python -m bench.plain_server --experiment FILE --initial-peers MADDR --max-batch-size 1024 UID...
@@ -19,10 +19,10 @@ import torch
 from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
-from volunteer.experts import build_expert, sample_input
-from volunteer.manifest import load
-from volunteer.procgroup import become_supervisor
-from volunteer.serving import OPTIMIZERS, initial_seed
+from volunteer.core.manifest import load
+from volunteer.core.procgroup import become_supervisor
+from volunteer.serving.backends import initial_seed
+from volunteer.serving.experts import build_expert, build_optimizer, sample_input
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
     for uid in args.uids:
         expert_type = manifest.expert_type_of(uid)
         module = build_expert(expert_type.block, manifest.d_model, expert_type.d_hidden, seed=initial_seed(uid))
-        optimizer = OPTIMIZERS[manifest.optimizer.name](module.parameters(), lr=manifest.optimizer.lr)
+        optimizer = build_optimizer(manifest.optimizer.name, module.parameters(), lr=manifest.optimizer.lr)
         sample = sample_input(expert_type.block, 1, manifest.d_model)
         backends[uid] = ModuleBackend(
             uid, module, optimizer=optimizer, args_schema=(BatchTensorDescriptor.from_tensor(sample),),

@@ -44,8 +44,7 @@ from bench._common import (
     wait_experts,
     with_cpu,
 )
-from volunteer.experts import build_expert
-from volunteer.serving import OPTIMIZERS
+from volunteer.serving.experts import build_expert, build_optimizer
 
 THREADS = (1, 2, 4)  # client threads driving the served expert
 TORCH_THREADS = torch.get_num_threads()  # torch's default: one per core
@@ -64,7 +63,7 @@ def local_run(exp: BenchExperiment, batch: int, seconds: float, *, torch_threads
 def local_step(exp: BenchExperiment, batch: int, *, as_server: bool) -> Callable[[], Callable[[], int]]:
     def make() -> Callable[[], int]:
         module = build_expert(exp.block, exp.d_model, exp.d_hidden, seed=0)
-        optimizer = OPTIMIZERS["adam"](module.parameters(), lr=exp.lr)
+        optimizer = build_optimizer("adam", module.parameters(), lr=exp.lr)
         x = torch.randn(batch, exp.d_model, requires_grad=True)
         grad = torch.randn(batch, exp.d_model)
 

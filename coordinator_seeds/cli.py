@@ -10,8 +10,8 @@ import trio
 import typer
 
 from volunteer import __version__
-from volunteer.logs import setup_logging
-from volunteer.procgroup import become_supervisor, unwrap
+from volunteer.core.logs import setup_logging
+from volunteer.core.procgroup import become_supervisor, unwrap
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The project's side of a volunteer swarm.")
 
@@ -28,7 +28,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _manifest(experiment: Optional[Path]):
-    from volunteer.manifest import default_manifest, load
+    from volunteer.core.manifest import default_manifest, load
 
     return load(experiment) if experiment else default_manifest()
 
@@ -69,7 +69,7 @@ def run(
 ) -> None:
     """Run the seed: a stable DHT peer serving the experiment and its peers over HTTP."""
     from coordinator_seeds.seed import SeedError, SeedSettings, run_seed
-    from volunteer.manifest import ManifestError
+    from volunteer.core.manifest import ManifestError
 
     setup_logging(verbose=False)
     try:
@@ -96,10 +96,11 @@ def train(
                                                   "a seed on this machine trusts)."),
 ) -> None:
     """Train the experiment's model through the swarm's experts, logging the loss."""
-    from coordinator_seeds.trainer import TrainerSettings, train as run_training
-    from volunteer.coordinator import CoordinatorError, fetch_experiment
-    from volunteer.manifest import ManifestError
-    from volunteer.paths import default_paths
+    from coordinator_seeds.trainer import TrainerSettings
+    from coordinator_seeds.trainer import train as run_training
+    from volunteer.core.manifest import ManifestError
+    from volunteer.core.paths import default_paths
+    from volunteer.core.seed_client import CoordinatorError, fetch_experiment
 
     setup_logging(verbose=False)
     try:

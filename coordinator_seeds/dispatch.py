@@ -33,12 +33,17 @@ import torch
 from hivemind import DHT
 from hivemind.compression import serialize_torch_tensor
 from hivemind.moe import get_experts
-from hivemind.moe.client.expert import RemoteExpert, expert_backward, expert_forward, get_server_stub
+from hivemind.moe.client.expert import (
+    RemoteExpert,
+    expert_backward,
+    expert_forward,
+    get_server_stub,
+)
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from volunteer.manifest import MoELayer
+from volunteer.core.manifest import MoELayer
 
 LATEST = float("inf")  # get_experts: search the DHT for the newest record instead of trusting the cache
 logger = logging.getLogger("coordinator_seeds.dispatch")

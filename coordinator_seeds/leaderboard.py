@@ -10,7 +10,6 @@ machine uses), adds the runs up and keeps the result in a state file, written at
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -20,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from volunteer.paths import write_atomic
-from volunteer.swarm import Contributions
+from volunteer.core.files import DurableJSON
+from volunteer.core.records import Contributions
 
 logger = logging.getLogger("coordinator_seeds.leaderboard")
 FOLD_AFTER = 3600.0  # a run silent this long is added to the totals and forgotten
@@ -49,6 +48,7 @@ class Leaderboard:
 
     def __init__(self, path: Path, trusted: Collection[bytes]):
         self.path, self.trusted = path, frozenset(trusted)
+        self.file = DurableJSON(path, "leaderboard")
         self.folded: dict[str, list[int]] = {}  # peer -> [forward, backward] of finished runs
         # run -> {"time": its latest record's time (trainer's clock), "updated": when we took it (ours),
         #         "peers": {peer: [forward, backward]}}
@@ -97,10 +97,8 @@ class Leaderboard:
 
     def save(self) -> None:
         with self._lock:
-            state = json.dumps(dict(version=1, folded=self.folded, runs=self.runs, seen=self.seen,
-                                    folded_runs=self.folded_runs)).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, lambda f: f.write(state))
+            state = dict(version=1, folded=self.folded, runs=self.runs, seen=self.seen, folded_runs=self.folded_runs)
+        self.file.save(state)
 
     def _fold(self, now: float) -> bool:
         done = [run for run, data in self.runs.items() if data["updated"] < now - FOLD_AFTER]
@@ -110,22 +108,10 @@ class Leaderboard:
         return bool(done)
 
     def _load(self) -> None:
-        try:
-            state = json.loads(self.path.read_bytes())
-            folded, runs, seen, folded_runs = _checked(state)
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:
-            # the totals are the volunteers' history: keep the file for a person to look at
-            aside = self.path.with_name(f"{self.path.name}.unreadable-{int(time.time())}")
-            try:
-                self.path.rename(aside)
-                where = f"moved to {aside.name}"
-            except OSError:
-                where = "left in place"
-            logger.warning(f"leaderboard {self.path} is unreadable ({type(e).__name__}); {where}, starting empty")
-            return
-        self.folded, self.runs, self.seen, self.folded_runs = folded, runs, seen, folded_runs
+        # the totals are the volunteers' history: an unreadable file is kept aside for a person to see
+        state = self.file.load(_checked)
+        if state is not None:
+            self.folded, self.runs, self.seen, self.folded_runs = state
 
 
 def _add(totals: dict[str, list[int]], peers: dict[str, list[int]]) -> None:

@@ -26,10 +26,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from volunteer.manifest import Manifest
-from volunteer.paths import default_paths
 from coordinator_seeds.leaderboard import Leaderboard
-from volunteer.swarm import join_dht, owner_subkey_of, read_contributions, record_key, visible_maddrs
+from volunteer.core.manifest import Manifest
+from volunteer.core.paths import default_paths
+from volunteer.core.records import (
+    join_dht,
+    owner_subkey_of,
+    read_contributions,
+    record_key,
+    visible_maddrs,
+)
 
 logger = logging.getLogger("coordinator_seeds.seed")
 
@@ -201,7 +207,7 @@ async def run_seed(settings: SeedSettings, *, task_status: trio.TaskStatus[int] 
     seed.bind_http()  # before the DHT: a taken port should fail in milliseconds, not after a DHT start
     try:
         # On this thread, not a trio worker: the DHT child dies with the thread that forked it
-        # (PR_SET_PDEATHSIG, see volunteer.procgroup), and trio retires idle workers within seconds.
+        # (PR_SET_PDEATHSIG, see volunteer.core.procgroup), and trio retires idle workers within seconds.
         seed.start_dht()
         await seed.serve(task_status=task_status)
     finally:

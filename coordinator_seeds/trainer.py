@@ -26,8 +26,13 @@ from torch import nn
 
 from coordinator_seeds import corpus
 from coordinator_seeds.dispatch import BatchedRemoteMoE, shutdown_dht
-from volunteer.manifest import Manifest
-from volunteer.swarm import join_dht, publish_contributions, publish_trainer_progress, use_record_key
+from volunteer.core.manifest import Manifest
+from volunteer.core.records import (
+    join_dht,
+    publish_contributions,
+    publish_trainer_progress,
+    use_record_key,
+)
 
 logger = logging.getLogger("coordinator_seeds.trainer")
 

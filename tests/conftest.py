@@ -23,9 +23,9 @@ import hypothesis  # noqa: F401
 import pytest
 
 from coordinator_seeds.dispatch import shutdown_dht
-from volunteer import swarm
-from volunteer.coordinator import fetch_experiment
-from volunteer.demo import ChildProcess, start_seed
+from volunteer.core import records
+from volunteer.core.harness import ChildProcess, start_seed
+from volunteer.core.seed_client import fetch_experiment
 
 # Small enough for a 2-core CI box, big enough that each volunteer hosts several experts.
 TEST_MANIFEST = textwrap.dedent(
@@ -144,7 +144,7 @@ def short_home() -> Iterator[Path]:
 @pytest.fixture
 def client(seed) -> Iterator:
     _url, experiment = seed
-    dht = swarm.join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, client_mode=True)
+    dht = records.join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, client_mode=True)
     try:
         yield dht
     finally:

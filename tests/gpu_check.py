@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # hivemind's import-time deprecation noise
-        from volunteer.hardware import detect_hardware, match_torch_devices, torch_uuid
+        from volunteer.host.hardware import (
+            detect_hardware,
+            match_torch_devices,
+            torch_uuid,
+        )
 
     profile = detect_hardware()
     report: dict[str, Any] = {"driver_version": profile.driver_version, "cuda_driver_version": profile.cuda_driver_version}
@@ -162,12 +166,11 @@ def fmt(value: Any) -> str:
 def check_plan_and_throughput(profile, device: str | None, time_budget: float, failures: list[str]) -> dict[str, Any]:
     import torch
 
-    from volunteer.experts import build_expert, sample_input
-    from volunteer.hardware import torch_device
-    from volunteer.manifest import default_manifest
-    from volunteer.serving import OPTIMIZERS
-    from volunteer.sizing import plan_experts
-    from volunteer.throughput import PlanCheck, _train_step, measure_plan, measured_peak
+    from volunteer.core.manifest import default_manifest
+    from volunteer.host.hardware import torch_device
+    from volunteer.planning.sizing import PlanCheck, measure_plan, plan_experts
+    from volunteer.planning.throughput import _train_step, measured_peak
+    from volunteer.serving.experts import build_expert, build_optimizer, sample_input
 
     manifest = default_manifest()
     plan = plan_experts(profile, manifest, {}, device=device)
@@ -180,7 +183,7 @@ def check_plan_and_throughput(profile, device: str | None, time_budget: float, f
     for uid, type_name in zip(plan.uids, plan.expert_types):
         expert_type = manifest.expert_type(type_name)
         module = build_expert(expert_type.block, manifest.d_model, expert_type.d_hidden, seed=0).to(target)
-        experts.append((uid, module, OPTIMIZERS[manifest.optimizer.name](module.parameters(), lr=1e-6)))
+        experts.append((uid, module, build_optimizer(manifest.optimizer.name, module.parameters(), lr=1e-6)))
     # hivemind's Runtime runs one batch at a time over all the experts it serves: do the same, twice
     # (the first step also allocates the optimizer state)
     for _ in range(2):
@@ -221,18 +224,18 @@ def check_serving(device: str | None, failures: list[str], calls: int = 3) -> di
     from hivemind.moe import get_experts
 
     from coordinator_seeds.dispatch import shutdown_dht
-    from volunteer import swarm
-    from volunteer.coordinator import Experiment
-    from volunteer.manifest import default_manifest
-    from volunteer.node import VolunteerNode
-    from volunteer.paths import HOME_ENV, default_paths
-    from volunteer.settings import Settings
+    from volunteer.config.settings import Settings
+    from volunteer.core import records
+    from volunteer.core.manifest import default_manifest
+    from volunteer.core.paths import HOME_ENV, default_paths
+    from volunteer.core.seed_client import Experiment
+    from volunteer.node.node import VolunteerNode
 
     manifest = default_manifest()
     home = tempfile.mkdtemp(prefix="gpu-check-")
     os.environ[HOME_ENV] = home  # identity, checkpoints and caches of this check only
-    boot = swarm.join_dht(manifest.dht_prefix, host="127.0.0.1")
-    experiment = Experiment(manifest, tuple(swarm.visible_maddrs(boot)), "file")
+    boot = records.join_dht(manifest.dht_prefix, host="127.0.0.1")
+    experiment = Experiment(manifest, tuple(records.visible_maddrs(boot)), "file")
     node = VolunteerNode(Settings(host="127.0.0.1", device=device, rebalance_period=0), default_paths().ensure(),
                          experiment)
     client = None
@@ -241,7 +244,7 @@ def check_serving(device: str | None, failures: list[str], calls: int = 3) -> di
         print(f"\n{info.serving_line()}")
         for note in info.placement.left_out:
             print(f"  {note}")
-        client = swarm.join_dht(manifest.dht_prefix, experiment.initial_peers, host="127.0.0.1", client_mode=True)
+        client = records.join_dht(manifest.dht_prefix, experiment.initial_peers, host="127.0.0.1", client_mode=True)
         for plan in info.placement.plans:
             for uid in plan.uids:
                 [expert] = get_experts(client, [uid])
@@ -288,7 +291,7 @@ def own_gpu_memory(profile, device: str) -> int | None:
     """This process's memory on the GPU as the driver counts it; None where NVML cannot say (containers)."""
     if not device.startswith("cuda"):
         return None
-    from volunteer.hardware import gpu_telemetry
+    from volunteer.host.hardware import gpu_telemetry
 
     gpu = next((g for g in gpu_telemetry() if f"cuda:{g.index}" == device), None)
     mine = [p.used_memory for p in (gpu.processes if gpu else ()) if p.pid == os.getpid()]

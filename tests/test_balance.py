@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import cli, serving_event, wait_for
-from volunteer import swarm
-from volunteer.demo import start_volunteer
+from volunteer.core.harness import start_volunteer
+from volunteer.node import swarm
 
 pytestmark = pytest.mark.integration
 

@@ -12,10 +12,14 @@ import pytest
 import torch
 
 from tests.conftest import TEST_MANIFEST
-from volunteer.checkpoints import CheckpointStore, ExpertCheckpoint, write_atomic
-from volunteer.experts import build_expert
-from volunteer.manifest import loads
-from volunteer.serving import CountingBackend, build_backends, initial_seed
+from volunteer.core.manifest import loads
+from volunteer.serving.backends import CountingBackend, build_backends, initial_seed
+from volunteer.serving.checkpoints import (
+    CheckpointStore,
+    ExpertCheckpoint,
+    write_atomic,
+)
+from volunteer.serving.experts import build_expert
 
 UID = "testlm_ffn0.0.1"
 OTHER_UID = "testlm_ffn0.1.2"
@@ -123,7 +127,7 @@ def test_truncated_latest_falls_back_to_previous_and_is_moved_aside(store: Check
     latest.write_bytes(whole[: len(whole) // 2])
     truncated = latest.read_bytes()
 
-    with caplog.at_level(logging.WARNING, logger="volunteer.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="volunteer.core.files"):
         loaded = store.load(UID, "small")
 
     assert loaded is not None and loaded.updates == 1
@@ -132,7 +136,7 @@ def test_truncated_latest_falls_back_to_previous_and_is_moved_aside(store: Check
     aside = [p for p in store.directory.iterdir() if p.name.startswith(f"{UID}.pt.corrupt-")]
     assert len(aside) == 1
     assert aside[0].read_bytes() == truncated  # kept, byte for byte, for a post-mortem
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "volunteer.checkpoints"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "volunteer.core.files"]
     assert len(warnings) == 1
     assert str(latest) in warnings[0].getMessage() and aside[0].name in warnings[0].getMessage()
 
@@ -154,7 +158,7 @@ def test_garbage_bytes_are_refused(store: CheckpointStore, caplog, garbage: byte
     store.directory.mkdir(parents=True)
     path = store.directory / f"{UID}.pt"
     path.write_bytes(garbage)
-    with caplog.at_level(logging.WARNING, logger="volunteer.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="volunteer.core.files"):
         assert store.load(UID, "small") is None
     assert not path.exists()
     (aside,) = [p for p in store.directory.iterdir() if ".corrupt-" in p.name]

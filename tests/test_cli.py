@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import TEST_MANIFEST, Processes
 from volunteer import __version__
-from volunteer.demo import free_port, start_seed, start_volunteer
+from volunteer.core.harness import free_port, start_seed, start_volunteer
 
 TIMEOUT = 120
 VOLUNTEER = [sys.executable, "-m", "volunteer.cli"]

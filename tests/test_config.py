@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from volunteer.config import (
+from volunteer.config.settings import POWER_LEVELS, RunHours, Settings
+from volunteer.config.sources import (
     KEY_BY_NAME,
     KEYS,
     MAX_CONFIG_BYTES,
@@ -30,7 +31,6 @@ from volunteer.config import (
     parse_memory,
     resolve_settings,
 )
-from volunteer.settings import POWER_LEVELS, RunHours, Settings
 
 FAST = hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -31,7 +31,10 @@ with warnings.catch_warnings():
     import hivemind  # noqa: F401
 
 from coordinator_seeds.seed import Seed, SeedError, SeedSettings, run_seed
-from volunteer.coordinator import (
+from volunteer.core.manifest import default_manifest
+from volunteer.core.paths import Paths, default_paths
+from volunteer.core.records import join_dht
+from volunteer.core.seed_client import (
     MAX_BODY_BYTES,
     CoordinatorError,
     Experiment,
@@ -39,9 +42,6 @@ from volunteer.coordinator import (
     experiment_from_file,
     fetch_experiment,
 )
-from volunteer.manifest import default_manifest
-from volunteer.paths import Paths, default_paths
-from volunteer.swarm import join_dht
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0  # importing torch + hivemind and starting a DHT: ~3 s here, generous for slow CI
@@ -51,7 +51,7 @@ SEED_SCRIPT = """
 import json, sys, trio
 from pathlib import Path
 from coordinator_seeds.seed import SeedSettings, run_seed
-from volunteer.manifest import default_manifest
+from volunteer.core.manifest import default_manifest
 
 async def main():
     settings = SeedSettings(default_manifest(), http_port=0, identity_path=Path(sys.argv[1]))
@@ -402,7 +402,7 @@ def test_unreachable_falls_back_to_cache(tmp_path: Path, caplog: pytest.LogCaptu
     first = fetch_experiment(url, tmp_path, transport=transport, sleep=Sleeps())
     assert first.source == "coordinator"
 
-    with caplog.at_level(logging.WARNING, logger="volunteer.coordinator"):
+    with caplog.at_level(logging.WARNING, logger="volunteer.core.seed_client"):
         cached = fetch_experiment(url, tmp_path, sleep=Sleeps(), timeout=2.0)
     assert cached == Experiment(first.manifest, first.initial_peers, "cache")
     assert any("connection refused" in r.getMessage() and "cached" in r.getMessage() for r in caplog.records)
@@ -433,7 +433,7 @@ def test_corrupt_cache_is_reported_and_left_alone(tmp_path: Path, garbage: bytes
 def test_unwritable_cache_does_not_fail_a_good_fetch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    with caplog.at_level(logging.WARNING, logger="volunteer.coordinator"):
+    with caplog.at_level(logging.WARNING, logger="volunteer.core.seed_client"):
         assert fetch(mock(good)[0], blocker / "cache").source == "coordinator"
     assert "could not cache" in caplog.text
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import re
 import json
 import os
 import pty
+import re
 import signal
 import sys
 import termios
@@ -25,8 +25,20 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from tests.conftest import TEST_MANIFEST
-from volunteer.checkpoints import CheckpointStore
-from volunteer.dashboard import (
+from volunteer.core.manifest import loads
+from volunteer.host.telemetry import GpuReading, Telemetry, TelemetryReader
+from volunteer.node.stats import (
+    ExpertView,
+    LifetimeStore,
+    StatsCollector,
+    StatsSnapshot,
+    SwarmView,
+    Totals,
+)
+from volunteer.planning.sizing import GiB, MiB, Plan
+from volunteer.serving.backends import build_backends
+from volunteer.serving.checkpoints import CheckpointStore
+from volunteer.views.dashboard import (
     format_ago,
     format_bytes,
     format_duration,
@@ -38,18 +50,6 @@ from volunteer.dashboard import (
     short_id,
     sparkline,
 )
-from volunteer.manifest import loads
-from volunteer.serving import build_backends
-from volunteer.sizing import GiB, MiB, Plan
-from volunteer.stats import (
-    ExpertView,
-    LifetimeStore,
-    StatsCollector,
-    StatsSnapshot,
-    SwarmView,
-    Totals,
-)
-from volunteer.telemetry import GpuReading, Telemetry, TelemetryReader
 
 UIDS = ("testlm_ffn0.0.0", "testlm_ffn0.0.1", "testlm_ffn0.1.2", "testlm_ffn0.1.3")
 IDLE = UIDS[-1]  # never called: its row must say so
@@ -222,7 +222,7 @@ def test_render_gpus_and_a_measured_peak(snapshot: StatsSnapshot):
 
 
 def test_render_and_summary_show_the_verified_contribution(snapshot: StatsSnapshot):
-    from volunteer.monitor import summary_lines
+    from volunteer.views.monitor import summary_lines
 
     verified = dataclasses.replace(snapshot, verified=dict(forward_samples=10_000, backward_samples=2_345, rank=3,
                                                           volunteers=40))

@@ -20,8 +20,8 @@ from hivemind.moe import get_experts
 
 from coordinator_seeds.trainer import TrainerSettings, train
 from tests.conftest import cli, serving_event, status, wait_for
-from volunteer.checkpoints import CheckpointStore
-from volunteer.demo import start_volunteer
+from volunteer.core.harness import start_volunteer
+from volunteer.serving.checkpoints import CheckpointStore
 
 pytestmark = pytest.mark.integration
 
@@ -218,7 +218,7 @@ def test_a_dead_hivemind_process_restarts_the_node_with_its_weights(seed, client
 
 
 def test_the_failure_budget_backs_off_then_gives_up():
-    from volunteer.supervisor import FailureBudget, NodeFailed
+    from volunteer.node.supervisor import FailureBudget, NodeFailed
 
     now = [0.0]
     budget = FailureBudget(delays=(1.0, 5.0, 30.0), window=600.0, clock=lambda: now[0])
@@ -235,7 +235,7 @@ def test_the_failure_budget_backs_off_then_gives_up():
 
 
 def test_between_a_failure_and_the_restart_status_says_restarting_and_stop_stops(seed, short_home, processes):
-    from volunteer import control
+    from volunteer.node import control
 
     url, _experiment = seed
     child = processes.add(start_volunteer(short_home, url, "--max-experts", "1", name="gap"))

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from volunteer.hardware import (
+from volunteer.host.hardware import (
     CPUInfo,
     GPUInfo,
     GPUProcess,

@@ -67,19 +67,20 @@ from hypothesis import strategies as st
 from tests.conftest import TEST_MANIFEST, Processes, serving_event, status, wait_for
 from tests.test_cli import VOLUNTEER, one_line_error, run
 from tests.test_manifest import json_values
-from volunteer.checkpoints import CheckpointStore, ExpertCheckpoint
-from volunteer.coordinator import (
+from volunteer.core import records
+from volunteer.core.harness import start_volunteer
+from volunteer.core.manifest import MAX_MANIFEST_BYTES, ManifestError, load, loads
+from volunteer.core.paths import default_paths, write_atomic
+from volunteer.core.seed_client import (
     MAX_BODY_BYTES,
     CoordinatorError,
     Experiment,
     cache_path,
     fetch_experiment,
 )
-from volunteer.demo import start_volunteer
-from volunteer.experts import build_expert
-from volunteer.manifest import MAX_MANIFEST_BYTES, ManifestError, load, loads
-from volunteer.paths import default_paths, write_atomic
-from volunteer.stats import LifetimeStore, Totals
+from volunteer.node.stats import LifetimeStore, Totals
+from volunteer.serving.checkpoints import CheckpointStore, ExpertCheckpoint
+from volunteer.serving.experts import build_expert
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFEST = loads(TEST_MANIFEST, fmt="toml")
@@ -360,7 +361,7 @@ def test_coordinator_fault_falls_back_to_the_cached_manifest_and_peers(
     before = snapshot(cache)
     assert len(before) == 1
     _break(coordinator, fault)
-    with caplog.at_level(logging.WARNING, logger="volunteer.coordinator"):
+    with caplog.at_level(logging.WARNING, logger="volunteer.core.seed_client"):
         again = fetch_experiment(coordinator.url, cache, sleep=lambda s: None, **FAST)
     assert again == Experiment(first.manifest, first.initial_peers, "cache")
     assert_untouched(before, cache)
@@ -572,7 +573,7 @@ def test_a_full_disk_keeps_the_previous_file(tmp_path: Path, coordinator: FakeCo
         fetch_experiment(coordinator.url, tmp_path, **FAST)
         before = snapshot(tmp_path)
         _full_at(cache_path(tmp_path, coordinator.url))
-        with caplog.at_level(logging.WARNING, logger="volunteer.coordinator"):
+        with caplog.at_level(logging.WARNING, logger="volunteer.core.seed_client"):
             assert fetch_experiment(coordinator.url, tmp_path, **FAST).source == "coordinator"  # a cache is optional
         assert "could not cache the experiment" in caplog.text and "No space left" in caplog.text
         assert_untouched(before, tmp_path)
@@ -585,8 +586,8 @@ def test_a_full_disk_keeps_the_previous_file(tmp_path: Path, coordinator: FakeCo
 @pytest.fixture
 def node(volunteer_home: Path, tmp_path: Path):
     """A VolunteerNode that is built but not started: what reads node.json at start."""
-    from volunteer.node import VolunteerNode
-    from volunteer.settings import Settings
+    from volunteer.config.settings import Settings
+    from volunteer.node.node import VolunteerNode
 
     paths = default_paths().ensure()
     manifest_file = tmp_path / "m.json"
@@ -627,7 +628,7 @@ def test_corrupt_node_state_is_ignored_and_left_alone(node, body: bytes | None, 
 @pytest.mark.parametrize("body", [b"", b"junk", b"\x30\x82\x01\x0a" + bytes(64), None], ids=["empty", "junk",
                                                                                      "truncated-der", "a-directory"])
 def test_a_corrupt_record_key_is_refused_in_one_line_and_kept(tmp_path: Path, body: bytes | None):
-    from volunteer.swarm import use_record_key
+    from volunteer.core.records import use_record_key
 
     path = tmp_path / "data" / "record-key.der"
     path.parent.mkdir()
@@ -642,7 +643,7 @@ def test_a_corrupt_record_key_is_refused_in_one_line_and_kept(tmp_path: Path, bo
 def test_the_record_key_is_made_once_owner_only_and_signs_every_run(tmp_path: Path):
     from hivemind.dht.crypto import RSASignatureValidator
 
-    from volunteer.swarm import use_record_key
+    from volunteer.core.records import use_record_key
 
     path = tmp_path / "data" / "record-key.der"
     first = use_record_key(path)
@@ -669,7 +670,7 @@ BAD_LEADERBOARDS = [
 
 @pytest.mark.parametrize("answer", BAD_LEADERBOARDS)
 def test_a_bad_leaderboard_is_no_news(coordinator: FakeCoordinator, answer: Answer):
-    from volunteer.coordinator import fetch_verified
+    from volunteer.core.seed_client import fetch_verified
 
     coordinator.answer("/v1/leaderboard", **answer.__dict__)
     with pytest.raises(CoordinatorError, match="no leaderboard from") as raised:
@@ -678,7 +679,7 @@ def test_a_bad_leaderboard_is_no_news(coordinator: FakeCoordinator, answer: Answ
 
 
 def test_the_leaderboard_line_of_a_volunteer(coordinator: FakeCoordinator):
-    from volunteer.coordinator import Verified, fetch_verified
+    from volunteer.core.seed_client import Verified, fetch_verified
 
     coordinator.answer("/v1/leaderboard", body=b'{"volunteers": 7, "rank": 2, "entries": '
                                                 b'[{"peer_id": "QmMe", "forward_samples": 30, "backward_samples": 12}]}')
@@ -691,7 +692,7 @@ def test_the_leaderboard_line_of_a_volunteer(coordinator: FakeCoordinator):
 
 
 def test_two_processes_making_the_record_key_at_once_agree_on_one(tmp_path: Path):
-    from volunteer.swarm import _create_once, record_key
+    from volunteer.core.records import _create_once, record_key
 
     path = tmp_path / "data" / "trainer-key.der"
     assert _create_once(path, b"first")
@@ -725,7 +726,7 @@ def test_corrupt_lifetime_stats_are_moved_aside_and_the_backup_used(tmp_path: Pa
     store.save(Totals(forward_samples=50, backward_samples=25, optimizer_steps=3))
     store.path.write_bytes(body)
     backup = store.backup.read_bytes()
-    with caplog.at_level(logging.WARNING, logger="volunteer.stats"):
+    with caplog.at_level(logging.WARNING, logger="volunteer.core.files"):
         assert store.load() == Totals(forward_samples=40, backward_samples=20, optimizer_steps=2)
     [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("lifetime.json.corrupt-")]
     assert aside.read_bytes() == body, "the corrupt file must be kept, not lost"
@@ -866,7 +867,6 @@ def served(seed) -> Iterator[Served]:
     from hivemind.moe import get_experts
 
     from coordinator_seeds.dispatch import shutdown_dht
-    from volunteer import swarm
 
     url, experiment = seed
     home = Path(tempfile.mkdtemp(prefix="vol-"))  # unix socket paths must stay under 107 bytes
@@ -880,7 +880,7 @@ def served(seed) -> Iterator[Served]:
         planted = _plant_state(home)
         child = procs.add(start_volunteer(home, proxy.url, "--max-experts", "1", "--log-interval", "60"))
         event = serving_event(child)
-        dht = swarm.join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, client_mode=True)
+        dht = records.join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, client_mode=True)
         expert = wait_for(lambda: get_experts(dht, [UID])[0], 30, f"{UID} in the DHT")
         yield Served(home, child, event, expert, event["plans"][0]["max_batch_size"], planted, cache_before)
     finally:

@@ -16,7 +16,8 @@ import pytest
 
 from coordinator_seeds.leaderboard import FOLD_AFTER, Leaderboard
 from tests.conftest import TEST_MANIFEST, Processes, serving_event, status, wait_for
-from volunteer.swarm import Contributions
+from volunteer.core import records
+from volunteer.core.records import Contributions
 
 TRUSTED, ROGUE = b"[owner:trusted]", b"[owner:rogue]"
 
@@ -74,10 +75,10 @@ def test_the_state_file_survives_a_restart(tmp_path: Path):
 def test_an_unreadable_state_file_is_kept_aside(tmp_path: Path, body: bytes, caplog: pytest.LogCaptureFixture):
     path = tmp_path / "leaderboard.json"
     path.write_bytes(body)
-    with caplog.at_level(logging.WARNING, logger="coordinator_seeds.leaderboard"):
+    with caplog.at_level(logging.WARNING, logger="volunteer.core.files"):
         board = Leaderboard(path, [TRUSTED])
     assert board.entries() == [] and not path.exists()
-    [aside] = tmp_path.glob("leaderboard.json.unreadable-*")
+    [aside] = tmp_path.glob("leaderboard.json.corrupt-*")
     assert aside.read_bytes() == body, "the old totals are a person's to recover, not ours to drop"
     [warning] = [r.getMessage() for r in caplog.records]
     assert "unreadable" in warning and "\n" not in warning
@@ -90,9 +91,13 @@ def test_an_unreadable_state_file_is_kept_aside(tmp_path: Path, body: bytes, cap
 def test_the_seed_lists_what_a_trusted_trainer_saw(tmp_path: Path, short_home: Path):
     from coordinator_seeds.dispatch import shutdown_dht
     from coordinator_seeds.trainer import TrainerSettings, train
-    from volunteer import swarm
-    from volunteer.coordinator import fetch_experiment
-    from volunteer.demo import ChildProcess, free_port, start_volunteer, wait_http_ok
+    from volunteer.core.harness import (
+        ChildProcess,
+        free_port,
+        start_volunteer,
+        wait_http_ok,
+    )
+    from volunteer.core.seed_client import fetch_experiment
 
     manifest_file = tmp_path / "test-lm.toml"
     manifest_file.write_text(TEST_MANIFEST)
@@ -119,10 +124,10 @@ def test_the_seed_lists_what_a_trusted_trainer_saw(tmp_path: Path, short_home: P
         assert board()["entries"] == []
 
         # a rogue trainer claims work for our volunteer and a made-up one: signed, but not trusted
-        swarm.use_record_key(tmp_path / "rogue.der")  # before the DHT: its validator signs with this key
-        rogue = swarm.join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, client_mode=True)
+        records.use_record_key(tmp_path / "rogue.der")  # before the DHT: its validator signs with this key
+        rogue = records.join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, client_mode=True)
         try:
-            assert swarm.publish_contributions(rogue, experiment.manifest.dht_prefix, "fake",
+            assert records.publish_contributions(rogue, experiment.manifest.dht_prefix, "fake",
                                                {peer_id: (10**9, 10**9), "QmNobody": (5, 5)})
         finally:
             shutdown_dht(rogue)

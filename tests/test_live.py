@@ -22,8 +22,8 @@ import torch
 from hivemind.moe import get_experts
 
 from tests.conftest import Processes, cli, json_lines, serving_event, status, wait_for
-from volunteer import swarm
-from volunteer.demo import start_volunteer
+from volunteer.core import records
+from volunteer.core.harness import start_volunteer
 
 pytestmark = pytest.mark.integration
 
@@ -176,7 +176,7 @@ def test_dashboard_in_a_real_terminal(seed, client, short_home: Path, terminal: 
     code = wait_for(lambda: exit_file.exists() and exit_file.read_text().strip(), 60, "the client to exit")
     assert code == "0"
     prefix = experiment.manifest.dht_prefix
-    wait_for(lambda: all(r.peer_id != peer_id for r in swarm.read_volunteers(client, prefix)), 15,
+    wait_for(lambda: all(r.peer_id != peer_id for r in records.read_volunteers(client, prefix)), 15,
              "the swarm to notice the volunteer left")
 
 
@@ -193,7 +193,7 @@ def test_closing_the_terminal_drains_the_client(seed, client, short_home: Path, 
     assert {f"{e['stats']['uid']}.pt" for e in figures["experts"]} <= {p.name for p in checkpoints.iterdir()}
     assert json.loads((short_home / "state" / "lifetime.json").read_text())["uptime_seconds"] > 0
     prefix = experiment.manifest.dht_prefix
-    wait_for(lambda: all(r.peer_id != figures["peer_id"] for r in swarm.read_volunteers(client, prefix)), 15,
+    wait_for(lambda: all(r.peer_id != figures["peer_id"] for r in records.read_volunteers(client, prefix)), 15,
              "the swarm to notice the volunteer left")
 
 

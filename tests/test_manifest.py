@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from volunteer.manifest import (
+from volunteer.core.manifest import (
     MAX_MANIFEST_BYTES,
     Manifest,
     ManifestError,

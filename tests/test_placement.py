@@ -16,10 +16,23 @@ import torch
 from hivemind.moe import get_experts
 
 from tests.conftest import wait_for
-from tests.test_sizing import BIG, CPU_DESKTOP, DEFAULT, MACHINES, MiB, check_plan, gpu_box
-from volunteer.hardware import HardwareProfile, detect_cpu
-from volunteer.placement import Placement, choose_devices, pick_devices, place_experts
-from volunteer.sizing import SizingError, plan_experts
+from tests.test_sizing import (
+    BIG,
+    CPU_DESKTOP,
+    DEFAULT,
+    MACHINES,
+    MiB,
+    check_plan,
+    gpu_box,
+)
+from volunteer.host.hardware import HardwareProfile, detect_cpu
+from volunteer.planning.placement import (
+    Placement,
+    choose_devices,
+    pick_devices,
+    place_experts,
+)
+from volunteer.planning.sizing import SizingError, plan_experts
 
 MIXED = MACHINES["gpu-24GB+6GB"]
 
@@ -146,10 +159,10 @@ def test_placement_round_trips_through_json() -> None:
 
 @pytest.mark.integration
 def test_a_node_serves_on_two_devices_with_a_runtime_each(seed, client) -> None:
-    from volunteer.node import VolunteerNode
-    from volunteer.paths import default_paths
-    from volunteer.serving import DeviceRuntimes
-    from volunteer.settings import Settings
+    from volunteer.config.settings import Settings
+    from volunteer.core.paths import default_paths
+    from volunteer.node.node import VolunteerNode
+    from volunteer.serving.backends import DeviceRuntimes
 
     _url, experiment = seed
     manifest = experiment.manifest

@@ -12,16 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from volunteer.hardware import CPUInfo, GPUInfo, HardwareProfile
+from volunteer.host.hardware import CPUInfo, GPUInfo, HardwareProfile
 
 with warnings.catch_warnings():
     # Importing hivemind calls torch.jit.script, which torch 2.13 deprecates with a warning attributed to
     # torch.jit, so pyproject's "ignore::DeprecationWarning:hivemind.*" misses it. Drop this block once
     # pyproject filters "ignore:.*torch.jit.script.* is deprecated:DeprecationWarning".
     warnings.simplefilter("ignore", DeprecationWarning)
-    from volunteer.manifest import Manifest, default_manifest
-from volunteer.rebalance import Rebalance, rebalance_moves
-from volunteer.sizing import (
+    from volunteer.core.manifest import Manifest, default_manifest
+from volunteer.planning.rebalance import Rebalance, rebalance_moves
+from volunteer.planning.sizing import (
     CPU_BASE_OVERHEAD,
     CPU_EXPERT_OVERHEAD,
     CUDA_CONTEXT_RESERVE,
@@ -34,7 +34,7 @@ from volunteer.sizing import (
     pick_device,
     plan_experts,
 )
-from volunteer.throughput import Throughput
+from volunteer.planning.throughput import Throughput
 
 MiB, GiB, GB = 2**20, 2**30, 10**9
 

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from volunteer.limits import automatic_pause_reasons
-from volunteer.settings import Settings
-from volunteer.stats import (
+from volunteer.config.settings import Settings
+from volunteer.host.telemetry import CpuReading, GpuReading, Telemetry
+from volunteer.node.limits import automatic_pause_reasons
+from volunteer.node.stats import (
     ExpertCounters,
     LifetimeStore,
     RateMeter,
@@ -20,7 +21,6 @@ from volunteer.stats import (
     StatsSnapshot,
     Totals,
 )
-from volunteer.telemetry import CpuReading, GpuReading, Telemetry
 
 
 def test_counters_count_batches_samples_and_updates():

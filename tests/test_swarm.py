@@ -20,12 +20,12 @@ from hivemind.moe import get_experts
 from coordinator_seeds.dispatch import shutdown_dht
 from coordinator_seeds.trainer import TrainerSettings, train
 from tests.conftest import TEST_MANIFEST, Processes
-from volunteer.checkpoints import CheckpointStore
-from volunteer.coordinator import fetch_experiment
-from volunteer.demo import start_seed, start_volunteer
-from volunteer.experts import build_expert
-from volunteer.serving import initial_seed
-from volunteer.swarm import join_dht, read_volunteers
+from volunteer.core.harness import start_seed, start_volunteer
+from volunteer.core.records import join_dht, read_volunteers
+from volunteer.core.seed_client import fetch_experiment
+from volunteer.serving.backends import initial_seed
+from volunteer.serving.checkpoints import CheckpointStore
+from volunteer.serving.experts import build_expert
 
 pytestmark = pytest.mark.integration
 SERVING = r"\"message\": \"serving (\d+) experts of test-lm on cpu as (\S+?)(?:, (\d+) restored from checkpoints)?: ([^\"]+)\""

@@ -13,34 +13,33 @@ import pytest
 import torch
 from rich.console import Console
 
-from volunteer.hardware import CPUInfo, GPUInfo, GPUProcess, HardwareProfile
+from volunteer.host.hardware import CPUInfo, GPUInfo, GPUProcess, HardwareProfile
 
 with warnings.catch_warnings():
     # hivemind's import-time torch.jit.script deprecation; see the same block in test_sizing.py
     warnings.simplefilter("ignore", DeprecationWarning)
-    from volunteer.manifest import Manifest, default_manifest
-from volunteer import throughput
-from volunteer.experts import build_expert
-from volunteer.placement import Placement
-from volunteer.report import print_hardware_and_placement
-from volunteer.serving import OPTIMIZERS
-from volunteer.sizing import (
+    from volunteer.core.manifest import Manifest, default_manifest
+from volunteer.planning import throughput
+from volunteer.planning.placement import Placement
+from volunteer.planning.sizing import (
     CPU_EXPERT_OVERHEAD,
     GPU_EXPERT_OVERHEAD,
+    PlanCheck,
     expert_cost,
+    measure_plan,
     plan_experts,
 )
-from volunteer.throughput import (
-    PlanCheck,
+from volunteer.planning.throughput import (
     Throughput,
     candidate_batches,
     device_name,
-    measure_plan,
     measure_rates,
     measure_throughput,
     measured_peak,
     pick_batch,
 )
+from volunteer.serving.experts import build_expert, build_optimizer
+from volunteer.views.report import print_hardware_and_placement
 
 GiB = 2**30
 FAST = 0.05  # seconds per expert type: enough for a few steps of a tiny expert, fast on a 2-core box
@@ -140,7 +139,7 @@ def test_a_corrupt_cache_file_is_ignored_with_a_warning(
     measure(tmp_path)
     (path,) = (tmp_path / "throughput").glob("*.json")
     path.write_text(garbage)
-    with caplog.at_level(logging.WARNING, logger="volunteer.throughput"):
+    with caplog.at_level(logging.WARNING, logger="volunteer.planning.throughput"):
         again = measure(tmp_path)
     assert not again.cached
     assert any("corrupt" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
@@ -159,7 +158,7 @@ def test_remeasure_ignores_and_refreshes_the_cache(tmp_path: Path) -> None:
 def test_an_unwritable_cache_still_measures(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")  # a file where the cache dir should be
-    with caplog.at_level(logging.WARNING, logger="volunteer.throughput"):
+    with caplog.at_level(logging.WARNING, logger="volunteer.planning.throughput"):
         assert measure(blocker).samples_per_second > 0
     assert any("could not cache" in r.getMessage() for r in caplog.records)
 
@@ -223,7 +222,7 @@ def test_the_cost_model_covers_a_real_expert(type_name: str, optimizer: str) -> 
     expert_type, batch = manifest.expert_type(type_name), 32
     cost = expert_cost(manifest, expert_type, batch, "cpu")
     module = build_expert(expert_type.block, manifest.d_model, expert_type.d_hidden, seed=0)
-    opt = OPTIMIZERS[optimizer](module.parameters(), lr=0.01)
+    opt = build_optimizer(optimizer, module.parameters(), lr=0.01)
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     saved: dict[int, int] = {}  # by storage: chunk() views share one (SwiGLU's gate and up)
 

@@ -28,9 +28,9 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from coordinator_seeds.dispatch import BatchedRemoteMoE, shutdown_dht
 from coordinator_seeds.trainer import StepReport, TrainerSettings, train
-from volunteer.experts import build_expert, sample_input
-from volunteer.manifest import Manifest, MoELayer
-from volunteer.swarm import join_dht, read_trainer_progress, visible_maddrs
+from volunteer.core.manifest import Manifest, MoELayer
+from volunteer.core.records import join_dht, read_trainer_progress, visible_maddrs
+from volunteer.serving.experts import build_expert, sample_input
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ from typing import List, Optional
 import typer
 
 from volunteer import __version__
-from volunteer.config import parse_memory  # noqa: F401  (moved; re-exported for old imports)
-from volunteer.logs import setup_logging
+from volunteer.config.sources import parse_memory  # noqa: F401  (moved; re-exported for old imports)
+from volunteer.core.logs import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lend this machine to a hivemind MoE swarm.")
 EXIT_BAD_INPUT = 2
@@ -38,10 +38,10 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from hivemind.p2p import P2PDaemonError
 
-    from volunteer.control import ControlError
-    from volunteer.coordinator import CoordinatorError
-    from volunteer.procgroup import AlreadyRunning
-    from volunteer.serving import ServerStartError
+    from volunteer.core.procgroup import AlreadyRunning
+    from volunteer.core.seed_client import CoordinatorError
+    from volunteer.node.control import ControlError
+    from volunteer.serving.backends import ServerStartError
 
     # P2PDaemonError: the DHT could not start (port taken, no bootstrap peer reachable)
     return (ValueError, CoordinatorError, AlreadyRunning, OSError, P2PDaemonError, ControlError, ServerStartError)
@@ -49,12 +49,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def _exit_for(error: BaseException) -> BaseException:
     """A one-line error and exit 2 for bad input; anything else is a bug and keeps its traceback."""
-    from volunteer.procgroup import unwrap
+    from volunteer.core.procgroup import unwrap
 
     error = unwrap(error)
     if isinstance(error, KeyboardInterrupt):
         return typer.Exit(130)
-    supervisor = sys.modules.get("volunteer.supervisor")  # only a running client raises NodeFailed
+    supervisor = sys.modules.get("volunteer.node.supervisor")  # only a running client raises NodeFailed
     if supervisor is not None and isinstance(error, supervisor.NodeFailed):
         return fail(str(error), code=1)  # not bad input: serving kept breaking; a service manager may retry
     if isinstance(error, _known_errors()):
@@ -97,10 +97,10 @@ def start(
 
     Settings: flags > VOLUNTEER_* environment > volunteer.toml > defaults; see `volunteer config show`.
     """
-    from volunteer.config import resolve_settings
-    from volunteer.logs import EventLog
-    from volunteer.paths import default_paths
-    from volunteer.supervisor import run_volunteer
+    from volunteer.config.sources import resolve_settings
+    from volunteer.core.logs import EventLog
+    from volunteer.core.paths import default_paths
+    from volunteer.node.supervisor import run_volunteer
 
     flags = {
         "coordinator": coordinator, "experiment_file": experiment, "initial_peers": initial_peers or None,
@@ -125,8 +125,8 @@ def start(
 
 
 def _control_path():
-    from volunteer.control import socket_path
-    from volunteer.paths import default_paths
+    from volunteer.core.paths import default_paths
+    from volunteer.node.control import socket_path
 
     return socket_path(default_paths().runtime_dir)
 
@@ -134,9 +134,9 @@ def _control_path():
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json", help="Print the full figures as JSON.")) -> None:
     """Print the live figures of the volunteer running on this machine."""
-    from volunteer import control
-    from volunteer.monitor import summary_lines
-    from volunteer.stats import StatsSnapshot
+    from volunteer.node import control
+    from volunteer.node.stats import StatsSnapshot
+    from volunteer.views.monitor import summary_lines
 
     try:
         figures = control.request(_control_path(), "status")["status"]
@@ -152,7 +152,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the full fi
 @app.command()
 def stop(timeout: float = typer.Option(60.0, help="Seconds to wait for the drain.")) -> None:
     """Ask the running volunteer to drain (finish requests, checkpoint, leave) and wait until it exits."""
-    from volunteer import control
+    from volunteer.node import control
 
     try:
         seconds = control.stop(_control_path(), timeout=timeout)
@@ -174,7 +174,7 @@ def resume() -> None:
 
 
 def _pause_or_resume(command: str) -> None:
-    from volunteer import control
+    from volunteer.node import control
 
     try:
         answer = control.request(_control_path(), command)
@@ -189,7 +189,7 @@ def _pause_or_resume(command: str) -> None:
 @app.command()
 def monitor(refresh: float = typer.Option(1.0, help="Seconds between refreshes.")) -> None:
     """Show the dashboard of a volunteer that is already running (headless, in another terminal); `q` quits."""
-    from volunteer.monitor import run_monitor
+    from volunteer.views.monitor import run_monitor
 
     try:
         run_monitor(_control_path(), refresh)
@@ -214,18 +214,18 @@ def hardware(
     joining anything."""
     from dataclasses import replace
 
-    from volunteer.config import resolve_settings
-    from volunteer.hardware import detect_hardware
-    from volunteer.manifest import default_manifest, load
-    from volunteer.placement import choose_devices, place_experts
+    from volunteer.config.sources import resolve_settings
+    from volunteer.core.manifest import default_manifest, load
+    from volunteer.host.hardware import detect_hardware
+    from volunteer.planning.placement import choose_devices, place_experts
 
     flags = {"coordinator": coordinator, "experiment_file": experiment, "device": device, "gpus": gpus,
              "max_memory": max_memory, "max_experts": max_experts}
     try:
         settings = resolve_settings(flags).settings
         if settings.coordinator:
-            from volunteer.coordinator import fetch_experiment
-            from volunteer.paths import default_paths
+            from volunteer.core.paths import default_paths
+            from volunteer.core.seed_client import fetch_experiment
 
             manifest = fetch_experiment(settings.coordinator, default_paths().cache_dir).manifest
         else:
@@ -236,8 +236,8 @@ def hardware(
                                   max_experts=settings.max_experts)
         placement = replace(placement, left_out=hidden + placement.left_out)
         if measure or remeasure:
-            from volunteer.paths import default_paths
-            from volunteer.throughput import measure_plan
+            from volunteer.core.paths import default_paths
+            from volunteer.planning.sizing import measure_plan
 
             placement = replace(placement, plans=tuple(
                 measure_plan(profile, manifest, plan, default_paths().cache_dir, remeasure=remeasure)
@@ -249,7 +249,7 @@ def hardware(
         typer.echo(json.dumps(dict(hardware=profile.to_dict(), experiment=manifest.name, **placement.to_dict()),
                               indent=2))
         return
-    from volunteer.report import print_hardware_and_placement
+    from volunteer.views.report import print_hardware_and_placement
 
     print_hardware_and_placement(profile, manifest, placement)
 
@@ -278,7 +278,7 @@ app.add_typer(config_app, name="config")
 @config_app.command("show")
 def config_show(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Print the effective settings and where each came from; the config file is only ever read."""
-    from volunteer.config import resolve_settings
+    from volunteer.config.sources import resolve_settings
 
     try:
         resolved = resolve_settings({})

@@ -1,129 +1,26 @@
 """``volunteer demo``: a whole swarm on loopback, so one command on one box shows real training.
 
 It starts a coordinator seed, one or more ``volunteer start`` processes (each with its own home under
-the demo dir) and runs the trainer in this process, printing its loss as it falls.
+the demo dir) and the seed's trainer, each as a process of its own, and prints their lines prefixed
+with their names while the trainer's loss falls.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import queue
-import re
-import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
-from pathlib import Path
-from typing import IO, Sequence
 
-import httpx
-
-from volunteer.paths import default_paths
-from volunteer.procgroup import become_supervisor
-
-logger = logging.getLogger(__name__)
-
-
-class ChildProcess:
-    """A child process whose output lines can be awaited (bounded) and that is stopped with its group."""
-
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, echo: IO[str] | None = None):
-        self.name, self.echo = name, echo
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.output: list[str] = []
-        self.proc = subprocess.Popen(
-            list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True,
-        )
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.output.append(line)
-            self.lines.put(line)
-            if self.echo is not None:
-                self.echo.write(f"[{self.name}] {line}")
-        self.lines.put("")  # end of output
-
-    def wait_for_line(self, pattern: str, timeout: float) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line == "" and self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
-            if match := re.search(pattern, line):
-                return match
-        raise TimeoutError(f"{self.name} printed no line matching {pattern!r} in {timeout:.0f} s: {self.tail()}")
-
-    def tail(self, lines: int = 5) -> str:
-        return " | ".join(line.strip() for line in self.output[-lines:])
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, wait, then SIGKILL the whole process group: nothing of the child is left behind."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return self.proc.wait(timeout=10)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def wait_http_ok(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer in {timeout:.0f} s")
-
-
-def start_seed(echo: IO[str] | None = None, experiment: Path | None = None, home: Path | None = None) -> tuple[ChildProcess, str]:
-    port = free_port()
-    argv = [sys.executable, "-m", "coordinator_seeds.cli", "run", "--host", "127.0.0.1", "--http-port", str(port)]
-    if experiment is not None:
-        argv += ["--experiment", str(experiment)]
-    if home is not None:
-        argv += ["--data-dir", str(home)]  # its identity, trusted trainer key and leaderboard
-    seed = ChildProcess("seed", argv, echo=echo)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http_ok(f"{url}/healthz", timeout=90)
-    except TimeoutError:
-        seed.stop()
-        raise
-    return seed, url
-
-
-def start_volunteer(home: Path, url: str, *extra: str, echo: IO[str] | None = None, name: str = "volunteer") -> ChildProcess:
-    argv = [sys.executable, "-m", "volunteer.cli", "start", "--coordinator", url, "--host", "127.0.0.1", *extra]
-    return ChildProcess(name, argv, env={"VOLUNTEER_HOME": str(home)}, echo=echo)
+from volunteer.core.harness import (
+    ChildProcess,
+    start_seed,
+    start_trainer,
+    start_volunteer,
+)
+from volunteer.core.paths import default_paths
+from volunteer.core.procgroup import become_supervisor
 
 
 def run_demo(volunteers: int = 1, steps: int | None = None) -> int:
-    from coordinator_seeds.trainer import TrainerSettings, train
-    from volunteer.coordinator import fetch_experiment
-
-    become_supervisor()  # the trainer below forks a DHT process
+    become_supervisor()
     home = default_paths().data_dir / "demo"
     children: list[ChildProcess] = []
     try:
@@ -136,12 +33,10 @@ def run_demo(volunteers: int = 1, steps: int | None = None) -> int:
                                     name=f"volunteer{i}")
             children.append(child)
             child.wait_for_line(r"\"event\": \"serving\"", timeout=180)
-        experiment = fetch_experiment(url, home / "trainer-cache")
-        print(f"training {experiment.manifest.name} through the swarm; Ctrl-C to stop")
-        print(f"verified contributions: {url}/v1/leaderboard")
-        train(TrainerSettings(experiment.manifest, experiment.initial_peers, steps=steps, log_every=10,
-                              key_path=home / "trainer-key.der"))  # the key the seed trusts
-        return 0
+        print(f"training through the swarm; Ctrl-C to stop; verified contributions: {url}/v1/leaderboard")
+        trainer = start_trainer(url, home / "trainer-key.der", steps, echo=sys.stdout)  # the key the seed trusts
+        children.append(trainer)
+        return trainer.proc.wait()
     except KeyboardInterrupt:
         return 130
     finally:

@@ -15,17 +15,24 @@ import hashlib
 import math
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
 
-from volunteer.experts import BLOCKS
-from volunteer.hardware import HardwareProfile
-from volunteer.manifest import ExpertType, Manifest, Optimizer
-from volunteer.throughput import Throughput
+from volunteer.core.blocks import BLOCKS, OPTIMIZERS
+from volunteer.core.manifest import ExpertType, Manifest, Optimizer
+from volunteer.host import hardware
+from volunteer.host.hardware import HardwareProfile
+from volunteer.planning.throughput import (
+    TIME_BUDGET_S,
+    Throughput,
+    device_name,
+    measure_throughput,
+)
 
 MiB = 2**20
 GiB = 2**30
 # fp32 is the default; torch keeps grads and optimizer state in the weights' dtype, so one size fits all
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0}  # tensors per parameter (Adam: exp_avg, exp_avg_sq)
 
 # hivemind runs two TaskPool processes (forward and backward) per expert on top of the runtime; each
 # one's interpreter pages and shared-memory batch buffers cost far more on CPU than the weights do.
@@ -79,7 +86,7 @@ def optimizer_states(optimizer: Optimizer) -> int:
     """Parameter-sized tensors the optimizer keeps: Adam 2, SGD 1 with momentum and 0 without."""
     if optimizer.name == "sgd":  # the manifest has no momentum yet and serving builds plain SGD
         return 1 if getattr(optimizer, "momentum", 0) else 0
-    return OPTIMIZER_STATES[optimizer.name]
+    return OPTIMIZERS[optimizer.name].states
 
 
 def expert_cost(
@@ -400,3 +407,63 @@ def _size(n: int) -> str:
     if abs(n) >= MiB:
         return f"{n / MiB:.0f} MiB"
     return f"{n / 2**10:.0f} KiB"
+
+
+# --- measured against the plan -------------------------------------------------------------------
+
+
+def measure_plan(
+    profile: HardwareProfile, manifest: Manifest, plan: Plan, cache_dir: Path, *, remeasure: bool = False,
+    time_budget: float = TIME_BUDGET_S, torch_device: str | None = None,
+) -> Plan:
+    """The plan with its expert types measured on its device (cached), for ``volunteer hardware --plan``.
+
+    ``torch_device``: where to measure, when the caller already mapped the plan's device for torch."""
+    results = measure_throughput(
+        manifest, cache_dir, device=torch_device or hardware.torch_device(profile, plan.device),
+        device_name=device_name(profile, plan.device),
+        max_batch=plan.max_batch_size, expert_types=_used_types(plan), dtype=plan.dtype,
+        remeasure=remeasure, time_budget=time_budget,
+    )
+    return plan.with_throughput(results)
+
+
+def _used_types(plan: Plan) -> tuple[str, ...]:
+    # in the manifest's order (that of plan.costs) rather than pick order: the report lists them so
+    listed = tuple(c.expert_type for c in plan.costs if c.expert_type in plan.expert_types)
+    return listed or tuple(dict.fromkeys(plan.expert_types))
+
+
+@dataclass(frozen=True)
+class PlanCheck:
+    """A plan's bytes next to what was measured, compared like for like (see ``basis``)."""
+
+    device: str
+    planned_bytes: int  # the figure the measurement is compared with
+    measured_bytes: int
+    budget_bytes: int
+    basis: str  # what both figures cover, in words
+
+    @property
+    def ratio(self) -> float:
+        """measured / planned: above 1 the model underestimates, far below 1 it wastes the budget."""
+        return self.measured_bytes / self.planned_bytes if self.planned_bytes else math.inf
+
+    @property
+    def within_budget(self) -> bool:
+        return self.measured_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        ratio = self.ratio if self.planned_bytes else None  # JSON has no infinity
+        return {**asdict(self), "ratio": ratio, "within_budget": self.within_budget}
+
+    @classmethod
+    def of(cls, plan: Plan, measured_bytes: int) -> PlanCheck:
+        if plan.device.startswith("cuda"):
+            # torch's peak allocation leaves out the CUDA context and the allocator's slack, which the
+            # plan keeps in its reserve and per-expert overhead: compare the tensors alone
+            return cls(plan.device, plan.tensor_bytes, measured_bytes, plan.budget_bytes,
+                       "tensors: weights, grads, optimizer state, activations (torch.cuda.max_memory_allocated)")
+        # the peak RSS covers the interpreter, torch and the tensors, not the TaskPool child processes
+        return cls(plan.device, plan.planned_bytes, measured_bytes, plan.budget_bytes,
+                   "whole plan vs this process's peak resident memory (VmHWM)")

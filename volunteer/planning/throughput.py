@@ -14,24 +14,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from volunteer.hardware import read_proc_sizes
-from volunteer.paths import write_atomic
+from volunteer.core.paths import write_atomic
+from volunteer.host.hardware import read_proc_sizes
 
 if TYPE_CHECKING:
     import torch
 
-    from volunteer.hardware import HardwareProfile
-    from volunteer.manifest import Manifest
-    from volunteer.sizing import Plan
+    from volunteer.core.manifest import Manifest
+    from volunteer.host.hardware import HardwareProfile
 
 logger = logging.getLogger(__name__)
 
@@ -70,30 +68,6 @@ class Throughput:
             str(data["expert_type"]), str(data["device"]), int(data["best_batch_size"]),
             float(data["samples_per_second"]), by_batch, bool(data.get("cached", False)),
         )
-
-
-def measure_plan(
-    profile: HardwareProfile, manifest: Manifest, plan: Plan, cache_dir: Path, *, remeasure: bool = False,
-    time_budget: float = TIME_BUDGET_S, torch_device: str | None = None,
-) -> Plan:
-    """The plan with its expert types measured on its device (cached), for ``volunteer hardware --plan``.
-
-    ``torch_device``: where to measure, when the caller already mapped the plan's device for torch."""
-    from volunteer import hardware
-
-    results = measure_throughput(
-        manifest, cache_dir, device=torch_device or hardware.torch_device(profile, plan.device),
-        device_name=device_name(profile, plan.device),
-        max_batch=plan.max_batch_size, expert_types=_used_types(plan), dtype=plan.dtype,
-        remeasure=remeasure, time_budget=time_budget,
-    )
-    return plan.with_throughput(results)
-
-
-def _used_types(plan: Plan) -> tuple[str, ...]:
-    # in the manifest's order (that of plan.costs) rather than pick order: the report lists them so
-    listed = tuple(c.expert_type for c in plan.costs if c.expert_type in plan.expert_types)
-    return listed or tuple(dict.fromkeys(plan.expert_types))
 
 
 def measure_throughput(
@@ -165,44 +139,6 @@ def pick_batch(by_batch: dict[int, float]) -> tuple[int, float]:
     return batch, by_batch[batch]
 
 
-# --- memory: planned vs measured -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlanCheck:
-    """A plan's bytes next to what was measured, compared like for like (see ``basis``)."""
-
-    device: str
-    planned_bytes: int  # the figure the measurement is compared with
-    measured_bytes: int
-    budget_bytes: int
-    basis: str  # what both figures cover, in words
-
-    @property
-    def ratio(self) -> float:
-        """measured / planned: above 1 the model underestimates, far below 1 it wastes the budget."""
-        return self.measured_bytes / self.planned_bytes if self.planned_bytes else math.inf
-
-    @property
-    def within_budget(self) -> bool:
-        return self.measured_bytes <= self.budget_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        ratio = self.ratio if self.planned_bytes else None  # JSON has no infinity
-        return {**asdict(self), "ratio": ratio, "within_budget": self.within_budget}
-
-    @classmethod
-    def of(cls, plan: Plan, measured_bytes: int) -> PlanCheck:
-        if plan.device.startswith("cuda"):
-            # torch's peak allocation leaves out the CUDA context and the allocator's slack, which the
-            # plan keeps in its reserve and per-expert overhead: compare the tensors alone
-            return cls(plan.device, plan.tensor_bytes, measured_bytes, plan.budget_bytes,
-                       "tensors: weights, grads, optimizer state, activations (torch.cuda.max_memory_allocated)")
-        # the peak RSS covers the interpreter, torch and the tensors, not the TaskPool child processes
-        return cls(plan.device, plan.planned_bytes, measured_bytes, plan.budget_bytes,
-                   "whole plan vs this process's peak resident memory (VmHWM)")
-
-
 def measured_peak(device: str, status: Path = Path("/proc/self/status")) -> int:
     """Peak bytes this process has held on the torch ``device``.
 
@@ -235,12 +171,11 @@ def measure_rates(
     """
     import torch
 
-    from volunteer.experts import build_expert, sample_input
-    from volunteer.serving import OPTIMIZERS
+    from volunteer.serving.experts import build_expert, build_optimizer, sample_input
 
     target = torch.device(device)
     module = build_expert(block, d_model, d_hidden, seed=0).to(target, getattr(torch, dtype))
-    opt = OPTIMIZERS[optimizer](module.parameters(), lr=1e-6)  # tiny steps: the weights stay sane
+    opt = build_optimizer(optimizer, module.parameters(), lr=1e-6)  # tiny steps: the weights stay sane
     sync = (lambda: torch.cuda.synchronize(target)) if target.type == "cuda" else (lambda: None)
 
     def inputs(batch: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from volunteer.procgroup import is_alive
+from volunteer.core.procgroup import is_alive
 
 logger = logging.getLogger(__name__)
 

@@ -23,22 +23,22 @@ from typing import Any, Callable
 
 import trio
 
-from volunteer import swarm
-from volunteer.control import ControlServer, socket_path
-from volunteer.coordinator import CoordinatorError, fetch_verified
-from volunteer.limits import Pauser, limits_of
-from volunteer.logs import EventLog, divert_logs_for_dashboard
-from volunteer.node import NodeInfo, VolunteerNode, load_experiment
-from volunteer.paths import Paths
-from volunteer.procgroup import (
+from volunteer.config.settings import Settings
+from volunteer.core.logs import EventLog, divert_logs_for_dashboard
+from volunteer.core.paths import Paths
+from volunteer.core.procgroup import (
     InstanceLock,
     become_supervisor,
     exit_now,
     isolate_workers,
 )
-from volunteer.rebalance import Rebalance
-from volunteer.settings import Settings
-from volunteer.telemetry import TelemetryReader
+from volunteer.core.seed_client import CoordinatorError, fetch_verified
+from volunteer.host.telemetry import TelemetryReader
+from volunteer.node import swarm
+from volunteer.node.control import ControlServer, socket_path
+from volunteer.node.limits import Pauser, limits_of
+from volunteer.node.node import NodeInfo, VolunteerNode, load_experiment
+from volunteer.planning.rebalance import Rebalance
 
 logger = logging.getLogger(__name__)
 SAMPLE_PERIOD = 1.0
@@ -325,7 +325,7 @@ async def _watch_signals(stopping: Stopping) -> None:
 
 
 async def _run_dashboard(node: VolunteerNode, stopping: Stopping) -> None:
-    from volunteer.dashboard import run_dashboard
+    from volunteer.views.dashboard import run_dashboard
 
     collector = node.collector
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from volunteer.paths import fsync_dir, write_atomic
+from volunteer.core.files import move_aside
+from volunteer.core.paths import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -78,9 +78,7 @@ class CheckpointStore:
             try:
                 return self._read(path, uid, expert_type)
             except Exception as e:  # a truncated zip, a wrong type, a foreign file: all mean "not usable"
-                aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-                os.replace(path, aside)
-                logger.warning(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); moved to {aside.name}")
+                move_aside(path, "checkpoint", e)
         return None
 
     @staticmethod

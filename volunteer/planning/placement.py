@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from volunteer.hardware import HardwareProfile, match_torch_devices, select_gpus
-from volunteer.manifest import Manifest
-from volunteer.sizing import Plan, SizingError, pick_device, plan_experts
+from volunteer.core.manifest import Manifest
+from volunteer.host.hardware import HardwareProfile, match_torch_devices, select_gpus
+from volunteer.planning.sizing import Plan, SizingError, pick_device, plan_experts
 
 ALL_GPUS = (None, "auto", "cuda")  # --device values that mean "every GPU there is"
 

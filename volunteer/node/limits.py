@@ -12,9 +12,9 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from volunteer.node import VolunteerNode
-from volunteer.settings import Settings
-from volunteer.telemetry import Telemetry
+from volunteer.config.settings import Settings
+from volunteer.host.telemetry import Telemetry
+from volunteer.node.node import VolunteerNode
 
 
 def limits_of(settings: Settings) -> dict[str, Any]:

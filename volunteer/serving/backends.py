@@ -25,12 +25,10 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.nested import nested_flatten
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
-from volunteer.checkpoints import CheckpointStore, ExpertCheckpoint
-from volunteer.experts import build_expert, sample_input
-from volunteer.manifest import Manifest
-from volunteer.stats import ExpertCounters
-
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+from volunteer.core.manifest import Manifest
+from volunteer.node.stats import ExpertCounters
+from volunteer.serving.checkpoints import CheckpointStore, ExpertCheckpoint
+from volunteer.serving.experts import build_expert, build_optimizer, sample_input
 
 
 class CheckedTaskPool(TaskPool):
@@ -150,7 +148,7 @@ def build_backends(
     for uid in uids:
         expert_type = manifest.expert_type_of(uid)
         module = build_expert(expert_type.block, manifest.d_model, expert_type.d_hidden, seed=initial_seed(uid))
-        optimizer = OPTIMIZERS[manifest.optimizer.name](module.parameters(), lr=manifest.optimizer.lr)
+        optimizer = build_optimizer(manifest.optimizer.name, module.parameters(), lr=manifest.optimizer.lr)
         checkpoint = store.load(uid, expert_type.name)
         sample = sample_input(expert_type.block, 1, manifest.d_model)
         # built on the CPU: hivemind runs a dummy forward on CPU zeros to learn the output schema

@@ -21,10 +21,10 @@ from typing import Any, Callable, Sequence
 
 import httpx
 
-from volunteer.manifest import Manifest, ManifestError, load
-from volunteer.paths import write_atomic
+from volunteer.core.manifest import Manifest, ManifestError, load
+from volunteer.core.paths import write_atomic
 
-logger = logging.getLogger("volunteer.coordinator")
+logger = logging.getLogger("volunteer.core.seed_client")
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_PEERS = 64

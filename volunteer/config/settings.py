@@ -1,7 +1,7 @@
-"""The volunteer's settings: one frozen value, built once (``volunteer.config``) and passed down unchanged.
+"""The volunteer's settings: one frozen value, built once (``volunteer.config.sources``) and passed down unchanged.
 
 Every check here is about one value or a pair of values; where a value came from (flag, environment,
-config file) is ``volunteer.config``'s business, which adds it to these messages.
+config file) is ``volunteer.config.sources``'s business, which adds it to these messages.
 """
 
 from __future__ import annotations

@@ -11,11 +11,10 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from volunteer.hardware import GPUInfo, HardwareProfile
-from volunteer.manifest import Manifest
-from volunteer.placement import Placement
-from volunteer.sizing import Plan
-from volunteer.throughput import PlanCheck
+from volunteer.core.manifest import Manifest
+from volunteer.host.hardware import GPUInfo, HardwareProfile
+from volunteer.planning.placement import Placement
+from volunteer.planning.sizing import Plan, PlanCheck
 
 GiB = 2**30
 

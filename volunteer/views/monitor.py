@@ -9,8 +9,9 @@ from pathlib import Path
 
 import trio
 
-from volunteer import control
-from volunteer.dashboard import (
+from volunteer.node import control
+from volunteer.node.stats import StatsSnapshot, Totals
+from volunteer.views.dashboard import (
     format_ago,
     format_bytes,
     format_duration,
@@ -20,7 +21,6 @@ from volunteer.dashboard import (
     run_dashboard,
     verified_text,
 )
-from volunteer.stats import StatsSnapshot, Totals
 
 
 def summary_lines(s: StatsSnapshot) -> list[str]:

@@ -17,13 +17,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
-from volunteer.experts import BLOCKS
+from volunteer.core.blocks import BLOCKS, OPTIMIZERS
 
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_EXPERT_PARAMS = 2**31  # 8 GiB of fp32 weights for one expert is already more than any volunteer holds
 MAX_GRID_UIDS = 65536
-OPTIMIZERS = ("adam", "adamw", "sgd")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
@@ -246,7 +245,7 @@ def _parse(data: Any) -> Manifest:
     _unique([layer.uid_prefix for layer in layers], "layers[].uid_prefix")
 
     opt = top.table("optimizer")
-    optimizer = Optimizer(opt.name("name", "adam", choices=OPTIMIZERS), opt.float("lr", 0.0, 1.0, 1e-3))
+    optimizer = Optimizer(opt.name("name", "adam", choices=tuple(OPTIMIZERS)), opt.float("lr", 0.0, 1.0, 1e-3))
     opt.done()
     tr = top.table("trainer")
     trainer = TrainerSpec(

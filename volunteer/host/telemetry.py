@@ -13,8 +13,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from volunteer.hardware import gpu_telemetry, read_proc_sizes
-from volunteer.procgroup import group_members, worker_group
+from volunteer.core.procgroup import group_members, worker_group
+from volunteer.host.hardware import gpu_telemetry, read_proc_sizes
 
 PSS_PERIOD = 30.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

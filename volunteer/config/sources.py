@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from volunteer.paths import HOME_ENV, default_paths
-from volunteer.settings import SettingError, Settings
+from volunteer.config.settings import SettingError, Settings
+from volunteer.core.paths import HOME_ENV, default_paths
 
 CONFIG_NAME = "volunteer.toml"
 MAX_CONFIG_BYTES = 64 * 1024  # a settings file is a few hundred bytes; anything near this is the wrong file

@@ -9,7 +9,6 @@ the ``StatsSnapshot`` that the dashboard, the headless JSON lines and ``voluntee
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,8 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-from volunteer.paths import write_atomic
-from volunteer.telemetry import Telemetry
+from volunteer.core.files import DurableJSON
+from volunteer.host.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -126,28 +125,14 @@ class LifetimeStore:
     counting starts again from the backup written before it."""
 
     def __init__(self, path: Path):
-        self.path = path
-        self.backup = path.with_name(path.name + ".prev")
+        self.file = DurableJSON(path, "lifetime stats")
+        self.path, self.backup = self.file.path, self.file.backup
 
     def load(self) -> Totals:
-        for candidate in (self.path, self.backup):
-            try:
-                return Totals.from_dict(json.loads(candidate.read_text()))
-            except FileNotFoundError:
-                continue
-            except (ValueError, RecursionError) as e:  # an OSError (EACCES, EIO) is not corruption: raised
-                aside = candidate.with_name(f"{candidate.name}.corrupt-{int(time.time())}")
-                logger.warning(f"lifetime stats {candidate} are unreadable ({e}); moved to {aside.name}")
-                candidate.replace(aside)
-        return Totals()
+        return self.file.load(Totals.from_dict) or Totals()
 
     def save(self, totals: Totals) -> None:
-        """Keep the current file as the backup, then replace it; each step leaves a whole file behind."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            current = self.path.read_bytes()
-            write_atomic(self.backup, lambda f: f.write(current))
-        write_atomic(self.path, lambda f: f.write(json.dumps(asdict(totals)).encode()))
+        self.file.save(asdict(totals))
 
 
 @dataclass(frozen=True)

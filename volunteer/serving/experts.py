@@ -1,18 +1,18 @@
-"""The allowlist of expert blocks a volunteer may build, registered with hivemind.
+"""The torch modules and optimizers behind the allowlist of ``volunteer.core.blocks``, registered with hivemind.
 
-A manifest names blocks only from ``BLOCKS``; nothing from the network is imported or executed.
 Every block maps ``[batch, d_model] -> [batch, d_model]`` so any of them can sit in a MoE layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from hivemind.moe.server.layers import name_to_block, name_to_input
 from hivemind.moe.server.layers.custom_experts import register_expert_class
 from torch import nn
+
+from volunteer.core.blocks import BLOCKS, OPTIMIZERS
 
 
 def _sample_input(batch_size: int, d_model: int) -> torch.Tensor:
@@ -54,39 +54,12 @@ for _name, _cls in (("residual_ffn", ResidualFFN), ("swiglu_ffn", SwiGLUFFN)):
         register_expert_class(_name, _sample_input)(_cls)
 
 
-@dataclass(frozen=True)
-class Block:
-    """One allowlisted block: how to build it and how many weights and activations it has."""
-
-    build: Callable[[int, int], nn.Module]
-    params: Callable[[int, int], int]
-    # floats kept per sample between forward and backward (activations), used for memory planning
-    activations_per_sample: Callable[[int, int], int]
-    fixed_hidden_ratio: int | None = None  # hivemind's built-in "ffn" is always 4 x d_model
-
-
-def _ffn_params(d: int, h: int) -> int:
-    return d * h + h + h * d + d + 2 * d
-
-
-BLOCKS: dict[str, Block] = {
-    "ffn": Block(
-        build=lambda d, h: name_to_block["ffn"](d),
-        params=_ffn_params,
-        activations_per_sample=lambda d, h: 3 * h + 4 * d,
-        fixed_hidden_ratio=4,
-    ),
-    "residual_ffn": Block(
-        build=ResidualFFN,
-        params=_ffn_params,
-        activations_per_sample=lambda d, h: 3 * h + 4 * d,
-    ),
-    "swiglu_ffn": Block(
-        build=SwiGLUFFN,
-        params=lambda d, h: 2 * d * h + h * d + 2 * d,
-        activations_per_sample=lambda d, h: 5 * h + 4 * d,
-    ),
+_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "ffn": lambda d, h: name_to_block["ffn"](d),
+    "residual_ffn": ResidualFFN,
+    "swiglu_ffn": SwiGLUFFN,
 }
+assert _BUILDERS.keys() == BLOCKS.keys(), "every allowlisted block needs a builder"
 
 
 def build_expert(block: str, d_model: int, d_hidden: int, seed: int | None = None) -> nn.Module:
@@ -96,9 +69,14 @@ def build_expert(block: str, d_model: int, d_hidden: int, seed: int | None = Non
     if seed is not None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return BLOCKS[block].build(d_model, d_hidden)
-    return BLOCKS[block].build(d_model, d_hidden)
+            return _BUILDERS[block](d_model, d_hidden)
+    return _BUILDERS[block](d_model, d_hidden)
 
 
 def sample_input(block: str, batch_size: int, d_model: int) -> torch.Tensor:
     return name_to_input.get(block, _sample_input)(batch_size, d_model)
+
+
+def build_optimizer(name: str, parameters, lr: float) -> torch.optim.Optimizer:
+    """The allowlisted optimizer ``name`` over ``parameters``."""
+    return getattr(torch.optim, OPTIMIZERS[name].torch_class)(parameters, lr=lr)

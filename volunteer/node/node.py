@@ -19,25 +19,32 @@ from hivemind import DHT
 from hivemind.moe import Server
 from hivemind.p2p import P2PDaemonError
 
-from volunteer import swarm
-from volunteer.checkpoints import CheckpointStore
-from volunteer.coordinator import Experiment, fetch_experiment
-from volunteer.hardware import HardwareProfile, detect_hardware, torch_device
-from volunteer.logs import EventLog
-from volunteer.manifest import load as load_manifest
-from volunteer.paths import Paths, write_atomic
-from volunteer.rebalance import Rebalance, rebalance_moves
-from volunteer.serving import (
+from volunteer.config.settings import Settings
+from volunteer.core import records
+from volunteer.core.logs import EventLog
+from volunteer.core.manifest import load as load_manifest
+from volunteer.core.paths import Paths, write_atomic
+from volunteer.core.seed_client import Experiment, fetch_experiment
+from volunteer.host.hardware import HardwareProfile, detect_hardware, torch_device
+from volunteer.node import swarm
+from volunteer.node.stats import LifetimeStore, StatsCollector
+from volunteer.planning.placement import (
+    Placement,
+    choose_devices,
+    pick_devices,
+    place_experts,
+)
+from volunteer.planning.rebalance import Rebalance, rebalance_moves
+from volunteer.planning.sizing import PlanCheck, measure_plan
+from volunteer.planning.throughput import measured_peak
+from volunteer.serving.backends import (
     CountingBackend,
     VolunteerServer,
     build_backends,
     resume_declaring,
     stop_declaring,
 )
-from volunteer.settings import Settings
-from volunteer.placement import Placement, choose_devices, pick_devices, place_experts
-from volunteer.stats import LifetimeStore, StatsCollector
-from volunteer.throughput import PlanCheck, measure_plan, measured_peak
+from volunteer.serving.checkpoints import CheckpointStore
 
 logger = logging.getLogger(__name__)
 SERVER_START_TIMEOUT = 120.0
@@ -108,7 +115,7 @@ class VolunteerNode:
         previous = self._previous_state()
         self.dht = self._join(previous.get("port"))
         peer_id = self.dht.peer_id.to_base58()
-        maddrs = tuple(swarm.visible_maddrs(self.dht))
+        maddrs = tuple(records.visible_maddrs(self.dht))
         self.events.emit("joined", f"joined the DHT of {self.manifest.name} as {peer_id}", peer_id=peer_id,
                          maddrs=list(maddrs))
         placement = self._place(hardware, devices, peer_id)
@@ -159,7 +166,7 @@ class VolunteerNode:
 
     def _place(self, hardware: HardwareProfile, devices: tuple[str, ...], peer_id: str) -> Placement:
         uids = self.manifest.all_uids()
-        volunteers = swarm.read_volunteers(self.dht, self.manifest.dht_prefix)
+        volunteers = records.read_volunteers(self.dht, self.manifest.dht_prefix)
         counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers))
         # experts this volunteer trained before (or a rebalance chose) come first: their weights are
         # worth more than fresh ones
@@ -190,7 +197,7 @@ class VolunteerNode:
     def rebalance(self) -> Rebalance:
         """Whether moving some experts would serve the swarm's weakest uids better (``rebalance.rebalance_moves``)."""
         uids = self.manifest.all_uids()
-        volunteers = swarm.read_volunteers(self.dht, self.manifest.dht_prefix)
+        volunteers = records.read_volunteers(self.dht, self.manifest.dht_prefix)
         counts = swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers)
         share = self.samples_per_second / max(1, len(self.info.uids))
         return rebalance_moves(
@@ -201,8 +208,8 @@ class VolunteerNode:
     def _join(self, previous_port: object) -> DHT:
         """Join on the port given, else on the port of the last run: peers that cached our address
         (trainers, other volunteers) reach us again at once. Any free port if that one is taken."""
-        swarm.use_record_key(self.paths.data_dir / "record-key.der")  # the same owner of our records in every run
-        join = partial(swarm.join_dht, self.manifest.dht_prefix, self.experiment.initial_peers,
+        records.use_record_key(self.paths.data_dir / "record-key.der")  # the same owner of our records in every run
+        join = partial(records.join_dht, self.manifest.dht_prefix, self.experiment.initial_peers,
                        host=self.settings.host, announce_host=self.settings.announce_host,
                        identity_path=self.paths.data_dir / "identity.key")
         if self.settings.port or not isinstance(previous_port, int) or not 0 < previous_port < 65536:
@@ -243,8 +250,8 @@ class VolunteerNode:
     def announce(self) -> None:
         if self.collector is not None and self.collector.state == "paused" or not self.dht.is_alive():
             return
-        record = swarm.VolunteerRecord(self.info.peer_id, self.info.uids, self.info.device, self.samples_per_second)
-        swarm.publish_volunteer(self.dht, self.manifest.dht_prefix, record)
+        record = records.VolunteerRecord(self.info.peer_id, self.info.uids, self.info.device, self.samples_per_second)
+        records.publish_volunteer(self.dht, self.manifest.dht_prefix, record)
 
     def checkpoint(self) -> int:
         for backend in list(self.backends.values()):
@@ -259,8 +266,8 @@ class VolunteerNode:
         if not self.dht.is_alive():  # its calls would wait for ever; its records expire on their own
             return
         try:
-            swarm.withdraw_experts(self.dht, self.info.uids, self.server.dht_handler_thread.expiration)
-            swarm.withdraw_volunteer(self.dht, self.manifest.dht_prefix)
+            records.withdraw_experts(self.dht, self.info.uids, self.server.dht_handler_thread.expiration)
+            records.withdraw_volunteer(self.dht, self.manifest.dht_prefix)
         except Exception as e:  # the DHT may already be gone; leaving must go on
             logger.warning(f"could not withdraw our DHT records: {e}")
 

@@ -29,9 +29,9 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from volunteer.procgroup import forget_on_exit_now, on_exit_now
-from volunteer.stats import StatsSnapshot, Totals
-from volunteer.telemetry import Telemetry
+from volunteer.core.procgroup import forget_on_exit_now, on_exit_now
+from volunteer.host.telemetry import Telemetry
+from volunteer.node.stats import StatsSnapshot, Totals
 
 STATE_STYLES = {"joining": "yellow", "serving": "green", "paused": "cyan", "draining": "magenta", "restarting": "yellow"}
 SPARKS = "▁▂▃▄▅▆▇█"
