@@ -28,8 +28,26 @@ class Paths:
     def ensure(self) -> Paths:
         """Create every directory; private (0o700) because they hold identity keys and checkpoints."""
         for directory in astuple(self):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dirs(directory)
         return self
+
+
+def make_private_dirs(directory: Path) -> None:
+    """``mkdir -p`` with every directory it creates at 0o700, parents included.
+
+    ``Path.mkdir(parents=True)`` gives missing parents the umask's mode (0755): a missing
+    ``XDG_RUNTIME_DIR`` made that way fails platformdirs' check (the XDG spec wants 0700), so the next
+    ``volunteer status`` would look for the control socket elsewhere and find no client."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:  # another process made it between the check and here
+            continue
+        path.chmod(0o700)  # mkdir's mode is masked by the umask
 
 
 def default_paths(app: str = "hivemind-volunteer") -> Paths:
