@@ -96,7 +96,7 @@ def train(
                                                   "a seed on this machine trusts)."),
 ) -> None:
     """Train the experiment's model through the swarm's experts, logging the loss."""
-    from coordinator_seeds.trainer import TrainerSettings
+    from coordinator_seeds.trainer import TrainerSettings, untrusted_key_warning
     from coordinator_seeds.trainer import train as run_training
     from volunteer.core.manifest import ManifestError
     from volunteer.core.paths import default_paths
@@ -115,6 +115,8 @@ def train(
         from coordinator_seeds.seed import TRAINER_KEY
 
         key_path = key or default_paths("hivemind-coordinator").data_dir / TRAINER_KEY
+        if coordinator and (warning := untrusted_key_warning(coordinator, key_path)):
+            typer.echo(f"warning: {warning}", err=True)
         run_training(TrainerSettings(manifest, tuple(peers), steps=steps, log_every=log_every, key_path=key_path))
     except (CoordinatorError, ManifestError, ValueError, OSError) as e:
         raise _fail(e)

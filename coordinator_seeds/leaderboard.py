@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from volunteer.core.files import DurableJSON
-from volunteer.core.records import Contributions
+from volunteer.core.records import Contributions, key_fingerprint
 
 logger = logging.getLogger("coordinator_seeds.leaderboard")
 FOLD_AFTER = 3600.0  # a run silent this long is added to the totals and forgotten
@@ -56,6 +56,7 @@ class Leaderboard:
         self.seen: dict[str, list[float]] = {}  # peer -> [first, last]
         self.folded_runs: list[str] = []
         self._lock = threading.Lock()  # merged in a worker thread, read by HTTP handlers on the trio thread
+        self.ignored: set[bytes] = set()  # untrusted keys already reported, so each is logged once
         self._load()
 
     def merge(self, records: Iterable[Contributions], now: float | None = None) -> bool:
@@ -67,7 +68,10 @@ class Leaderboard:
     def _merge(self, records: Iterable[Contributions], now: float) -> bool:
         changed = False
         for record in records:
-            if record.owner not in self.trusted or record.run in self.folded_runs or not math.isfinite(record.time):
+            if record.owner not in self.trusted:
+                self._report_untrusted(record.owner)
+                continue
+            if record.run in self.folded_runs or not math.isfinite(record.time):
                 continue
             run = self.runs.setdefault(record.run, {"time": -math.inf, "updated": now, "peers": {}})
             if record.time <= run["time"]:
@@ -82,6 +86,16 @@ class Leaderboard:
                     self.seen[peer] = [min(first, record.time), record.time]
             changed = True
         return self._fold(now) or changed
+
+    def _report_untrusted(self, owner: bytes) -> None:
+        # a trainer started with another key than the one this seed trusts earns its volunteers
+        # nothing, and nobody would know: say it once per key
+        if owner not in self.ignored:
+            self.ignored.add(owner)
+            trusted = ", ".join(sorted(key_fingerprint(t) for t in self.trusted))
+            logger.warning(f"ignoring contributions signed by trainer key {key_fingerprint(owner)}: this seed "
+                           f"trusts only {trusted} (give the trainer that key with --key, or start the seed "
+                           f"with --trainer-key)")
 
     def entries(self) -> list[Entry]:
         """Every volunteer a trusted trainer saw answer, most samples first."""

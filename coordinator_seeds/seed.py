@@ -31,6 +31,7 @@ from volunteer.core.manifest import Manifest
 from volunteer.core.paths import default_paths
 from volunteer.core.records import (
     join_dht,
+    key_fingerprint,
     owner_subkey_of,
     read_contributions,
     record_key,
@@ -157,6 +158,11 @@ class Seed:
                 return JSONResponse({**answer, "rank": rank, "entries": [entries[rank - 1].to_dict()] if rank else []})
             return JSONResponse({**answer, "entries": [e.to_dict() for e in entries[:limit]]})
 
+        trust = {"trainer_keys": sorted(key_fingerprint(k) for k in self.leaderboard.trusted)}
+
+        async def get_trust(request: Request) -> JSONResponse:
+            return JSONResponse(trust)  # a trainer checks it signs with a key this seed counts
+
         async def healthz(request: Request) -> JSONResponse:
             uptime = round(time.monotonic() - self._started_at, 3)
             return JSONResponse({"ok": self._dht is not None, "peer_id": self._peer_id, "uptime_s": uptime})
@@ -165,6 +171,7 @@ class Seed:
             Route("/v1/experiment", get_experiment),
             Route("/v1/peers", get_peers),
             Route("/v1/leaderboard", leaderboard),
+            Route("/v1/trust", get_trust),
             Route("/healthz", healthz),
         ])
 

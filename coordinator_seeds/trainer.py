@@ -186,6 +186,25 @@ def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], 
     return reports
 
 
+def untrusted_key_warning(coordinator: str, key_path: Path) -> str | None:
+    """One line if the seed at ``coordinator`` would ignore what this trainer signs with ``key_path``
+    (its volunteers' work would never reach the leaderboard), else None; None too if it cannot tell."""
+    from volunteer.core.records import key_fingerprint, owner_subkey_of, record_key
+    from volunteer.core.seed_client import CoordinatorError, fetch_trusted_trainer_keys
+
+    try:
+        trusted = fetch_trusted_trainer_keys(coordinator)
+    except CoordinatorError as e:
+        logger.debug("cannot check the seed's trusted keys: %s", e)
+        return None
+    mine = key_fingerprint(owner_subkey_of(record_key(key_path)))
+    if mine in trusted:
+        return None
+    return (f"the seed at {coordinator} will not credit this trainer's volunteers: it trusts trainer key "
+            f"{', '.join(trusted) or '(none)'}, this trainer signs with {mine} ({key_path}); pass --key with "
+            f"the seed's trainer-key.der")
+
+
 def wait_for_experts(model: MoELanguageModel, timeout: float, stop: threading.Event) -> None:
     """Poll until every layer has a live expert, at most ``timeout`` seconds; layers still empty then
     act as the identity until experts appear (they are looked up again in the background)."""

@@ -84,13 +84,24 @@ def test_an_unreadable_state_file_is_kept_aside(tmp_path: Path, body: bytes, cap
     assert "unreadable" in warning and "\n" not in warning
 
 
+def test_records_of_an_untrusted_key_are_reported_once_per_key(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    board = Leaderboard(tmp_path / "leaderboard.json", [TRUSTED])
+    with caplog.at_level(logging.WARNING, logger="coordinator_seeds.leaderboard"):
+        for t in (1.0, 2.0):
+            board.merge([record("r1", t, owner=b"[owner:rogue1]", a=(1, 1)),
+                         record("r2", t, owner=b"[owner:rogue2]", a=(1, 1))], now=t)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("ignoring contributions" in w and "--key" in w for w in warnings)
+    assert board.entries() == []
+
+
 # --- a real swarm --------------------------------------------------------------------------------
 
 
 @pytest.mark.integration
 def test_the_seed_lists_what_a_trusted_trainer_saw(tmp_path: Path, short_home: Path):
     from coordinator_seeds.dispatch import shutdown_dht
-    from coordinator_seeds.trainer import TrainerSettings, train
+    from coordinator_seeds.trainer import TrainerSettings, train, untrusted_key_warning
     from volunteer.core.harness import (
         ChildProcess,
         free_port,
@@ -131,6 +142,15 @@ def test_the_seed_lists_what_a_trusted_trainer_saw(tmp_path: Path, short_home: P
                                                {peer_id: (10**9, 10**9), "QmNobody": (5, 5)})
         finally:
             shutdown_dht(rogue)
+
+        # the trainer can tell at start whether the seed will count what it signs (issue 15.10)
+        assert untrusted_key_warning(url, seed_dir / "trainer-key.der") is None
+        warning = untrusted_key_warning(url, tmp_path / "rogue.der")
+        assert warning is not None and "\n" not in warning and "--key" in warning
+        # ... and the seed says once that it ignores the rogue's records
+        wait_for(lambda: "ignoring contributions signed by trainer key" in "".join(procs.children[0].output), 30,
+                 "the seed's warning about the untrusted key")
+        assert "".join(procs.children[0].output).count("ignoring contributions signed by trainer key") == 1
 
         settings = TrainerSettings(experiment.manifest, experiment.initial_peers, steps=20, log_every=5,
                                    forward_timeout=5.0, backward_timeout=5.0, key_path=seed_dir / "trainer-key.der")

@@ -14,6 +14,7 @@ validators, so they are built here, once. A volunteer signs with a key kept in i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -243,6 +244,12 @@ def read_contributions(dht: DHT, dht_prefix: str) -> list[Contributions]:
                       item.value["time"])
         for owner, item in found.value.items()
     ]
+
+
+def key_fingerprint(owner_subkey: bytes) -> str:
+    """A short name for a signing key, for people to compare: the first 16 hex digits of the SHA-256
+    of the subkey its records are stored under."""
+    return hashlib.sha256(owner_subkey).hexdigest()[:16]
 
 
 def owner_subkey_of(key: RSAPrivateKey) -> bytes:

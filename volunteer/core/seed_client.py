@@ -121,6 +121,23 @@ def fetch_verified(url: str, peer_id: str, *, timeout: float = 5.0,
     return Verified(forward, backward, rank, volunteers)
 
 
+def fetch_trusted_trainer_keys(url: str, *, timeout: float = 5.0,
+                               transport: httpx.BaseTransport | None = None) -> tuple[str, ...]:
+    """Fingerprints (``records.key_fingerprint``) of the trainer keys whose records the seed counts."""
+    base = _base_url(url)
+    try:
+        with httpx.Client(transport=transport, timeout=timeout, follow_redirects=True, max_redirects=3) as client:
+            keys = _get_json(client, base.join("v1/trust"), timeout)["trainer_keys"]
+        if not (isinstance(keys, list) and len(keys) <= MAX_PEERS and all(isinstance(k, str) and len(k) <= 64
+                                                                           for k in keys)):
+            raise _Invalid("a malformed list of trusted keys")
+    except (_Transient, _Invalid) as e:
+        raise CoordinatorError(f"no trusted keys from {url}: {e}") from None
+    except (TypeError, KeyError):
+        raise CoordinatorError(f"no trusted keys from {url}: a malformed answer") from None
+    return tuple(keys)
+
+
 def _count(value: Any) -> bool:
     return type(value) is int and value >= 0
 
