@@ -9,6 +9,7 @@ the queue (one thread per device: ``DeviceRuntimes``) and calls ``CountingBacken
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import threading
 import time
@@ -74,6 +75,21 @@ def malformed(tensors: Sequence[torch.Tensor], schema: Sequence[BatchTensorDescr
 
 class Paused(RuntimeError):
     """Raised to a remote caller while the volunteer is paused: its trainer routes to other servers."""
+
+
+class QuietPauses(logging.Filter):
+    """Drops hivemind's Runtime log of a ``Paused`` refusal.
+
+    The Runtime logs every exception a backend raises as ERROR with its traceback ("Caught ...,
+    attempting to recover"), so a deliberate ``volunteer pause`` wrote a 13-line error per expert and
+    showed as errors on the dashboard. The caller still gets the refusal; only the log line goes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], Paused))
+
+
+RUNTIME_LOGGER = logging.getLogger("hivemind.moe.server.runtime")
+RUNTIME_LOGGER.addFilter(QuietPauses())
 
 
 class CountingBackend(ModuleBackend):
