@@ -230,7 +230,7 @@ def test_default_identity_lives_under_volunteer_home(volunteer_home: Path) -> No
 # --- client against odd answers (MockTransport) ---------------------------------------------------
 
 URL = "http://127.0.0.1:9"
-PEERS = {"peer_id": "QmSeed", "maddrs": ["/ip4/127.0.0.1/tcp/4001/p2p/QmSeed"]}
+PEERS = {"peer_id": "QmXrPbzKT1gnMfAVgLY6ANgk2xKHzHBCMXjVEC5oUJsvSh", "maddrs": ["/ip4/127.0.0.1/tcp/4001/p2p/QmXrPbzKT1gnMfAVgLY6ANgk2xKHzHBCMXjVEC5oUJsvSh"]}
 
 
 def closed_port() -> int:
@@ -323,6 +323,10 @@ def test_wrong_answers_are_not_retried(tmp_path: Path, response: httpx.Response,
         ({"maddrs": ["http://evil.example/"]}, "is not a multiaddr"),
         ({"maddrs": ["/ip4/1.2.3.4/tcp/1 /x"]}, "is not a multiaddr"),
         ({"maddrs": [7]}, "is not a multiaddr"),
+        # shaped like multiaddrs, but only the daemon's parser (and now ours) says no: issue 12.5
+        ({"maddrs": ["/ip4/999.1.1.1/tcp/4001"]}, "is not a valid multiaddr"),
+        ({"maddrs": ["/ip4/1.2.3.4/tcp/4001/p2p/QmSeed"]}, "is not a valid multiaddr"),
+        ({"maddrs": ["/ip4/1.2.3.4/udp/notaport"]}, "is not a valid multiaddr"),
         ({"maddrs": [f"/ip4/10.0.0.1/tcp/{i}" for i in range(65)]}, "65 peers, at most 64"),
         (["/ip4/1.2.3.4/tcp/1"], "not a JSON object"),
     ],
@@ -335,7 +339,7 @@ def test_invalid_peer_lists_are_refused(tmp_path: Path, peers: Any, message: str
 
 
 def test_accepts_ip6_and_dns_peers(tmp_path: Path) -> None:
-    maddrs = ["/ip6/::1/tcp/4001/p2p/QmA", "/dns4/seed.example.org/tcp/4001/p2p/QmB", "/dnsaddr/example.org"]
+    maddrs = ["/ip6/::1/tcp/4001/p2p/QmXrPbzKT1gnMfAVgLY6ANgk2xKHzHBCMXjVEC5oUJsvSh", "/dns4/seed.example.org/tcp/4001/p2p/QmVmmZyPfVHXCcpkF1oQYUNw8S9onQjqX4quYDiEpmyCX7", "/dnsaddr/example.org"]
     transport, _ = mock(good, lambda n: httpx.Response(200, json={"maddrs": maddrs}))
     assert fetch(transport, tmp_path).initial_peers == tuple(maddrs)
 
@@ -447,7 +451,7 @@ def test_invalid_urls_are_refused(tmp_path: Path) -> None:
 def test_experiment_from_file(tmp_path: Path) -> None:
     path = tmp_path / "m.json"
     path.write_text(default_manifest().to_json())
-    experiment = experiment_from_file(path, ["/ip4/127.0.0.1/tcp/1/p2p/QmX"])
+    experiment = experiment_from_file(path, ["/ip4/127.0.0.1/tcp/1/p2p/QmXrPbzKT1gnMfAVgLY6ANgk2xKHzHBCMXjVEC5oUJsvSh"])
     assert experiment.source == "file" and experiment.manifest == default_manifest()
     with pytest.raises(CoordinatorError, match="initial peers"):
         experiment_from_file(path, ["not-a-maddr"])
@@ -468,3 +472,15 @@ def test_paths_default_to_platform_dirs(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("VOLUNTEER_HOME")
     paths = default_paths("some-app")
     assert all("some-app" in str(p) for p in (paths.config_dir, paths.data_dir, paths.cache_dir))
+
+
+def test_peers_the_daemon_could_not_parse_never_replace_the_cached_ones(tmp_path: Path) -> None:
+    """Issue 12.5: a /v1/peers answer of garbage multiaddrs passed the old check, replaced the last good
+    peers in the cache, and only then failed in the p2p daemon."""
+    transport, _ = mock(good)
+    first = fetch(transport, tmp_path)
+    cached = cache_path(tmp_path, URL).read_bytes()
+    bad, _ = mock(good, lambda n: httpx.Response(200, json={"maddrs": ["/ip4/1.2.3.4/tcp/4001/p2p/QmSeed"]}))
+    again = fetch(bad, tmp_path)
+    assert again.initial_peers == first.initial_peers and again.source == "cache"
+    assert cache_path(tmp_path, URL).read_bytes() == cached

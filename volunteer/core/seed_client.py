@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import httpx
 
+from volunteer.core.maddrs import check_maddr
 from volunteer.core.manifest import Manifest, ManifestError, load
 from volunteer.core.paths import write_atomic
 
@@ -28,7 +29,6 @@ logger = logging.getLogger("volunteer.core.seed_client")
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_PEERS = 64
-_MADDR = re.compile(r"^/(ip4|ip6|dns|dns4|dns6|dnsaddr)/[!-~]{1,500}$")  # printable ASCII, no spaces
 _RETRY_STATUS = {408, 429}  # 4xx codes that mean "later", unlike the rest of 4xx
 
 
@@ -236,10 +236,10 @@ def _check_peers(maddrs: Any) -> tuple[str, ...]:
         raise _Invalid("an invalid peer list: maddrs must be a non-empty list")
     if len(maddrs) > MAX_PEERS:
         raise _Invalid(f"an invalid peer list: {len(maddrs)} peers, at most {MAX_PEERS}")
-    for maddr in maddrs:
-        if not isinstance(maddr, str) or not _MADDR.match(maddr):
-            raise _Invalid(f"an invalid peer list: {str(maddr)!r:.60} is not a multiaddr")
-    return tuple(maddrs)
+    try:
+        return tuple(check_maddr(maddr) for maddr in maddrs)
+    except ValueError as e:
+        raise _Invalid(f"an invalid peer list: {e}") from None
 
 
 def _failure_text(url: str, attempts: int, e: Exception) -> str:
