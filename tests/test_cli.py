@@ -18,50 +18,13 @@ from typing import Iterator
 
 import pytest
 
-from tests.conftest import TEST_MANIFEST, Processes
+from tests.conftest import TEST_MANIFEST, Processes, one_line_error, run
 from volunteer import __version__
 from volunteer.core.harness import free_port, start_seed, start_volunteer
 
-TIMEOUT = 120
 VOLUNTEER = [sys.executable, "-m", "volunteer.cli"]
 SEED = [sys.executable, "-m", "coordinator_seeds.cli"]
 SERVING = r"\"message\": \"serving (\d+) experts of test-lm on cpu as (\S+?)(?:, \d+ restored from checkpoints)?: ([^\"]+)\""
-
-
-def run(argv: list[str], home: Path, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "VOLUNTEER_COORDINATOR"}
-    env.update(VOLUNTEER_HOME=str(home), PYTHONUNBUFFERED="1", COLUMNS="120")
-    # a session of its own, so a failing test can never leave its children in ours
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{argv} did not exit in {timeout} s: {stderr[-2000:]}")
-    finally:
-        _kill_group(proc.pid)
-    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def one_line_error(result: subprocess.CompletedProcess, *, only: bool = False) -> str:
-    """The error line of a failed command: the last line on stderr, the only one starting with 'error'."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines, f"nothing on stderr; stdout: {result.stdout[-2000:]}"
-    assert "Traceback" not in result.stderr, result.stderr
-    assert lines[-1].startswith("error: "), result.stderr
-    assert sum(line.startswith("error") for line in lines) == 1, result.stderr
-    if only:
-        assert len(lines) == 1, result.stderr
-    return lines[-1]
 
 
 @pytest.fixture

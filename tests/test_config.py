@@ -11,10 +11,11 @@ import json
 import math
 import os
 import string
+import tempfile
 from dataclasses import fields
 from datetime import datetime, time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from hypothesis import HealthCheck, given
@@ -264,12 +265,60 @@ def test_a_path_through_a_file_is_one_line_naming_it(tmp_path: Path):
         resolve({}, {}, tmp_path / "file" / "volunteer.toml")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_an_unreadable_file_is_one_line_naming_it(config: Path):
-    config.write_text("port = 1\n")
-    config.chmod(0)
-    with pytest.raises(ConfigError, match="cannot read: Permission denied"):
-        resolve({}, {}, config)
+NOBODY = 65534  # uid and gid of "nobody": root reads any file whatever its mode, so as root the read drops to it
+
+
+@pytest.fixture
+def reachable_config() -> Iterator[Path]:
+    """volunteer.toml in a folder under /tmp that any user may enter (pytest's tmp_path lies in an owner-only
+    folder), so that a read as nobody fails on the file's own mode, not on the way to it."""
+    with tempfile.TemporaryDirectory(prefix="vol-config-") as folder:
+        os.chmod(folder, 0o755)
+        yield Path(folder) / "volunteer.toml"
+
+
+def config_error_unprivileged(config_file: Path) -> str | None:
+    """The ConfigError's message (None: no error) for ``config_file``, read as this user or, when that is
+    root, in a forked child that has dropped to nobody first; any other exception fails the test."""
+    if os.geteuid() != 0:
+        try:
+            resolve({}, {}, config_file)
+        except ConfigError as e:
+            return str(e)
+        return None
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: reports on the pipe and always leaves through os._exit, never back into pytest
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                resolve({}, {}, config_file)
+                report = {"error": None}
+            except ConfigError as e:
+                report = {"error": str(e)}
+            os.write(write_end, json.dumps(report).encode())
+        except BaseException as e:
+            os.write(write_end, json.dumps({"unexpected": f"{type(e).__name__}: {e}"}).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        report = json.loads(pipe.read() or b'{"unexpected": "the child wrote nothing"}')
+    os.waitpid(pid, 0)
+    assert "unexpected" not in report, report["unexpected"]
+    return report["error"]
+
+
+def test_an_unreadable_file_is_one_line_naming_it(reachable_config: Path):
+    reachable_config.write_text("port = 1\n")
+    assert config_error_unprivileged(reachable_config) is None, "the folder must be reachable, or the test proves nothing"
+    reachable_config.chmod(0)
+    message = config_error_unprivileged(reachable_config)
+    assert message is not None and "\n" not in message, repr(message)
+    assert message.startswith(f"{reachable_config}: ") and "cannot read: Permission denied" in message, message
 
 
 @pytest.mark.parametrize(

@@ -378,7 +378,7 @@ def test_timeouts_are_retried(tmp_path: Path) -> None:
 def test_slow_drip_body_hits_overall_deadline(tmp_path: Path) -> None:
     def drip() -> Iterator[bytes]:
         for _ in range(100):  # 10 s if not cut off
-            time.sleep(0.1)
+            time.sleep(0.1)  # the slowness is the point: a body that trickles in must hit the overall deadline
             yield b" "
 
     transport, _ = mock(lambda n: httpx.Response(200, content=drip()))

@@ -17,6 +17,7 @@ import sys
 import termios
 import time
 from functools import partial
+from typing import Callable
 
 import pytest
 import torch
@@ -278,6 +279,15 @@ def live_console() -> tuple[Console, io.StringIO]:
     return Console(file=out, force_terminal=True, width=100, height=30), out
 
 
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll ``condition`` every 10 ms; fail naming ``what`` after ``timeout`` seconds."""
+    with trio.move_on_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+        return
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+
+
 def test_run_dashboard_draws_until_the_caller_cancels(snapshot: StatsSnapshot):
     console, out = live_console()
     calls = 0
@@ -288,11 +298,14 @@ def test_run_dashboard_draws_until_the_caller_cancels(snapshot: StatsSnapshot):
         return None if calls == 1 else snapshot  # not available yet, then there
 
     async def main() -> bool:
-        with trio.move_on_after(0.4) as scope:
+        with trio.move_on_after(10) as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(partial(run_dashboard, get_snapshot, refresh=0.05, console=console, keys=False))
-                await trio.sleep(0.2)
+                await wait_until(lambda: calls >= 3, "the dashboard to draw the waiting screen, then the snapshot")
                 os.kill(os.getpid(), signal.SIGWINCH)  # a resize redraws at once, and breaks nothing
+                resized = calls
+                await wait_until(lambda: calls >= resized + 2, "the dashboard to keep drawing after a resize")
+                scope.cancel()  # the caller cancels: the only way it stops
         return scope.cancelled_caught
 
     assert trio.run(main)
@@ -348,9 +361,7 @@ def terminal(monkeypatch: pytest.MonkeyPatch):
 
 
 async def wait_cbreak(fd: int) -> None:
-    with trio.fail_after(5):
-        while termios.tcgetattr(fd)[3] & termios.ICANON:
-            await trio.sleep(0.01)
+    await wait_until(lambda: not termios.tcgetattr(fd)[3] & termios.ICANON, "the terminal to leave canonical mode")
 
 
 def test_q_quits_and_restores_the_terminal(snapshot: StatsSnapshot, terminal: Terminal):

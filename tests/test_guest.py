@@ -146,7 +146,7 @@ def test_kill_9_at_random_moments_under_load(seed, short_home, processes):
                 assert status(short_home)["lifetime"]["backward_samples"] >= previous
             if trainer is None:
                 trainer = _train_in_background(experiment, stop, steps)
-            time.sleep(rng.uniform(3.0, 8.0))
+            time.sleep(rng.uniform(3.0, 8.0))  # the point: a kill -9 at a random moment under load, not an event
             os.kill(child.proc.pid, signal.SIGKILL)
             child.proc.wait(timeout=10)
             saved = json.loads(lifetime_file.read_text())["backward_samples"]
@@ -167,14 +167,15 @@ def test_a_second_signal_exits_at_once_and_leaves_whole_files(seed, short_home, 
     child = processes.add(start_volunteer(short_home, url, "--max-experts", "2", "--checkpoint-interval", "1",
                                           name="impatient"))
     uids = serving_event(child)["uids"]
-    time.sleep(2.5)  # at least one checkpoint of each expert
+    store = CheckpointStore(short_home / "data" / "checkpoints" / experiment.manifest.name)
+    wait_for(lambda: all(store.load(uid, experiment.manifest.expert_type_of(uid).name) is not None for uid in uids),
+             30, "a checkpoint of each expert")
     started = time.monotonic()
     child.proc.send_signal(signal.SIGTERM)
     child.wait_for_line(r'"event": "draining"', timeout=30)
     child.proc.send_signal(signal.SIGTERM)
     code = child.proc.wait(timeout=15)
     assert code == 128 + signal.SIGTERM and time.monotonic() - started < 15
-    store = CheckpointStore(short_home / "data" / "checkpoints" / experiment.manifest.name)
     for uid in uids:
         assert store.load(uid, experiment.manifest.expert_type_of(uid).name) is not None
     leftovers = [p.name for p in (short_home / "data" / "checkpoints" / experiment.manifest.name).iterdir()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from tests.fakes import CUuuid, FakeCuda, FakeNVML, NVMLError, NVMLError_LibraryNotFound
 from volunteer.host.hardware import (
     CPUInfo,
     GPUInfo,
@@ -24,97 +23,6 @@ from volunteer.host.hardware import (
 )
 
 GiB = 2**30
-
-
-class NVMLError(Exception):
-    pass
-
-
-class NVMLError_LibraryNotFound(NVMLError):  # the names pynvml gives them
-    pass
-
-
-class NVMLError_NotSupported(NVMLError):
-    pass
-
-
-class NVMLError_NoPermission(NVMLError):
-    pass
-
-
-class FakeNVML:
-    """The subset of pynvml that detection calls, over a list of GPU dicts; ``fail`` names calls that raise.
-
-    ``names`` maps pids to process names; a pid missing from it is one NVML may not read.
-    """
-
-    NVMLError = NVMLError
-    NVML_TEMPERATURE_GPU = 0
-
-    def __init__(self, gpus: list[dict[str, Any]], fail: tuple[str, ...] = (), init_error: Exception | None = None,
-                 names: dict[int, str | bytes] | None = None):
-        self.gpus, self.fail, self.init_error = gpus, fail, init_error
-        self.names = names if names is not None else {}
-        self.initialized = False
-
-    def _call(self, name: str, handle: int, value: Any) -> Any:
-        if name in self.fail:
-            raise NVMLError_NotSupported("Not Supported")
-        return value
-
-    def nvmlSystemGetDriverVersion(self) -> str | bytes:
-        return self._call("driver", -1, b"550.54.15")
-
-    def nvmlSystemGetCudaDriverVersion(self) -> int:
-        return self._call("cuda", -1, 12040)
-
-    def nvmlSystemGetProcessName(self, pid: int) -> str | bytes:
-        if pid not in self.names:
-            raise NVMLError_NoPermission("Insufficient Permissions")
-        return self.names[pid]
-
-    def nvmlDeviceGetComputeRunningProcesses(self, h: int) -> list[SimpleNamespace]:
-        return self._call("compute", h, [SimpleNamespace(**p) for p in self.gpus[h].get("compute", [])])
-
-    def nvmlDeviceGetGraphicsRunningProcesses(self, h: int) -> list[SimpleNamespace]:
-        return self._call("graphics", h, [SimpleNamespace(**p) for p in self.gpus[h].get("graphics", [])])
-
-    def nvmlInit(self) -> None:
-        if self.init_error is not None:
-            raise self.init_error
-        self.initialized = True
-
-    def nvmlShutdown(self) -> None:
-        self.initialized = False
-
-    def nvmlDeviceGetCount(self) -> int:
-        return len(self.gpus)
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
-        return index
-
-    def nvmlDeviceGetName(self, h: int) -> str | bytes:
-        return self._call("name", h, self.gpus[h]["name"])
-
-    def nvmlDeviceGetUUID(self, h: int) -> str:
-        return self._call("uuid", h, self.gpus[h]["uuid"])
-
-    def nvmlDeviceGetMemoryInfo(self, h: int) -> SimpleNamespace:
-        g = self.gpus[h]
-        return self._call("memory", h, SimpleNamespace(total=g["total"], free=g["free"], used=g["total"] - g["free"]))
-
-    def nvmlDeviceGetUtilizationRates(self, h: int) -> SimpleNamespace:
-        return self._call("utilization", h, SimpleNamespace(gpu=self.gpus[h]["util"], memory=0))
-
-    def nvmlDeviceGetTemperature(self, h: int, sensor: int) -> int:
-        assert sensor == self.NVML_TEMPERATURE_GPU
-        return self._call("temperature", h, self.gpus[h]["temp"])
-
-    def nvmlDeviceGetPowerUsage(self, h: int) -> int:
-        return self._call("power", h, self.gpus[h]["milliwatts"])
-
-    def nvmlDeviceGetCudaComputeCapability(self, h: int) -> tuple[int, int]:
-        return self._call("capability", h, self.gpus[h]["cc"])
 
 
 TWO_GPUS = [
@@ -326,34 +234,6 @@ def test_select_gpus_refuses_what_it_cannot_find(profile: HardwareProfile, spec:
     with pytest.raises(ValueError, match=message) as info:
         select_gpus(profile, spec)
     assert "\n" not in str(info.value)
-
-
-class FakeCuda:
-    """torch.cuda's surface that matching uses; ``visible`` lists the UUIDs torch would report, in its order."""
-
-    def __init__(self, visible: list[Any], available: bool = True):
-        self.visible, self.available, self.calls = visible, available, []
-
-    def is_available(self) -> bool:
-        self.calls.append("is_available")
-        return self.available
-
-    def device_count(self) -> int:
-        return len(self.visible)
-
-    def get_device_properties(self, index: int) -> SimpleNamespace:
-        uuid = self.visible[index]
-        return SimpleNamespace(name="GPU") if uuid is None else SimpleNamespace(name="GPU", uuid=uuid)
-
-
-class CUuuid:
-    """torch's ``_CUuuid``: 16 raw bytes, printed as 8-4-4-4-12 hex."""
-
-    def __init__(self, text: str):
-        self.bytes = uuid.UUID(text).bytes
-
-    def __repr__(self) -> str:
-        return str(uuid.UUID(bytes=self.bytes))
 
 
 def test_torch_devices_are_matched_by_uuid() -> None:

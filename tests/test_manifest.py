@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fakes import json_values
 from volunteer.core.manifest import (
     MAX_MANIFEST_BYTES,
     Manifest,
@@ -266,19 +267,6 @@ def test_bad_manifest_file_is_refused_in_one_line(tmp_path: Path, body: bytes):
 
 
 # --- property: from_dict never raises anything but ManifestError ---------------------------------
-
-_scalars = (
-    st.none() | st.booleans() | st.integers() | st.sampled_from([0, -1, 2**31, 2**63, 10**400, -(10**400)])
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
-)
-_KEYS = sorted({k for k in default_dict()} | {"name", "block", "d_hidden", "uid_prefix", "grid", "expert_type", "lr"})
-_keys = st.sampled_from(_KEYS) | st.text(max_size=8)
-json_values = st.recursive(
-    _scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(_keys, children, max_size=5),
-    max_leaves=24,
-)
-
 
 def parse_or_manifest_error(data: Any) -> Manifest | None:
     try:

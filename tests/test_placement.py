@@ -1,6 +1,6 @@
 """Several devices: which ones serve, what each holds, and one node serving on two at once.
 
-The placement tests are pure (hardware profiles from test_sizing's table). The last test starts a real
+The placement tests are pure (hardware profiles from the machine table in fakes.py). The last test starts a real
 node on loopback with two GPUs in its hardware profile whose torch devices are both the CPU: the
 placement, the per-device Runtime threads, the serving path and the stats are the real ones; only
 the kernels run on the CPU instead of two GPUs.
@@ -16,11 +16,12 @@ import torch
 from hivemind.moe import get_experts
 
 from tests.conftest import wait_for
-from tests.test_sizing import (
+from tests.fakes import (
     BIG,
     CPU_DESKTOP,
     DEFAULT,
     MACHINES,
+    FakeCuda,
     MiB,
     check_plan,
     gpu_box,
@@ -75,8 +76,6 @@ def test_device_and_gpus_options_choose_devices() -> None:
 
 
 def test_gpus_torch_cannot_see_are_left_out_of_the_default_choice() -> None:
-    from tests.test_hardware import FakeCuda
-
     both = [g.uuid.removeprefix("GPU-") for g in MIXED.gpus]
     assert choose_devices(MIXED, cuda=FakeCuda(both)) == (("cuda:0", "cuda:1"), ())
     # CUDA_VISIBLE_DEVICES=1: torch sees one of the two

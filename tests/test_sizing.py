@@ -12,14 +12,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from volunteer.host.hardware import CPUInfo, GPUInfo, HardwareProfile
+from tests.fakes import (
+    BIG,
+    CPU_DESKTOP,
+    DEFAULT,
+    MACHINES,
+    MANIFESTS,
+    check_plan,
+    gpu_box,
+)
+from volunteer.host.hardware import GPUInfo, HardwareProfile
 
 with warnings.catch_warnings():
     # Importing hivemind calls torch.jit.script, which torch 2.13 deprecates with a warning attributed to
     # torch.jit, so pyproject's "ignore::DeprecationWarning:hivemind.*" misses it. Drop this block once
     # pyproject filters "ignore:.*torch.jit.script.* is deprecated:DeprecationWarning".
     warnings.simplefilter("ignore", DeprecationWarning)
-    from volunteer.core.manifest import Manifest, default_manifest
+    from volunteer.core.manifest import Manifest
 from volunteer.planning.rebalance import Rebalance, rebalance_moves
 from volunteer.planning.sizing import (
     CPU_BASE_OVERHEAD,
@@ -37,78 +46,6 @@ from volunteer.planning.sizing import (
 from volunteer.planning.throughput import Throughput
 
 MiB, GiB, GB = 2**20, 2**30, 10**9
-
-DEFAULT = default_manifest()
-BIG = Manifest.from_dict(
-    {
-        "schema_version": 1,
-        "name": "big-lm",
-        "dht_prefix": "big",
-        "d_model": 1024,
-        "max_batch_size": 1024,
-        "expert_types": [
-            {"name": "small", "block": "residual_ffn", "d_hidden": 4096},
-            {"name": "large", "block": "swiglu_ffn", "d_hidden": 8192},
-        ],
-        "layers": [
-            {"uid_prefix": "big_ffn0", "grid": [16, 16], "expert_type": "small"},
-            {"uid_prefix": "big_ffn1", "grid": [16, 16], "expert_type": "large"},
-        ],
-    }
-)
-MANIFESTS = [DEFAULT, BIG]
-
-
-def gpu_box(total_gb: float, index: int = 0) -> GPUInfo:
-    total = int(total_gb * GB)
-    return GPUInfo(index, f"GPU {total_gb:g} GB", f"GPU-{index}", total, total - 300 * MiB)
-
-
-CPU_SMALL = CPUInfo(cores=2, memory_total=4 * GB, memory_available=3 * GB, model="laptop")
-CPU_DESKTOP = CPUInfo(cores=8, memory_total=32 * GB, memory_available=24 * GB)
-# From smallest to largest: each row lends at least as much as the one before.
-MACHINES = {
-    "cpu-2-cores-4GB": HardwareProfile(CPU_SMALL, (), "NVML not found"),
-    "gpu-6GB": HardwareProfile(CPU_DESKTOP, (gpu_box(6),)),
-    "gpu-8GB": HardwareProfile(CPU_DESKTOP, (gpu_box(8),)),
-    "gpu-24GB": HardwareProfile(CPU_DESKTOP, (gpu_box(24),)),
-    "gpu-24GB+6GB": HardwareProfile(CPU_DESKTOP, (gpu_box(24, 0), gpu_box(6, 1)), None, "550.54.15", "12.4"),
-    "gpu-80GB": HardwareProfile(CPU_DESKTOP, (gpu_box(80),)),
-}
-
-
-def reserve(plan: Plan) -> int:
-    return CUDA_CONTEXT_RESERVE if plan.device.startswith("cuda") else CPU_BASE_OVERHEAD
-
-
-def uid_costs(manifest: Manifest, plan: Plan) -> dict[str, int]:
-    per_type = {t.name: expert_cost(manifest, t, plan.max_batch_size, plan.device).total for t in manifest.expert_types}
-    return {uid: per_type[layer.expert_type] for layer in manifest.layers for uid in layer.uids()}
-
-
-def check_plan(manifest: Manifest, plan: Plan, counts: dict[str, int], served: dict[str, float] | None = None) -> None:
-    """Invariants every plan keeps, replaying its picks one by one."""
-    cost = uid_costs(manifest, plan)
-    assert len(set(plan.uids)) == len(plan.uids) and plan.uids
-    assert set(plan.uids) <= set(cost)
-    assert plan.expert_types == tuple(manifest.layer_of(uid).expert_type for uid in plan.uids)
-    assert plan.planned_bytes == reserve(plan) + sum(cost[uid] for uid in plan.uids) <= plan.budget_bytes
-    assert plan.reserve_bytes == reserve(plan)
-    assert plan.planned_bytes == plan.reserve_bytes + sum(
-        next(c.total for c in plan.costs if c.expert_type == t) for t in plan.expert_types
-    )
-    left = plan.budget_bytes - reserve(plan)
-    unpicked = set(cost)
-
-    def need(uid: str) -> tuple[bool, float, int]:  # preferred, then least served throughput, then fewest servers
-        return counts.get(uid, 0) >= 0, (served or {}).get(uid, 0.0), counts.get(uid, 0)
-
-    for uid in plan.uids:
-        # never a more-served uid while a less-served one still fits
-        assert need(uid) == min(need(u) for u in unpicked if cost[u] <= left)
-        unpicked.discard(uid)
-        left -= cost[uid]
-
 
 # --- costs ---------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from hivemind.moe import get_experts
 
 from coordinator_seeds.dispatch import shutdown_dht
 from coordinator_seeds.trainer import TrainerSettings, train
-from tests.conftest import TEST_MANIFEST, Processes
+from tests.conftest import TEST_MANIFEST, Processes, wait_for
 from volunteer.core.harness import start_seed, start_volunteer
 from volunteer.core.records import join_dht, read_volunteers
 from volunteer.core.seed_client import fetch_experiment
@@ -115,35 +115,49 @@ def test_trainer_loss_falls_and_both_volunteers_train(swarm):
     # byte-level LM: ln(256) = 5.5 at random; learning the byte statistics alone takes it well below 4.5
     assert last < first - 1.0, f"loss went from {first:.2f} to only {last:.2f}"
 
-    time.sleep(2.5)  # one checkpoint interval, so the checkpoints hold the trained weights
-    for name in ("a", "b"):
-        store = swarm.checkpoints(name)
-        trained = 0
+    def trained(name: str) -> int:
+        """How many of a volunteer's experts have a checkpoint that holds trained weights."""
+        store, count = swarm.checkpoints(name), 0
         for uid in swarm.uids[name]:
             checkpoint = store.load(uid, "small")
-            assert checkpoint is not None, f"volunteer {name} has no checkpoint of {uid}"
-            fresh = build_expert("residual_ffn", swarm.manifest.d_model, 64, seed=initial_seed(uid)).state_dict()
-            changed = any(not torch.equal(fresh[k], checkpoint.module[k]) for k in fresh)
-            trained += changed and checkpoint.updates > 0
-        assert trained >= 1, f"no expert of volunteer {name} was trained by backward requests"
+            if checkpoint is not None:
+                fresh = build_expert("residual_ffn", swarm.manifest.d_model, 64, seed=initial_seed(uid)).state_dict()
+                changed = any(not torch.equal(fresh[k], checkpoint.module[k]) for k in fresh)
+                count += changed and checkpoint.updates > 0
+        return count
+
+    for name in ("a", "b"):
+        # checkpoints are written every 2 s: the first one after the training holds the trained weights
+        wait_for(lambda: trained(name) >= 1, 30, f"a checkpoint of volunteer {name} trained by backward requests")
+        store = swarm.checkpoints(name)
+        missing = [uid for uid in swarm.uids[name] if store.load(uid, "small") is None]
+        assert not missing, f"volunteer {name} has no checkpoint of {missing}"
+
+
+def _checkpointed_updates(swarm: Swarm, name: str) -> int:
+    """Optimizer updates of a volunteer's experts, as its latest checkpoints hold them."""
+    store = swarm.checkpoints(name)
+    return sum(c.updates for uid in swarm.uids[name] if (c := store.load(uid, "small")) is not None)
 
 
 def test_kill_9_volunteer_then_restart_restores_it(swarm):
     stop = threading.Event()
     reports: list = []
     trainer = threading.Thread(target=lambda: reports.extend(_train(swarm, steps=400, stop=stop)), daemon=True)
+    updates_before = _checkpointed_updates(swarm, "a")
     trainer.start()
     try:
-        deadline = time.monotonic() + 60
-        while len(reports) == 0 and time.monotonic() < deadline and trainer.is_alive():
-            time.sleep(0.5)  # reports arrive only at the end; wait on the checkpoints instead
-            if swarm.checkpoints("a").load(sorted(swarm.uids["a"])[0], "small") is not None:
-                break
-        time.sleep(4)  # mid-training
+        # mid-training: this trainer's backward passes have reached volunteer a's checkpoints (its reports
+        # arrive only at the end, so the checkpoints, written every 2 s, are what can be watched)
+        wait_for(lambda: not trainer.is_alive() or _checkpointed_updates(swarm, "a") > updates_before, 60,
+                 "volunteer a to checkpoint updates from the running trainer")
+        assert trainer.is_alive(), "the trainer ended before the kill"
         victim = swarm.volunteers["a"].proc
         os.kill(victim.pid, signal.SIGKILL)  # only the main pid: its children must not linger
         victim.wait(timeout=10)
-        time.sleep(8)  # the trainer keeps going on volunteer b's experts
+        # letting time pass is the point here, not a wait for an event: the trainer must go on training
+        # (not skipping) on volunteer b's experts for a while after the kill; its reports come at the end
+        time.sleep(8)
     finally:
         stop.set()
         trainer.join(timeout=60)
