@@ -126,10 +126,10 @@ def keep_visible(hardware: HardwareProfile, devices: tuple[Device, ...], cuda: A
     torch sees none with a CPU-only build, and only some under ``CUDA_VISIBLE_DEVICES``). With no GPU
     left, the CPU serves. For the default choice only: a GPU the owner named must fail loudly."""
     visible = match_torch_devices(hardware, cuda)
-    hidden = [(d, gpu) for d in devices if (gpu := find_gpu(hardware, d)) is not None and gpu.uuid not in visible]
-    kept = tuple(d for d in devices if d not in {d for d, _ in hidden})
+    hidden = {d: gpu for d in devices if (gpu := find_gpu(hardware, d)) is not None and gpu.uuid not in visible}
+    kept = tuple(d for d in devices if d not in hidden)
     notes = tuple(f"{d} ({gpu.name}) serves nothing: torch cannot see it (a CPU-only torch build, or "
-                  "CUDA_VISIBLE_DEVICES)" for d, gpu in hidden)
+                  "CUDA_VISIBLE_DEVICES)" for d, gpu in hidden.items())
     return (kept or (CPU,)), notes
 
 
