@@ -167,7 +167,7 @@ def in_process_steps(swarm: Swarm, experts: int) -> list[tuple[str, float]]:
     from volunteer.core import records as volunteer_swarm
     from volunteer.core.manifest import load
     from volunteer.host.hardware import detect_hardware
-    from volunteer.planning.sizing import plan_experts
+    from volunteer.planning.choice import plan_experts
     from volunteer.serving.backends import build_backends
     from volunteer.serving.checkpoints import CheckpointStore
 
@@ -204,7 +204,7 @@ def in_process_steps(swarm: Swarm, experts: int) -> list[tuple[str, float]]:
 def throughput_step(hardware, manifest, plan, cache_dir: Path) -> list[tuple[str, float]]:
     """``volunteer/throughput.py`` (issue 4): measuring the plan's expert types, uncached then cached."""
     try:
-        from volunteer.planning.sizing import measure_plan
+        from volunteer.planning.choice import measure_plan
     except ImportError:
         return [("TODO throughput measurement: volunteer/throughput.py not there yet", float("nan"))]
     rows = []

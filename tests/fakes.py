@@ -27,10 +27,10 @@ with warnings.catch_warnings():
     # torch.jit (the same guard as test_sizing's).
     warnings.simplefilter("ignore", DeprecationWarning)
     from volunteer.core.manifest import Manifest, default_manifest
-from volunteer.planning.sizing import (
+from volunteer.planning.choice import Plan
+from volunteer.planning.memory import (
     CPU_BASE_OVERHEAD,
     CUDA_CONTEXT_RESERVE,
-    Plan,
     expert_cost,
 )
 
@@ -202,11 +202,11 @@ MACHINES = {
 
 
 def reserve(plan: Plan) -> int:
-    return CUDA_CONTEXT_RESERVE if plan.device.startswith("cuda") else CPU_BASE_OVERHEAD
+    return CUDA_CONTEXT_RESERVE if plan.device.is_gpu else CPU_BASE_OVERHEAD
 
 
 def uid_costs(manifest: Manifest, plan: Plan) -> dict[str, int]:
-    per_type = {t.name: expert_cost(manifest, t, plan.max_batch_size, plan.device).total for t in manifest.expert_types}
+    per_type = {t.name: expert_cost(manifest, t, plan.max_batch_size, plan.device.kind).total for t in manifest.expert_types}
     return {uid: per_type[layer.expert_type] for layer in manifest.layers for uid in layer.uids()}
 
 

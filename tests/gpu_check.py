@@ -167,8 +167,9 @@ def check_plan_and_throughput(profile, device: str | None, time_budget: float, f
     import torch
 
     from volunteer.core.manifest import default_manifest
-    from volunteer.host.hardware import torch_device
-    from volunteer.planning.sizing import PlanCheck, measure_plan, plan_experts
+    from volunteer.planning.choice import measure_plan, plan_experts
+    from volunteer.planning.devices import torch_device
+    from volunteer.planning.memory import PlanCheck
     from volunteer.planning.throughput import _train_step, measured_peak
     from volunteer.serving.experts import build_expert, build_optimizer, sample_input
 
@@ -287,13 +288,14 @@ def check_serving(device: str | None, failures: list[str], calls: int = 3) -> di
         shutil.rmtree(home, ignore_errors=True)
 
 
-def own_gpu_memory(profile, device: str) -> int | None:
-    """This process's memory on the GPU as the driver counts it; None where NVML cannot say (containers)."""
-    if not device.startswith("cuda"):
+def own_gpu_memory(profile, device) -> int | None:
+    """This process's memory on the plan's GPU (a ``Device``) as the driver counts it; None where NVML
+    cannot say (containers)."""
+    if not device.is_gpu:
         return None
     from volunteer.host.hardware import gpu_telemetry
 
-    gpu = next((g for g in gpu_telemetry() if f"cuda:{g.index}" == device), None)
+    gpu = next((g for g in gpu_telemetry() if g.index == device.index), None)
     mine = [p.used_memory for p in (gpu.processes if gpu else ()) if p.pid == os.getpid()]
     return mine[0] if mine and mine[0] is not None else None
 

@@ -36,7 +36,8 @@ from volunteer.node.stats import (
     SwarmView,
     Totals,
 )
-from volunteer.planning.sizing import GiB, MiB, Plan
+from volunteer.planning.choice import Plan
+from volunteer.planning.memory import GiB, MiB
 from volunteer.serving.backends import build_backends
 from volunteer.serving.checkpoints import CheckpointStore
 from volunteer.views.dashboard import (

@@ -18,9 +18,8 @@ from volunteer.host.hardware import (
     detect_hardware,
     gpu_telemetry,
     match_torch_devices,
-    select_gpus,
-    torch_device,
 )
+from volunteer.planning.devices import CPU, Device, select_gpus, torch_device
 
 GiB = 2**30
 
@@ -188,7 +187,7 @@ def test_a_profile_saved_before_processes_and_drivers_still_loads() -> None:
     assert profile.driver_version is None
 
 
-# --- choosing GPUs and finding them in torch -----------------------------------------------------
+# --- choosing GPUs (planning.devices) and finding them in torch -----------------------------------------------------
 
 
 def gpu(index: int, uuid: str, name: str = "GPU") -> GPUInfo:
@@ -240,9 +239,9 @@ def test_torch_devices_are_matched_by_uuid() -> None:
     # CUDA_VISIBLE_DEVICES=2,0: torch sees NVML's 2 as cuda:0 and NVML's 0 as cuda:1; torch drops "GPU-"
     cuda = FakeCuda([CUuuid("ffee0000-0000-0000-0000-000000000000"), "0A1B2C3D-0000-0000-0000-000000000000"])
     assert match_torch_devices(THREE, cuda) == {THREE.gpus[2].uuid: 0, THREE.gpus[0].uuid: 1}
-    assert torch_device(THREE, "cuda:2", cuda) == "cuda:0" and torch_device(THREE, "cpu", cuda) == "cpu"
+    assert torch_device(THREE, Device("cuda", 2), cuda) == "cuda:0" and torch_device(THREE, CPU, cuda) == "cpu"
     with pytest.raises(ValueError, match="cuda:1 is not visible to torch"):
-        torch_device(THREE, "cuda:1", cuda)
+        torch_device(THREE, Device("cuda", 1), cuda)
 
 
 def test_an_old_torch_without_uuids_matches_nothing() -> None:

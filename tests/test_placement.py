@@ -27,19 +27,26 @@ from tests.fakes import (
     gpu_box,
 )
 from volunteer.host.hardware import HardwareProfile, detect_cpu
-from volunteer.planning.placement import (
-    Placement,
-    choose_devices,
-    pick_devices,
-    place_experts,
-)
-from volunteer.planning.sizing import SizingError, plan_experts
+from volunteer.planning.choice import plan_experts
+from volunteer.planning.devices import Device, choose_devices, pick_devices
+from volunteer.planning.memory import SizingError
+from volunteer.planning.placement import Placement, place_experts
 
 MIXED = MACHINES["gpu-24GB+6GB"]
 
 
 def place(hardware: HardwareProfile, manifest=BIG, counts=None, *, device=None, gpus=None, **kwargs) -> Placement:
     return place_experts(hardware, manifest, counts or {}, devices=pick_devices(hardware, device, gpus), **kwargs)
+
+
+def names(devices: tuple[Device, ...]) -> tuple[str, ...]:
+    return tuple(map(str, devices))
+
+
+def chosen(*args, **kwargs) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``choose_devices`` with the devices by name."""
+    devices, notes = choose_devices(*args, **kwargs)
+    return names(devices), notes
 
 
 def check_placement(manifest, placement: Placement, counts: dict[str, int]) -> None:
@@ -54,17 +61,18 @@ def check_placement(manifest, placement: Placement, counts: dict[str, int]) -> N
 
 
 def test_every_gpu_serves_by_default_the_biggest_first() -> None:
-    assert pick_devices(MIXED) == pick_devices(MIXED, "auto") == pick_devices(MIXED, "cuda") == ("cuda:0", "cuda:1")
+    assert pick_devices(MIXED) == pick_devices(MIXED, "auto") == pick_devices(MIXED, "cuda")
+    assert names(pick_devices(MIXED)) == ("cuda:0", "cuda:1")
     small_first = HardwareProfile(CPU_DESKTOP, (gpu_box(6, 0), gpu_box(24, 1)))
-    assert pick_devices(small_first) == ("cuda:1", "cuda:0")
-    assert pick_devices(MACHINES["cpu-2-cores-4GB"]) == ("cpu",)
+    assert names(pick_devices(small_first)) == ("cuda:1", "cuda:0")
+    assert names(pick_devices(MACHINES["cpu-2-cores-4GB"])) == ("cpu",)
 
 
 def test_device_and_gpus_options_choose_devices() -> None:
-    assert pick_devices(MIXED, "cpu") == ("cpu",)
-    assert pick_devices(MIXED, "cuda:1") == ("cuda:1",)
-    assert pick_devices(MIXED, gpus="1,0") == ("cuda:1", "cuda:0")
-    assert pick_devices(MIXED, gpus="GPU-1") == ("cuda:1",)  # a UUID (or a prefix that names one GPU)
+    assert names(pick_devices(MIXED, "cpu")) == ("cpu",)
+    assert names(pick_devices(MIXED, "cuda:1")) == ("cuda:1",)
+    assert names(pick_devices(MIXED, gpus="1,0")) == ("cuda:1", "cuda:0")
+    assert names(pick_devices(MIXED, gpus="GPU-1")) == ("cuda:1",)  # a UUID (or a prefix that names one GPU)
     with pytest.raises(ValueError, match="both choose devices"):
         pick_devices(MIXED, "cpu", gpus="0")
     with pytest.raises(ValueError, match="'7' is not a GPU of this machine"):
@@ -77,19 +85,19 @@ def test_device_and_gpus_options_choose_devices() -> None:
 
 def test_gpus_torch_cannot_see_are_left_out_of_the_default_choice() -> None:
     both = [g.uuid.removeprefix("GPU-") for g in MIXED.gpus]
-    assert choose_devices(MIXED, cuda=FakeCuda(both)) == (("cuda:0", "cuda:1"), ())
+    assert chosen(MIXED, cuda=FakeCuda(both)) == (("cuda:0", "cuda:1"), ())
     # CUDA_VISIBLE_DEVICES=1: torch sees one of the two
-    devices, notes = choose_devices(MIXED, cuda=FakeCuda(both[1:]))
+    devices, notes = chosen(MIXED, cuda=FakeCuda(both[1:]))
     assert devices == ("cuda:1",)
     assert notes == ("cuda:0 (GPU 24 GB) serves nothing: torch cannot see it (a CPU-only torch build, or "
                      "CUDA_VISIBLE_DEVICES)",)
     # a CPU-only torch on a GPU box: the CPU serves, and both GPUs are said to be left out
-    devices, notes = choose_devices(MIXED, cuda=FakeCuda(both, available=False))
+    devices, notes = chosen(MIXED, cuda=FakeCuda(both, available=False))
     assert devices == ("cpu",) and len(notes) == 2
     # a GPU the owner named is not second-guessed: it fails loudly when mapped for torch
-    assert choose_devices(MIXED, gpus="0", cuda=FakeCuda(both[1:])) == (("cuda:0",), ())
-    assert choose_devices(MIXED, "cuda:0", cuda=FakeCuda(both[1:])) == (("cuda:0",), ())
-    assert choose_devices(MIXED, "cuda", cuda=FakeCuda(both, available=False)) == (("cuda:0", "cuda:1"), ())
+    assert chosen(MIXED, gpus="0", cuda=FakeCuda(both[1:])) == (("cuda:0",), ())
+    assert chosen(MIXED, "cuda:0", cuda=FakeCuda(both[1:])) == (("cuda:0",), ())
+    assert chosen(MIXED, "cuda", cuda=FakeCuda(both, available=False)) == (("cuda:0", "cuda:1"), ())
 
 
 # --- what each device holds ----------------------------------------------------------------------
@@ -99,7 +107,8 @@ def test_two_mixed_gpus_each_get_a_plan_of_their_own() -> None:
     placement = place(MIXED)
     check_placement(BIG, placement, {})
     big, small = placement.plans
-    assert (big.device, small.device) == ("cuda:0", "cuda:1") and placement.device == "cuda:0,cuda:1"
+    assert (big.device, small.device) == (Device("cuda", 0), Device("cuda", 1))
+    assert placement.device == "cuda:0,cuda:1"
     # each within its own GPU's budget, and the 24 GB card holds more than the 6 GB one
     assert big.budget_bytes > small.budget_bytes and big.planned_bytes > small.planned_bytes
     assert len(big.uids) > len(small.uids) > 0
@@ -120,20 +129,20 @@ def test_every_gpu_picks_from_the_unserved_uids_first() -> None:
 
 def test_a_small_grid_leaves_the_second_gpu_out_and_says_why() -> None:
     placement = place(MIXED, DEFAULT)
-    assert placement.devices == ("cuda:0",) and sorted(placement.uids) == sorted(DEFAULT.all_uids())
+    assert names(placement.devices) == ("cuda:0",) and sorted(placement.uids) == sorted(DEFAULT.all_uids())
     assert placement.left_out == ("cuda:1 serves nothing: every uid of 'tiny-stdlib-lm' is placed already",)
 
 
 def test_max_experts_caps_the_volunteer_not_each_gpu() -> None:
     capped = place(MIXED, max_experts=3)
-    assert len(capped.uids) == 3 and capped.devices == ("cuda:0",)
+    assert len(capped.uids) == 3 and names(capped.devices) == ("cuda:0",)
     assert capped.left_out == ("cuda:1 serves nothing: the 3 experts of max_experts are placed",)
 
 
 def test_max_memory_applies_to_each_gpu() -> None:
     placement = place(MIXED, max_memory=0.5)
     for plan in placement.plans:
-        gpu = MIXED.gpus[int(plan.device.removeprefix("cuda:"))]
+        gpu = MIXED.gpus[plan.device.index]
         assert plan.budget_bytes == int(0.5 * gpu.memory_free) >= plan.planned_bytes
 
 
@@ -141,7 +150,7 @@ def test_a_gpu_too_small_for_one_expert_is_left_out() -> None:
     tiny = dataclasses.replace(gpu_box(1, 1), memory_free=600 * MiB)  # the CUDA reserve alone is 512 MiB
     hardware = HardwareProfile(CPU_DESKTOP, (gpu_box(24, 0), tiny))
     placement = place(hardware)
-    assert placement.devices == ("cuda:0",)
+    assert names(placement.devices) == ("cuda:0",)
     [note] = placement.left_out
     assert note.startswith("cuda:1 serves nothing: one 'small' expert needs") and "\n" not in note
     with pytest.raises(SizingError, match="one 'small' expert needs"):
@@ -172,7 +181,7 @@ def test_a_node_serves_on_two_devices_with_a_runtime_each(seed, client) -> None:
     node = VolunteerNode(settings, default_paths().ensure(), experiment)
     runtimes = None
     try:
-        info = node.start(hardware, torch_devices={"cuda:0": "cpu", "cuda:1": "cpu"})
+        info = node.start(hardware, torch_devices={Device("cuda", 0): "cpu", Device("cuda", 1): "cpu"})
         first, second = info.placement.plans
         assert (len(first.uids), len(second.uids)) == (5, 3) and sorted(info.uids) == sorted(manifest.all_uids())
         runtimes = node.server.runtime

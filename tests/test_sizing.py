@@ -29,20 +29,19 @@ with warnings.catch_warnings():
     # pyproject filters "ignore:.*torch.jit.script.* is deprecated:DeprecationWarning".
     warnings.simplefilter("ignore", DeprecationWarning)
     from volunteer.core.manifest import Manifest
-from volunteer.planning.rebalance import Rebalance, rebalance_moves
-from volunteer.planning.sizing import (
+from volunteer.planning.choice import Plan, plan_experts
+from volunteer.planning.devices import CPU, Device, pick_device
+from volunteer.planning.memory import (
     CPU_BASE_OVERHEAD,
     CPU_EXPERT_OVERHEAD,
     CUDA_CONTEXT_RESERVE,
     GPU_EXPERT_OVERHEAD,
-    Plan,
     SizingError,
     expert_cost,
     memory_budget,
     optimizer_states,
-    pick_device,
-    plan_experts,
 )
+from volunteer.planning.rebalance import Rebalance, rebalance_moves
 from volunteer.planning.throughput import Throughput
 
 MiB, GiB, GB = 2**20, 2**30, 10**9
@@ -58,7 +57,7 @@ def test_expert_cost_adds_up() -> None:
     assert cost.activations == (3 * 256 + 4 * 64) * 1024 * 4 * 2
     assert cost.overhead == CPU_EXPERT_OVERHEAD
     assert cost.total == 16 * params + cost.activations + CPU_EXPERT_OVERHEAD
-    assert expert_cost(DEFAULT, small, 1024, "cuda:0").overhead == GPU_EXPERT_OVERHEAD
+    assert expert_cost(DEFAULT, small, 1024, "cuda").overhead == GPU_EXPERT_OVERHEAD
     sgd = Manifest.from_dict({**DEFAULT.to_dict(), "optimizer": {"name": "sgd", "lr": 0.1}})
     assert expert_cost(sgd, small, 1024, "cpu").optimizer == 0
     assert cost.tensors == cost.total - CPU_EXPERT_OVERHEAD and (cost.batch_size, cost.dtype) == (1024, "float32")
@@ -85,13 +84,15 @@ def test_half_precision_halves_every_tensor_but_not_the_overhead() -> None:
 
 def test_pick_device() -> None:
     two = HardwareProfile(CPU_DESKTOP, (gpu_box(8, 0), gpu_box(24, 1)))
-    assert pick_device(two, None) == "cuda:1"  # most free memory
-    assert pick_device(two, "cuda") == "cuda:1"
-    assert pick_device(two, "cuda:0") == "cuda:0"
-    assert pick_device(two, "cpu") == "cpu"
-    assert pick_device(MACHINES["cpu-2-cores-4GB"], None) == "cpu"
+    assert pick_device(two, None) == Device("cuda", 1)  # most free memory
+    assert pick_device(two, "cuda") == Device("cuda", 1)
+    assert pick_device(two, "cuda:0") == pick_device(two, Device("cuda", 0)) == Device("cuda", 0)
+    assert pick_device(two, "cpu") == pick_device(two, CPU) == CPU
+    assert pick_device(MACHINES["cpu-2-cores-4GB"], None) == CPU
     with pytest.raises(ValueError, match="cuda:0, cuda:1"):
         pick_device(two, "cuda:2")
+    with pytest.raises(ValueError, match="cuda:0, cuda:1"):
+        pick_device(two, Device("cuda", 2))
     with pytest.raises(ValueError, match="no GPU was found \\(NVML not found\\)"):
         pick_device(MACHINES["cpu-2-cores-4GB"], "cuda")
     with pytest.raises(ValueError, match="cpu, cuda or cuda:N"):
@@ -101,26 +102,26 @@ def test_pick_device() -> None:
 def test_memory_budget_defaults_fractions_and_bytes() -> None:
     cpu, gpu = MACHINES["cpu-2-cores-4GB"], MACHINES["gpu-8GB"]
     free = gpu.gpus[0].memory_free
-    assert memory_budget(cpu, "cpu", None) == int(0.5 * 3 * GB)
-    assert memory_budget(gpu, "cuda:0", None) == int(0.8 * free)
-    assert memory_budget(cpu, "cpu", 0.25) == int(0.25 * 3 * GB)
-    assert memory_budget(cpu, "cpu", 1) == memory_budget(cpu, "cpu", 1.0) == 3 * GB
-    assert memory_budget(cpu, "cpu", 2 * GiB) == 2 * GiB
-    assert memory_budget(cpu, "cpu", 2e9) == 2 * GB  # a whole float is bytes too (TOML, "2e9")
-    assert memory_budget(cpu, "cpu", 100 * GiB) == 3 * GB  # capped at what is available
-    assert memory_budget(gpu, "cuda:0", 100 * GiB) == free
+    assert memory_budget(cpu, CPU, None) == int(0.5 * 3 * GB)
+    assert memory_budget(gpu, Device("cuda", 0), None) == int(0.8 * free)
+    assert memory_budget(cpu, CPU, 0.25) == int(0.25 * 3 * GB)
+    assert memory_budget(cpu, CPU, 1) == memory_budget(cpu, CPU, 1.0) == 3 * GB
+    assert memory_budget(cpu, CPU, 2 * GiB) == 2 * GiB
+    assert memory_budget(cpu, CPU, 2e9) == 2 * GB  # a whole float is bytes too (TOML, "2e9")
+    assert memory_budget(cpu, CPU, 100 * GiB) == 3 * GB  # capped at what is available
+    assert memory_budget(gpu, Device("cuda", 0), 100 * GiB) == free
 
 
 @pytest.mark.parametrize("bad", [0, -1, 0.0, 1.5, math.nan, math.inf, True, "8GiB"])
 def test_memory_budget_refuses_nonsense(bad: object) -> None:
     with pytest.raises(ValueError, match="max_memory must be") as info:
-        memory_budget(MACHINES["cpu-2-cores-4GB"], "cpu", bad)  # type: ignore[arg-type]
+        memory_budget(MACHINES["cpu-2-cores-4GB"], CPU, bad)  # type: ignore[arg-type]
     assert "\n" not in str(info.value)
 
 
 def test_memory_budget_of_an_unknown_gpu() -> None:
     with pytest.raises(ValueError, match="cuda:3"):
-        memory_budget(MACHINES["gpu-8GB"], "cuda:3", None)
+        memory_budget(MACHINES["gpu-8GB"], Device("cuda", 3), None)
 
 
 # --- plans over the table of machines ------------------------------------------------------------
@@ -131,7 +132,7 @@ def test_memory_budget_of_an_unknown_gpu() -> None:
 def test_plans_stay_within_budget(manifest: Manifest, machine: str) -> None:
     plan = plan_experts(MACHINES[machine], manifest, {})
     check_plan(manifest, plan, {})
-    assert plan.device == ("cpu" if machine.startswith("cpu") else "cuda:0")
+    assert str(plan.device) == ("cpu" if machine.startswith("cpu") else "cuda:0")
     assert any(r.startswith("budget ") for r in plan.reasons)
     assert any(r.startswith(f"picked {len(plan.uids)} experts: ") for r in plan.reasons)
 
@@ -260,7 +261,8 @@ def test_mixed_gpus_plan_on_the_bigger_one_unless_told() -> None:
     mixed = MACHINES["gpu-24GB+6GB"]
     assert plan_experts(mixed, BIG, {}) == plan_experts(MACHINES["gpu-24GB"], BIG, {})
     small_gpu = plan_experts(mixed, BIG, {}, device="cuda:1")
-    assert small_gpu.device == "cuda:1" and small_gpu.budget_bytes == memory_budget(mixed, "cuda:1", None)
+    assert small_gpu.device == Device("cuda", 1)
+    assert small_gpu.budget_bytes == memory_budget(mixed, Device("cuda", 1), None)
     assert small_gpu.uids == plan_experts(MACHINES["gpu-6GB"], BIG, {}).uids
     check_plan(BIG, small_gpu, {})
 
@@ -327,8 +329,8 @@ def test_any_plan_fits_its_budget(
     except SizingError:
         device = pick_device(hw, None)
         budget = memory_budget(hw, device, fraction)
-        cheapest = min(expert_cost(manifest, t, 1, device).total for t in manifest.expert_types)
-        room = budget - (CUDA_CONTEXT_RESERVE if device.startswith("cuda") else CPU_BASE_OVERHEAD)
+        cheapest = min(expert_cost(manifest, t, 1, device.kind).total for t in manifest.expert_types)
+        room = budget - (CUDA_CONTEXT_RESERVE if device.is_gpu else CPU_BASE_OVERHEAD)
         assert cheapest > room  # only raised when truly nothing fits
         return
     check_plan(manifest, plan, counts, served)

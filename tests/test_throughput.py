@@ -20,19 +20,18 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from volunteer.core.manifest import Manifest, default_manifest
 from volunteer.planning import throughput
-from volunteer.planning.placement import Placement
-from volunteer.planning.sizing import (
+from volunteer.planning.choice import measure_plan, plan_experts
+from volunteer.planning.devices import Device, device_name
+from volunteer.planning.memory import (
     CPU_EXPERT_OVERHEAD,
     GPU_EXPERT_OVERHEAD,
     PlanCheck,
     expert_cost,
-    measure_plan,
-    plan_experts,
 )
+from volunteer.planning.placement import Placement
 from volunteer.planning.throughput import (
     Throughput,
     candidate_batches,
-    device_name,
     measure_rates,
     measure_throughput,
     measured_peak,
@@ -175,10 +174,10 @@ def test_measure_plan_records_throughput_for_the_types_it_uses(tmp_path: Path) -
 
 def test_device_names() -> None:
     gpus = HardwareProfile(CPU.cpu, (GPUInfo(0, "NVIDIA GeForce RTX 3060", "GPU-a", 12 * GiB, 11 * GiB),))
-    assert device_name(gpus, "cuda:0") == "NVIDIA GeForce RTX 3060"
-    assert device_name(gpus, "cpu") == "Fake CPU (2 cores)"
+    assert device_name(gpus, Device("cuda", 0)) == "NVIDIA GeForce RTX 3060"
+    assert device_name(gpus, Device("cpu")) == "Fake CPU (2 cores)"
     with pytest.raises(ValueError, match="cuda:1"):
-        device_name(gpus, "cuda:1")
+        device_name(gpus, Device("cuda", 1))
 
 
 def test_bad_dtype_is_refused(tmp_path: Path) -> None:

@@ -212,37 +212,29 @@ def hardware(
 ) -> None:
     """Show the detected hardware and the plan of each device this machine would serve on, without
     joining anything."""
-    from dataclasses import replace
-
     from volunteer.config.sources import resolve_settings
     from volunteer.core.manifest import default_manifest, load
+    from volunteer.core.paths import default_paths
     from volunteer.host.hardware import detect_hardware
-    from volunteer.planning.placement import choose_devices, place_experts
+    from volunteer.planning.devices import serving_devices
+    from volunteer.planning.placement import Measuring, plan_volunteer
 
     flags = {"coordinator": coordinator, "experiment_file": experiment, "device": device, "gpus": gpus,
              "max_memory": max_memory, "max_experts": max_experts}
     try:
         settings = resolve_settings(flags).settings
         if settings.coordinator:
-            from volunteer.core.paths import default_paths
             from volunteer.core.seed_client import fetch_experiment
 
             manifest = fetch_experiment(settings.coordinator, default_paths().cache_dir).manifest
         else:
             manifest = load(settings.experiment_file) if settings.experiment_file else default_manifest()
         profile = detect_hardware()
-        devices, hidden = choose_devices(profile, settings.device, settings.gpus)
-        placement = place_experts(profile, manifest, {}, devices=devices, max_memory=settings.max_memory,
-                                  max_experts=settings.max_experts)
-        placement = replace(placement, left_out=hidden + placement.left_out)
-        if measure or remeasure:
-            from volunteer.core.paths import default_paths
-            from volunteer.planning.sizing import measure_plan
-
-            placement = replace(placement, plans=tuple(
-                measure_plan(profile, manifest, plan, default_paths().cache_dir, remeasure=remeasure)
-                for plan in placement.plans
-            ))
+        measuring = Measuring(default_paths().cache_dir, remeasure) if measure or remeasure else None
+        # what a node would serve here, before it joins: the swarm is unknown, so empty
+        placement = plan_volunteer(profile, manifest, serving_devices(profile, settings.device, settings.gpus),
+                                   max_memory=settings.max_memory, max_experts=settings.max_experts,
+                                   measuring=measuring)
     except BaseException as e:
         raise _exit_for(e)
     if as_json:

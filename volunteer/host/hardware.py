@@ -3,22 +3,27 @@
 GPUs are read through NVML (``pynvml``) rather than torch, so detection needs no CUDA context and
 works before anything heavy is imported. No GPU stack is ever required: any NVML failure yields a
 CPU-only profile whose ``nvml_error`` tells the user why no GPU was found. The profile crosses
-process boundaries as JSON, hence the explicit ``to_dict`` / ``from_dict``.
+process boundaries as JSON: ``to_dict`` / ``from_dict`` go through pydantic ``TypeAdapter``s over the
+frozen dataclasses, which also load profiles saved before newer fields existed (their defaults stand in).
 
 NVML numbers GPUs in PCI bus order and names them by UUID; torch numbers the GPUs it can see
-(``CUDA_VISIBLE_DEVICES``) in its own order. ``match_torch_devices`` joins the two by UUID.
+(``CUDA_VISIBLE_DEVICES``) in its own order. ``match_torch_devices`` joins the two by UUID; which
+devices to serve on is chosen in ``planning.devices``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import uuid as uuid_module
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
+
+from pydantic import TypeAdapter
 
 _T = TypeVar("_T")
 
@@ -33,11 +38,11 @@ class GPUProcess:
     kind: str = "compute"  # "compute" (CUDA) or "graphics" (a display server, a game)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _json(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPUProcess:
-        return cls(**data)
+        return _adapter(cls).validate_python(data)
 
 
 @dataclass(frozen=True)
@@ -54,17 +59,11 @@ class GPUInfo:
     processes: tuple[GPUProcess, ...] = ()  # other processes on this GPU when it was read
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _json(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPUInfo:
-        capability = data.get("compute_capability")
-        processes = tuple(GPUProcess.from_dict(p) for p in data.get("processes", ()))
-        return cls(**{
-            **data,
-            "compute_capability": tuple(capability) if capability is not None else None,
-            "processes": processes,
-        })
+        return _adapter(cls).validate_python(data)
 
 
 @dataclass(frozen=True)
@@ -75,11 +74,11 @@ class CPUInfo:
     model: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return _json(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CPUInfo:
-        return cls(**data)
+        return _adapter(cls).validate_python(data)
 
 
 @dataclass(frozen=True)
@@ -91,18 +90,21 @@ class HardwareProfile:
     cuda_driver_version: str | None = None  # the newest CUDA the driver supports, e.g. "12.4"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "cpu": self.cpu.to_dict(), "gpus": [g.to_dict() for g in self.gpus], "nvml_error": self.nvml_error,
-            "driver_version": self.driver_version, "cuda_driver_version": self.cuda_driver_version,
-        }
+        return _json(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HardwareProfile:
-        gpus = tuple(GPUInfo.from_dict(g) for g in data.get("gpus", ()))
-        return cls(
-            CPUInfo.from_dict(data["cpu"]), gpus, data.get("nvml_error"),
-            data.get("driver_version"), data.get("cuda_driver_version"),
-        )
+        return _adapter(cls).validate_python(data)
+
+
+@functools.cache
+def _adapter(kind: type[_T]) -> TypeAdapter[_T]:
+    # built on first use, once per type: the CLI's fast paths never pay for a schema they do not need
+    return TypeAdapter(kind)
+
+
+def _json(value: Any) -> dict[str, Any]:
+    return _adapter(type(value)).dump_python(value, mode="json")
 
 
 def detect_hardware(nvml: ModuleType | None = None, root: Path = Path("/")) -> HardwareProfile:
@@ -116,39 +118,7 @@ def gpu_telemetry(nvml: ModuleType | None = None) -> tuple[GPUInfo, ...]:
     return _read_nvml(nvml).gpus
 
 
-# --- choosing GPUs and finding them in torch -----------------------------------------------------
-
-
-def select_gpus(profile: HardwareProfile, spec: str | Sequence[str | int]) -> tuple[GPUInfo, ...]:
-    """The GPUs a ``--gpus 0,2`` option names, in the order given.
-
-    Each item is an NVML index or a UUID; a UUID prefix is enough when only one GPU starts with it, as
-    with ``CUDA_VISIBLE_DEVICES``. Unknown, ambiguous or repeated items raise a one-line ValueError.
-    """
-    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
-    if not items or not all(items):
-        raise ValueError(f"--gpus {spec!r}: give GPU indices or UUIDs separated by commas, e.g. 0,2")
-    if not profile.gpus:
-        raise ValueError(f"--gpus {spec!r}: no GPU was found ({profile.nvml_error or 'none listed'})")
-    chosen: list[GPUInfo] = []
-    for item in items:
-        gpu = _find_gpu(profile.gpus, item)
-        if any(g.index == gpu.index for g in chosen):
-            raise ValueError(f"--gpus {spec!r}: GPU {gpu.index} ({gpu.uuid}) is listed twice")
-        chosen.append(gpu)
-    return tuple(chosen)
-
-
-def _find_gpu(gpus: tuple[GPUInfo, ...], item: str) -> GPUInfo:
-    if item.isdigit():
-        matches = [g for g in gpus if g.index == int(item)]
-    else:
-        matches = [g for g in gpus if _bare_uuid(g.uuid).startswith(_bare_uuid(item))]
-    if len(matches) == 1:
-        return matches[0]
-    found = ", ".join(f"{g.index} ({g.uuid}, {g.name})" for g in gpus)
-    problem = "matches several GPUs" if matches else "is not a GPU of this machine"
-    raise ValueError(f"--gpus: {item!r} {problem}; the GPUs found are: {found}")
+# --- finding the GPUs in torch -------------------------------------------------------------------
 
 
 def match_torch_devices(profile: HardwareProfile, cuda: Any | None = None) -> dict[str, int]:
@@ -166,11 +136,11 @@ def match_torch_devices(profile: HardwareProfile, cuda: Any | None = None) -> di
         cuda = torch.cuda
     if not cuda.is_available():
         return {}
-    known = {_bare_uuid(g.uuid): g.uuid for g in profile.gpus}
+    known = {bare_uuid(g.uuid): g.uuid for g in profile.gpus}
     matches: dict[str, int] = {}
     for index in range(cuda.device_count()):
         uuid = torch_uuid(cuda.get_device_properties(index))
-        nvml_uuid = known.get(_bare_uuid(uuid)) if uuid is not None else None
+        nvml_uuid = known.get(bare_uuid(uuid)) if uuid is not None else None
         if nvml_uuid is not None:
             matches[nvml_uuid] = index
     return matches
@@ -187,18 +157,8 @@ def torch_uuid(properties: Any) -> str | None:
     return str(raw)
 
 
-def torch_device(profile: HardwareProfile, device: str, cuda: Any | None = None) -> str:
-    """The torch device string for a plan's device (``cuda:N`` is an NVML index); ``cpu`` stays ``cpu``."""
-    if not device.startswith("cuda:"):
-        return device
-    gpu = next((g for g in profile.gpus if f"cuda:{g.index}" == device), None)
-    index = match_torch_devices(profile, cuda).get(gpu.uuid) if gpu is not None else None
-    if index is None:
-        raise ValueError(f"{device} is not visible to torch (CUDA_VISIBLE_DEVICES, or a CPU-only torch build?)")
-    return f"cuda:{index}"
-
-
-def _bare_uuid(uuid: str) -> str:
+def bare_uuid(uuid: str) -> str:
+    """A UUID as torch and ``CUDA_VISIBLE_DEVICES`` may write it: lower case, without NVML's "GPU-"."""
     return uuid.lower().removeprefix("gpu-")
 
 

@@ -62,7 +62,7 @@ class Pauser:
         self.update({key: reason})
 
     def check_limits(self) -> None:
-        ours = {int(d.removeprefix("cuda:")) for d in self.node.info.placement.devices if d.startswith("cuda:")}
+        ours = {d.index for d in self.node.info.placement.devices if d.is_gpu}
         self.update(automatic_pause_reasons(self.node.settings, self.node.collector.telemetry, datetime.now(), ours))
 
     def update(self, reasons: dict[str, str | None]) -> None:

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -25,17 +25,18 @@ from volunteer.core.logs import EventLog
 from volunteer.core.manifest import load as load_manifest
 from volunteer.core.paths import Paths, write_atomic
 from volunteer.core.seed_client import Experiment, fetch_experiment
-from volunteer.host.hardware import HardwareProfile, detect_hardware, torch_device
+from volunteer.host.hardware import HardwareProfile, detect_hardware
 from volunteer.node import swarm
 from volunteer.node.stats import LifetimeStore, StatsCollector
-from volunteer.planning.placement import (
-    Placement,
-    choose_devices,
+from volunteer.planning.devices import (
+    Device,
+    ServingDevices,
     pick_devices,
-    place_experts,
+    serving_devices,
 )
+from volunteer.planning.memory import PlanCheck
+from volunteer.planning.placement import Measuring, Placement, SwarmView, plan_volunteer
 from volunteer.planning.rebalance import Rebalance, rebalance_moves
-from volunteer.planning.sizing import PlanCheck, measure_plan
 from volunteer.planning.throughput import measured_peak
 from volunteer.serving.backends import (
     CountingBackend,
@@ -99,19 +100,20 @@ class VolunteerNode:
         self.backends: dict[str, CountingBackend] = {}
         self.info: NodeInfo | None = None
         self.collector: StatsCollector | None = None
-        self.torch_devices: dict[str, str] = {}  # plan device (NVML numbering) -> torch device
+        self.torch_devices: dict[Device, str] = {}  # plan device (NVML numbering) -> torch device
 
-    def start(self, hardware: HardwareProfile | None = None, torch_devices: dict[str, str] | None = None) -> NodeInfo:
+    def start(self, hardware: HardwareProfile | None = None, torch_devices: dict[Device, str] | None = None
+              ) -> NodeInfo:
         """Join, plan, serve. ``hardware`` and ``torch_devices`` (plan device -> torch device) are test
         seams: they let a CPU-only machine run the several-GPU path on CPU."""
         hardware = hardware or detect_hardware()
         # a bad choice fails here, before joining: an absent GPU, or one torch cannot see
-        if torch_devices is None:
-            devices, hidden = choose_devices(hardware, self.settings.device, self.settings.gpus)
-            torch_devices = {d: torch_device(hardware, d) for d in devices}  # NVML numbers GPUs its own way
+        if torch_devices is None:  # NVML numbers GPUs its own way: each gets torch's name for it now
+            devices = serving_devices(hardware, self.settings.device, self.settings.gpus).for_torch(hardware)
         else:
-            devices, hidden = pick_devices(hardware, self.settings.device, self.settings.gpus), ()
-        self.torch_devices = dict(torch_devices)
+            devices = ServingDevices(pick_devices(hardware, self.settings.device, self.settings.gpus),
+                                     torch=dict(torch_devices))
+        self.torch_devices = dict(devices.torch)
         previous = self._previous_state()
         self.dht = self._join(previous.get("port"))
         peer_id = self.dht.peer_id.to_base58()
@@ -119,7 +121,6 @@ class VolunteerNode:
         self.events.emit("joined", f"joined the DHT of {self.manifest.name} as {peer_id}", peer_id=peer_id,
                          maddrs=list(maddrs))
         placement = self._place(hardware, devices, peer_id)
-        placement = replace(placement, left_out=hidden + placement.left_out)
         if self.settings.cpu_threads:
             torch.set_num_threads(self.settings.cpu_threads)
         power = self.settings.power_level  # light and medium take smaller batches and idle between them
@@ -164,7 +165,7 @@ class VolunteerNode:
         for note in info.placement.left_out:
             self.events.emit("device_left_out", note)
 
-    def _place(self, hardware: HardwareProfile, devices: tuple[str, ...], peer_id: str) -> Placement:
+    def _place(self, hardware: HardwareProfile, devices: ServingDevices, peer_id: str) -> Placement:
         uids = self.manifest.all_uids()
         volunteers = records.read_volunteers(self.dht, self.manifest.dht_prefix)
         counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers))
@@ -172,16 +173,11 @@ class VolunteerNode:
         # worth more than fresh ones
         for uid in self.prefer or self._previous_uids():
             counts[uid] = -1
-        placement = place_experts(
-            hardware, self.manifest, counts, devices=devices,
-            max_memory=self.settings.max_memory, max_experts=self.settings.max_experts,
-            seed=zlib.crc32(peer_id.encode()), served_throughput=swarm.served_throughput(volunteers, uids),
-        )
+        seen = SwarmView(counts, swarm.served_throughput(volunteers, uids), seed=zlib.crc32(peer_id.encode()))
         # measured on each device once and cached; it is what this volunteer announces it can serve
-        measured = tuple(measure_plan(hardware, self.manifest, plan, self.paths.cache_dir,
-                                      remeasure=self.settings.remeasure, torch_device=self.torch_devices[plan.device])
-                         for plan in placement.plans)
-        return replace(placement, plans=measured)
+        return plan_volunteer(hardware, self.manifest, devices, swarm=seen, max_memory=self.settings.max_memory,
+                              max_experts=self.settings.max_experts,
+                              measuring=Measuring(self.paths.cache_dir, self.settings.remeasure))
 
     @property
     def samples_per_second(self) -> float:

@@ -1,24 +1,32 @@
-"""Which devices a volunteer serves on, and which experts each one holds.
+"""Which experts each serving device of a volunteer holds: ``Placement``, and ``plan_volunteer``.
 
-A machine with several GPUs serves on all of them, or on those ``--gpus`` names. Each GPU gets a plan
-of its own (``sizing.plan_experts``: its own memory budget, batch size and measured throughput) over
-the uids that the GPUs planned before it left, so one volunteer never holds a uid twice; the biggest
-GPU is planned first, so it takes the most-needed uids. At run time each device gets its own hivemind
-``Runtime`` thread (``serving.DeviceRuntimes``) behind the volunteer's one DHT peer, so the GPUs
-compute in parallel while the swarm sees one volunteer, one address and one set of stats.
+A machine with several GPUs serves on all of them, or on those ``--gpus`` names (``devices.py``). Each
+GPU gets a plan of its own (``choice.plan_experts``: its own memory budget, batch size and measured
+throughput) over the uids that the GPUs planned before it left, so one volunteer never holds a uid
+twice; the biggest GPU is planned first, so it takes the most-needed uids. At run time each device
+gets its own hivemind ``Runtime`` thread (``serving.DeviceRuntimes``) behind the volunteer's one DHT
+peer, so the GPUs compute in parallel while the swarm sees one volunteer, one address and one set of
+stats.
+
+``plan_volunteer`` is the one place a volunteer's placement is made: ``VolunteerNode.start`` calls it
+with what it read of the swarm, ``volunteer hardware`` with an empty swarm, so what the command shows
+is what a node would serve.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from volunteer.core.manifest import Manifest
-from volunteer.host.hardware import HardwareProfile, match_torch_devices, select_gpus
-from volunteer.planning.sizing import Plan, SizingError, pick_device, plan_experts
+from pydantic import TypeAdapter
 
-ALL_GPUS = (None, "auto", "cuda")  # --device values that mean "every GPU there is"
+from volunteer.core.manifest import Manifest
+from volunteer.host.hardware import HardwareProfile
+from volunteer.planning.choice import Plan, measure_plan, plan_experts
+from volunteer.planning.devices import Device, ServingDevices
+from volunteer.planning.memory import SizingError
 
 
 @dataclass(frozen=True)
@@ -33,56 +41,66 @@ class Placement:
         return tuple(uid for plan in self.plans for uid in plan.uids)
 
     @property
-    def devices(self) -> tuple[str, ...]:
+    def devices(self) -> tuple[Device, ...]:
         return tuple(plan.device for plan in self.plans)
 
     @property
     def device(self) -> str:
         """All serving devices in one label, as status lines and the swarm's records show them."""
-        return ",".join(self.devices)
+        return ",".join(map(str, self.devices))
 
-    def to_dict(self) -> dict[str, object]:
-        return dict(plans=[plan.to_dict() for plan in self.plans], left_out=list(self.left_out))
+    def to_dict(self) -> dict[str, Any]:
+        return PLACEMENT_JSON.dump_python(self, mode="json")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> Placement:
-        return cls(tuple(Plan.from_dict(p) for p in data["plans"]), tuple(data.get("left_out", ())))  # type: ignore
+        return PLACEMENT_JSON.validate_python(data)
 
 
-def pick_devices(hardware: HardwareProfile, device: str | None = None, gpus: str | None = None) -> tuple[str, ...]:
-    """The devices to serve on: ``--gpus 0,2`` (indices or UUIDs, in that order), else ``--device``:
-    ``cpu``, ``cuda:N``, or ``cuda``/``auto``/unset for every GPU (most free memory first), else the CPU."""
-    if gpus is not None:
-        if device not in ALL_GPUS:
-            raise ValueError(f"--gpus {gpus} and --device {device} both choose devices: give only one")
-        return tuple(f"cuda:{g.index}" for g in select_gpus(hardware, gpus))
-    if device in ALL_GPUS and hardware.gpus:
-        return tuple(f"cuda:{g.index}" for g in sorted(hardware.gpus, key=lambda g: (-g.memory_free, g.index)))
-    return (pick_device(hardware, device),)
+PLACEMENT_JSON = TypeAdapter(Placement)
 
 
-def choose_devices(hardware: HardwareProfile, device: str | None = None, gpus: str | None = None,
-                   cuda: Any | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``pick_devices``, less the GPUs torch cannot see when the choice was the default one (not
-    ``--gpus``, ``--device cuda`` or ``cuda:N``); returns the devices and the notes on those left out.
-    ``cuda`` is ``torch.cuda``'s test seam."""
-    devices = pick_devices(hardware, device, gpus)
-    if gpus is None and device in (None, "auto"):
-        return keep_visible(hardware, devices, cuda)
-    return devices, ()
+@dataclass(frozen=True)
+class SwarmView:
+    """What a joined volunteer read of the swarm; the empty default is a machine that has not joined."""
+
+    # servers per uid; a negative count marks a uid to serve first (see choice.plan_experts)
+    server_counts: Mapping[str, int] = field(default_factory=dict, hash=False)
+    served_throughput: Mapping[str, float] | None = field(default=None, hash=False)  # uid -> samples/s
+    seed: int = 0  # breaks ties, so volunteers joining at once spread out
 
 
-def keep_visible(hardware: HardwareProfile, devices: tuple[str, ...], cuda: Any | None = None
-                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The devices torch can use, and why each GPU it cannot see is left out (NVML lists every GPU;
-    torch sees none with a CPU-only build, and only some under ``CUDA_VISIBLE_DEVICES``). With no GPU
-    left, the CPU serves. For the default choice only: a GPU the owner named must fail loudly."""
-    visible = match_torch_devices(hardware, cuda)
-    gpus = {f"cuda:{g.index}": g for g in hardware.gpus}
-    kept = tuple(d for d in devices if d not in gpus or gpus[d].uuid in visible)
-    notes = tuple(f"{d} ({gpus[d].name}) serves nothing: torch cannot see it (a CPU-only torch build, or "
-                  "CUDA_VISIBLE_DEVICES)" for d in devices if d not in kept)
-    return (kept or ("cpu",)), notes
+@dataclass(frozen=True)
+class Measuring:
+    """Measure each plan's throughput on its device (``choice.measure_plan``), cached under ``cache_dir``."""
+
+    cache_dir: Path
+    remeasure: bool = False  # ignore the cache
+
+
+def plan_volunteer(
+    hardware: HardwareProfile,
+    manifest: Manifest,
+    devices: ServingDevices,
+    *,
+    swarm: SwarmView = SwarmView(),
+    max_memory: float | None = None,
+    max_experts: int | None = None,
+    measuring: Measuring | None = None,
+) -> Placement:
+    """What this volunteer serves on each of ``devices``: placed, measured if asked, with every note
+    on the devices left out (those torch cannot see first). Raises ``SizingError`` if nothing fits."""
+    placement = place_experts(
+        hardware, manifest, swarm.server_counts, devices=devices.devices, max_memory=max_memory,
+        max_experts=max_experts, seed=swarm.seed, served_throughput=swarm.served_throughput,
+    )
+    if measuring is not None:
+        placement = replace(placement, plans=tuple(
+            measure_plan(hardware, manifest, plan, measuring.cache_dir, remeasure=measuring.remeasure,
+                         torch_device=devices.torch_device(hardware, plan.device))
+            for plan in placement.plans
+        ))
+    return replace(placement, left_out=devices.left_out + placement.left_out)
 
 
 def place_experts(
@@ -90,7 +108,7 @@ def place_experts(
     manifest: Manifest,
     server_counts: Mapping[str, int],
     *,
-    devices: tuple[str, ...],
+    devices: tuple[Device, ...],
     max_memory: float | None = None,
     max_experts: int | None = None,
     seed: int = 0,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from volunteer.planning.sizing import finite_rate
+from volunteer.planning.choice import finite_rate
 
 
 @dataclass(frozen=True)

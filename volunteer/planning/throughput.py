@@ -5,8 +5,9 @@ which batch size is worth asking hivemind for and what it can announce to the sw
 depend on the device, torch and the expert, not on the run, so they are cached as JSON under a key
 of exactly those (as Petals' ``throughput.py`` does): the next start costs nothing.
 
-``measured_peak`` and ``PlanCheck`` hold the memory plan of ``sizing.py`` to account: planned bytes
-next to what the process actually peaked at, for the dashboard and ``volunteer status``.
+``measured_peak`` is what ``memory.PlanCheck`` compares the memory plan with. This module only
+measures and returns figures: recording them in a plan is ``choice.measure_plan``'s job, so nothing
+here knows what a plan is.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import PlainSerializer, TypeAdapter
 
 from volunteer.core.paths import write_atomic
 from volunteer.host.hardware import read_proc_sizes
@@ -29,7 +32,6 @@ if TYPE_CHECKING:
     import torch
 
     from volunteer.core.manifest import Manifest
-    from volunteer.host.hardware import HardwareProfile
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ GOOD_ENOUGH = 0.9
 CACHE_VERSION = 1  # bump when the measurement changes meaning; old files then simply miss
 DTYPES = ("float32", "float16", "bfloat16")
 
+# samples/s by batch size; JSON keys are text, written in batch order
+_ByBatch = Annotated[dict[int, float], PlainSerializer(lambda rates: {str(b): r for b, r in sorted(rates.items())})]
+
 
 @dataclass(frozen=True)
 class Throughput:
@@ -51,23 +56,18 @@ class Throughput:
     best_batch_size: int
     samples_per_second: float  # at best_batch_size
     # samples/s for each batch size measured; left out of the hash so a Plan holding it stays hashable
-    by_batch: dict[int, float] = field(default_factory=dict, hash=False)
+    by_batch: _ByBatch = field(default_factory=dict, hash=False)
     cached: bool = False  # read from the cache rather than measured now
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "expert_type": self.expert_type, "device": self.device, "best_batch_size": self.best_batch_size,
-            "samples_per_second": self.samples_per_second, "cached": self.cached,
-            "by_batch": {str(batch): rate for batch, rate in sorted(self.by_batch.items())},  # JSON keys are text
-        }
+        return THROUGHPUT_JSON.dump_python(self, mode="json")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Throughput:
-        by_batch = {int(batch): float(rate) for batch, rate in data["by_batch"].items()}
-        return cls(
-            str(data["expert_type"]), str(data["device"]), int(data["best_batch_size"]),
-            float(data["samples_per_second"]), by_batch, bool(data.get("cached", False)),
-        )
+        return THROUGHPUT_JSON.validate_python(data)
+
+
+THROUGHPUT_JSON = TypeAdapter(Throughput)
 
 
 def measure_throughput(
@@ -110,16 +110,6 @@ def measure_throughput(
             _write_cache(path, key, result)
         results.append(result)
     return tuple(results)
-
-
-def device_name(profile: HardwareProfile, device: str) -> str:
-    """What the cache key calls a plan's device: the GPU's model, or the CPU's model and usable cores."""
-    if device.startswith("cuda"):
-        gpu = next((g for g in profile.gpus if f"cuda:{g.index}" == device), None)
-        if gpu is None:
-            raise ValueError(f"device {device!r} is not a GPU of this machine")
-        return gpu.name
-    return f"{profile.cpu.model or 'unknown CPU'} ({profile.cpu.cores} cores)"
 
 
 def candidate_batches(max_batch: int, sizes: Sequence[int] = BATCH_SIZES) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ from rich.text import Text
 from volunteer.core.procgroup import forget_on_exit_now, on_exit_now
 from volunteer.host.telemetry import Telemetry
 from volunteer.node.stats import StatsSnapshot, Totals
+from volunteer.planning.devices import Device
 
 STATE_STYLES = {"joining": "yellow", "serving": "green", "paused": "cyan", "draining": "magenta", "restarting": "yellow"}
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -153,11 +154,20 @@ def _hardware(t: Telemetry | None, plans: tuple[dict, ...]) -> RenderableType:
         if not budget or planned is None:
             continue
         label, used = ("peak", peak) if peak is not None else ("plan", planned)
-        suffix = str(plan.get("device", "")).removeprefix("cuda:") if len(plans) > 1 else ""
+        suffix = _device_suffix(plan.get("device", "")) if len(plans) > 1 else ""
         grid.add_row(label + suffix, _bar(_ratio(used, budget)), format_used(used, budget))
     if not plans:
         grid.add_row("plan", "", Text("not made yet", style="dim"))
     return grid
+
+
+def _device_suffix(name: object) -> str:
+    """"0" for cuda:0: the GPU's number after a row's label; any other device as it was written."""
+    try:
+        device = Device.parse(name)  # type: ignore[arg-type]  # a status of another version may hold anything
+    except ValueError:
+        return str(name)
+    return str(device.index) if device.is_gpu else str(device)
 
 
 def _swarm(s: StatsSnapshot) -> RenderableType:

@@ -13,8 +13,10 @@ from rich.table import Table
 
 from volunteer.core.manifest import Manifest
 from volunteer.host.hardware import GPUInfo, HardwareProfile
+from volunteer.planning.choice import Plan
+from volunteer.planning.devices import Device
+from volunteer.planning.memory import PlanCheck
 from volunteer.planning.placement import Placement
-from volunteer.planning.sizing import Plan, PlanCheck
 
 GiB = 2**30
 
@@ -39,7 +41,7 @@ def print_hardware(profile: HardwareProfile, console: Console) -> None:
     for column in ("device", "name", "memory free / total", "detail"):
         hw.add_column(column)
     for gpu in profile.gpus:
-        hw.add_row(f"cuda:{gpu.index}", gpu.name, f"{_gib(gpu.memory_free)} / {_gib(gpu.memory_total)} GiB",
+        hw.add_row(str(Device.gpu(gpu)), gpu.name, f"{_gib(gpu.memory_free)} / {_gib(gpu.memory_total)} GiB",
                    _gpu_detail(gpu))
     cpu = profile.cpu
     hw.add_row("cpu", cpu.model or "CPU", f"{_gib(cpu.memory_available)} / {_gib(cpu.memory_total)} GiB",
@@ -53,7 +55,7 @@ def print_hardware(profile: HardwareProfile, console: Console) -> None:
                 f"{p.name or 'pid'} ({p.pid}{', ' + _size(p.used_memory) if p.used_memory is not None else ''})"
                 for p in gpu.processes
             )
-            console.print(f"cuda:{gpu.index} is shared with {_count(len(gpu.processes), 'process')}: {others}")
+            console.print(f"{Device.gpu(gpu)} is shared with {_count(len(gpu.processes), 'process')}: {others}")
     if profile.nvml_error:
         console.print(f"[dim]no GPU: {profile.nvml_error}[/dim]")
 
