@@ -111,9 +111,9 @@ def cli(home: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProc
     return subprocess.run([*VOLUNTEER, *argv], capture_output=True, text=True, env=env, timeout=timeout)
 
 
-def run(argv: list[str], home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def run(argv: list[str], home: Path, timeout: float = 120, columns: int = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "VOLUNTEER_COORDINATOR"}
-    env.update(VOLUNTEER_HOME=str(home), PYTHONUNBUFFERED="1", COLUMNS="120")
+    env.update(VOLUNTEER_HOME=str(home), PYTHONUNBUFFERED="1", COLUMNS=str(columns))
     # a session of its own, so a failing test can never leave its children in ours
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)

@@ -17,9 +17,15 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import typer
+import typer.main
+from typer.testing import CliRunner
 
 from tests.conftest import TEST_MANIFEST, Processes, one_line_error, run
 from volunteer import __version__
+from volunteer.cli import _given_flags, _with_setting_options, app
+from volunteer.config.settings import KEYS
+from volunteer.config.sources import resolve_settings
 from volunteer.core.harness import free_port, start_seed, start_volunteer
 
 VOLUNTEER = [sys.executable, "-m", "volunteer.cli"]
@@ -82,6 +88,71 @@ def test_help(home: Path, argv: list[str], expected: list[str]):
     assert result.returncode == 0, result.stderr
     for word in expected:
         assert word in result.stdout, f"{word} missing from {argv} --help"
+
+
+def test_start_has_one_option_per_setting_with_its_spellings_and_help():
+    start = typer.main.get_command(app).commands["start"]
+    options = {param.name: param for param in start.params}
+    assert list(options)[:len(KEYS)] == [key.name for key in KEYS]
+    for key in KEYS:
+        assert (*options[key.name].opts, *options[key.name].secondary_opts) == key.flags
+    assert all(param.help for param in start.params), "every option of start has help"
+
+
+def test_start_help_keeps_every_option_name_whole_at_80_columns(home: Path):
+    result = run([*VOLUNTEER, "start", "--help"], home, columns=80)
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout and max(map(len, result.stdout.splitlines())) <= 80
+    for flag in [flag for key in KEYS for flag in key.flags] + ["--verbose"]:
+        assert re.search(rf"(?<![\w-]){flag}(?![\w-])", result.stdout), f"{flag} is cut or missing"
+
+
+def probe_flags(argv: list[str]) -> dict:
+    """The flags ``start`` would hand the config engine for this command line, without starting anything."""
+    probe, given = typer.Typer(), {}
+
+    @probe.command()
+    @_with_setting_options
+    def settings_only(ctx: typer.Context, **options) -> None:
+        given.update(_given_flags(ctx, options))
+
+    result = CliRunner().invoke(probe, argv)
+    assert result.exit_code == 0, result.output
+    return given
+
+
+def test_only_flags_on_the_command_line_reach_the_config_engine(tmp_path: Path):
+    assert probe_flags([]) == {}  # the defaults --help shows must not hide the environment or the file
+    given = probe_flags(["--no-stats", "--dashboard", "--port", "7", "--max-memory", "8GiB", "--experiment", "e.toml",
+                         "--initial-peers", "a,b", "--initial-peers", "c", "--checkpoint-interval", "5"])
+    assert set(given) == {"stats", "dashboard", "port", "max_memory", "experiment_file", "initial_peers",
+                          "checkpoint_interval"}
+    resolved = resolve_settings(given, {"VOLUNTEER_POWER": "light", "VOLUNTEER_STATS": "yes"}, tmp_path / "none.toml")
+    settings = resolved.settings
+    assert (settings.stats, settings.dashboard, settings.port, settings.max_memory) == (False, True, 7, 8 * 2**30)
+    assert settings.experiment_file == Path("e.toml") and settings.initial_peers == ("a", "b", "c")
+    assert settings.checkpoint_interval == 5.0 and settings.power == "light"
+    assert resolved.sources["stats"] == "flag --stats" and resolved.sources["power"] == "env VOLUNTEER_POWER"
+
+
+# a value other than the default for every setting that takes one, as it is typed on the command line
+ON_THE_COMMAND_LINE = {
+    "coordinator": "http://127.0.0.1:1", "initial_peers": "a,b", "experiment_file": "e.toml", "host": "127.0.0.1",
+    "port": "7", "announce_host": "203.0.113.7", "device": "cpu", "gpus": "0,2", "max_memory": "0.5",
+    "max_experts": "3", "num_handlers": "4", "checkpoint_interval": "5", "announce_interval": "6",
+    "log_interval": "7", "cpu_threads": "8", "power": "light", "max_temp": "70", "run_hours": "22-08",
+    "rebalance_period": "0",
+}
+
+
+@pytest.mark.parametrize("key", KEYS, ids=lambda key: key.name)
+def test_each_option_sets_its_own_setting_and_is_named_as_its_source(tmp_path: Path, key):
+    switch = key.flags[-1] if key.default else key.flag  # --no-stats, --pause-on-gpu-use, --headless
+    argv = [key.flag, ON_THE_COMMAND_LINE[key.name]] if key.name in ON_THE_COMMAND_LINE else [switch]
+    resolved = resolve_settings(probe_flags(argv), {}, tmp_path / "none.toml")
+    assert getattr(resolved.settings, key.name) != key.default
+    assert [name for name, source in resolved.sources.items() if source != "default"] == [key.name]
+    assert resolved.sources[key.name] == f"flag {key.flag}"
 
 
 # --- volunteer start: bad input ------------------------------------------------------------------
@@ -246,21 +317,3 @@ def _group_members(pgid: int) -> list[str]:
         if int(fields[2]) == pgid:
             members.append(re.sub(r"\s+", " ", text.split(")", 1)[0] + ")"))
     return members
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [("0.5", 0.5), ("1", 1.0), ("8GiB", 8 * 2**30), ("800MB", 800 * 10**6), ("2000000000", 2_000_000_000), (None, None)],
-)
-def test_parse_memory_accepts_fractions_and_sizes(text, expected):
-    from volunteer.cli import parse_memory
-
-    assert parse_memory(text) == expected
-
-
-@pytest.mark.parametrize("text", ["1.5", "lots", "-1", "8 parsecs"])
-def test_parse_memory_rejects_ambiguous_or_bad_values(text):
-    from volunteer.cli import parse_memory
-
-    with pytest.raises(ValueError, match="--max-memory"):
-        parse_memory(text)

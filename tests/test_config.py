@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import string
 import tempfile
 from dataclasses import fields
@@ -22,16 +23,15 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from volunteer.config.settings import POWER_LEVELS, RunHours, Settings
-from volunteer.config.sources import (
+from volunteer.config.kinds import format_memory, parse_memory
+from volunteer.config.settings import (
     KEY_BY_NAME,
     KEYS,
-    MAX_CONFIG_BYTES,
-    ConfigError,
-    format_memory,
-    parse_memory,
-    resolve_settings,
+    POWER_LEVELS,
+    RunHours,
+    Settings,
 )
+from volunteer.config.sources import MAX_CONFIG_BYTES, ConfigError, resolve_settings
 
 FAST = hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -85,9 +85,32 @@ def one_line(error: BaseException) -> str:
 
 def test_every_settings_field_has_exactly_one_row_in_order():
     assert [key.name for key in KEYS] == [f.name for f in fields(Settings)]
-    assert len({key.env for key in KEYS}) == len({key.flag for key in KEYS}) == len(KEYS)
+    assert [key.default for key in KEYS] == [getattr(Settings(), f.name) for f in fields(Settings)]
+    spellings = [flag for key in KEYS for flag in key.flags]
+    assert len({key.env for key in KEYS}) == len(KEYS) and len(set(spellings)) == len(spellings)
     assert all(key.env.startswith("VOLUNTEER_") and key.flag.startswith("--") for key in KEYS)
     assert KEY_BY_NAME["experiment_file"].flag == "--experiment"
+    assert KEY_BY_NAME["stats"].flags == ("--stats", "--no-stats") and KEY_BY_NAME["headless"].flags == ("--headless",)
+    # --help shows it: one sentence each, without [...] that rich would take for markup and drop
+    assert not [key.name for key in KEYS if not key.help.endswith(".") or "[" in key.help]
+
+
+def readme_settings_rows() -> list[list[str]]:
+    """The cells of the settings table in the README's "### Configuration" section."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### Configuration", 1)[1].split("\n#", 1)[0]
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| `")]
+
+
+def test_the_readme_lists_every_setting_as_the_key_table_has_it():
+    rows = readme_settings_rows()
+    assert [row[0].strip("`") for row in rows] == [key.name for key in KEYS]
+    for (_, env, flag, default), key in zip(rows, KEYS):
+        assert re.findall(r"`([^`]+)`", env)[:1] == [key.env], key.name
+        assert tuple(re.findall(r"`([^`]+)`", flag)) == key.flags, key.name
+        # the value first, as config show prints it; what follows in parentheses only explains it
+        assert default.split(" (")[0].strip("`") == key.show(key.default), key.name
 
 
 def test_nothing_given_is_the_defaults_and_no_experiment_is_fine_until_start(config: Path):

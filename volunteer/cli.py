@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Optional
 
 import typer
+import typer.core
 
 from volunteer import __version__
-from volunteer.config.sources import parse_memory  # noqa: F401  (moved; re-exported for old imports)
+from volunteer.config.settings import KEYS, Key
 from volunteer.core.logs import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lend this machine to a hivemind MoE swarm.")
@@ -62,36 +65,44 @@ def _exit_for(error: BaseException) -> BaseException:
     return error
 
 
-@app.command()
+def _setting_option(key: Key) -> inspect.Parameter:
+    """A ``start`` option for one row of the settings table, with the setting's own default for --help."""
+    unset = key.unset != "none" and key.unset  # "(auto)" says something, "(none)" does not
+    option = typer.Option(key.default, "/".join(key.flags), help=key.help,
+                          show_default=unset if key.default is None else True)
+    return inspect.Parameter(key.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                             annotation=Optional[key.kind.flag_type])
+
+
+def _with_setting_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Typer reads a command's options from its signature: put one option per setting before its own."""
+    signature = inspect.signature(command)
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
+           if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = signature.replace(parameters=[*map(_setting_option, KEYS), *own])
+    return command
+
+
+def _given_flags(ctx: typer.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Only the flags on the command line: a default shown in --help must not hide the environment or file."""
+    # click's ParameterSource, by name: typer bundles click privately, so its enum is not ours to import
+    return {name: value for name, value in options.items() if ctx.get_parameter_source(name).name == "COMMANDLINE"}
+
+
+class _ClickHelp(typer.core.TyperCommand):
+    """Click's help layout: rich's option table cuts names like --checkpoint-interval at 80 columns."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rich_markup_mode = None
+
+
+@app.command(cls=_ClickHelp)
+@_with_setting_options
 def start(
-    coordinator: Optional[str] = typer.Option(None, help="Coordinator seed URL. [env: VOLUNTEER_COORDINATOR]"),
-    experiment: Optional[Path] = typer.Option(None, help="Experiment manifest file (TOML or JSON)."),
-    initial_peers: List[str] = typer.Option([], "--initial-peers", help="DHT multiaddrs to join (with --experiment)."),
-    host: Optional[str] = typer.Option(None, help="Address the DHT and expert RPCs listen on. [default: 0.0.0.0]"),
-    port: Optional[int] = typer.Option(None, help="TCP port for the DHT and experts. [default: 0 = any free port]"),
-    announce_host: Optional[str] = typer.Option(None, help="Public address to announce (port forwarding)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: every GPU, else CPU)."),
-    gpus: Optional[str] = typer.Option(None, help="Serve on these GPUs only: indices or UUIDs, e.g. 0,2."),
-    max_memory: Optional[str] = typer.Option(None, help="Memory budget on each device: a fraction (0.5) "
-                                                        "or a size (8GiB)."),
-    max_experts: Optional[int] = typer.Option(None, help="Host at most this many experts."),
-    num_handlers: Optional[int] = typer.Option(None, help="Connection handler processes. [default: 2]"),
-    checkpoint_interval: Optional[float] = typer.Option(None, help="Seconds between checkpoints. [default: 60]"),
-    headless: Optional[bool] = typer.Option(None, "--headless", help="No dashboard: JSON lines on stdout (automatic "
-                                                                    "when stdout is not a terminal)."),
-    dashboard: Optional[bool] = typer.Option(None, "--dashboard", help="The dashboard even when stdout is no terminal."),
-    log_interval: Optional[float] = typer.Option(None, help="Seconds between headless stats lines. [default: 10]"),
-    cpu_threads: Optional[int] = typer.Option(None, help="Torch threads for serving."),
-    power: Optional[str] = typer.Option(None, help="light, medium or full. [default: full]"),
-    max_temp: Optional[float] = typer.Option(None, help="Pause while the GPU is hotter than this (Celsius)."),
-    run_hours: Optional[str] = typer.Option(None, help="Serve only in this daily window, e.g. 22-08."),
-    pause_on_gpu_use: Optional[bool] = typer.Option(None, "--pause-on-gpu-use/--no-pause-on-gpu-use",
-                                                    help="Pause while another process uses the GPU."),
-    stats: Optional[bool] = typer.Option(None, "--stats/--no-stats", help="Count samples and time requests."),
-    remeasure: Optional[bool] = typer.Option(None, "--remeasure", help="Re-run the throughput micro-benchmark."),
-    rebalance_period: Optional[float] = typer.Option(None, help="Mean seconds between rebalancing checks "
-                                                                  "(0 = never). [default: 300]"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at debug level, hivemind's records included."),
+    **options: Any,
 ) -> None:
     """Join the swarm, serve and train experts until Ctrl-C, SIGTERM, `q` or `volunteer stop`.
 
@@ -102,16 +113,8 @@ def start(
     from volunteer.core.paths import default_paths
     from volunteer.node.supervisor import run_volunteer
 
-    flags = {
-        "coordinator": coordinator, "experiment_file": experiment, "initial_peers": initial_peers or None,
-        "host": host, "port": port, "announce_host": announce_host, "device": device, "gpus": gpus,
-        "max_memory": max_memory, "max_experts": max_experts, "num_handlers": num_handlers, "checkpoint_interval": checkpoint_interval,
-        "headless": headless, "dashboard": dashboard, "log_interval": log_interval, "cpu_threads": cpu_threads,
-        "power": power, "max_temp": max_temp, "run_hours": run_hours, "pause_on_gpu_use": pause_on_gpu_use,
-        "stats": stats, "remeasure": remeasure, "rebalance_period": rebalance_period,
-    }
     try:
-        settings = resolve_settings(flags).settings.require_experiment()
+        settings = resolve_settings(_given_flags(ctx, options)).settings.require_experiment()
     except BaseException as e:
         setup_logging(verbose)
         raise _exit_for(e)
