@@ -6,7 +6,6 @@ import inspect
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -74,13 +73,19 @@ def _setting_option(key: Key) -> inspect.Parameter:
                              annotation=Optional[key.kind.flag_type])
 
 
-def _with_setting_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Typer reads a command's options from its signature: put one option per setting before its own."""
-    signature = inspect.signature(command)
-    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
-           if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    command.__signature__ = signature.replace(parameters=[*map(_setting_option, KEYS), *own])
-    return command
+def _with_setting_options(*names: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Typer reads a command's options from its signature: put one option per setting (those ``names``,
+    or every one) before the command's own."""
+    keys = [key for key in KEYS if not names or key.name in names]
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
+               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        command.__signature__ = signature.replace(parameters=[*map(_setting_option, keys), *own])
+        return command
+
+    return decorate
 
 
 def _given_flags(ctx: typer.Context, options: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +103,7 @@ class _ClickHelp(typer.core.TyperCommand):
 
 
 @app.command(cls=_ClickHelp)
-@_with_setting_options
+@_with_setting_options()
 def start(
     ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at debug level, hivemind's records included."),
@@ -200,18 +205,15 @@ def monitor(refresh: float = typer.Option(1.0, help="Seconds between refreshes."
         raise _exit_for(e)
 
 
-@app.command()
+@app.command(cls=_ClickHelp)
+@_with_setting_options("coordinator", "experiment_file", "device", "gpus", "max_memory", "max_experts")
 def hardware(
+    ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    coordinator: Optional[str] = typer.Option(None),
-    experiment: Optional[Path] = typer.Option(None, help="Plan for this manifest instead of the default one."),
-    device: Optional[str] = typer.Option(None),
-    gpus: Optional[str] = typer.Option(None),
-    max_memory: Optional[str] = typer.Option(None),
-    max_experts: Optional[int] = typer.Option(None),
     measure: bool = typer.Option(False, "--plan", help="Also measure each expert type's throughput here "
                                                       "(cached) and explain the whole decision."),
     remeasure: bool = typer.Option(False, "--remeasure", help="With --plan: measure again, ignoring the cache."),
+    **options: Any,
 ) -> None:
     """Show the detected hardware and the plan of each device this machine would serve on, without
     joining anything."""
@@ -222,10 +224,8 @@ def hardware(
     from volunteer.planning.devices import serving_devices
     from volunteer.planning.placement import Measuring, plan_volunteer
 
-    flags = {"coordinator": coordinator, "experiment_file": experiment, "device": device, "gpus": gpus,
-             "max_memory": max_memory, "max_experts": max_experts}
     try:
-        settings = resolve_settings(flags).settings
+        settings = resolve_settings(_given_flags(ctx, options)).settings
         if settings.coordinator:
             from volunteer.core.seed_client import fetch_experiment
 
