@@ -112,7 +112,7 @@ def probe_flags(argv: list[str]) -> dict:
     probe, given = typer.Typer(), {}
 
     @probe.command()
-    @_with_setting_options
+    @_with_setting_options()
     def settings_only(ctx: typer.Context, **options) -> None:
         given.update(_given_flags(ctx, options))
 
