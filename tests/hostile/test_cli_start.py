@@ -59,6 +59,14 @@ def _from_url(fault: Answer):
     return prepare
 
 
+def _garbage_peers(peers: str):
+    def prepare(home: Path, tmp: Path, fake: FakeCoordinator) -> CliCase:
+        seed_home(home)
+        return CliCase(["start", "--experiment", _file(tmp, MANIFEST.to_json().encode()), "--initial-peers", peers],
+                       home, home)
+    return prepare
+
+
 def _state_dir_is_a_file(home: Path, tmp: Path, fake: FakeCoordinator) -> CliCase:
     home.mkdir(exist_ok=True)
     (home / "state").write_text("not a directory\n")
@@ -99,6 +107,9 @@ CLI_CASES = [
     ("url-body-over-1MiB", _from_url(Answer(body=HUGE_HTTP))),
     ("url-html", _from_url(Answer(body=b"<html>Welcome to nginx</html>", content_type="text/html"))),
     ("url-http-500", _from_url(Answer(500, b"oops", "text/plain"))),
+    # issue 15.8: these reached the p2p daemon, which failed 3-9 s later with a Go log line in the error
+    ("peers-garbage", _garbage_peers("garbage")),
+    ("peers-bad-peer-id", _garbage_peers("/ip4/1.2.3.4/tcp/1/p2p/QmSeed")),
     ("state-dir-is-a-file", _state_dir_is_a_file),
     ("home-under-a-file", _home_under_a_file),
     ("unwritable-state-dir", _unwritable_state_dir),
@@ -113,6 +124,9 @@ CLI_EXPECTED = {
     "url-html": r"^error: coordinator {url} sent HTML from /v1/experiment \(.*\) and no cached experiment$",
     "url-http-500": r"^error: coordinator {url} unreachable after 4 attempts \(HTTP 500 from /v1/experiment\) "
                     r"and no cached experiment$",
+    "peers-garbage": r"^error: initial peers: an invalid peer list: 'garbage' is not a multiaddr .*$",
+    "peers-bad-peer-id": r"^error: initial peers: an invalid peer list: '/ip4/1.2.3.4/tcp/1/p2p/QmSeed' is not a "
+                         r"valid multiaddr \(.*\)$",
     "state-dir-is-a-file": r"^error: \[Errno 17\] File exists: '.*/state'$",
     "home-under-a-file": r"^error: .*/blocker/home/.*Not a directory'?$",
     "unwritable-state-dir": r"^error: \[Errno (1|13|30)\] (Operation not permitted|Permission denied|Read-only file "

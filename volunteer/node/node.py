@@ -24,7 +24,7 @@ from volunteer.core import records
 from volunteer.core.logs import EventLog
 from volunteer.core.manifest import load as load_manifest
 from volunteer.core.paths import Paths, write_atomic
-from volunteer.core.seed_client import Experiment, fetch_experiment
+from volunteer.core.seed_client import Experiment, experiment_from_file, fetch_experiment
 from volunteer.host.hardware import HardwareProfile, detect_hardware
 from volunteer.node import swarm
 from volunteer.node.stats import LifetimeStore, StatsCollector
@@ -82,7 +82,9 @@ class NodeInfo:
 def load_experiment(settings: Settings, paths: Paths) -> Experiment:
     if settings.coordinator:
         return fetch_experiment(settings.coordinator, paths.cache_dir)
-    return Experiment(load_manifest(settings.experiment_file), tuple(settings.initial_peers), "file")
+    if settings.initial_peers:  # checked here, before the p2p daemon fails on them with a Go log line
+        return experiment_from_file(settings.experiment_file, settings.initial_peers)
+    return Experiment(load_manifest(settings.experiment_file), (), "file")
 
 
 class VolunteerNode:
