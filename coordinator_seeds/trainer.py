@@ -51,6 +51,9 @@ class TrainerSettings:
     publish_progress: bool = True  # the loss for dashboards, and what each volunteer answered for the leaderboard
     key_path: Path | None = None  # the key that signs our records; a seed counts only those of the key it trusts
     expert_wait: float = 60.0  # seconds to wait at start for every layer to have an expert
+    # with no expert alive at a log step, wait this long for volunteers before stepping on: only the
+    # local layers would train, and a loss printed at hundreds of steps/s would say nothing
+    idle_wait: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,10 @@ def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], 
             on_step(report)
         if step % settings.log_every == 0:
             _log(settings, dht, model, reports[-settings.log_every:], time.perf_counter() - window_start, run)
+            if report.experts_alive == 0 and settings.idle_wait > 0 and not stop.is_set():
+                logger.warning("no expert is alive: only the trainer's local layers would train; waiting up to "
+                               "%.0f s for volunteers", settings.idle_wait)
+                wait_for_experts(model, settings.idle_wait, stop)
             window_start = time.perf_counter()
     if settings.publish_progress and step % settings.log_every:  # the steps since the last log count too
         _publish_answered(settings, dht, model, run)
@@ -241,7 +248,7 @@ def _log(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, window: l
     losses = [r.loss for r in window if not r.skipped]
     loss = sum(losses) / len(losses) if losses else math.nan
     last = window[-1]
-    logger.info("step %d loss %.2f experts %d/%d %.1f steps/s", last.step, loss, last.experts_alive,
+    logger.info("step %d loss %.2f, experts alive %d of %d, %.1f steps/s", last.step, loss, last.experts_alive,
                 model.grid_size(), len(window) / max(seconds, 1e-9))
     if settings.publish_progress and losses:
         if not publish_trainer_progress(dht, settings.manifest.dht_prefix, last.step, loss):

@@ -15,7 +15,9 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 import time
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Callable, Iterator
 
@@ -294,6 +296,7 @@ def test_failed_expert_is_dropped_and_weights_renormalised(frozen_server: Server
 
 
 def settings(peers: list[str], steps: int, **overrides) -> TrainerSettings:
+    overrides.setdefault("idle_wait", 0.0)  # tests that kill every server keep stepping, as before
     return TrainerSettings(manifest=MANIFEST, initial_peers=tuple(peers), steps=steps, expert_wait=20.0,
                            **overrides)
 
@@ -317,7 +320,7 @@ def test_trainer_loss_falls_and_served_experts_learn(
     assert last < first - 0.3, f"loss fell only from {first:.2f} to {last:.2f}"
     after = served_weights(training_servers)
     assert all(not torch.equal(before[uid], after[uid]) for uid in before), "some served expert never trained"
-    assert any(r.getMessage().startswith("step 60 loss ") and "experts 8/8" in r.getMessage()
+    assert any(r.getMessage().startswith("step 60 loss ") and "experts alive 8 of 8," in r.getMessage()
                for r in caplog.records)
     progress = read_trainer_progress(client_dht, PREFIX)
     assert progress is not None and progress.step == 60 and math.isfinite(progress.loss)
@@ -346,3 +349,30 @@ def test_trainer_survives_servers_dying(training_servers: list[ServerProcess], p
     assert reports[6].seconds > timeout  # step 7 waited for A's frozen handlers...
     assert all(r.seconds < len(MANIFEST.layers) * timeout + 5.0 for r in reports)  # ...but no longer
     assert all(r.experts_alive == 0 for r in reports[6:])  # evicted, and not re-admitted by a refresh
+
+
+def test_with_no_expert_alive_the_trainer_waits_instead_of_stepping(
+    peers: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 15.5: with 0 experts alive the trainer printed losses at 140 steps/s, training only its local
+    layers. Now, at a log step with nothing alive, it says so and waits for volunteers (stop still ends it)."""
+    nobody = replace(MANIFEST, layers=tuple(replace(layer, uid_prefix=f"nobody{i}")
+                                            for i, layer in enumerate(MANIFEST.layers)))
+    steps: list[int] = []
+    stop = threading.Event()
+    trainer = threading.Thread(target=train, daemon=True, kwargs=dict(
+        settings=TrainerSettings(nobody, tuple(peers), log_every=2, expert_wait=0.5, idle_wait=120.0,
+                                 publish_progress=False),
+        on_step=lambda report: steps.append(report.step), stop=stop))
+    with caplog.at_level(logging.INFO, logger="coordinator_seeds.trainer"):
+        trainer.start()
+        try:
+            wait_until(lambda: any("no expert is alive" in r.getMessage() for r in caplog.records), 90,
+                       "the trainer's warning that no expert is alive")
+            time.sleep(3.0)  # time passing is the point: no step may be taken while it waits
+            assert steps == [1, 2]
+            assert any("experts alive 0 of " in r.getMessage() for r in caplog.records)
+        finally:
+            stop.set()
+            trainer.join(timeout=60)
+    assert not trainer.is_alive(), "a stop did not end the wait for volunteers"
