@@ -184,16 +184,17 @@ def test_a_second_signal_exits_at_once_and_leaves_whole_files(seed, short_home, 
         json.loads(state.read_text())
 
 
-@pytest.mark.parametrize("victim", ["dht", "handler"])
+@pytest.mark.parametrize("victim", ["dht", "handler", "pool"])
 def test_a_dead_hivemind_process_restarts_the_node_with_its_weights(seed, client, short_home, processes, victim):
-    """A node whose DHT process or a connection handler died looks alive but serves nothing (with one of
-    two handlers dead, every call hung): the supervisor saves, restarts and serves the same uids again."""
+    """A node whose DHT process, a connection handler or a TaskPool died looks alive but serves nothing
+    (with one of two handlers dead, every call hung; a dead pool hangs its expert): the supervisor saves,
+    restarts and serves the same uids again."""
     url, experiment = seed
     child = processes.add(start_volunteer(short_home, url, "--max-experts", "2", name=f"lost-{victim}"))
     event = serving_event(child)
     if victim == "handler":  # the owner's pause must outlive the restart
         assert cli(short_home, "pause").returncode == 0
-    pid = event["pids"]["dht"] if victim == "dht" else event["pids"]["handlers"][0]
+    pid = dict(dht=event["pids"]["dht"], handler=event["pids"]["handlers"][0], pool=event["pids"]["pools"][0])[victim]
     os.kill(pid, signal.SIGKILL)
     failed = json.loads(child.wait_for_line(r'"event": "node_failed"', timeout=30).string)
     assert str(pid) in failed["reason"]

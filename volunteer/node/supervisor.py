@@ -1,12 +1,20 @@
-"""The running volunteer: a trio supervisor around a started ``VolunteerNode``.
+"""The running volunteer's life cycle: start a node, supervise it, drain it, restart or stop.
 
 ``run_volunteer`` takes the state dir's lock, starts the node on the main thread, then runs
-``supervise``: pollers that sample the stats, read the machine and the swarm, save lifetime totals
-and checkpoints and re-announce; the control socket; the dashboard or the headless JSON lines. A
-signal, ``volunteer stop`` or ``q`` starts the drain (state ``draining``): pollers stop, the node
-withdraws, checkpoints and leaves, the views stay up until it is done. A second signal exits at once.
-A rebalance, or a node whose hivemind machinery died (``_watch_node``), drains the same way and then
-starts a node again; the owner's limits pause and resume it (``limits.Pauser``).
+``supervise``: the pollers (``node.pollers``: the stats, the machine, the swarm), saving lifetime
+totals and checkpoints, re-announcing; the control socket; the dashboard (a runner the CLI passes in,
+so the running node never imports the views) or the headless JSON lines. A signal, ``volunteer stop``
+or ``q`` starts the drain (state ``draining``): pollers stop, the node withdraws, checkpoints and
+leaves, the views stay up until it is done. A second signal exits at once. A rebalance, or a node
+whose hivemind machinery died (``_watch_node``), drains the same way and then starts a node again;
+the owner's limits pause and resume it (``limits.Pauser``).
+
+Why a trio loop per node and not one for the whole process: hivemind's DHT and p2pd children die
+(PR_SET_PDEATHSIG) when the *thread* that forked them exits. Nodes are therefore started on the main
+thread, which outlives them, and each ``supervise`` runs ``trio.run`` there after the start; between
+two nodes the control socket is served from a short-lived thread's own loop (``between_runs``). One
+loop for the process would need every start to run on a dedicated long-lived thread while trio's
+worker threads come and go; that change (and the experiment proving it safe) is not made yet.
 """
 
 from __future__ import annotations
@@ -17,9 +25,9 @@ import os
 import random
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -32,13 +40,22 @@ from volunteer.core.procgroup import (
     exit_now,
     isolate_workers,
 )
-from volunteer.core.seed_client import CoordinatorError, fetch_verified
 from volunteer.host.telemetry import TelemetryReader
-from volunteer.node import swarm
 from volunteer.node.control import ControlServer, socket_path
-from volunteer.node.limits import Pauser, limits_of
+from volunteer.node.limits import Pauser
 from volunteer.node.node import NodeInfo, VolunteerNode, load_experiment
+from volunteer.node.pollers import (
+    SwarmPoller,
+    every,
+    read_telemetry,
+    read_verified,
+    stats_line,
+)
+from volunteer.node.stats import NodeState, StatsSnapshot
 from volunteer.planning.rebalance import Rebalance
+
+# views.dashboard.run_dashboard: shows snapshots until ``q`` ("quit") or cancelled; keys=False: no keys
+DashboardRunner = Callable[..., Awaitable[str | None]]
 
 logger = logging.getLogger(__name__)
 SAMPLE_PERIOD = 1.0
@@ -52,10 +69,12 @@ RESTART_WINDOW = 3600.0  # more failures than RESTART_DELAYS in this many second
 
 
 def run_volunteer(
-    settings: Settings, paths: Paths, *, events: EventLog | None = None, dashboard: bool = False,
+    settings: Settings, paths: Paths, *, events: EventLog | None = None, dashboard: DashboardRunner | None = None,
     on_ready: Callable[[NodeInfo], None] = lambda info: None,
 ) -> NodeInfo | None:
-    """Run a volunteer until it is stopped. Raises on bad input before anything is served."""
+    """Run a volunteer until it is stopped. Raises on bad input before anything is served.
+
+    ``dashboard``: the runner of the dashboard (``views.dashboard.run_dashboard``); None: headless."""
     become_supervisor()
     isolate_workers()  # before any fork: hivemind's processes go in a group the terminal does not signal
     # NVML numbers GPUs by PCI bus, CUDA by speed unless told otherwise: make "cuda:N" mean the same GPU
@@ -74,7 +93,7 @@ def run_volunteer(
     try:
         experiment = load_experiment(settings, paths)
         startup: list[str] = []
-        if dashboard:
+        if dashboard is not None:
             # hivemind's workers, forked below, keep the log handlers they are born with: give them
             # the log file now, or their warnings would tear the dashboard's screen
             log_file = paths.state_dir / "volunteer.log"
@@ -108,7 +127,7 @@ def run_volunteer(
                 return info
             delay = failures.next_delay(outcome.failure) if outcome.failure else 0.0
             prefer, pause_reasons = outcome.uids, outcome.pause_reasons
-            between = between_runs(control, node.collector.snapshot().to_dict())
+            between = between_runs(control, node.snapshot().to_dict())
     except StopRequested as e:
         logger.info(f"{e} while no node was serving: stopped")
         return info
@@ -127,7 +146,7 @@ def between_runs(control: ControlServer, last: dict[str, Any]) -> contextlib.Abs
     as state "restarting", ``stop`` stops the client as SIGTERM does (the main thread's handler)."""
 
     async def status(request: dict[str, Any]) -> dict[str, Any]:
-        return dict(status={**last, "state": "restarting", "time": time.time()})
+        return dict(status={**last, "state": NodeState.RESTARTING.value, "time": time.time()})
 
     async def stop(request: dict[str, Any]) -> dict[str, Any]:
         logger.info("stop requested over the control socket while restarting")
@@ -179,39 +198,41 @@ class NodeFailed(RuntimeError):
     """The node kept failing: the client exits 1 and leaves it to its service manager."""
 
 
-async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool = False,
+async def supervise(node: VolunteerNode, control: ControlServer, dashboard: DashboardRunner | None = None,
                     pause_reasons: dict[str, str] | None = None) -> Outcome:
     """Run until stopped or the node fails; drain, shut the node down, and say what comes next.
 
     ``pause_reasons``: those of the node before a restart; it starts paused while any holds."""
     settings, collector, events = node.settings, node.collector, node.events
     stopping = Stopping()
-    pauser = Pauser(node, pause_reasons)
+    pauser = Pauser(node, settings, events.emit, pause_reasons, serving_gpus=_serving_gpus(node))
     if pauser.reasons:
         await trio.to_thread.run_sync(pauser.update, {})
-    collector.limits = limits_of(settings)
     control.handlers.update(_control_handlers(node, stopping, pauser))
     async with trio.open_nursery() as views:
         views.start_soon(_watch_signals, stopping)
         await views.start(control.serve)
         node.report_serving()  # after the socket is up, so `volunteer status` works from this line on
-        if dashboard:
-            views.start_soon(_run_dashboard, node, stopping)
+        if dashboard is not None:
+            views.start_soon(_run_dashboard, node, stopping, dashboard)
         async with trio.open_nursery() as work:
+            fold = collector.fold  # what the pollers return goes in here, and only here
             if settings.stats:  # off: counters only (benchmarks measure what the rest costs)
-                work.start_soon(partial(_every, SAMPLE_PERIOD, collector.sample, first=0))
-                work.start_soon(partial(_every, SWARM_PERIOD, _SwarmPoller(node), first=1, abandon=True))
+                work.start_soon(partial(every, SAMPLE_PERIOD, collector.sample, first=0))
+                work.start_soon(partial(every, SWARM_PERIOD, SwarmPoller(node), first=1, abandon=True, fold=fold))
                 if settings.coordinator:
-                    work.start_soon(partial(_every, VERIFIED_PERIOD, partial(_read_verified, node), first=5))
+                    work.start_soon(partial(every, VERIFIED_PERIOD, partial(read_verified, node), first=5, fold=fold))
             if settings.stats or settings.max_temp is not None or settings.pause_on_gpu_use:  # limits need it
                 reader = TelemetryReader()
-                work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, node, reader), first=0))
-            work.start_soon(partial(_every, TELEMETRY_PERIOD, pauser.check_limits, first=0.5))
-            work.start_soon(_every, LIFETIME_SAVE_PERIOD, collector.persist)
-            work.start_soon(_every, settings.checkpoint_interval, node.checkpoint)
-            work.start_soon(partial(_every, settings.announce_interval, node.announce, abandon=True))
-            if not dashboard:
-                work.start_soon(_every, settings.log_interval, lambda: events.write(_stats_line(collector)))
+                work.start_soon(partial(every, TELEMETRY_PERIOD, partial(read_telemetry, node, reader), first=0,
+                                        fold=fold))
+            work.start_soon(partial(every, TELEMETRY_PERIOD, lambda: pauser.check_limits(collector.readings.telemetry),
+                                    first=0.5))
+            work.start_soon(every, LIFETIME_SAVE_PERIOD, collector.persist)
+            work.start_soon(every, settings.checkpoint_interval, node.checkpoint)
+            work.start_soon(partial(every, settings.announce_interval, node.announce, abandon=True))
+            if dashboard is None:
+                work.start_soon(every, settings.log_interval, lambda: events.write(stats_line(node.snapshot())))
             if settings.rebalance_period > 0:
                 work.start_soon(_rebalance, node, stopping)
             work.start_soon(_watch_node, node, stopping)
@@ -227,7 +248,7 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
         await trio.to_thread.run_sync(node.drain)
         await trio.to_thread.run_sync(node.shutdown)
         events.emit("stopped", f"left the swarm in {time.monotonic() - started:.1f} s",
-                    lifetime=collector.snapshot().lifetime.__dict__)
+                    lifetime=node.snapshot().lifetime.__dict__)
         views.cancel_scope.cancel()
     if stopping.by_user:  # a stop during a rebalance's or a failure's drain is still a stop
         return Outcome()
@@ -237,6 +258,11 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
         return Outcome()
     return Outcome(tuple([uid for uid in node.info.uids if uid not in moves.drop] + list(moves.take)),
                    pause_reasons=pauser.reasons)
+
+
+def _serving_gpus(node: VolunteerNode) -> set[int]:
+    """The NVML indices of the GPUs this node serves on (heat and games count there only)."""
+    return {int(d.removeprefix("cuda:")) for d in node.info.placement.devices if d.startswith("cuda:")}
 
 
 async def _watch_node(node: VolunteerNode, stopping: Stopping) -> None:
@@ -256,7 +282,7 @@ async def _rebalance(node: VolunteerNode, stopping: Stopping) -> None:
     rng = random.Random()
     while True:
         await trio.sleep(node.settings.rebalance_period * rng.uniform(0.5, 1.5))
-        if node.collector.state != "serving":
+        if node.state is not NodeState.SERVING:
             continue
         try:
             found = await trio.to_thread.run_sync(node.rebalance, abandon_on_cancel=True)
@@ -270,7 +296,7 @@ async def _rebalance(node: VolunteerNode, stopping: Stopping) -> None:
 
 def _control_handlers(node: VolunteerNode, stopping: Stopping, pauser: Pauser) -> dict[str, Any]:
     async def status(request: dict[str, Any]) -> dict[str, Any]:
-        return dict(status=node.collector.snapshot().to_dict())
+        return dict(status=node.snapshot().to_dict())
 
     async def stop(request: dict[str, Any]) -> dict[str, Any]:
         logger.info("stop requested over the control socket")
@@ -279,11 +305,11 @@ def _control_handlers(node: VolunteerNode, stopping: Stopping, pauser: Pauser) -
 
     async def pause(request: dict[str, Any]) -> dict[str, Any]:
         await trio.to_thread.run_sync(pauser.set, "user", "paused by the user")
-        return dict(state=node.collector.state, reasons=list(node.collector.pause_reasons))
+        return dict(state=node.state.value, reasons=list(node.pause_reasons))
 
     async def resume(request: dict[str, Any]) -> dict[str, Any]:
         await trio.to_thread.run_sync(pauser.set, "user", None)
-        return dict(state=node.collector.state, reasons=list(node.collector.pause_reasons))
+        return dict(state=node.state.value, reasons=list(node.pause_reasons))
 
     return dict(status=status, stop=stop, pause=pause, resume=resume)
 
@@ -324,16 +350,13 @@ async def _watch_signals(stopping: Stopping) -> None:
             stopping.by_user_now()
 
 
-async def _run_dashboard(node: VolunteerNode, stopping: Stopping) -> None:
-    from volunteer.views.dashboard import run_dashboard
+async def _run_dashboard(node: VolunteerNode, stopping: Stopping, run_dashboard: DashboardRunner) -> None:
+    async def snapshot() -> StatsSnapshot:
+        return node.snapshot()
 
-    collector = node.collector
-
-    async def snapshot():
-        return collector.snapshot()
-
-    restore = divert_logs_for_dashboard(collector.note, node.paths.state_dir / "volunteer.log")
-    node.events.sink = collector.note
+    notes = node.collector.note  # log lines and events go to the dashboard's events panel
+    restore = divert_logs_for_dashboard(notes, node.paths.state_dir / "volunteer.log")
+    node.events.sink = notes
     try:
         while True:  # after `q` the screen stays up, without keys, to show the drain
             if await run_dashboard(snapshot, keys=not stopping.by_user) == "quit":
@@ -343,60 +366,3 @@ async def _run_dashboard(node: VolunteerNode, stopping: Stopping) -> None:
     finally:
         node.events.sink = None
         restore()
-
-
-class _SwarmPoller:
-    """Reads the swarm panel's figures and reports volunteers that come and go."""
-
-    def __init__(self, node: VolunteerNode):
-        self.node = node
-        self.known: set[str] | None = None
-
-    def __call__(self) -> None:
-        node = self.node
-        view, others = swarm.read_swarm_view(node.dht, node.manifest.dht_prefix, node.manifest.all_uids(),
-                                             node.info.uids, node.info.peer_id)
-        node.collector.swarm = view
-        if self.known is not None:
-            for peer in sorted(self.known - others):
-                node.events.emit("peer_lost", f"volunteer {peer} left the swarm", peer_id=peer)
-            for peer in sorted(others - self.known):
-                node.events.emit("peer_joined", f"volunteer {peer} joined the swarm", peer_id=peer)
-        self.known = others
-
-
-def _read_verified(node: VolunteerNode) -> None:
-    try:
-        verified = fetch_verified(node.settings.coordinator, node.info.peer_id)
-    except CoordinatorError as e:  # no news: the last line read stays on screen
-        logger.debug(str(e))
-        return
-    node.collector.verified = asdict(verified)
-
-
-def _read_telemetry(node: VolunteerNode, reader: TelemetryReader) -> None:
-    collector = node.collector
-    collector.telemetry = reader.read()
-    collector.plans = tuple({**plan, "measured_peak_bytes": check.measured_bytes, "plan_check": check.to_dict()}
-                            for plan, check in zip(collector.plans, node.check_plans()))
-
-
-def _stats_line(collector) -> dict[str, Any]:
-    figures = collector.snapshot().to_dict()
-    del figures["plans"], figures["events"]  # the plans are in the serving event; events are lines of their own
-    return {"event": "stats", **figures}
-
-
-async def _every(period: float, action: Callable[[], object], *, first: float | None = None,
-                 abandon: bool = False) -> None:
-    """Run ``action`` in a worker thread every ``period`` seconds, the first time after ``first``.
-
-    ``abandon``: on cancel, stop waiting for a call in flight. For DHT reads and writes, which block
-    for ever once the DHT process is dead: the drain must not wait for them."""
-    await trio.sleep(period if first is None else first)
-    while True:
-        try:
-            await trio.to_thread.run_sync(action, abandon_on_cancel=abandon)
-        except Exception as e:  # one failed poll, save or announce must not stop serving
-            logger.warning(f"{getattr(action, '__name__', type(action).__name__)} failed: {type(e).__name__}: {e}")
-        await trio.sleep(period)
