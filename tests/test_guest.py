@@ -259,3 +259,32 @@ def _restarting(control, path):
     except control.ControlError:
         return None
     return answer if answer["status"]["state"] == "restarting" else None
+
+
+def test_nodes_start_on_one_long_lived_thread_while_trio_workers_come_and_go():
+    """hivemind's DHT and p2pd die with the thread that forked them (PR_SET_PDEATHSIG): every start runs
+    on the same ``NodeThread``, never on one of trio's worker threads, which retire when idle; an error
+    comes back to the caller, and a cancelled caller still waits for the start to end."""
+    import trio
+
+    from volunteer.node.supervisor import NodeThread
+
+    node_thread = NodeThread()
+
+    async def main():
+        first = await node_thread.run(threading.current_thread)
+        workers = {await trio.to_thread.run_sync(threading.current_thread) for _ in range(3)}
+        again = await node_thread.run(threading.current_thread)
+        with pytest.raises(ZeroDivisionError):
+            await node_thread.run(lambda: 1 / 0)
+        done = []
+        with trio.move_on_after(0.01):
+            await node_thread.run(lambda: (time.sleep(0.2), done.append(1)))
+        return first, workers, again, done
+
+    try:
+        first, workers, again, done = trio.run(main)
+    finally:
+        node_thread.close()
+    assert first is again and first.name == "volunteer-node" and first not in workers
+    assert done == [1], "a start is never abandoned half done"

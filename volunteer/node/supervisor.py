@@ -9,21 +9,20 @@ leaves, the views stay up until it is done. A second signal exits at once. A reb
 whose hivemind machinery died (``_watch_node``), drains the same way and then starts a node again;
 the owner's limits pause and resume it (``limits.Pauser``).
 
-Why a trio loop per node and not one for the whole process: hivemind's DHT and p2pd children die
-(PR_SET_PDEATHSIG) when the *thread* that forked them exits. Nodes are therefore started on the main
-thread, which outlives them, and each ``supervise`` runs ``trio.run`` there after the start; between
-two nodes the control socket is served from a short-lived thread's own loop (``between_runs``). One
-loop for the process would need every start to run on a dedicated long-lived thread while trio's
-worker threads come and go; that change (and the experiment proving it safe) is not made yet.
+One trio loop for the client's whole life (``Life``): the signals, the control socket and each node's
+supervision share its nursery, so a stop between two nodes is the same stop as while one serves.
+Nodes are started and stopped on one long-lived ``NodeThread``: hivemind's DHT and p2pd children die
+(PR_SET_PDEATHSIG) with the *thread* that forked them, and trio's worker threads come and go.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import queue
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +38,7 @@ from volunteer.core.procgroup import (
     become_supervisor,
     exit_now,
     isolate_workers,
+    unwrap,
 )
 from volunteer.host.telemetry import TelemetryReader
 from volunteer.node.control import ControlServer, socket_path
@@ -84,86 +84,149 @@ def run_volunteer(
     warning = lock.acquire()
     if warning:
         logger.warning(warning)
-    node, prefer, restore_logs = None, (), None
-    failures = FailureBudget()
-    pause_reasons: dict[str, str] | None = None
-    # while no node is supervised (starting, between restarts) SIGTERM and SIGHUP still stop cleanly
-    handlers = {signum: signal.signal(signum, _raise_stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    info = None
+    life = Life(settings, paths, events, dashboard, control, on_ready)
     try:
-        experiment = load_experiment(settings, paths)
+        return trio.run(life.run)
+    except BaseExceptionGroup as group:  # the one error of the life's nursery, as the caller knows it
+        error = unwrap(group)
+        if error is group:
+            raise
+        raise error from None
+    finally:
+        life.close()
+        lock.release()
+
+
+class Life:
+    """One trio loop for the whole client: signals, the control socket and each node's supervision
+    share its nursery; nodes are started and stopped on one long-lived ``NodeThread``."""
+
+    def __init__(self, settings: Settings, paths: Paths, events: EventLog | None, dashboard: DashboardRunner | None,
+                 control: ControlServer, on_ready: Callable[[NodeInfo], None]):
+        self.settings, self.paths, self.events, self.dashboard = settings, paths, events, dashboard
+        self.control, self.on_ready = control, on_ready
+        self.node: VolunteerNode | None = None
+        self.info: NodeInfo | None = None
+        self.stopping = Stopping()
+        self.node_thread = NodeThread()
+        self._restore_logs: Callable[[], None] | None = None
+
+    async def run(self) -> NodeInfo | None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, self.stopping)
+            await self._serve(nursery)
+            nursery.cancel_scope.cancel()
+        return self.info
+
+    async def _serve(self, nursery: trio.Nursery) -> None:
+        """Start a node, supervise it; again after a rebalance with the uids it chose, or after a failure."""
+        settings, paths = self.settings, self.paths
+        experiment = await self.node_thread.run(load_experiment, settings, paths)
         startup: list[str] = []
-        if dashboard is not None:
+        if self.dashboard is not None:
             # hivemind's workers, forked below, keep the log handlers they are born with: give them
             # the log file now, or their warnings would tear the dashboard's screen
             log_file = paths.state_dir / "volunteer.log"
             print(f"joining the swarm of {experiment.manifest.name}; the dashboard follows (log: {log_file})",
                   flush=True)
-            restore_logs = divert_logs_for_dashboard(startup.append, log_file)
-        # on a restart, the control socket answers "restarting" and takes a stop (between_runs)
-        between: contextlib.AbstractContextManager = contextlib.nullcontext()
-        delay = 0.0
-        while True:  # once; again after a rebalance with the uids it chose, or after a failure
-            with between:
-                time.sleep(delay)
-                node = VolunteerNode(settings, paths, experiment, events, prefer=prefer)
-                try:
-                    # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the
-                    # *thread* that forked it exits, and trio retires idle worker threads after seconds.
-                    info = node.start()
-                except Exception as e:
-                    node.shutdown()
-                    if info is None:  # the first start: bad input or a broken machine, said in one line
-                        raise
-                    (events or node.events).emit("restart_failed", f"restart failed: {type(e).__name__}: {e}",
-                                                 error=str(e))
-                    delay = failures.next_delay(f"restart failed: {e}")
-                    continue
+            self._restore_logs = divert_logs_for_dashboard(startup.append, log_file)
+        failures, prefer, pause_reasons, delay = FailureBudget(), (), None, 0.0
+        while True:
+            with trio.move_on_after(delay):  # a stop ends the wait before a restart
+                await self.stopping.event.wait()
+            if self.stopping.by_user:
+                logger.info("stopped while no node was serving")
+                return
+            self.node = node = VolunteerNode(settings, paths, experiment, self.events, prefer=prefer)
+            try:
+                info = await self.node_thread.run(node.start)
+            except Exception as e:
+                await self.node_thread.run(node.shutdown)
+                if self.info is None:  # the first start: bad input or a broken machine, said in one line
+                    raise
+                node.events.emit("restart_failed", f"restart failed: {type(e).__name__}: {e}", error=str(e))
+                delay = failures.next_delay(f"restart failed: {e}")
+                continue
+            self.info = info
+            if self.stopping.by_user:  # asked while it started: it never served, it only leaves
+                await self.node_thread.run(node.shutdown)
+                return
             for line in startup:  # warnings of the start, for the events panel
                 node.collector.note(line)
-            on_ready(info)
-            outcome = trio.run(supervise, node, control, dashboard, pause_reasons)  # it drains and shuts the node down
+            self.on_ready(info)
+            if not self.control.serving:  # from the first start on; `volunteer status` works from "serving"
+                await nursery.start(self.control.serve)
+            outcome = await supervise(node, self.control, self.dashboard, pause_reasons, self.stopping)
             if not outcome.failure and not outcome.uids:
-                return info
+                return
             delay = failures.next_delay(outcome.failure) if outcome.failure else 0.0
             prefer, pause_reasons = outcome.uids, outcome.pause_reasons
-            between = between_runs(control, node.snapshot().to_dict())
-    except StopRequested as e:
-        logger.info(f"{e} while no node was serving: stopped")
-        return info
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        if node is not None:
-            node.shutdown()
-        if restore_logs is not None:
-            restore_logs()
-        lock.release()
+            self.control.handlers = _restarting_handlers(node.snapshot().to_dict(), self.stopping)
+            self.stopping.next_run()
+
+    def close(self) -> None:
+        """Whatever happened: the node leaves, the logs go back, the node thread ends."""
+        if self.node is not None:
+            self.node.shutdown()  # safe twice
+        if self._restore_logs is not None:
+            self._restore_logs()
+        self.node_thread.close()
 
 
-def between_runs(control: ControlServer, last: dict[str, Any]) -> contextlib.AbstractContextManager:
+class NodeThread:
+    """The one long-lived thread that starts and stops nodes.
+
+    hivemind's DHT and p2pd die (PR_SET_PDEATHSIG) when the *thread* that forked them exits, and
+    trio retires an idle worker thread after 10 s: a DHT started from ``trio.to_thread`` died then.
+    Tried: a DHT started from a thread like this one stayed alive while trio's workers came and went."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="volunteer-node", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    async def run(self, action: Callable[..., Any], *args: Any) -> Any:
+        """``action(*args)`` on this thread. Not cancellable: a start half done must end before it is undone."""
+        token, done, result = trio.lowlevel.current_trio_token(), trio.Event(), {}
+
+        def job() -> None:
+            try:
+                result["value"] = action(*args)
+            except BaseException as e:
+                result["error"] = e
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        self._jobs.put(job)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+def _restarting_handlers(last: dict[str, Any], stopping: Stopping) -> dict[str, Any]:
     """The control socket while a restart waits and starts its node: ``status`` gives the last figures
-    as state "restarting", ``stop`` stops the client as SIGTERM does (the main thread's handler)."""
+    as state "restarting", ``stop`` stops the client as a signal would."""
 
     async def status(request: dict[str, Any]) -> dict[str, Any]:
         return dict(status={**last, "state": NodeState.RESTARTING.value, "time": time.time()})
 
     async def stop(request: dict[str, Any]) -> dict[str, Any]:
         logger.info("stop requested over the control socket while restarting")
-        os.kill(os.getpid(), signal.SIGTERM)
+        stopping.by_user_now()
         return dict(pid=os.getpid())
 
-    return ControlServer(control.path, dict(status=status, stop=stop)).in_thread()
-
-
-class StopRequested(BaseException):
-    """SIGTERM or SIGHUP while no node is being supervised: stop, as a drain would. A BaseException,
-    as KeyboardInterrupt is, so that no ``except Exception`` (ours around a restart, or hivemind's)
-    takes it for a failure."""
-
-
-def _raise_stop(signum: int, frame: object) -> None:
-    raise StopRequested(signal.Signals(signum).name)
+    return dict(status=status, stop=stop)
 
 
 @dataclass(frozen=True)
@@ -198,20 +261,18 @@ class NodeFailed(RuntimeError):
     """The node kept failing: the client exits 1 and leaves it to its service manager."""
 
 
-async def supervise(node: VolunteerNode, control: ControlServer, dashboard: DashboardRunner | None = None,
-                    pause_reasons: dict[str, str] | None = None) -> Outcome:
+async def supervise(node: VolunteerNode, control: ControlServer, dashboard: DashboardRunner | None,
+                    pause_reasons: dict[str, str] | None, stopping: Stopping) -> Outcome:
     """Run until stopped or the node fails; drain, shut the node down, and say what comes next.
 
-    ``pause_reasons``: those of the node before a restart; it starts paused while any holds."""
+    ``control``: served already (``Life``); its handlers become this node's. ``pause_reasons``: those
+    of the node before a restart; it starts paused while any holds."""
     settings, collector, events = node.settings, node.collector, node.events
-    stopping = Stopping()
     pauser = Pauser(node, settings, events.emit, pause_reasons, serving_gpus=_serving_gpus(node))
     if pauser.reasons:
         await trio.to_thread.run_sync(pauser.update, {})
-    control.handlers.update(_control_handlers(node, stopping, pauser))
+    control.handlers = _control_handlers(node, stopping, pauser)
     async with trio.open_nursery() as views:
-        views.start_soon(_watch_signals, stopping)
-        await views.start(control.serve)
         node.report_serving()  # after the socket is up, so `volunteer status` works from this line on
         if dashboard is not None:
             views.start_soon(_run_dashboard, node, stopping, dashboard)
@@ -316,7 +377,7 @@ def _control_handlers(node: VolunteerNode, stopping: Stopping, pauser: Pauser) -
 
 class Stopping:
     """Why the supervisor is leaving: the owner asked (signal, `volunteer stop`, `q`), or a rebalance
-    wants a restart. A stop by the owner always wins, and only a second one exits without draining."""
+    or a failure wants a restart. One for the client's life (``next_run`` between nodes). A stop by the owner always wins, and only a second one exits without draining."""
 
     def __init__(self) -> None:
         self.event = trio.Event()
@@ -335,6 +396,11 @@ class Stopping:
     def for_failure(self, failure: str) -> None:
         self.failure = failure
         self.event.set()
+
+    def next_run(self) -> None:
+        """A restart: the next node's run starts afresh, unless the owner asked to stop meanwhile."""
+        if not self.by_user:
+            self.event, self.rebalance, self.failure = trio.Event(), None, None
 
 
 async def _watch_signals(stopping: Stopping) -> None:
