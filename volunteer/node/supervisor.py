@@ -1,6 +1,6 @@
 """The running volunteer's life cycle: start a node, supervise it, drain it, restart or stop.
 
-``run_volunteer`` takes the state dir's lock, starts the node on the main thread, then runs
+``run_volunteer`` takes the state dir's lock, starts the node (on its ``NodeThread``), then runs
 ``supervise``: the pollers (``node.pollers``: the stats, the machine, the swarm), saving lifetime
 totals and checkpoints, re-announcing; the control socket; the dashboard (a runner the CLI passes in,
 so the running node never imports the views) or the headless JSON lines. A signal, ``volunteer stop``
