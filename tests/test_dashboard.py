@@ -27,10 +27,13 @@ from rich.console import Console
 
 from tests.conftest import TEST_MANIFEST
 from volunteer.core.manifest import loads
+from volunteer.core.seed_client import Verified
 from volunteer.host.telemetry import GpuReading, Telemetry, TelemetryReader
+from volunteer.node.limits import Limits
 from volunteer.node.stats import (
     ExpertView,
     LifetimeStore,
+    NodeState,
     StatsCollector,
     StatsSnapshot,
     SwarmView,
@@ -146,14 +149,13 @@ def snapshot(tmp_path_factory) -> StatsSnapshot:
     collector.sample(now=start - 10)
     serve(backends, rounds=2)
     collector.sample(now=start)
-    collector.state = "serving"
-    collector.telemetry = reader.read()
-    collector.swarm = SwarmView(dht_peers=5, volunteers=2, grid_size=8, covered=6,
-                                replicas={uid: 1 + i % 2 for i, uid in enumerate(UIDS)},
-                                trainer_step=1234, trainer_loss=2.8712, trainer_seen=time.time() - 3)
+    collector.fold(telemetry=reader.read())
+    collector.fold(swarm=SwarmView(dht_peers=5, volunteers=2, grid_size=8, covered=6,
+                                   replicas={uid: 1 + i % 2 for i, uid in enumerate(UIDS)},
+                                   trainer_step=1234, trainer_loss=2.8712, trainer_seen=time.time() - 3))
     collector.note("joined the swarm")
     collector.note(f"serving {len(UIDS)} experts")
-    return collector.snapshot()
+    return collector.snapshot(NodeState.SERVING)
 
 
 def screen(snapshot: StatsSnapshot, width: int, height: int) -> str:
@@ -208,7 +210,7 @@ def test_render_of_a_snapshot_that_crossed_the_control_socket(snapshot: StatsSna
 @pytest.mark.parametrize("width, height", SIZES)
 def test_render_before_anything_is_known(width: int, height: int):
     now = time.time()
-    text = screen(StatsSnapshot(now, "test-lm", PEER_ID, "joining", "cpu", started=now), width, height)
+    text = screen(StatsSnapshot(now, "test-lm", PEER_ID, NodeState.JOINING, "cpu", started=now), width, height)
     for expected in ("joining", "no reading yet", "not polled yet", "none serving yet", "no traffic yet", "none yet"):
         assert expected in text, expected
 
@@ -226,8 +228,8 @@ def test_render_gpus_and_a_measured_peak(snapshot: StatsSnapshot):
 def test_render_and_summary_show_the_verified_contribution(snapshot: StatsSnapshot):
     from volunteer.views.monitor import summary_lines
 
-    verified = dataclasses.replace(snapshot, verified=dict(forward_samples=10_000, backward_samples=2_345, rank=3,
-                                                          volunteers=40))
+    verified = dataclasses.replace(snapshot, verified=Verified(forward_samples=10_000, backward_samples=2_345, rank=3,
+                                                              volunteers=40))
     for width, height in SIZES:
         text = screen(verified, width, height)
         assert re.search(r"verified +#3/40 +12,345", text), text
@@ -248,9 +250,9 @@ def test_render_has_a_memory_row_per_gpu(snapshot: StatsSnapshot):
 
 
 def test_render_shows_the_limits_and_why_it_is_paused(snapshot: StatsSnapshot):
-    paused = dataclasses.replace(snapshot, state="paused", pause_reasons=("outside the run hours 22-08",),
-                                 limits=dict(power="medium", cpu_threads=2, run_hours="22-08", max_temp=80.0,
-                                             pause_on_gpu_use=True))
+    paused = dataclasses.replace(snapshot, state=NodeState.PAUSED, pause_reasons=("outside the run hours 22-08",),
+                                 limits=Limits(power="medium", cpu_threads=2, run_hours="22-08", max_temp=80.0,
+                                               pause_on_gpu_use=True))
     text = screen(paused, 200, 40)
     for expected in ("paused", "outside the run hours 22-08", "power medium", "2 threads", "hours 22-08",
                      "max 80°C", "yields the GPU"):

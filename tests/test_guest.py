@@ -185,16 +185,17 @@ def test_a_second_signal_exits_at_once_and_leaves_whole_files(seed, short_home, 
         json.loads(state.read_text())
 
 
-@pytest.mark.parametrize("victim", ["dht", "handler"])
+@pytest.mark.parametrize("victim", ["dht", "handler", "pool"])
 def test_a_dead_hivemind_process_restarts_the_node_with_its_weights(seed, client, short_home, processes, victim):
-    """A node whose DHT process or a connection handler died looks alive but serves nothing (with one of
-    two handlers dead, every call hung): the supervisor saves, restarts and serves the same uids again."""
+    """A node whose DHT process, a connection handler or a TaskPool died looks alive but serves nothing
+    (with one of two handlers dead, every call hung; a dead pool hangs its expert): the supervisor saves,
+    restarts and serves the same uids again."""
     url, experiment = seed
     child = processes.add(start_volunteer(short_home, url, "--max-experts", "2", name=f"lost-{victim}"))
     event = serving_event(child)
     if victim == "handler":  # the owner's pause must outlive the restart
         assert cli(short_home, "pause").returncode == 0
-    pid = event["pids"]["dht"] if victim == "dht" else event["pids"]["handlers"][0]
+    pid = dict(dht=event["pids"]["dht"], handler=event["pids"]["handlers"][0], pool=event["pids"]["pools"][0])[victim]
     os.kill(pid, signal.SIGKILL)
     failed = json.loads(child.wait_for_line(r'"event": "node_failed"', timeout=30).string)
     assert str(pid) in failed["reason"]
@@ -259,3 +260,32 @@ def _restarting(control, path):
     except control.ControlError:
         return None
     return answer if answer["status"]["state"] == "restarting" else None
+
+
+def test_nodes_start_on_one_long_lived_thread_while_trio_workers_come_and_go():
+    """hivemind's DHT and p2pd die with the thread that forked them (PR_SET_PDEATHSIG): every start runs
+    on the same ``NodeThread``, never on one of trio's worker threads, which retire when idle; an error
+    comes back to the caller, and a cancelled caller still waits for the start to end."""
+    import trio
+
+    from volunteer.node.supervisor import NodeThread
+
+    node_thread = NodeThread()
+
+    async def main():
+        first = await node_thread.run(threading.current_thread)
+        workers = {await trio.to_thread.run_sync(threading.current_thread) for _ in range(3)}
+        again = await node_thread.run(threading.current_thread)
+        with pytest.raises(ZeroDivisionError):
+            await node_thread.run(lambda: 1 / 0)
+        done = []
+        with trio.move_on_after(0.01):
+            await node_thread.run(lambda: (time.sleep(0.2), done.append(1)))
+        return first, workers, again, done
+
+    try:
+        first, workers, again, done = trio.run(main)
+    finally:
+        node_thread.close()
+    assert first is again and first.name == "volunteer-node" and first not in workers
+    assert done == [1], "a start is never abandoned half done"

@@ -16,6 +16,7 @@ from volunteer.node.limits import automatic_pause_reasons
 from volunteer.node.stats import (
     ExpertCounters,
     LifetimeStore,
+    NodeState,
     RateMeter,
     StatsCollector,
     StatsSnapshot,
@@ -107,3 +108,49 @@ def test_automatic_pause_reasons():
     assert automatic_pause_reasons(limits, _telemetry(85, 1), night, serving_gpus={1})["gpu_in_use"] is None
     assert automatic_pause_reasons(limits, _telemetry(85, 1), night, serving_gpus={1})["temperature"] is None
     assert automatic_pause_reasons(limits, _telemetry(85, 1), night, serving_gpus={0, 1})["temperature"]
+
+
+def test_a_snapshot_keeps_the_state_strings_and_refuses_bad_totals_in_one_line(tmp_path: Path):
+    collector = StatsCollector("exp", "peer", "cpu", [ExpertCounters("l.0", "small")], LifetimeStore(tmp_path / "l.json"))
+    data = json.loads(json.dumps(collector.snapshot(NodeState.PAUSED, ("paused by the user",)).to_dict()))
+    assert data["state"] == "paused" and data["pause_reasons"] == ["paused by the user"]
+    assert StatsSnapshot.from_dict(data).state is NodeState.PAUSED
+    for bad in ({**data, "session": {**data["session"], "flops": -1}}, {**data, "state": "dancing"}):
+        with pytest.raises(ValueError) as refused:
+            StatsSnapshot.from_dict(bad)
+        assert "\n" not in str(refused.value)
+
+
+class _FakeNode:
+    """What ``Pauser`` drives (``limits.Pausable``), recording the calls."""
+
+    def __init__(self):
+        self.state, self.pause_reasons, self.calls = NodeState.SERVING, (), []
+
+    def pause(self, reasons):
+        self.state, self.pause_reasons = NodeState.PAUSED, reasons
+        self.calls.append("pause")
+
+    def resume(self):
+        self.state, self.pause_reasons = NodeState.SERVING, ()
+        self.calls.append("resume")
+
+    def begin_drain(self):
+        self.state = NodeState.DRAINING
+
+
+def test_the_pauser_pauses_while_a_reason_holds_and_not_after_the_drain():
+    from volunteer.node.limits import Pauser
+
+    node, events = _FakeNode(), []
+    pauser = Pauser(node, Settings(), lambda kind, message, **fields: events.append(message))
+    pauser.set("user", "paused by the user")
+    pauser.set("schedule", "outside the run hours 22-08")
+    assert node.state is NodeState.PAUSED and node.pause_reasons == ("paused by the user", "outside the run hours 22-08")
+    pauser.update(dict(user=None, schedule=None))
+    assert node.state is NodeState.SERVING and node.calls == ["pause", "pause", "resume"]
+    assert events == ["paused: paused by the user", "still paused: paused by the user; outside the run hours 22-08",
+                      "resumed serving"]
+    pauser.freeze()
+    pauser.set("user", "paused by the user")
+    assert node.state is NodeState.DRAINING and node.calls[-1] == "resume"

@@ -127,7 +127,10 @@ def start(
     setup_logging(verbose, json_lines=not show_dashboard)
     try:
         events = EventLog(None if show_dashboard else sys.stdout)
-        run_volunteer(settings, default_paths(), events=events, dashboard=show_dashboard)
+        runner = None
+        if show_dashboard:
+            from volunteer.views.dashboard import run_dashboard as runner
+        run_volunteer(settings, default_paths(), events=events, dashboard=runner)
     except BaseException as e:
         raise _exit_for(e)
 

@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 _PR_SET_PDEATHSIG = 1
 _installed = False
 _worker_group: int | None = None  # the group forked children join (isolate_workers)
@@ -223,33 +225,24 @@ class InstanceLock:
 
 
 def is_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process; a zombie counts as dead: it holds nothing."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    # a zombie counts as dead: it holds nothing
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
+    except psutil.AccessDenied:
         return True
 
 
-def group_members(pgid: int, proc: Path = Path("/proc")) -> list[tuple[int, list[str]]]:
-    """(pid, fields of /proc/<pid>/stat after the command name) of every live process in a group."""
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Every live (not zombie) process of a process group."""
     members = []
-    for entry in os.scandir(proc):
-        if not entry.name.isdigit():
-            continue
+    for process in psutil.process_iter():
         try:
-            with open(os.path.join(entry.path, "stat")) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (OSError, psutil.Error):
             continue  # it exited while we looked
-        if len(fields) > 12 and fields[2] == str(pgid) and fields[0] != "Z":
-            members.append((int(entry.name), fields))
     return members
 
 
@@ -268,10 +261,10 @@ def exit_now(code: int) -> None:
             os.killpg(_worker_group, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    for pid, fields in group_members(os.getpgid(0)):
-        if pid != me and fields[1] == str(me):  # our children only: `volunteer start | tee` shares the group
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    for process in group_members(os.getpgid(0)):
+        try:
+            if process.pid != me and process.ppid() == me:  # our children only: `volunteer start | tee` shares the group
+                process.kill()
+        except psutil.NoSuchProcess:
+            pass
     os._exit(code)

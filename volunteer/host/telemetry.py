@@ -1,7 +1,13 @@
-"""Live machine readings for the dashboard: each GPU through NVML, the CPU and RAM through /proc.
+"""Live machine readings for the dashboard: each GPU through NVML, the CPU and RAM through psutil.
 
 The volunteer is a process group (hivemind forks a DHT, handlers and pools), so its own CPU and
 memory share is summed over the group, not read from the main pid alone.
+
+Memory: the forked processes share most of their pages (torch, hivemind), so their RSS summed would
+count those pages once per process. The proportional set size (PSS) is the honest figure, but reading
+it walks every process's page tables (smaps_rollup), which was most of an idle volunteer's CPU (issue
+16, bench/dashboard_cost.py). So PSS is read every ``PSS_PERIOD`` only; in between, the group's RSS
+(one cheap read of statm per process) moves the figure by what it grew or shrank since.
 """
 
 from __future__ import annotations
@@ -9,15 +15,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import psutil
+from pydantic import TypeAdapter
+
 from volunteer.core.procgroup import group_members, worker_group
-from volunteer.host.hardware import gpu_telemetry, read_proc_sizes
+from volunteer.host.hardware import gpu_telemetry
 
 PSS_PERIOD = 30.0
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ class CpuReading:
     memory_used: int  # bytes, whole machine
     memory_total: int
     volunteer_cpu_percent: float  # our process group, 100 = one core
-    volunteer_memory: int  # bytes, proportional set size of our process group
+    volunteer_memory: int  # bytes, proportional set size of our process group (module docstring)
 
 
 @dataclass(frozen=True)
@@ -53,26 +60,30 @@ class Telemetry:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Telemetry:
-        return cls(CpuReading(**data["cpu"]), tuple(GpuReading(**g) for g in data.get("gpus", ())))
+        return _TELEMETRY.validate_python(data)
+
+
+_TELEMETRY = TypeAdapter(Telemetry)
 
 
 class TelemetryReader:
     """Call ``read()`` every second or two; CPU shares are measured between consecutive reads."""
 
-    def __init__(self, groups: tuple[int, ...] | None = None, nvml: ModuleType | None = None, with_gpus: bool = True,
-                 proc: Path = Path("/proc")):
+    def __init__(self, groups: tuple[int, ...] | None = None, nvml: ModuleType | None = None, with_gpus: bool = True):
         # the supervisor's group and its workers' (procgroup.isolate_workers)
         self.groups = groups if groups is not None else tuple(g for g in (os.getpgid(0), worker_group()) if g)
-        self.nvml, self.with_gpus, self.proc = nvml, with_gpus, proc
-        self._machine: tuple[int, int] | None = None  # (busy, total) jiffies at the last read
+        self.nvml, self.with_gpus = nvml, with_gpus
+        self._processes: dict[int, psutil.Process] = {}  # kept between reads: psutil caches what never changes
         self._group: tuple[float, float] | None = None  # (cpu seconds, wall time) at the last read
-        self._pss: tuple[float, int] | None = None  # (when, bytes) of the last memory reading
+        self._pss: tuple[float, int, int] | None = None  # (when, PSS bytes, RSS bytes) at the last PSS read
         self._seen_gpus = False
+        psutil.cpu_percent(None)  # the machine's share is measured from here to the first read
 
     def read(self) -> Telemetry:
+        members = self._members()
         gpus = ()
         if self.with_gpus:
-            ours = {pid for pid, _ in self._members()}
+            ours = {p.pid for p in members}
             gpus = tuple(
                 GpuReading(g.index, g.name, g.utilization, g.memory_total - g.memory_free, g.memory_total,
                            g.temperature, g.power_watts, sum(1 for p in g.processes if p.pid not in ours))
@@ -81,54 +92,54 @@ class TelemetryReader:
             self._seen_gpus = self._seen_gpus or bool(gpus)
             # never any GPU: no NVML, stop probing; once seen, a failed read is a hiccup, not an absence
             self.with_gpus = self._seen_gpus
-        return Telemetry(self._read_cpu(), gpus)
+        return Telemetry(self._read_cpu(members), gpus)
 
-    def _read_cpu(self) -> CpuReading:
-        memory = read_proc_sizes(self.proc / "meminfo")
-        total, available = memory.get("MemTotal", 0), memory.get("MemAvailable", 0)
+    def _read_cpu(self, members: list[psutil.Process]) -> CpuReading:
+        memory = psutil.virtual_memory()
         try:
-            load = float((self.proc / "loadavg").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+            load = psutil.getloadavg()[0]
+        except OSError:
             load = 0.0
-        cpu_seconds, pss = self._group_usage()
+        cpu_seconds, group_memory = self._group_usage(members)
         wall = time.monotonic()
         group_percent = 0.0
         if self._group is not None and wall > self._group[1]:
             group_percent = max(0.0, 100.0 * (cpu_seconds - self._group[0]) / (wall - self._group[1]))
         self._group = (cpu_seconds, wall)
         return CpuReading(
-            cores=os.cpu_count() or 1, busy_percent=self._machine_busy(), load_average=load,
-            memory_used=total - available, memory_total=total,
-            volunteer_cpu_percent=group_percent, volunteer_memory=pss,
+            cores=os.cpu_count() or 1, busy_percent=psutil.cpu_percent(None), load_average=load,
+            memory_used=memory.total - memory.available, memory_total=memory.total,
+            volunteer_cpu_percent=group_percent, volunteer_memory=group_memory,
         )
 
-    def _machine_busy(self) -> float:
-        try:
-            values = [int(v) for v in (self.proc / "stat").read_text().splitlines()[0].split()[1:]]
-        except (OSError, ValueError, IndexError):
-            return 0.0
-        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-        total = sum(values[:8])
-        previous, self._machine = self._machine, (total - idle, total)
-        if previous is None or total <= previous[1]:
-            return 0.0
-        return 100.0 * (total - idle - previous[0]) / (total - previous[1])
+    def _members(self) -> list[psutil.Process]:
+        live = {p.pid: self._processes.get(p.pid, p) for group in self.groups for p in group_members(group)}
+        self._processes = live
+        return list(live.values())
 
-    def _members(self) -> list[tuple[int, list[str]]]:
-        return [member for group in self.groups for member in group_members(group, self.proc)]
-
-    def _group_usage(self) -> tuple[float, int]:
-        """CPU seconds and PSS bytes summed over every live process of our group.
-
-        PSS is re-read only every ``PSS_PERIOD``: walking every process's page tables (smaps_rollup)
-        was most of an idle volunteer's CPU (bench/dashboard_cost.py)."""
-        cpu_ticks, pss = 0, 0
-        members = self._members()
-        for _, fields in members:
-            cpu_ticks += int(fields[11]) + int(fields[12])  # utime + stime
+    def _group_usage(self, members: list[psutil.Process]) -> tuple[float, int]:
+        """CPU seconds and memory bytes of every live process of our group (module docstring)."""
+        cpu, rss = 0.0, 0
+        for process in members:
+            try:
+                with process.oneshot():
+                    times = process.cpu_times()
+                    cpu += times.user + times.system
+                    rss += process.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue  # it exited while we looked
         now = time.monotonic()
         if self._pss is None or now - self._pss[0] >= PSS_PERIOD:
-            for pid, _ in members:
-                pss += read_proc_sizes(self.proc / str(pid) / "smaps_rollup").get("Pss", 0)
-            self._pss = (now, pss)
-        return cpu_ticks / _CLOCK_TICKS, self._pss[1]
+            self._pss = (now, _pss_of(members), rss)
+        _, pss, rss_then = self._pss
+        return cpu, max(0, pss + rss - rss_then)
+
+
+def _pss_of(processes: list[psutil.Process]) -> int:
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+            continue  # gone, or a kernel without smaps (AttributeError: no pss field)
+    return total

@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import struct
-import threading
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -37,46 +36,6 @@ class NotRunning(ControlError):
     pass
 
 
-class ServedInThread:
-    """``ControlServer.in_thread``: serves from a daemon thread's trio loop while the ``with`` lasts."""
-
-    def __init__(self, server: ControlServer):
-        self.server = server
-        self._thread: threading.Thread | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._scope: trio.CancelScope | None = None
-        self._started = threading.Event()
-
-    def __enter__(self) -> ServedInThread:
-        self._started.clear()
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), name="control", daemon=True)
-        self._thread.start()
-        self._started.wait(5)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._token is not None and self._scope is not None:
-            try:
-                trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-        if self._thread is not None:
-            self._thread.join(5)  # its socket must be gone before the next server binds the path
-        self._token = self._scope = self._thread = None
-
-    async def _main(self) -> None:
-        with trio.CancelScope() as scope:
-            self._scope, self._token = scope, trio.lowlevel.current_trio_token()
-            try:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(self.server.serve)
-                    self._started.set()
-            except OSError as e:  # the socket could not be bound: the client runs on without it
-                logger.warning(f"control socket unavailable between runs: {e}")
-            finally:
-                self._started.set()
-
-
 def socket_path(runtime_dir: Path) -> Path:
     return runtime_dir / SOCKET_NAME
 
@@ -92,7 +51,8 @@ class ControlServer:
 
     def __init__(self, path: Path, handlers: dict[str, Handler]):
         _check_length(path)
-        self.path, self.handlers = path, handlers
+        self.path, self.handlers = path, handlers  # replaced whole as the client's life goes on
+        self.serving = False
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -107,15 +67,12 @@ class ControlServer:
         os.chmod(self.path, 0o600)
         sock.listen(16)
         try:
+            self.serving = True
             task_status.started(self.path)
             await trio.serve_listeners(self._serve_one, [trio.SocketListener(sock)])
         finally:
+            self.serving = False
             self.path.unlink(missing_ok=True)
-
-    def in_thread(self) -> ServedInThread:
-        """This server in a thread of its own, for ``with``: for when no trio loop runs on the main
-        thread (a restart starts a node there). Each ``with`` serves until it ends."""
-        return ServedInThread(self)
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
         async with stream:

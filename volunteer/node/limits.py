@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Collection
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from volunteer.config.settings import Settings
 from volunteer.host.telemetry import Telemetry
-from volunteer.node.node import VolunteerNode
 
 
-def limits_of(settings: Settings) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Limits:
     """What the owner allowed, as the dashboard and ``volunteer status`` show it."""
-    return dict(power=settings.power, cpu_threads=settings.cpu_threads, max_memory=settings.max_memory,
-                max_experts=settings.max_experts, max_temp=settings.max_temp, run_hours=settings.run_hours,
-                pause_on_gpu_use=settings.pause_on_gpu_use)
+
+    power: str = "full"
+    cpu_threads: int | None = None
+    max_memory: float | int | None = None  # a fraction of free memory, or bytes
+    max_experts: int | None = None
+    max_temp: float | None = None
+    run_hours: str | None = None
+    pause_on_gpu_use: bool = False
+
+
+def limits_of(settings: Settings) -> Limits:
+    return Limits(power=settings.power, cpu_threads=settings.cpu_threads, max_memory=settings.max_memory,
+                  max_experts=settings.max_experts, max_temp=settings.max_temp, run_hours=settings.run_hours,
+                  pause_on_gpu_use=settings.pause_on_gpu_use)
 
 
 def automatic_pause_reasons(settings: Settings, telemetry: Telemetry | None, now: datetime,
@@ -48,12 +60,30 @@ def automatic_pause_reasons(settings: Settings, telemetry: Telemetry | None, now
     return reasons
 
 
+class Pausable(Protocol):
+    """What ``Pauser`` needs of a node (``VolunteerNode``): its state, and pausing and resuming it."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def pause_reasons(self) -> tuple[str, ...]: ...
+
+    def pause(self, reasons: tuple[str, ...]) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def begin_drain(self) -> None: ...
+
+
 class Pauser:
     """Pauses the node while any reason holds (the user, the schedule, heat, a game) and resumes it
     when none is left; the weights stay in memory all along."""
 
-    def __init__(self, node: VolunteerNode, reasons: dict[str, str] | None = None):
-        self.node = node
+    def __init__(self, node: Pausable, settings: Settings, emit: Any, reasons: dict[str, str] | None = None,
+                 serving_gpus: Collection[int] = ()):
+        self.node, self.settings, self.emit = node, settings, emit  # emit: EventLog.emit
+        self.serving_gpus = serving_gpus  # NVML indices (automatic_pause_reasons)
         self.reasons: dict[str, str] = dict(reasons or {})  # those of the node before a restart
         self.frozen = False
         self._lock = threading.Lock()
@@ -61,9 +91,8 @@ class Pauser:
     def set(self, key: str, reason: str | None) -> None:
         self.update({key: reason})
 
-    def check_limits(self) -> None:
-        ours = {d.index for d in self.node.info.placement.devices if d.is_gpu}
-        self.update(automatic_pause_reasons(self.node.settings, self.node.collector.telemetry, datetime.now(), ours))
+    def check_limits(self, telemetry: Telemetry | None) -> None:
+        self.update(automatic_pause_reasons(self.settings, telemetry, datetime.now(), self.serving_gpus))
 
     def update(self, reasons: dict[str, str | None]) -> None:
         """Set or clear (``None``) each reason, then pause or resume as the remaining ones say."""
@@ -79,20 +108,20 @@ class Pauser:
         """Enter the drain: from now on no reason can pause or resume the node."""
         with self._lock:
             self.frozen = True
-            self.node.collector.state = "draining"
+            self.node.begin_drain()
 
     def _apply(self) -> None:
         if self.frozen:
             return
-        node, collector = self.node, self.node.collector
+        node = self.node
         reasons = tuple(self.reasons.values())
-        changed = reasons != collector.pause_reasons
-        collector.pause_reasons = reasons
-        if reasons and collector.state == "serving":
-            node.pause()
-            node.events.emit("paused", f"paused: {'; '.join(reasons)}", reasons=list(reasons))
-        elif not reasons and collector.state == "paused":
+        changed = reasons != node.pause_reasons
+        if reasons and node.state == "serving":
+            node.pause(reasons)
+            self.emit("paused", f"paused: {'; '.join(reasons)}", reasons=list(reasons))
+        elif not reasons and node.state == "paused":
             node.resume()
-            node.events.emit("resumed", "resumed serving", reasons=[])
+            self.emit("resumed", "resumed serving", reasons=[])
         elif changed and reasons:
-            node.events.emit("paused", f"still paused: {'; '.join(reasons)}", reasons=list(reasons))
+            node.pause(reasons)  # paused already: only the reasons change
+            self.emit("paused", f"still paused: {'; '.join(reasons)}", reasons=list(reasons))

@@ -3,6 +3,7 @@
 ``VolunteerNode`` holds the blocking hivemind side (its DHT and ``Server`` live in their own threads
 and processes) and the ``StatsCollector`` fed by its backends; ``supervisor.run_volunteer`` starts
 it, keeps it announced, checkpointed and visible, and drains it on a signal or a stop request.
+The node alone changes its ``NodeState`` (``_enter``): start, pause, resume and the drain.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from hivemind import DHT
@@ -24,10 +26,15 @@ from volunteer.core import records
 from volunteer.core.logs import EventLog
 from volunteer.core.manifest import load as load_manifest
 from volunteer.core.paths import Paths, write_atomic
-from volunteer.core.seed_client import Experiment, experiment_from_file, fetch_experiment
+from volunteer.core.seed_client import (
+    Experiment,
+    experiment_from_file,
+    fetch_experiment,
+)
 from volunteer.host.hardware import HardwareProfile, detect_hardware
 from volunteer.node import swarm
-from volunteer.node.stats import LifetimeStore, StatsCollector
+from volunteer.node.limits import limits_of
+from volunteer.node.stats import LifetimeStore, NodeState, StatsCollector, StatsSnapshot
 from volunteer.planning.devices import (
     Device,
     ServingDevices,
@@ -96,7 +103,9 @@ class VolunteerNode:
         self.manifest = experiment.manifest
         self.store = CheckpointStore(paths.data_dir / "checkpoints" / self.manifest.name)
         self.store.sweep()  # we hold the state dir's lock: any temporary file here is a dead writer's
-        self.state_file = paths.state_dir / "node.json"
+        self.last_run = LastRun(paths.state_dir / "node.json", self.manifest.name)
+        self.state_file = self.last_run.path
+        self._state, self._pause_reasons = NodeState.JOINING, ()
         self.dht: DHT | None = None
         self.server: Server | None = None
         self.backends: dict[str, CountingBackend] = {}
@@ -116,7 +125,7 @@ class VolunteerNode:
             devices = ServingDevices(pick_devices(hardware, self.settings.device, self.settings.gpus),
                                      torch=dict(torch_devices))
         self.torch_devices = dict(devices.torch)
-        previous = self._previous_state()
+        previous = self.last_run.load()
         self.dht = self._join(previous.get("port"))
         peer_id = self.dht.peer_id.to_base58()
         maddrs = tuple(records.visible_maddrs(self.dht))
@@ -148,11 +157,28 @@ class VolunteerNode:
         self.collector = StatsCollector(
             self.manifest.name, peer_id, placement.device, [b.counters for b in self.backends.values()],
             LifetimeStore(self.paths.state_dir / "lifetime.json"), plans=[plan.to_dict() for plan in placement.plans],
+            limits=limits_of(self.settings),
         )
         self.announce()
-        self._save_state()
-        self.collector.state = "serving"
+        self.last_run.save(self.info)
+        self._enter(NodeState.SERVING)
         return self.info
+
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    @property
+    def pause_reasons(self) -> tuple[str, ...]:
+        return self._pause_reasons
+
+    def _enter(self, state: NodeState, pause_reasons: tuple[str, ...] = ()) -> None:
+        """The one place the node's state changes."""
+        self._state, self._pause_reasons = state, pause_reasons
+
+    def snapshot(self) -> StatsSnapshot:
+        """What the views show of this node: the collector's figures in the node's state."""
+        return self.collector.snapshot(self._state, self._pause_reasons)
 
     def check_plans(self) -> list[PlanCheck]:
         """Each device's memory plan next to the peak measured there since start (dashboard, status)."""
@@ -162,7 +188,8 @@ class VolunteerNode:
         info = self.info
         self.events.emit("serving", info.serving_line(), peer_id=info.peer_id, device=info.device,
                          uids=list(info.uids), restored=list(info.restored), maddrs=list(info.maddrs),
-                         pids=dict(dht=self.dht.pid, handlers=[h.pid for h in self.server.conn_handlers]),
+                         pids=dict(dht=self.dht.pid, handlers=[h.pid for h in self.server.conn_handlers],
+                                   pools=[pool.pid for pool in self._task_pools()]),
                          **info.placement.to_dict())
         for note in info.placement.left_out:
             self.events.emit("device_left_out", note)
@@ -220,33 +247,13 @@ class VolunteerNode:
             logger.info(f"port {previous_port} of the last run is taken; listening on a new one")
             return join(port=0)
 
-    def _previous_state(self) -> dict:
-        """What node.json says of the last run of this experiment; {} if none or unreadable."""
-        try:
-            state = json.loads(self.state_file.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError, RecursionError) as e:
-            logger.warning(f"state file {self.state_file} is unreadable ({e}); starting afresh")
-            return {}
-        if not isinstance(state, dict) or state.get("experiment") != self.manifest.name:
-            return {}
-        return state
-
     def _previous_uids(self) -> list[str]:
         valid = set(self.manifest.all_uids())
-        uids = self._previous_state().get("uids", [])
+        uids = self.last_run.load().get("uids", [])
         return [uid for uid in uids if isinstance(uid, str) and uid in valid] if isinstance(uids, list) else []
 
-    def _save_state(self) -> None:
-        self.paths.state_dir.mkdir(parents=True, exist_ok=True)
-        state = dict(experiment=self.manifest.name, uids=list(self.info.uids), device=self.info.device,
-                     peer_id=self.info.peer_id, port=_tcp_port(self.info.maddrs), **self.info.placement.to_dict(),
-                     saved=time.time())
-        write_atomic(self.state_file, lambda f: f.write(json.dumps(state, indent=1).encode()))
-
     def announce(self) -> None:
-        if self.collector is not None and self.collector.state == "paused" or not self.dht.is_alive():
+        if self._state is NodeState.PAUSED or not self.dht.is_alive():
             return
         record = records.VolunteerRecord(self.info.peer_id, self.info.uids, self.info.device, self.samples_per_second)
         records.publish_volunteer(self.dht, self.manifest.dht_prefix, record)
@@ -269,11 +276,15 @@ class VolunteerNode:
         except Exception as e:  # the DHT may already be gone; leaving must go on
             logger.warning(f"could not withdraw our DHT records: {e}")
 
-    def pause(self) -> None:
-        """Free the machine now: requests are refused (trainers fail over at once), records hidden."""
+    def pause(self, reasons: tuple[str, ...]) -> None:
+        """Free the machine now: requests are refused (trainers fail over at once), records hidden.
+        Paused already, only the reasons change."""
+        if self._state is NodeState.PAUSED:
+            self._enter(NodeState.PAUSED, reasons)
+            return
         for backend in self.backends.values():
             backend.paused.set()
-        self.collector.state = "paused"
+        self._enter(NodeState.PAUSED, reasons)
         self.withdraw()
 
     def resume(self) -> None:
@@ -281,8 +292,12 @@ class VolunteerNode:
         for backend in self.backends.values():
             backend.paused.clear()
         resume_declaring(self.server)
-        self.collector.state = "serving"
+        self._enter(NodeState.SERVING)
         self.announce()
+
+    def begin_drain(self) -> None:
+        """From here the node only finishes its work and leaves (``drain``, ``shutdown``)."""
+        self._enter(NodeState.DRAINING, self._pause_reasons)
 
     def drain(self, quiet: float = DRAIN_QUIET, timeout: float = DRAIN_TIMEOUT) -> float:
         """Withdraw, then keep serving until no request came for ``quiet`` seconds (trainers have moved
@@ -309,9 +324,18 @@ class VolunteerNode:
         dead = [str(h.pid) for h in server.conn_handlers if not h.is_alive()]
         if dead:  # seen here: with one of two handlers dead, every call to the node hung
             return f"connection handler process {', '.join(dead)} died"
+        # the Runtime waits on a dead pool's pipe for ever: its expert hangs while the rest serve
+        dead = [f"{pool.name} (pid {pool.pid})" for pool in self._task_pools() if not pool.is_alive()]
+        if dead:
+            return f"task pool process {', '.join(dead)} died"
         if not dht.is_alive():
             return f"the DHT process (pid {dht.pid}) died"
         return None
+
+    def _task_pools(self) -> list:
+        """hivemind's TaskPool processes (a forward and a backward one per expert) that were started."""
+        pools = (pool for b in self.backends.values() for pool in (b.forward_pool, b.backward_pool))
+        return [pool for pool in pools if pool.pid is not None]
 
     def shutdown(self) -> None:
         """Leave the swarm in order: withdraw, save, stop serving, stop the DHT. Safe to call twice."""
@@ -332,6 +356,34 @@ class VolunteerNode:
         finally:
             server.shutdown()  # also shuts the DHT down
             server.join(timeout=30)
+
+
+class LastRun:
+    """node.json: what the last run of an experiment served, and on which port. Read at start to
+    serve the same uids again (their weights are worth more than fresh ones) on the same port."""
+
+    def __init__(self, path: Path, experiment: str):
+        self.path, self.experiment = path, experiment
+
+    def load(self) -> dict:
+        """What node.json says of the last run of this experiment; {} if none or unreadable."""
+        try:
+            state = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, RecursionError) as e:
+            logger.warning(f"state file {self.path} is unreadable ({e}); starting afresh")
+            return {}
+        if not isinstance(state, dict) or state.get("experiment") != self.experiment:
+            return {}
+        return state
+
+    def save(self, info: NodeInfo) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = dict(experiment=info.experiment, uids=list(info.uids), device=info.device,
+                     peer_id=info.peer_id, port=_tcp_port(info.maddrs), **info.placement.to_dict(),
+                     saved=time.time())
+        write_atomic(self.path, lambda f: f.write(json.dumps(state, indent=1).encode()))
 
 
 def _tcp_port(maddrs: tuple[str, ...]) -> int | None:

@@ -5,6 +5,11 @@ process (connection handlers only relay tensors), so plain counters guarded by a
 ``serving.CountingBackend``, see every sample that is really computed. ``StatsCollector`` samples
 them once a second into rate windows, adds the lifetime totals kept in the state dir, and builds
 the ``StatsSnapshot`` that the dashboard, the headless JSON lines and ``volunteer status`` share.
+
+Nothing else writes into the collector: the pollers (``node.pollers``) return what they read and the
+supervisor folds it in (``StatsCollector.fold``); the node's state and pause reasons are the node's,
+given to ``snapshot``. A snapshot crosses the control socket as JSON: ``to_dict`` writes it, pydantic
+``TypeAdapter``s read it back over the same frozen dataclasses (``Totals`` keeps its strict check).
 """
 
 from __future__ import annotations
@@ -13,12 +18,17 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
+
+from pydantic import BeforeValidator, TypeAdapter, ValidationError
 
 from volunteer.core.files import DurableJSON
+from volunteer.core.seed_client import Verified
 from volunteer.host.telemetry import Telemetry
+from volunteer.node.limits import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +39,17 @@ RATE_WINDOWS = (10.0, 300.0)
 HISTORY_BUCKET = 10.0  # seconds per bar of the throughput history
 HISTORY_SECONDS = 600.0
 MAX_TOTAL = 1e300  # a total beyond this (or NaN, or inf) is a corrupt file, not a contribution
+
+
+class NodeState(StrEnum):
+    """Where a volunteer node is in its life; only ``VolunteerNode`` changes it. A ``StrEnum``, so the
+    JSON (status answers, stats lines) keeps the plain strings it always had."""
+
+    JOINING = "joining"
+    SERVING = "serving"
+    PAUSED = "paused"
+    DRAINING = "draining"
+    RESTARTING = "restarting"  # between two nodes: the supervisor's control socket answers with it
 
 
 @dataclass(frozen=True)
@@ -118,6 +139,11 @@ class Totals:
         return cls(**values)
 
 
+# a snapshot's totals are read by the hand-written check: pydantic's lax int takes 5.0 but refuses 5.5,
+# its strict one refuses 5.0; the files and answers we accept today need exactly ``Totals.from_dict``
+StrictTotals = Annotated[Totals, BeforeValidator(lambda data: data if isinstance(data, Totals) else Totals.from_dict(data))]
+
+
 class LifetimeStore:
     """Lifetime totals in ``<state_dir>/lifetime.json``, rewritten atomically every few seconds.
 
@@ -157,25 +183,36 @@ class SwarmView:
 
 
 @dataclass(frozen=True)
+class Readings:
+    """What the pollers read last; ``StatsCollector.fold`` replaces it whole, so a snapshot never
+    sees half of one poll."""
+
+    telemetry: Telemetry | None = None
+    swarm: SwarmView | None = None
+    plans: tuple[dict[str, Any], ...] = ()  # one memory plan per serving device (sizing.Plan.to_dict)
+    verified: Verified | None = None
+
+
+@dataclass(frozen=True)
 class StatsSnapshot:
     time: float
     experiment: str
     peer_id: str
-    state: str  # joining | serving | paused | draining
+    state: NodeState
     device: str
     started: float
     experts: tuple[ExpertView, ...] = ()
-    session: Totals = Totals()
-    lifetime: Totals = Totals()
+    session: StrictTotals = Totals()
+    lifetime: StrictTotals = Totals()
     rates: dict[str, float] = field(default_factory=dict)  # "10s"/"300s" -> samples/s, fwd+bwd
     history: tuple[float, ...] = ()  # samples/s per HISTORY_BUCKET, oldest first
     telemetry: Telemetry | None = None
     swarm: SwarmView | None = None
     plans: tuple[dict[str, Any], ...] = ()  # one memory plan per serving device (sizing.Plan.to_dict)
-    verified: dict[str, Any] | None = None  # its coordinator leaderboard line (coordinator.Verified)
+    verified: Verified | None = None  # its coordinator leaderboard line
     events: tuple[str, ...] = ()  # the latest notable events, oldest first, "HH:MM:SS message"
     pause_reasons: tuple[str, ...] = ()  # why the volunteer is paused ("paused by the user", "outside 22-08")
-    limits: dict[str, Any] = field(default_factory=dict)  # what the owner allowed: power, threads, memory...
+    limits: Limits | None = None  # what the owner allowed: power, threads, memory...
 
     @property
     def uptime(self) -> float:
@@ -183,25 +220,28 @@ class StatsSnapshot:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["state"] = self.state.value
         data["uptime"] = self.uptime
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StatsSnapshot:
-        """Rebuild what ``to_dict`` made (``volunteer monitor`` renders a remote client's snapshot)."""
-        data = dict(data)
-        data.pop("uptime", None)
-        data["experts"] = tuple(
-            ExpertView(ExpertStats(**e["stats"]), e["forward_rate"], e["backward_rate"]) for e in data["experts"]
-        )
-        data["session"], data["lifetime"] = Totals.from_dict(data["session"]), Totals.from_dict(data["lifetime"])
-        data["history"] = tuple(data.get("history", ()))
-        data["plans"] = tuple(data.get("plans", ()))
-        data["events"] = tuple(data.get("events", ()))
-        data["pause_reasons"] = tuple(data.get("pause_reasons", ()))
-        data["telemetry"] = Telemetry.from_dict(data["telemetry"]) if data.get("telemetry") else None
-        data["swarm"] = SwarmView(**data["swarm"]) if data.get("swarm") else None
-        return cls(**data)
+        """Rebuild what ``to_dict`` made (``volunteer monitor`` renders a remote client's snapshot).
+        ``uptime`` is derived, so it is left out. Raises ``SnapshotError`` in one line."""
+        try:
+            return _SNAPSHOT.validate_python({k: v for k, v in data.items() if k != "uptime"})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise SnapshotError(f"{where}: {first['msg']}"[:300]) from None
+
+
+class SnapshotError(TypeError, ValueError):
+    """A snapshot in a form this version cannot read: a TypeError for the CLI's "another version"
+    message, a ValueError as every rejected input is."""
+
+
+_SNAPSHOT = TypeAdapter(StatsSnapshot)
 
 
 class RateMeter:
@@ -239,25 +279,24 @@ class RateMeter:
 
 
 class StatsCollector:
-    """Everything the views show, gathered in one place; pollers write into it, views read snapshots."""
+    """The counters' rates and totals, plus what the pollers read last; views read snapshots."""
 
     def __init__(self, experiment: str, peer_id: str, device: str, counters: Iterable[ExpertCounters],
-                 lifetime: LifetimeStore, plans: Iterable[dict[str, Any]] = ()):
+                 lifetime: LifetimeStore, plans: Iterable[dict[str, Any]] = (), limits: Limits | None = None):
         self.experiment, self.peer_id, self.device = experiment, peer_id, device
         self.counters = list(counters)
         self.store = lifetime
         self.lifetime_base = lifetime.load()
         self.started = time.time()
-        self.state = "joining"
-        self.plans = tuple(plans)
+        self.limits = limits
         self.meter = RateMeter()
-        self.telemetry: Telemetry | None = None
-        self.swarm: SwarmView | None = None
-        self.verified: dict[str, Any] | None = None
+        self.readings = Readings(plans=tuple(plans))
         self.events: deque[str] = deque(maxlen=8)
-        self.pause_reasons: tuple[str, ...] = ()
-        self.limits: dict[str, Any] = {}
         self._saved = self.lifetime_base
+
+    def fold(self, **readings: Any) -> None:
+        """Keep what a poller returned (``Readings``' field names); the one way readings get in."""
+        self.readings = replace(self.readings, **readings)
 
     def sample(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -272,7 +311,8 @@ class StatsCollector:
         now = time.time() if now is None else now
         return Totals.of((c.snapshot() for c in self.counters), now - self.started)
 
-    def snapshot(self) -> StatsSnapshot:
+    def snapshot(self, state: NodeState = NodeState.JOINING, pause_reasons: tuple[str, ...] = ()) -> StatsSnapshot:
+        """Everything the views show; ``state`` and ``pause_reasons`` are the node's (``VolunteerNode.snapshot``)."""
         now = time.time()
         window = RATE_WINDOWS[0]
         experts = tuple(
@@ -280,12 +320,14 @@ class StatsCollector:
             for s in (c.snapshot() for c in self.counters)
         )
         session = Totals.of((e.stats for e in experts), now - self.started)
+        readings = self.readings
         return StatsSnapshot(
-            time=now, experiment=self.experiment, peer_id=self.peer_id, state=self.state, device=self.device,
+            time=now, experiment=self.experiment, peer_id=self.peer_id, state=state, device=self.device,
             started=self.started, experts=experts, session=session, lifetime=self.lifetime_base + session,
             rates={f"{w:.0f}s": self.meter.rate("samples", w) for w in RATE_WINDOWS},
-            history=self.meter.history("samples"), telemetry=self.telemetry, swarm=self.swarm, plans=self.plans, verified=self.verified,
-            events=tuple(self.events), pause_reasons=self.pause_reasons, limits=self.limits,
+            history=self.meter.history("samples"), telemetry=readings.telemetry, swarm=readings.swarm,
+            plans=readings.plans, verified=readings.verified, events=tuple(self.events),
+            pause_reasons=pause_reasons, limits=self.limits,
         )
 
     def note(self, message: str) -> None:
@@ -299,4 +341,3 @@ class StatsCollector:
         self.store.save(lifetime)
         self._saved = lifetime
         return lifetime
-

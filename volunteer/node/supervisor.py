@@ -1,25 +1,32 @@
-"""The running volunteer: a trio supervisor around a started ``VolunteerNode``.
+"""The running volunteer's life cycle: start a node, supervise it, drain it, restart or stop.
 
-``run_volunteer`` takes the state dir's lock, starts the node on the main thread, then runs
-``supervise``: pollers that sample the stats, read the machine and the swarm, save lifetime totals
-and checkpoints and re-announce; the control socket; the dashboard or the headless JSON lines. A
-signal, ``volunteer stop`` or ``q`` starts the drain (state ``draining``): pollers stop, the node
-withdraws, checkpoints and leaves, the views stay up until it is done. A second signal exits at once.
-A rebalance, or a node whose hivemind machinery died (``_watch_node``), drains the same way and then
-starts a node again; the owner's limits pause and resume it (``limits.Pauser``).
+``run_volunteer`` takes the state dir's lock, starts the node (on its ``NodeThread``), then runs
+``supervise``: the pollers (``node.pollers``: the stats, the machine, the swarm), saving lifetime
+totals and checkpoints, re-announcing; the control socket; the dashboard (a runner the CLI passes in,
+so the running node never imports the views) or the headless JSON lines. A signal, ``volunteer stop``
+or ``q`` starts the drain (state ``draining``): pollers stop, the node withdraws, checkpoints and
+leaves, the views stay up until it is done. A second signal exits at once. A rebalance, or a node
+whose hivemind machinery died (``_watch_node``), drains the same way and then starts a node again;
+the owner's limits pause and resume it (``limits.Pauser``).
+
+One trio loop for the client's whole life (``Life``): the signals, the control socket and each node's
+supervision share its nursery, so a stop between two nodes is the same stop as while one serves.
+Nodes are started and stopped on one long-lived ``NodeThread``: hivemind's DHT and p2pd children die
+(PR_SET_PDEATHSIG) with the *thread* that forked them, and trio's worker threads come and go.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import queue
 import random
 import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -31,14 +38,24 @@ from volunteer.core.procgroup import (
     become_supervisor,
     exit_now,
     isolate_workers,
+    unwrap,
 )
-from volunteer.core.seed_client import CoordinatorError, fetch_verified
 from volunteer.host.telemetry import TelemetryReader
-from volunteer.node import swarm
 from volunteer.node.control import ControlServer, socket_path
-from volunteer.node.limits import Pauser, limits_of
+from volunteer.node.limits import Pauser
 from volunteer.node.node import NodeInfo, VolunteerNode, load_experiment
+from volunteer.node.pollers import (
+    SwarmPoller,
+    every,
+    read_telemetry,
+    read_verified,
+    stats_line,
+)
+from volunteer.node.stats import NodeState, StatsSnapshot
 from volunteer.planning.rebalance import Rebalance
+
+# views.dashboard.run_dashboard: shows snapshots until ``q`` ("quit") or cancelled; keys=False: no keys
+DashboardRunner = Callable[..., Awaitable[str | None]]
 
 logger = logging.getLogger(__name__)
 SAMPLE_PERIOD = 1.0
@@ -52,10 +69,12 @@ RESTART_WINDOW = 3600.0  # more failures than RESTART_DELAYS in this many second
 
 
 def run_volunteer(
-    settings: Settings, paths: Paths, *, events: EventLog | None = None, dashboard: bool = False,
+    settings: Settings, paths: Paths, *, events: EventLog | None = None, dashboard: DashboardRunner | None = None,
     on_ready: Callable[[NodeInfo], None] = lambda info: None,
 ) -> NodeInfo | None:
-    """Run a volunteer until it is stopped. Raises on bad input before anything is served."""
+    """Run a volunteer until it is stopped. Raises on bad input before anything is served.
+
+    ``dashboard``: the runner of the dashboard (``views.dashboard.run_dashboard``); None: headless."""
     become_supervisor()
     isolate_workers()  # before any fork: hivemind's processes go in a group the terminal does not signal
     # NVML numbers GPUs by PCI bus, CUDA by speed unless told otherwise: make "cuda:N" mean the same GPU
@@ -65,86 +84,149 @@ def run_volunteer(
     warning = lock.acquire()
     if warning:
         logger.warning(warning)
-    node, prefer, restore_logs = None, (), None
-    failures = FailureBudget()
-    pause_reasons: dict[str, str] | None = None
-    # while no node is supervised (starting, between restarts) SIGTERM and SIGHUP still stop cleanly
-    handlers = {signum: signal.signal(signum, _raise_stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    info = None
+    life = Life(settings, paths, events, dashboard, control, on_ready)
     try:
-        experiment = load_experiment(settings, paths)
+        return trio.run(life.run)
+    except BaseExceptionGroup as group:  # the one error of the life's nursery, as the caller knows it
+        error = unwrap(group)
+        if error is group:
+            raise
+        raise error from None
+    finally:
+        life.close()
+        lock.release()
+
+
+class Life:
+    """One trio loop for the whole client: signals, the control socket and each node's supervision
+    share its nursery; nodes are started and stopped on one long-lived ``NodeThread``."""
+
+    def __init__(self, settings: Settings, paths: Paths, events: EventLog | None, dashboard: DashboardRunner | None,
+                 control: ControlServer, on_ready: Callable[[NodeInfo], None]):
+        self.settings, self.paths, self.events, self.dashboard = settings, paths, events, dashboard
+        self.control, self.on_ready = control, on_ready
+        self.node: VolunteerNode | None = None
+        self.info: NodeInfo | None = None
+        self.stopping = Stopping()
+        self.node_thread = NodeThread()
+        self._restore_logs: Callable[[], None] | None = None
+
+    async def run(self) -> NodeInfo | None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, self.stopping)
+            await self._serve(nursery)
+            nursery.cancel_scope.cancel()
+        return self.info
+
+    async def _serve(self, nursery: trio.Nursery) -> None:
+        """Start a node, supervise it; again after a rebalance with the uids it chose, or after a failure."""
+        settings, paths = self.settings, self.paths
+        experiment = await self.node_thread.run(load_experiment, settings, paths)
         startup: list[str] = []
-        if dashboard:
+        if self.dashboard is not None:
             # hivemind's workers, forked below, keep the log handlers they are born with: give them
             # the log file now, or their warnings would tear the dashboard's screen
             log_file = paths.state_dir / "volunteer.log"
             print(f"joining the swarm of {experiment.manifest.name}; the dashboard follows (log: {log_file})",
                   flush=True)
-            restore_logs = divert_logs_for_dashboard(startup.append, log_file)
-        # on a restart, the control socket answers "restarting" and takes a stop (between_runs)
-        between: contextlib.AbstractContextManager = contextlib.nullcontext()
-        delay = 0.0
-        while True:  # once; again after a rebalance with the uids it chose, or after a failure
-            with between:
-                time.sleep(delay)
-                node = VolunteerNode(settings, paths, experiment, events, prefer=prefer)
-                try:
-                    # Started on the main thread, not a trio worker: a child's PDEATHSIG fires when the
-                    # *thread* that forked it exits, and trio retires idle worker threads after seconds.
-                    info = node.start()
-                except Exception as e:
-                    node.shutdown()
-                    if info is None:  # the first start: bad input or a broken machine, said in one line
-                        raise
-                    (events or node.events).emit("restart_failed", f"restart failed: {type(e).__name__}: {e}",
-                                                 error=str(e))
-                    delay = failures.next_delay(f"restart failed: {e}")
-                    continue
+            self._restore_logs = divert_logs_for_dashboard(startup.append, log_file)
+        failures, prefer, pause_reasons, delay = FailureBudget(), (), None, 0.0
+        while True:
+            with trio.move_on_after(delay):  # a stop ends the wait before a restart
+                await self.stopping.event.wait()
+            if self.stopping.by_user:
+                logger.info("stopped while no node was serving")
+                return
+            self.node = node = VolunteerNode(settings, paths, experiment, self.events, prefer=prefer)
+            try:
+                info = await self.node_thread.run(node.start)
+            except Exception as e:
+                await self.node_thread.run(node.shutdown)
+                if self.info is None:  # the first start: bad input or a broken machine, said in one line
+                    raise
+                node.events.emit("restart_failed", f"restart failed: {type(e).__name__}: {e}", error=str(e))
+                delay = failures.next_delay(f"restart failed: {e}")
+                continue
+            self.info = info
+            if self.stopping.by_user:  # asked while it started: it never served, it only leaves
+                await self.node_thread.run(node.shutdown)
+                return
             for line in startup:  # warnings of the start, for the events panel
                 node.collector.note(line)
-            on_ready(info)
-            outcome = trio.run(supervise, node, control, dashboard, pause_reasons)  # it drains and shuts the node down
+            self.on_ready(info)
+            if not self.control.serving:  # from the first start on; `volunteer status` works from "serving"
+                await nursery.start(self.control.serve)
+            outcome = await supervise(node, self.control, self.dashboard, pause_reasons, self.stopping)
             if not outcome.failure and not outcome.uids:
-                return info
+                return
             delay = failures.next_delay(outcome.failure) if outcome.failure else 0.0
             prefer, pause_reasons = outcome.uids, outcome.pause_reasons
-            between = between_runs(control, node.collector.snapshot().to_dict())
-    except StopRequested as e:
-        logger.info(f"{e} while no node was serving: stopped")
-        return info
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        if node is not None:
-            node.shutdown()
-        if restore_logs is not None:
-            restore_logs()
-        lock.release()
+            self.control.handlers = _restarting_handlers(node.snapshot().to_dict(), self.stopping)
+            self.stopping.next_run()
+
+    def close(self) -> None:
+        """Whatever happened: the node leaves, the logs go back, the node thread ends."""
+        if self.node is not None:
+            self.node.shutdown()  # safe twice
+        if self._restore_logs is not None:
+            self._restore_logs()
+        self.node_thread.close()
 
 
-def between_runs(control: ControlServer, last: dict[str, Any]) -> contextlib.AbstractContextManager:
+class NodeThread:
+    """The one long-lived thread that starts and stops nodes.
+
+    hivemind's DHT and p2pd die (PR_SET_PDEATHSIG) when the *thread* that forked them exits, and
+    trio retires an idle worker thread after 10 s: a DHT started from ``trio.to_thread`` died then.
+    Tried: a DHT started from a thread like this one stayed alive while trio's workers came and went."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name="volunteer-node", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    async def run(self, action: Callable[..., Any], *args: Any) -> Any:
+        """``action(*args)`` on this thread. Not cancellable: a start half done must end before it is undone."""
+        token, done, result = trio.lowlevel.current_trio_token(), trio.Event(), {}
+
+        def job() -> None:
+            try:
+                result["value"] = action(*args)
+            except BaseException as e:
+                result["error"] = e
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        self._jobs.put(job)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+
+def _restarting_handlers(last: dict[str, Any], stopping: Stopping) -> dict[str, Any]:
     """The control socket while a restart waits and starts its node: ``status`` gives the last figures
-    as state "restarting", ``stop`` stops the client as SIGTERM does (the main thread's handler)."""
+    as state "restarting", ``stop`` stops the client as a signal would."""
 
     async def status(request: dict[str, Any]) -> dict[str, Any]:
-        return dict(status={**last, "state": "restarting", "time": time.time()})
+        return dict(status={**last, "state": NodeState.RESTARTING.value, "time": time.time()})
 
     async def stop(request: dict[str, Any]) -> dict[str, Any]:
         logger.info("stop requested over the control socket while restarting")
-        os.kill(os.getpid(), signal.SIGTERM)
+        stopping.by_user_now()
         return dict(pid=os.getpid())
 
-    return ControlServer(control.path, dict(status=status, stop=stop)).in_thread()
-
-
-class StopRequested(BaseException):
-    """SIGTERM or SIGHUP while no node is being supervised: stop, as a drain would. A BaseException,
-    as KeyboardInterrupt is, so that no ``except Exception`` (ours around a restart, or hivemind's)
-    takes it for a failure."""
-
-
-def _raise_stop(signum: int, frame: object) -> None:
-    raise StopRequested(signal.Signals(signum).name)
+    return dict(status=status, stop=stop)
 
 
 @dataclass(frozen=True)
@@ -179,39 +261,39 @@ class NodeFailed(RuntimeError):
     """The node kept failing: the client exits 1 and leaves it to its service manager."""
 
 
-async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool = False,
-                    pause_reasons: dict[str, str] | None = None) -> Outcome:
+async def supervise(node: VolunteerNode, control: ControlServer, dashboard: DashboardRunner | None,
+                    pause_reasons: dict[str, str] | None, stopping: Stopping) -> Outcome:
     """Run until stopped or the node fails; drain, shut the node down, and say what comes next.
 
-    ``pause_reasons``: those of the node before a restart; it starts paused while any holds."""
+    ``control``: served already (``Life``); its handlers become this node's. ``pause_reasons``: those
+    of the node before a restart; it starts paused while any holds."""
     settings, collector, events = node.settings, node.collector, node.events
-    stopping = Stopping()
-    pauser = Pauser(node, pause_reasons)
+    pauser = Pauser(node, settings, events.emit, pause_reasons, serving_gpus=_serving_gpus(node))
     if pauser.reasons:
         await trio.to_thread.run_sync(pauser.update, {})
-    collector.limits = limits_of(settings)
-    control.handlers.update(_control_handlers(node, stopping, pauser))
+    control.handlers = _control_handlers(node, stopping, pauser)
     async with trio.open_nursery() as views:
-        views.start_soon(_watch_signals, stopping)
-        await views.start(control.serve)
         node.report_serving()  # after the socket is up, so `volunteer status` works from this line on
-        if dashboard:
-            views.start_soon(_run_dashboard, node, stopping)
+        if dashboard is not None:
+            views.start_soon(_run_dashboard, node, stopping, dashboard)
         async with trio.open_nursery() as work:
+            fold = collector.fold  # what the pollers return goes in here, and only here
             if settings.stats:  # off: counters only (benchmarks measure what the rest costs)
-                work.start_soon(partial(_every, SAMPLE_PERIOD, collector.sample, first=0))
-                work.start_soon(partial(_every, SWARM_PERIOD, _SwarmPoller(node), first=1, abandon=True))
+                work.start_soon(partial(every, SAMPLE_PERIOD, collector.sample, first=0))
+                work.start_soon(partial(every, SWARM_PERIOD, SwarmPoller(node), first=1, abandon=True, fold=fold))
                 if settings.coordinator:
-                    work.start_soon(partial(_every, VERIFIED_PERIOD, partial(_read_verified, node), first=5))
+                    work.start_soon(partial(every, VERIFIED_PERIOD, partial(read_verified, node), first=5, fold=fold))
             if settings.stats or settings.max_temp is not None or settings.pause_on_gpu_use:  # limits need it
                 reader = TelemetryReader()
-                work.start_soon(partial(_every, TELEMETRY_PERIOD, partial(_read_telemetry, node, reader), first=0))
-            work.start_soon(partial(_every, TELEMETRY_PERIOD, pauser.check_limits, first=0.5))
-            work.start_soon(_every, LIFETIME_SAVE_PERIOD, collector.persist)
-            work.start_soon(_every, settings.checkpoint_interval, node.checkpoint)
-            work.start_soon(partial(_every, settings.announce_interval, node.announce, abandon=True))
-            if not dashboard:
-                work.start_soon(_every, settings.log_interval, lambda: events.write(_stats_line(collector)))
+                work.start_soon(partial(every, TELEMETRY_PERIOD, partial(read_telemetry, node, reader), first=0,
+                                        fold=fold))
+            work.start_soon(partial(every, TELEMETRY_PERIOD, lambda: pauser.check_limits(collector.readings.telemetry),
+                                    first=0.5))
+            work.start_soon(every, LIFETIME_SAVE_PERIOD, collector.persist)
+            work.start_soon(every, settings.checkpoint_interval, node.checkpoint)
+            work.start_soon(partial(every, settings.announce_interval, node.announce, abandon=True))
+            if dashboard is None:
+                work.start_soon(every, settings.log_interval, lambda: events.write(stats_line(node.snapshot())))
             if settings.rebalance_period > 0:
                 work.start_soon(_rebalance, node, stopping)
             work.start_soon(_watch_node, node, stopping)
@@ -227,7 +309,7 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
         await trio.to_thread.run_sync(node.drain)
         await trio.to_thread.run_sync(node.shutdown)
         events.emit("stopped", f"left the swarm in {time.monotonic() - started:.1f} s",
-                    lifetime=collector.snapshot().lifetime.__dict__)
+                    lifetime=node.snapshot().lifetime.__dict__)
         views.cancel_scope.cancel()
     if stopping.by_user:  # a stop during a rebalance's or a failure's drain is still a stop
         return Outcome()
@@ -237,6 +319,11 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: bool
         return Outcome()
     return Outcome(tuple([uid for uid in node.info.uids if uid not in moves.drop] + list(moves.take)),
                    pause_reasons=pauser.reasons)
+
+
+def _serving_gpus(node: VolunteerNode) -> set[int]:
+    """The NVML indices of the GPUs this node serves on (heat and games count there only)."""
+    return {d.index for d in node.info.placement.devices if d.is_gpu}
 
 
 async def _watch_node(node: VolunteerNode, stopping: Stopping) -> None:
@@ -256,7 +343,7 @@ async def _rebalance(node: VolunteerNode, stopping: Stopping) -> None:
     rng = random.Random()
     while True:
         await trio.sleep(node.settings.rebalance_period * rng.uniform(0.5, 1.5))
-        if node.collector.state != "serving":
+        if node.state is not NodeState.SERVING:
             continue
         try:
             found = await trio.to_thread.run_sync(node.rebalance, abandon_on_cancel=True)
@@ -270,7 +357,7 @@ async def _rebalance(node: VolunteerNode, stopping: Stopping) -> None:
 
 def _control_handlers(node: VolunteerNode, stopping: Stopping, pauser: Pauser) -> dict[str, Any]:
     async def status(request: dict[str, Any]) -> dict[str, Any]:
-        return dict(status=node.collector.snapshot().to_dict())
+        return dict(status=node.snapshot().to_dict())
 
     async def stop(request: dict[str, Any]) -> dict[str, Any]:
         logger.info("stop requested over the control socket")
@@ -279,18 +366,18 @@ def _control_handlers(node: VolunteerNode, stopping: Stopping, pauser: Pauser) -
 
     async def pause(request: dict[str, Any]) -> dict[str, Any]:
         await trio.to_thread.run_sync(pauser.set, "user", "paused by the user")
-        return dict(state=node.collector.state, reasons=list(node.collector.pause_reasons))
+        return dict(state=node.state.value, reasons=list(node.pause_reasons))
 
     async def resume(request: dict[str, Any]) -> dict[str, Any]:
         await trio.to_thread.run_sync(pauser.set, "user", None)
-        return dict(state=node.collector.state, reasons=list(node.collector.pause_reasons))
+        return dict(state=node.state.value, reasons=list(node.pause_reasons))
 
     return dict(status=status, stop=stop, pause=pause, resume=resume)
 
 
 class Stopping:
     """Why the supervisor is leaving: the owner asked (signal, `volunteer stop`, `q`), or a rebalance
-    wants a restart. A stop by the owner always wins, and only a second one exits without draining."""
+    or a failure wants a restart. One for the client's life (``next_run`` between nodes). A stop by the owner always wins, and only a second one exits without draining."""
 
     def __init__(self) -> None:
         self.event = trio.Event()
@@ -310,6 +397,11 @@ class Stopping:
         self.failure = failure
         self.event.set()
 
+    def next_run(self) -> None:
+        """A restart: the next node's run starts afresh, unless the owner asked to stop meanwhile."""
+        if not self.by_user:
+            self.event, self.rebalance, self.failure = trio.Event(), None, None
+
 
 async def _watch_signals(stopping: Stopping) -> None:
     # SIGHUP: the terminal went away (ssh dropped, tmux killed); leave as cleanly as on SIGTERM
@@ -324,16 +416,13 @@ async def _watch_signals(stopping: Stopping) -> None:
             stopping.by_user_now()
 
 
-async def _run_dashboard(node: VolunteerNode, stopping: Stopping) -> None:
-    from volunteer.views.dashboard import run_dashboard
+async def _run_dashboard(node: VolunteerNode, stopping: Stopping, run_dashboard: DashboardRunner) -> None:
+    async def snapshot() -> StatsSnapshot:
+        return node.snapshot()
 
-    collector = node.collector
-
-    async def snapshot():
-        return collector.snapshot()
-
-    restore = divert_logs_for_dashboard(collector.note, node.paths.state_dir / "volunteer.log")
-    node.events.sink = collector.note
+    notes = node.collector.note  # log lines and events go to the dashboard's events panel
+    restore = divert_logs_for_dashboard(notes, node.paths.state_dir / "volunteer.log")
+    node.events.sink = notes
     try:
         while True:  # after `q` the screen stays up, without keys, to show the drain
             if await run_dashboard(snapshot, keys=not stopping.by_user) == "quit":
@@ -343,60 +432,3 @@ async def _run_dashboard(node: VolunteerNode, stopping: Stopping) -> None:
     finally:
         node.events.sink = None
         restore()
-
-
-class _SwarmPoller:
-    """Reads the swarm panel's figures and reports volunteers that come and go."""
-
-    def __init__(self, node: VolunteerNode):
-        self.node = node
-        self.known: set[str] | None = None
-
-    def __call__(self) -> None:
-        node = self.node
-        view, others = swarm.read_swarm_view(node.dht, node.manifest.dht_prefix, node.manifest.all_uids(),
-                                             node.info.uids, node.info.peer_id)
-        node.collector.swarm = view
-        if self.known is not None:
-            for peer in sorted(self.known - others):
-                node.events.emit("peer_lost", f"volunteer {peer} left the swarm", peer_id=peer)
-            for peer in sorted(others - self.known):
-                node.events.emit("peer_joined", f"volunteer {peer} joined the swarm", peer_id=peer)
-        self.known = others
-
-
-def _read_verified(node: VolunteerNode) -> None:
-    try:
-        verified = fetch_verified(node.settings.coordinator, node.info.peer_id)
-    except CoordinatorError as e:  # no news: the last line read stays on screen
-        logger.debug(str(e))
-        return
-    node.collector.verified = asdict(verified)
-
-
-def _read_telemetry(node: VolunteerNode, reader: TelemetryReader) -> None:
-    collector = node.collector
-    collector.telemetry = reader.read()
-    collector.plans = tuple({**plan, "measured_peak_bytes": check.measured_bytes, "plan_check": check.to_dict()}
-                            for plan, check in zip(collector.plans, node.check_plans()))
-
-
-def _stats_line(collector) -> dict[str, Any]:
-    figures = collector.snapshot().to_dict()
-    del figures["plans"], figures["events"]  # the plans are in the serving event; events are lines of their own
-    return {"event": "stats", **figures}
-
-
-async def _every(period: float, action: Callable[[], object], *, first: float | None = None,
-                 abandon: bool = False) -> None:
-    """Run ``action`` in a worker thread every ``period`` seconds, the first time after ``first``.
-
-    ``abandon``: on cancel, stop waiting for a call in flight. For DHT reads and writes, which block
-    for ever once the DHT process is dead: the drain must not wait for them."""
-    await trio.sleep(period if first is None else first)
-    while True:
-        try:
-            await trio.to_thread.run_sync(action, abandon_on_cancel=abandon)
-        except Exception as e:  # one failed poll, save or announce must not stop serving
-            logger.warning(f"{getattr(action, '__name__', type(action).__name__)} failed: {type(e).__name__}: {e}")
-        await trio.sleep(period)

@@ -30,7 +30,9 @@ from rich.table import Table
 from rich.text import Text
 
 from volunteer.core.procgroup import forget_on_exit_now, on_exit_now
+from volunteer.core.seed_client import Verified
 from volunteer.host.telemetry import Telemetry
+from volunteer.node.limits import Limits
 from volunteer.node.stats import StatsSnapshot, Totals
 from volunteer.planning.devices import Device
 
@@ -187,7 +189,7 @@ def _swarm(s: StatsSnapshot) -> RenderableType:
     return grid
 
 
-def _contribution(session: Totals, lifetime: Totals, verified: dict | None = None) -> Table:
+def _contribution(session: Totals, lifetime: Totals, verified: Verified | None = None) -> Table:
     table = Table(box=None, expand=True, header_style="bold", pad_edge=False)
     for name in ("", "session", "lifetime"):
         table.add_column(name, justify="right" if name else "left", style=None if name else "bold", no_wrap=True)
@@ -200,17 +202,17 @@ def _contribution(session: Totals, lifetime: Totals, verified: dict | None = Non
     ):
         table.add_row(label, show(session), show(lifetime))
     if verified is not None:  # the coordinator's leaderboard: what its trainers saw this volunteer answer
-        rank = verified.get("rank")
-        table.add_row("verified", f"#{rank}/{verified.get('volunteers', 0)}" if rank else "",
-                      f"{verified.get('forward_samples', 0) + verified.get('backward_samples', 0):,}")
+        rank = verified.rank
+        table.add_row("verified", f"#{rank}/{verified.volunteers}" if rank else "",
+                      f"{verified.forward_samples + verified.backward_samples:,}")
     return table
 
 
-def verified_text(verified: dict) -> str:
+def verified_text(verified: Verified) -> str:
     """``12,345 (#3 of 40)``: samples its trusted trainers counted, and the rank on the leaderboard."""
-    samples = verified.get("forward_samples", 0) + verified.get("backward_samples", 0)
-    rank = verified.get("rank")
-    return f"{samples:,}" + (f" (#{rank} of {verified.get('volunteers', 0)})" if rank else "")
+    samples = verified.forward_samples + verified.backward_samples
+    rank = verified.rank
+    return f"{samples:,}" + (f" (#{rank} of {verified.volunteers})" if rank else "")
 
 
 def _experts(s: StatsSnapshot, height: int) -> RenderableType:
@@ -262,13 +264,15 @@ def _header(s: StatsSnapshot, width: int) -> Text:
     return header
 
 
-def limits_text(limits: dict) -> str:
+def limits_text(limits: Limits | None) -> str:
     """The owner's limits that are set, e.g. "power medium, 2 threads, 22-08, max 80°C"."""
-    parts = [f"power {limits['power']}" if limits.get("power", "full") != "full" else None,
-             f"{limits['cpu_threads']} threads" if limits.get("cpu_threads") else None,
-             f"hours {limits['run_hours']}" if limits.get("run_hours") else None,
-             f"max {limits['max_temp']:.0f}°C" if limits.get("max_temp") else None,
-             "yields the GPU" if limits.get("pause_on_gpu_use") else None]
+    if limits is None:
+        return ""
+    parts = [f"power {limits.power}" if limits.power != "full" else None,
+             f"{limits.cpu_threads} threads" if limits.cpu_threads else None,
+             f"hours {limits.run_hours}" if limits.run_hours else None,
+             f"max {limits.max_temp:.0f}°C" if limits.max_temp else None,
+             "yields the GPU" if limits.pause_on_gpu_use else None]
     return ", ".join(filter(None, parts))
 
 
