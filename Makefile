@@ -3,6 +3,8 @@
 # that fits the machine: PyTorch's CPU index where nvidia-smi finds no GPU (PyPI's Linux torch is the
 # CUDA build, gigabytes of nvidia-* wheels), PyPI where it does. `make test TORCH_INDEX=` forces PyPI;
 # TORCH_INDEX=https://download.pytorch.org/whl/cu128 (say) picks another of PyTorch's indexes.
+# --retries 2: where that index cannot be reached but pip has local wheels (find-links), pip's five
+# retries a package cost 76 s before it fell back to them; two cost 6 s.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
@@ -13,7 +15,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q --retries 2 torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
