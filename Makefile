@@ -1,19 +1,33 @@
 # The two set-up commands of the README: `make demo` (the main job) and `make test`.
-# Both build .venv from scratch on a fresh machine; torch is pinned first so that pip takes the
-# local CPU build instead of resolving a newer release with gigabytes of CUDA wheels.
+# Both build .venv from scratch on a fresh machine; torch is installed first, pinned, from the index
+# that fits the machine: PyTorch's CPU index where nvidia-smi finds no GPU (PyPI's Linux torch is the
+# CUDA build, gigabytes of nvidia-* wheels), PyPI where it does. `make test TORCH_INDEX=` forces PyPI;
+# TORCH_INDEX=https://download.pytorch.org/whl/cu128 (say) picks another of PyTorch's indexes.
+# --retries 2: where that index cannot be reached but pip has local wheels (find-links), pip's five
+# retries a package cost 76 s before it fell back to them; two cost 6 s.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(shell nvidia-smi -L >/dev/null 2>&1 || echo $(TORCH_CPU_INDEX))
 
-$(VENV)/.installed: pyproject.toml
+$(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q --retries 2 torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: demo test
+.PHONY: demo test wheel
 demo: $(VENV)/.installed
 	$(VENV)/bin/volunteer demo $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(ARGS)
+
+# The release artifact: dist/hivemind_volunteer-<version>-py3-none-any.whl, without dependencies
+# (torch is chosen where it is installed; see the README's "Install").
+wheel: | $(PY)
+	rm -f dist/hivemind_volunteer-*.whl
+	$(PY) -m pip wheel -q --no-deps -w dist .
