@@ -127,7 +127,7 @@ class Terminal:
         self.home, self.session = home, f"volunteer-test-{os.getpid()}-{home.name}"
         self.exit_file = home / "exit-code"
         command = (f"VOLUNTEER_HOME={home} {sys.executable} -m volunteer.cli start --coordinator {url} "
-                   f"--host 127.0.0.1 --max-experts 2; echo $? > {self.exit_file}")
+                   f"--host 127.0.0.1 --max-experts 2; echo $? > {self.exit_file}; sleep 120")  # the screen stays
         _tmux("new-session", "-d", "-s", self.session, "-x", "140", "-y", "45", command)
 
     def screen(self) -> str:
@@ -170,6 +170,8 @@ def test_dashboard_in_a_real_terminal(seed, client, short_home: Path, terminal: 
     for panel in ("test-lm", uid, "swarm", "lifetime", "hardware", "experts", "samples/s"):
         assert panel in text, text
     assert any(prefix in text for prefix in ("CPU", "GPU")), text
+    # the events of the start (joined, serving), emitted before the dashboard ran, are in its panel
+    assert "none yet" not in text and "serving 2 experts" in text, text
 
     _tmux("send-keys", "-t", terminal.session, "q")
     exit_file = terminal.exit_file
@@ -178,6 +180,13 @@ def test_dashboard_in_a_real_terminal(seed, client, short_home: Path, terminal: 
     prefix = experiment.manifest.dht_prefix
     wait_for(lambda: all(r.peer_id != peer_id for r in records.read_volunteers(client, prefix)), 15,
              "the swarm to notice the volunteer left")
+    # a closing line on the terminal once the dashboard is gone: why, how long the drain took, the totals
+    closing = terminal.screen()
+    assert "stopped (q pressed): left the swarm in" in closing and "this session served " in closing, closing
+    # and the log file has the moments the dashboard showed, down to the end
+    log = (short_home / "state" / "volunteer.log").read_text()
+    for moment in ("joined", "serving 2 experts", "draining", "stopped (q pressed)"):
+        assert moment in log, log[-3000:]
 
 
 def test_closing_the_terminal_drains_the_client(seed, client, short_home: Path, terminal: Terminal):

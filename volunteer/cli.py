@@ -131,6 +131,8 @@ def start(
         if show_dashboard:
             from volunteer.views.dashboard import run_dashboard as runner
         run_volunteer(settings, default_paths(), events=events, dashboard=runner)
+        if show_dashboard and events.closing:  # the dashboard's screen is gone: say how it ended
+            typer.echo(events.closing)
     except BaseException as e:
         raise _exit_for(e)
 

@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -50,20 +51,42 @@ class JsonFormatter(logging.Formatter):
 
 
 class EventLog:
-    """Notable moments of a volunteer's life, for people (dashboard, terminal) and for machines (JSON)."""
+    """Notable moments of a volunteer's life, for people (dashboard, terminal) and for machines (JSON).
+
+    Headless (``json_stream``): one JSON line each. Otherwise each is a log record (so the dashboard's
+    log file keeps paused, resumed, draining and stopped too) and a line of the dashboard's events
+    panel; those emitted before the dashboard runs (joined, expert_restored, serving) wait in a short
+    backlog that ``attach`` replays, so the panel does not say "none yet" after them."""
+
+    BACKLOG = 50
 
     def __init__(self, json_stream: TextIO | None = None):
         self.json_stream = json_stream
         self.sink: Callable[[str], None] | None = None  # the dashboard's events panel, once it runs
-        self._logger = logging.getLogger("volunteer")
+        self.backlog: deque[str] = deque(maxlen=self.BACKLOG)
+        self.closing: str | None = None  # the "stopped" line, for the terminal once the dashboard is gone
+        self._logger = logging.getLogger("volunteer.events")
 
     def emit(self, event: str, message: str, **fields: Any) -> None:
+        if event == "stopped":
+            self.closing = message
         if self.json_stream is not None:
             self.write(dict(event=event, time=round(time.time(), 3), message=message, **fields))
-        elif self.sink is not None:
+            return
+        self._logger.info(message)
+        if self.sink is not None:
             self.sink(message)
         else:
-            self._logger.info(message)
+            self.backlog.append(message)
+
+    def attach(self, sink: Callable[[str], None]) -> None:
+        """Show events in ``sink`` from now on, the backlog first."""
+        while self.backlog:
+            sink(self.backlog.popleft())
+        self.sink = sink
+
+    def detach(self) -> None:
+        self.sink = None
 
     def write(self, line: dict[str, Any]) -> None:
         try:

@@ -223,7 +223,7 @@ def _restarting_handlers(last: dict[str, Any], stopping: Stopping) -> dict[str, 
 
     async def stop(request: dict[str, Any]) -> dict[str, Any]:
         logger.info("stop requested over the control socket while restarting")
-        stopping.by_user_now()
+        stopping.by_user_now("volunteer stop")
         return dict(pid=os.getpid())
 
     return dict(status=status, stop=stop)
@@ -308,8 +308,9 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: Dash
         events.emit("draining", "draining: withdrawn from the DHT, finishing requests, then saving and leaving")
         await trio.to_thread.run_sync(node.drain)
         await trio.to_thread.run_sync(node.shutdown)
-        events.emit("stopped", f"left the swarm in {time.monotonic() - started:.1f} s",
-                    lifetime=node.snapshot().lifetime.__dict__)
+        final = node.snapshot()
+        events.emit("stopped", closing_line(final, time.monotonic() - started, _why(stopping)),
+                    lifetime=final.lifetime.__dict__, session=final.session.__dict__, reason=_why(stopping))
         views.cancel_scope.cancel()
     if stopping.by_user:  # a stop during a rebalance's or a failure's drain is still a stop
         return Outcome()
@@ -361,7 +362,7 @@ def _control_handlers(node: VolunteerNode, stopping: Stopping, pauser: Pauser) -
 
     async def stop(request: dict[str, Any]) -> dict[str, Any]:
         logger.info("stop requested over the control socket")
-        stopping.by_user_now()
+        stopping.by_user_now("volunteer stop")
         return dict(pid=os.getpid())
 
     async def pause(request: dict[str, Any]) -> dict[str, Any]:
@@ -375,6 +376,29 @@ def _control_handlers(node: VolunteerNode, stopping: Stopping, pauser: Pauser) -
     return dict(status=status, stop=stop, pause=pause, resume=resume)
 
 
+def _why(stopping: Stopping) -> str:
+    if stopping.by_user:
+        return stopping.why
+    if stopping.failure:
+        return f"restarting: {stopping.failure}"
+    return "moving to other experts" if stopping.rebalance else "stopped"
+
+
+def closing_line(final: StatsSnapshot, drain_seconds: float, why: str) -> str:
+    """The one line a person reads when the client has left: why, how long leaving took, what was done."""
+    session, lifetime = final.session, final.lifetime
+    return (f"stopped ({why}): left the swarm in {drain_seconds:.1f} s; this session served "
+            f"{session.forward_samples:,} forward and {session.backward_samples:,} backward samples in "
+            f"{_duration(session.uptime_seconds)}; all runs: {lifetime.forward_samples:,} forward, "
+            f"{lifetime.backward_samples:,} backward in {_duration(lifetime.uptime_seconds)}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
 class Stopping:
     """Why the supervisor is leaving: the owner asked (signal, `volunteer stop`, `q`), or a rebalance
     or a failure wants a restart. One for the client's life (``next_run`` between nodes). A stop by the owner always wins, and only a second one exits without draining."""
@@ -384,8 +408,10 @@ class Stopping:
         self.by_user = False
         self.rebalance: Rebalance | None = None  # the moves to make before serving again
         self.failure: str | None = None  # what broke, when the node must be restarted
+        self.why = ""  # what the owner did to stop it, for the closing line
 
-    def by_user_now(self) -> None:
+    def by_user_now(self, why: str = "stop asked") -> None:
+        self.why = self.why or why
         self.by_user = True
         self.event.set()
 
@@ -413,7 +439,7 @@ async def _watch_signals(stopping: Stopping) -> None:
                 logger.warning(f"second {signal.Signals(signum).name}: exiting now without draining")
                 exit_now(128 + signum)
             logger.info(f"received {signal.Signals(signum).name}; draining (again to exit at once)")
-            stopping.by_user_now()
+            stopping.by_user_now(signal.Signals(signum).name)
 
 
 async def _run_dashboard(node: VolunteerNode, stopping: Stopping, run_dashboard: DashboardRunner) -> None:
@@ -422,13 +448,13 @@ async def _run_dashboard(node: VolunteerNode, stopping: Stopping, run_dashboard:
 
     notes = node.collector.note  # log lines and events go to the dashboard's events panel
     restore = divert_logs_for_dashboard(notes, node.paths.state_dir / "volunteer.log")
-    node.events.sink = notes
+    node.events.attach(notes)
     try:
         while True:  # after `q` the screen stays up, without keys, to show the drain
             if await run_dashboard(snapshot, keys=not stopping.by_user) == "quit":
-                stopping.by_user_now()
+                stopping.by_user_now("q pressed")
     except OSError as e:  # the terminal is gone (SIGHUP follows): serving and the drain go on without it
         logger.warning(f"the dashboard stopped: {e}")
     finally:
-        node.events.sink = None
+        node.events.detach()
         restore()
