@@ -13,7 +13,8 @@ from volunteer import __version__
 from volunteer.core.logs import setup_logging
 from volunteer.core.procgroup import become_supervisor, unwrap
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="The project's side of a volunteer swarm.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,  # plain help, as volunteer's
+                  help="The project's side of a volunteer swarm.")
 
 
 def _version(value: bool) -> None:
@@ -23,7 +24,8 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True)) -> None:
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version.")) -> None:
     """Bootstrap peer, experiment manifest over HTTP, and the trainer."""
 
 
@@ -88,9 +90,10 @@ def run(
 def train(
     coordinator: Optional[str] = typer.Option(None, help="Coordinator seed URL."),
     experiment: Optional[Path] = typer.Option(None, help="Manifest file, with --initial-peers."),
-    initial_peers: List[str] = typer.Option([], "--initial-peers"),
+    initial_peers: List[str] = typer.Option([], "--initial-peers", help="DHT multiaddrs to join, with "
+                                                                        "--experiment (repeat or comma-separate)."),
     steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
-    log_every: int = typer.Option(10),
+    log_every: int = typer.Option(10, help="Log the loss and publish progress every this many steps."),
     key: Optional[Path] = typer.Option(None, help="Key that signs the contributions it publishes (default: "
                                                   "trainer-key.der in the coordinator's data dir, the one "
                                                   "a seed on this machine trusts)."),

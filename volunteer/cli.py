@@ -15,7 +15,10 @@ from volunteer import __version__
 from volunteer.config.settings import KEYS, Key
 from volunteer.core.logs import setup_logging
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lend this machine to a hivemind MoE swarm.")
+# rich_markup_mode=None: click's plain help, whose option names never get cut at 80 columns and whose
+# flags read `--version`, not `--version <bool>` (typer's rich layout)
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Lend this machine to a hivemind MoE swarm.")
 EXIT_BAD_INPUT = 2
 
 
@@ -38,15 +41,18 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from hivemind.p2p import P2PDaemonError
-
     from volunteer.core.procgroup import AlreadyRunning
     from volunteer.core.seed_client import CoordinatorError
     from volunteer.node.control import ControlError
-    from volunteer.serving.backends import ServerStartError
 
-    # P2PDaemonError: the DHT could not start (port taken, no bootstrap peer reachable)
-    return (ValueError, CoordinatorError, AlreadyRunning, OSError, P2PDaemonError, ControlError, ServerStartError)
+    known: list[type[BaseException]] = [ValueError, CoordinatorError, AlreadyRunning, OSError, ControlError]
+    # P2PDaemonError: the DHT could not start (port taken, no bootstrap peer reachable). These two come
+    # from modules that load torch and hivemind (seconds): an error of a class never imported cannot
+    # have been raised, so `volunteer status` with nothing running does not pay for them.
+    for module, name in (("hivemind.p2p", "P2PDaemonError"), ("volunteer.serving.backends", "ServerStartError")):
+        if (loaded := sys.modules.get(module)) is not None:
+            known.append(getattr(loaded, name))
+    return tuple(known)
 
 
 def _exit_for(error: BaseException) -> BaseException:
@@ -270,7 +276,7 @@ def demo(
     raise typer.Exit(code)
 
 
-config_app = typer.Typer(no_args_is_help=True,
+config_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                          help="Settings: flags > VOLUNTEER_* environment > volunteer.toml > defaults.")
 app.add_typer(config_app, name="config")
 
