@@ -3,12 +3,15 @@ answers at once, commands whose every option says what it is."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from volunteer.demo import human_line
 
 STATUS_WITH_NOTHING_RUNNING = """
 import sys
@@ -48,3 +51,43 @@ def test_help_at_80_columns_shows_whole_option_names_and_help_for_each(argv: lis
     bare = [line for line in options if len(line.split(maxsplit=1)) == 1
             or line.split(maxsplit=1)[1].startswith("<") and len(line.split()) == 2]
     assert not bare, bare
+
+
+SERVING_EVENT = {"event": "serving", "time": 1.0, "message": "serving 4 experts of demo-lm on cpu as QmPeer",
+                 "peer_id": "QmPeer", "uids": [f"ffn0.0.{i}" for i in range(400)], "pids": {"dht": 1}}
+
+
+@pytest.mark.parametrize("line, shown", [
+    (json.dumps(SERVING_EVENT), "serving 4 experts of demo-lm on cpu as QmPeer"),
+    (json.dumps({"event": "stats", "time": 1.0, "session": {}}), None),
+    (json.dumps({"event": "log", "level": "INFO", "logger": "hivemind", "message": "chatter"}), None),
+    (json.dumps({"event": "log", "level": "WARNING", "logger": "x", "message": "disk almost full"}),
+     "warning: disk almost full"),
+    ("Traceback (most recent call last):\n", "Traceback (most recent call last):"),
+    ("[1, 2]\n", "[1, 2]"),
+])
+def test_the_demo_shows_a_person_each_json_lines_message(line: str, shown: str | None) -> None:
+    """Issue 15.5: one raw `serving` event was ~3,000 characters, ~20 wrapped lines."""
+    assert human_line(line) == shown
+
+
+def test_the_demo_cuts_long_lines_to_the_terminal() -> None:
+    long = json.dumps({"event": "peer_joined", "message": "x" * 500})
+    assert human_line(long, 60) == "x" * 59 + "…"
+
+
+@pytest.mark.integration
+def test_the_demo_trains_and_reads_as_lines_for_people(tmp_path: Path) -> None:
+    """The README's main command, end to end, as a person sees it at 100 columns."""
+    env = {**os.environ, "VOLUNTEER_HOME": str(tmp_path), "COLUMNS": "100", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "volunteer.cli", "demo", "--steps", "10", "--fresh"], env=env,
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    volunteer = [line for line in lines if line.startswith("[volunteer0] ")]
+    assert volunteer and not any(line.startswith('[volunteer0] {"') for line in volunteer), volunteer[:5]
+    assert all(len(line) <= 100 for line in volunteer), max(volunteer, key=len)
+    assert any("serving" in line for line in volunteer), volunteer
+    assert any(line.startswith("[trainer] ") and "step 10 loss" in line and "experts alive" in line
+               for line in lines), lines[-20:]
+    assert (tmp_path / "data" / "demo").is_dir()

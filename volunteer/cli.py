@@ -264,13 +264,15 @@ def hardware(
 def demo(
     volunteers: int = typer.Option(1, min=1, max=4, help="Volunteers to start on this machine."),
     steps: Optional[int] = typer.Option(None, help="Trainer steps, then stop (default: until Ctrl-C)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the demo's folder first (identities, "
+                                                      "checkpoints, leaderboard): a new swarm."),
 ) -> None:
     """Run a whole swarm on loopback: a coordinator seed, volunteers and the trainer."""
     from volunteer.demo import run_demo
 
     setup_logging(False)
     try:
-        code = run_demo(volunteers=volunteers, steps=steps)
+        code = run_demo(volunteers=volunteers, steps=steps, fresh=fresh)
     except BaseException as e:
         raise _exit_for(e)
     raise typer.Exit(code)

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Callable, Sequence
 
 import httpx
 
@@ -21,8 +21,10 @@ import httpx
 class ChildProcess:
     """A child process whose output lines can be awaited (bounded) and that is stopped with its group."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, echo: IO[str] | None = None):
-        self.name, self.echo = name, echo
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, echo: IO[str] | None = None,
+                 render: Callable[[str], str | None] | None = None):
+        # render: what of a line ``echo`` shows (None: nothing); the raw line is kept either way
+        self.name, self.echo, self.render = name, echo, render
         self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         self.proc = subprocess.Popen(
@@ -35,8 +37,9 @@ class ChildProcess:
         for line in self.proc.stdout:
             self.output.append(line)
             self.lines.put(line)
-            if self.echo is not None:
-                self.echo.write(f"[{self.name}] {line}")
+            shown = self.render(line) if self.render is not None else line
+            if self.echo is not None and shown:
+                self.echo.write(f"[{self.name}] {shown.rstrip()}\n")
         self.lines.put("")  # end of output
 
     def wait_for_line(self, pattern: str, timeout: float) -> re.Match:
@@ -105,9 +108,10 @@ def start_seed(echo: IO[str] | None = None, experiment: Path | None = None, home
     return seed, url
 
 
-def start_volunteer(home: Path, url: str, *extra: str, echo: IO[str] | None = None, name: str = "volunteer") -> ChildProcess:
+def start_volunteer(home: Path, url: str, *extra: str, echo: IO[str] | None = None, name: str = "volunteer",
+                    render: Callable[[str], str | None] | None = None) -> ChildProcess:
     argv = [sys.executable, "-m", "volunteer.cli", "start", "--coordinator", url, "--host", "127.0.0.1", *extra]
-    return ChildProcess(name, argv, env={"VOLUNTEER_HOME": str(home)}, echo=echo)
+    return ChildProcess(name, argv, env={"VOLUNTEER_HOME": str(home)}, echo=echo, render=render)
 
 
 def start_trainer(url: str, key: Path, steps: int | None = None, *, log_every: int = 10,
