@@ -91,3 +91,19 @@ def test_the_demo_trains_and_reads_as_lines_for_people(tmp_path: Path) -> None:
     assert any(line.startswith("[trainer] ") and "step 10 loss" in line and "experts alive" in line
                for line in lines), lines[-20:]
     assert (tmp_path / "data" / "demo").is_dir()
+
+
+@pytest.mark.parametrize("raw, said", [
+    ("Daemon failed to start: 2026/12/03 12:38:26 failed to connect to bootstrap peers",
+     "could not reach any initial peer (/ip4/1.2.3.4/tcp/1/p2p/QmA, /ip4/1.2.3.5/tcp/1/p2p/QmB and 1 more): is the"),
+    ("Daemon failed to start: 2026/12/03 12:38:26 failed to listen on any addresses",
+     "the p2p daemon did not start: failed to listen on any addresses"),
+    ("", "the p2p daemon did not start: no reason given"),
+])
+def test_the_p2p_daemons_failures_read_as_one_line_without_its_log_prefix(raw: str, said: str) -> None:
+    """Issue 15.8: `error: Daemon failed to start: 2026/12/03 ... failed to ...` after seconds."""
+    from volunteer.core.records import daemon_failure
+
+    peers = ["/ip4/1.2.3.4/tcp/1/p2p/QmA", "/ip4/1.2.3.5/tcp/1/p2p/QmB", "/ip4/1.2.3.6/tcp/1/p2p/QmC"]
+    text = daemon_failure(raw, peers)
+    assert text.startswith(said) and "\n" not in text and "2026/" not in text

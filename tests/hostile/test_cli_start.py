@@ -59,11 +59,16 @@ def _from_url(fault: Answer):
     return prepare
 
 
-def _garbage_peers(peers: str):
+def _garbage_peers(peers: str, seeded: bool = True, joins: bool = False):
+    """``joins``: the peers parse, so the client goes as far as the DHT: by then it has made its record
+    key and its lock file, so what is watched is what must never be lost, the checkpoints."""
     def prepare(home: Path, tmp: Path, fake: FakeCoordinator) -> CliCase:
-        seed_home(home)
-        return CliCase(["start", "--experiment", _file(tmp, MANIFEST.to_json().encode()), "--initial-peers", peers],
-                       home, home)
+        if seeded:
+            seed_home(home)
+        else:
+            (home / "data" / "checkpoints").mkdir(parents=True, exist_ok=True)
+        argv = ["start", "--experiment", _file(tmp, MANIFEST.to_json().encode()), "--initial-peers", peers]
+        return CliCase(argv, home, home / "data" / "checkpoints" if joins else home)
     return prepare
 
 
@@ -110,6 +115,11 @@ CLI_CASES = [
     # issue 15.8: these reached the p2p daemon, which failed 3-9 s later with a Go log line in the error
     ("peers-garbage", _garbage_peers("garbage")),
     ("peers-bad-peer-id", _garbage_peers("/ip4/1.2.3.4/tcp/1/p2p/QmSeed")),
+    # a home without seed_home's made-up identity key, which the daemon would refuse first (next case)
+    ("peers-unreachable", _garbage_peers("/ip4/127.0.0.1/tcp/9/p2p/QmXrPbzKT1gnMfAVgLY6ANgk2xKHzHBCMXjVEC5oUJsvSh",
+                                         seeded=False, joins=True)),
+    ("identity-unreadable", _garbage_peers("/ip4/127.0.0.1/tcp/9/p2p/QmXrPbzKT1gnMfAVgLY6ANgk2xKHzHBCMXjVEC5oUJsvSh",
+                                           joins=True)),
     ("state-dir-is-a-file", _state_dir_is_a_file),
     ("home-under-a-file", _home_under_a_file),
     ("unwritable-state-dir", _unwritable_state_dir),
@@ -127,6 +137,10 @@ CLI_EXPECTED = {
     "peers-garbage": r"^error: initial peers: an invalid peer list: 'garbage' is not a multiaddr .*$",
     "peers-bad-peer-id": r"^error: initial peers: an invalid peer list: '/ip4/1.2.3.4/tcp/1/p2p/QmSeed' is not a "
                          r"valid multiaddr \(.*\)$",
+    "peers-unreachable": r"^error: could not reach any initial peer \(/ip4/127\.0\.0\.1/tcp/9/p2p/Qm\w+\): is the "
+                         r"swarm's seed running and reachable from here\? .*$",
+    "identity-unreadable": r"^error: identity file .*/data/identity\.key is unreadable \(.*\); move it aside to join "
+                           r"with a new peer id$",
     "state-dir-is-a-file": r"^error: \[Errno 17\] File exists: '.*/state'$",
     "home-under-a-file": r"^error: .*/blocker/home/.*Not a directory'?$",
     "unwritable-state-dir": r"^error: \[Errno (1|13|30)\] (Operation not permitted|Permission denied|Read-only file "

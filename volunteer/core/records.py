@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.p2p import P2PDaemonError
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -147,15 +149,40 @@ def join_dht(
         kwargs["identity_path"] = str(identity_path)
     if announce_host is not None:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
-    dht = DHT(
-        initial_peers=list(initial_peers),
-        start=True,
-        client_mode=client_mode,
-        record_validators=record_validators(dht_prefix),
-        **kwargs,
-    )
+    try:
+        dht = DHT(
+            initial_peers=list(initial_peers),
+            start=True,
+            client_mode=client_mode,
+            record_validators=record_validators(dht_prefix),
+            **kwargs,
+        )
+    except P2PDaemonError as e:
+        raise JoinError(daemon_failure(str(e), initial_peers)) from None
+    except ValueError as e:  # cryptography's words for a damaged key file, several lines of them
+        if identity_path is None or "deserialize key data" not in str(e):
+            raise
+        raise JoinError(f"identity file {identity_path} is unreadable ({str(e).split('.')[0]}); move it aside to "
+                        "join with a new peer id") from None
     dht.get_visible_maddrs()  # a hand-built peer sometimes fails to bootstrap until its addresses are read
     return dht
+
+
+class JoinError(ConnectionError):
+    """The DHT could not be joined: the p2p daemon's failure, said in one line a person can act on."""
+
+
+_GO_LOG_PREFIX = re.compile(r"^(Daemon failed to start:\s*)?(\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\s+)?")
+
+
+def daemon_failure(message: str, initial_peers: Sequence[str]) -> str:
+    """The daemon's own words without the Go log's timestamp, and what they mean for a volunteer."""
+    reason = _GO_LOG_PREFIX.sub("", message.strip().splitlines()[0] if message.strip() else "").strip()
+    if "failed to connect to bootstrap peers" in reason:
+        peers = ", ".join(initial_peers[:2]) + (f" and {len(initial_peers) - 2} more" if len(initial_peers) > 2 else "")
+        return (f"could not reach any initial peer ({peers}): is the swarm's seed running and reachable from "
+                f"here? (peers from a cached experiment may be stale)")
+    return f"the p2p daemon did not start: {reason or 'no reason given'}"
 
 
 def visible_maddrs(dht: DHT) -> list[str]:
