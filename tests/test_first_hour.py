@@ -107,3 +107,23 @@ def test_the_p2p_daemons_failures_read_as_one_line_without_its_log_prefix(raw: s
     peers = ["/ip4/1.2.3.4/tcp/1/p2p/QmA", "/ip4/1.2.3.5/tcp/1/p2p/QmB", "/ip4/1.2.3.6/tcp/1/p2p/QmC"]
     text = daemon_failure(raw, peers)
     assert text.startswith(said) and "\n" not in text and "2026/" not in text
+
+
+@pytest.mark.integration
+def test_a_volunteer_started_without_peers_says_it_is_a_swarm_of_one(short_home: Path) -> None:
+    """Issue 15.9: `volunteer start --experiment FILE` without peers joined nothing and served, silently."""
+    from tests.conftest import TEST_MANIFEST
+    from volunteer.core.harness import ChildProcess
+
+    manifest = short_home / "test-lm.toml"
+    short_home.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(TEST_MANIFEST)
+    alone = ChildProcess("alone", [sys.executable, "-m", "volunteer.cli", "start", "--headless", "--experiment",
+                                   str(manifest), "--host", "127.0.0.1", "--max-experts", "1"],
+                         env={"VOLUNTEER_HOME": str(short_home)})
+    try:
+        line = json.loads(alone.wait_for_line(r'"event": "alone"', timeout=120).string)
+        assert "no trainer can reach it unless started with --initial-peers /ip4/127.0.0.1/tcp/" in line["message"]
+        assert line["maddrs"] and all("/p2p/" in m for m in line["maddrs"])
+    finally:
+        assert alone.stop() == 0

@@ -131,6 +131,10 @@ class VolunteerNode:
         maddrs = tuple(records.visible_maddrs(self.dht))
         self.events.emit("joined", f"joined the DHT of {self.manifest.name} as {peer_id}", peer_id=peer_id,
                          maddrs=list(maddrs))
+        if not self.experiment.initial_peers:  # easy to do by mistake: --experiment without --initial-peers
+            self.events.emit("alone", "no initial peers: this volunteer is a swarm of its own, and no trainer "
+                             f"can reach it unless started with --initial-peers {maddrs[0] if maddrs else '<address>'}",
+                             maddrs=list(maddrs))
         placement = self._place(hardware, devices, peer_id)
         if self.settings.cpu_threads:
             torch.set_num_threads(self.settings.cpu_threads)
