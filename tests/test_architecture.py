@@ -102,3 +102,24 @@ def test_data_only_modules_load_without_torch_or_hivemind(module: str) -> None:
             "print(heavy); sys.exit(1 if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# The client's packages, lowest first: a package imports only those below it (or core, its own).
+LAYERS = ("core", ("config", "host"), "serving", "planning", "node", "views")
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")
+    if parts[0] != "volunteer" or len(parts) < 3:
+        return None  # volunteer.cli and volunteer.demo sit on top of everything
+    return next(i for i, layer in enumerate(LAYERS) if parts[1] in (layer if isinstance(layer, tuple) else (layer,)))
+
+
+def test_the_client_packages_depend_downwards_only() -> None:
+    """core < config, host < serving < planning (it builds experts to measure them) < node < views."""
+    graph = import_graph()
+    upward = sorted(f"{m} imports {t}" for m, targets in graph.items() for t in targets
+                    if _layer(m) is not None and _layer(t) is not None and _layer(t) > _layer(m))
+    sideways = sorted(f"{m} imports {t}" for m, targets in graph.items() for t in targets
+                      if _layer(m) is not None and _layer(m) == _layer(t) and m.split(".")[1] != t.split(".")[1])
+    assert not upward and not sideways, upward + sideways

@@ -14,7 +14,6 @@ from volunteer.config.settings import Settings
 from volunteer.host.telemetry import CpuReading, GpuReading, Telemetry
 from volunteer.node.limits import automatic_pause_reasons
 from volunteer.node.stats import (
-    ExpertCounters,
     LifetimeStore,
     NodeState,
     RateMeter,
@@ -22,6 +21,7 @@ from volunteer.node.stats import (
     StatsSnapshot,
     Totals,
 )
+from volunteer.serving.counters import ExpertCounters
 
 
 def test_counters_count_batches_samples_and_updates():

@@ -4,7 +4,7 @@ A request's path: a trainer's ``rpc_forward``/``rpc_backward`` reaches a hivemin
 process, which queues it in the expert's TaskPool; the Runtime thread of the expert's device batches
 the queue (one thread per device: ``DeviceRuntimes``) and calls ``CountingBackend.forward``/
 ``backward`` below, which compute, apply the optimizer (backward), and count the samples into
-``stats.ExpertCounters``.
+``counters.ExpertCounters``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from hivemind.utils.nested import nested_flatten
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from volunteer.core.manifest import Manifest
-from volunteer.node.stats import ExpertCounters
 from volunteer.serving.checkpoints import CheckpointStore, ExpertCheckpoint
+from volunteer.serving.counters import ExpertCounters
 from volunteer.serving.experts import build_expert, build_optimizer, sample_input
 
 
