@@ -190,7 +190,9 @@ def test_a_dead_hivemind_process_restarts_the_node_with_its_weights(seed, client
     """A node whose DHT process or a connection handler died looks alive but serves nothing (with one of
     two handlers dead, every call hung): the supervisor saves, restarts and serves the same uids again."""
     url, experiment = seed
-    child = processes.add(start_volunteer(short_home, url, "--max-experts", "2", name=f"lost-{victim}"))
+    # connection handler processes exist on hivemind's serving path only (the lean one has none)
+    path = ("--serving", "hivemind") if victim == "handler" else ()
+    child = processes.add(start_volunteer(short_home, url, "--max-experts", "2", *path, name=f"lost-{victim}"))
     event = serving_event(child)
     if victim == "handler":  # the owner's pause must outlive the restart
         assert cli(short_home, "pause").returncode == 0
@@ -240,7 +242,7 @@ def test_between_a_failure_and_the_restart_status_says_restarting_and_stop_stops
 
     url, _experiment = seed
     child = processes.add(start_volunteer(short_home, url, "--max-experts", "1", name="gap"))
-    os.kill(serving_event(child)["pids"]["handlers"][0], signal.SIGKILL)
+    os.kill(serving_event(child)["pids"]["dht"], signal.SIGKILL)
     child.wait_for_line(r'"event": "stopped"', timeout=60)  # the failed node has left; 2 s until the restart
     path = control.socket_path(short_home / "runtime")
     # the socket answers in the gap (a few seconds: the back-off, then the new node's start)

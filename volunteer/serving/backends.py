@@ -96,19 +96,26 @@ class CountingBackend(ModuleBackend):
     """A ModuleBackend that counts the work it does, can be paused and throttled, and snapshotted."""
 
     def __init__(self, name: str, module: torch.nn.Module, *, expert_type: str, counters: ExpertCounters,
-                 duty_cycle: float = 1.0, **kwargs):
+                 duty_cycle: float = 1.0, pools: bool = True, **kwargs):
         super().__init__(name, module, **kwargs)
+        self.max_batch_size = kwargs["max_batch_size"]
+        if not pools:  # the lean path (serving.handler) batches in its device worker: no TaskPool processes
+            self.forward_pool = self.backward_pool = None
+        else:
+            self._checked_pools(name)
+        self.expert_type, self.counters = expert_type, counters
+        # the Runtime thread mutates weights in backward; checkpoints copy them under the same lock
+        self.lock = threading.Lock()
+        self.paused = threading.Event()
+        self.duty_cycle = duty_cycle  # share of wall time spent computing (power level light/medium/full)
+
+    def _checked_pools(self, name: str) -> None:
         pool = dict(min_batch_size=self.forward_pool.min_batch_size, max_batch_size=self.forward_pool.max_batch_size,
                     timeout=self.forward_pool.timeout)
         self.forward_pool = CheckedTaskPool(self.forward, name=f"{name}_forward",
                                             schema=nested_flatten(self.forward_schema), **pool)
         self.backward_pool = CheckedTaskPool(self.backward, name=f"{name}_backward",
                                              schema=nested_flatten(self.backward_schema), **pool)
-        self.expert_type, self.counters = expert_type, counters
-        # the Runtime thread mutates weights in backward; checkpoints copy them under the same lock
-        self.lock = threading.Lock()
-        self.paused = threading.Event()
-        self.duty_cycle = duty_cycle  # share of wall time spent computing (power level light/medium/full)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._counted("forward", super().forward, inputs)
@@ -155,10 +162,11 @@ def initial_seed(uid: str) -> int:
 
 def build_backends(
     manifest: Manifest, uids: Sequence[str], max_batch_size: int, store: CheckpointStore, duty_cycle: float = 1.0,
-    device: str = "cpu",
+    device: str = "cpu", pools: bool = True,
 ) -> tuple[dict[str, CountingBackend], list[str]]:
     """Build one backend per uid on ``device``, restoring each from its checkpoint when one is readable.
 
+    ``pools=False`` for the lean path (``serving.handler``), which needs no hivemind TaskPools.
     Returns the backends and the uids that were restored."""
     backends, restored = {}, []
     for uid in uids:
@@ -173,7 +181,7 @@ def build_backends(
             counters=ExpertCounters(uid, expert_type.name, checkpoint.updates if checkpoint else 0,
                                    params=expert_type.num_params(manifest.d_model)),
             args_schema=(BatchTensorDescriptor.from_tensor(sample),),
-            min_batch_size=1, max_batch_size=max_batch_size, duty_cycle=duty_cycle,
+            min_batch_size=1, max_batch_size=max_batch_size, duty_cycle=duty_cycle, pools=pools,
         )
         # then moved, before the optimizer state is loaded: load_state_dict puts that state on its
         # parameters' device, and Adam's step fails on state left on the CPU next to GPU weights
@@ -269,6 +277,18 @@ class VolunteerServer(Server):
                 raise ServerStartError("the expert server stopped while starting (its error is in the log)")
             if deadline is not None and time.monotonic() > deadline:
                 raise ServerStartError(f"the expert server was not ready after {timeout:.0f} s")
+
+    def failure(self) -> str | None:
+        """What stopped working in hivemind's machinery, or None while it serves (the node's health check)."""
+        # the server first: when a runtime dies, hivemind's cleanup stops the DHT and handlers too
+        if not self.is_alive():
+            return "hivemind's server thread stopped"
+        if not self.ready.is_set():
+            return "hivemind's expert runtime stopped"
+        dead = [str(h.pid) for h in self.conn_handlers if not h.is_alive()]
+        if dead:  # seen here: with one of two handlers dead, every call to the node hung
+            return f"connection handler process {', '.join(dead)} died"
+        return None
 
     def shutdown(self) -> None:
         """hivemind's shutdown, without waiting for ever on a declaration the DHT will never answer."""
