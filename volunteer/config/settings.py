@@ -195,7 +195,8 @@ class Settings:
     initial_peers: tuple[str, ...] = setting(
         (), PEERS, "DHT multiaddrs to join, with --experiment; repeat it or separate them with commas.")
     experiment_file: Path | None = setting(
-        None, PATH, "Experiment manifest (TOML or JSON), instead of a coordinator.", flag_name="--experiment")
+        None, PATH, "Experiment manifest (TOML or JSON), or a shipped one by name (default, base, large), instead "
+        "of a coordinator.", flag_name="--experiment")
     host: str = setting("0.0.0.0", STR, "Address the DHT and expert RPCs listen on.")
     port: int = setting(0, INT, "TCP port for the DHT and experts; 0 = any free port.", check=_tcp_port)
     announce_host: str | None = setting(None, OPT_STR, "Public address to announce, behind port forwarding.")
