@@ -262,3 +262,28 @@ def test_match_on_this_machine_with_the_real_torch() -> None:
     expected = {} if not torch.cuda.is_available() else match_torch_devices(THREE)
     assert match_torch_devices(THREE) == expected
     assert match_torch_devices(CPU_ONLY) == {}
+
+
+def test_telemetry_rescans_proc_for_our_processes_only_every_members_period(tmp_path, monkeypatch):
+    """Between full scans only the pids found last are read again (an idle volunteer's CPU went to
+    reading the stat file of every process of a shared machine every 2 s)."""
+    from volunteer.host import telemetry
+
+    def stat(pid: int, group: int, state: str = "S", utime: int = 100) -> None:
+        (tmp_path / str(pid)).mkdir(exist_ok=True)
+        fields = [state, "1", str(group), *["0"] * 8, str(utime), "0", *["0"] * 8]
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (python) {' '.join(fields)}\n")
+
+    stat(10, 7)
+    stat(11, 7)
+    stat(12, 99)  # another group
+    now = [1000.0]
+    monkeypatch.setattr(telemetry.time, "monotonic", lambda: now[0])
+    reader = telemetry.TelemetryReader(groups=(7,), with_gpus=False, proc=tmp_path)
+    assert sorted(pid for pid, _ in reader._members()) == [10, 11]
+    stat(13, 7)  # a new process of ours: seen at the next full scan, not before
+    stat(11, 7, state="Z")  # a zombie holds nothing
+    stat(10, 99)  # its pid reused by a process of another group
+    assert [pid for pid, _ in reader._members()] == []
+    now[0] += telemetry.MEMBERS_PERIOD
+    assert [pid for pid, _ in reader._members()] == [13]

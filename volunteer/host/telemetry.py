@@ -17,6 +17,7 @@ from volunteer.core.procgroup import group_members, worker_group
 from volunteer.host.hardware import gpu_telemetry, read_proc_sizes
 
 PSS_PERIOD = 30.0
+MEMBERS_PERIOD = 30.0  # full /proc scans for our processes (``TelemetryReader._members``)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -67,6 +68,7 @@ class TelemetryReader:
         self._machine: tuple[int, int] | None = None  # (busy, total) jiffies at the last read
         self._group: tuple[float, float] | None = None  # (cpu seconds, wall time) at the last read
         self._pss: tuple[float, int] | None = None  # (when, bytes) of the last memory reading
+        self._pids: tuple[float, tuple[int, ...]] | None = None  # (when, pids) of the last full scan
         self._seen_gpus = False
 
     def read(self) -> Telemetry:
@@ -115,7 +117,26 @@ class TelemetryReader:
         return 100.0 * (total - idle - previous[0]) / (total - previous[1])
 
     def _members(self) -> list[tuple[int, list[str]]]:
-        return [member for group in self.groups for member in group_members(group, self.proc)]
+        """Our groups' live processes. Finding them means reading the stat file of every process of the
+        machine (hundreds on a shared box, every 2 s: most of an idle volunteer's CPU after the PSS
+        fix), so the full scan runs every ``MEMBERS_PERIOD``; in between only the pids found last are
+        re-read. A volunteer starts its processes at start, so a late one is missed for 30 s at most."""
+        now = time.monotonic()
+        if self._pids is None or now - self._pids[0] >= MEMBERS_PERIOD:
+            members = [member for group in self.groups for member in group_members(group, self.proc)]
+            self._pids = (now, tuple(pid for pid, _ in members))
+            return members
+        return [member for member in map(self._member, self._pids[1]) if member is not None]
+
+    def _member(self, pid: int) -> tuple[int, list[str]] | None:
+        """(pid, stat fields) if ``pid`` is still a live process of our groups (a pid can be reused)."""
+        try:
+            with open(self.proc / str(pid) / "stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        live = len(fields) > 12 and fields[0] != "Z" and fields[2] in {str(g) for g in self.groups}
+        return (pid, fields) if live else None
 
     def _group_usage(self) -> tuple[float, int]:
         """CPU seconds and PSS bytes summed over every live process of our group.
