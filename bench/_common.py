@@ -511,7 +511,7 @@ def py_spy_top(pid: int, seconds: float, out: Path, *, subprocesses: bool = True
 
     Returns (share of samples per process, share per function by self time), in percent of all samples,
     hottest first; the raw collapsed stacks are kept in ``out``."""
-    py_spy = Path(sys.executable).with_name("py-spy")
+    py_spy = Path(os.environ.get("PY_SPY") or Path(sys.executable).with_name("py-spy"))  # PY_SPY: one elsewhere
     cmd = [str(py_spy), "record", "--pid", str(pid), "--nonblocking", "--format", "raw", "--rate", "100",
            "--duration", str(int(seconds)), "--output", str(out), *(["--subprocesses"] if subprocesses else [])]
     try:

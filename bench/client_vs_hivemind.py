@@ -1,5 +1,8 @@
 """The same expert served by ``volunteer start`` and by a plain ``hivemind.moe.Server``, same client.
 
+A third server is the volunteer on hivemind's serving path (``--serving hivemind``, as it served before
+the lean path): "before" in the tables.
+
 Both servers run at once, each in its own process tree, each serving one uid of the same layer (same
 expert type, same initial weights): the volunteer with ``--max-experts 1``, the plain server
 (``bench/plain_server.py``) built from hivemind's ``ModuleBackend`` with the volunteer's settings
@@ -51,14 +54,18 @@ def main() -> None:
 
     with Swarm(exp, keep=args.keep) as swarm:
         volunteer = swarm.wait_serving(swarm.start_volunteer("volunteer", max_experts=1))
+        # the volunteer as it served before the lean path: hivemind's Server inside (serving = "hivemind")
+        before = swarm.wait_serving(swarm.start_volunteer("volunteer-hivemind", "--serving", "hivemind",
+                                                          max_experts=1))
         planned = volunteer.planned_batch(exp.max_batch_size)
-        free = [uid for uid in exp.manifest().all_uids() if uid not in volunteer.uids]
+        free = [uid for uid in exp.manifest().all_uids() if uid not in volunteer.uids + before.uids]
         plain = swarm.wait_serving(swarm.start_plain_server("plain", [free[0]], planned))
         client = swarm.client()
-        experts = dict(zip(("volunteer", "plain"), wait_experts(client, [*volunteer.uids, *plain.uids])))
-        print(f"volunteer serves {volunteer.uids[0]} (ready after {volunteer.ready_after:.1f} s), plain hivemind "
-              f"serves {plain.uids[0]} (ready after {plain.ready_after:.1f} s), max batch {planned}")
-        servers = {"volunteer": volunteer, "plain": plain}
+        servers = {"volunteer": volunteer, "plain": plain, "before": before}
+        experts = dict(zip(servers, wait_experts(client, [s.uids[0] for s in servers.values()])))
+        print(f"volunteer (lean) serves {volunteer.uids[0]} (ready after {volunteer.ready_after:.1f} s), plain "
+              f"hivemind serves {plain.uids[0]} (ready after {plain.ready_after:.1f} s), the volunteer with "
+              f"--serving hivemind serves {before.uids[0]}; max batch {planned}")
 
         batches = [int(b) for b in args.batches.split(",") if b] or [max(planned // 4, 1), planned]
         time.sleep(2.0)  # past start-up work
@@ -66,9 +73,8 @@ def main() -> None:
             time.sleep(args.idle_seconds)  # nobody calls: what each costs the machine just by running
         idle_pct = {name: 100 * idle.used[name][0] / args.idle_seconds for name in servers}
         print(f"idle CPU over {args.idle_seconds:.0f} s (100 = one core): volunteer {idle_pct['volunteer']:.1f}%, "
-              f"plain hivemind {idle_pct['plain']:.1f}%")
-        rows, figures = [], {"idle_cpu_pct_volunteer": f"{idle_pct['volunteer']:.1f}",
-                             "idle_cpu_pct_plain": f"{idle_pct['plain']:.1f}"}
+              f"plain hivemind {idle_pct['plain']:.1f}%, volunteer --serving hivemind {idle_pct['before']:.1f}%")
+        rows, figures = [], {f"idle_cpu_pct_{name}": f"{idle_pct[name]:.1f}" for name in servers}
         for batch in batches:
             runs = alternate({
                 name: with_cpu(partial(measure, remote_step(experts[name], batch, exp.d_model), args.seconds,
@@ -77,18 +83,22 @@ def main() -> None:
             }, args.rounds)
             key = paired_ratio(runs["volunteer"], runs["plain"])
             cpu = {n: median(r.cpu_ms_per_call("server") for r in runs[n]) for n in servers}
-            rows.append([batch, median(r.per_second for r in runs["volunteer"]),
-                         median(r.per_second for r in runs["plain"]), f"{key:.3f}",
+            over_before = paired_ratio(runs["volunteer"], runs["before"])
+            rows.append([batch, *(median(r.per_second for r in runs[n]) for n in servers), f"{key:.3f}",
                          " ".join(f"{r.per_second / p.per_second:.2f}" for r, p in zip(runs["volunteer"], runs["plain"])),
-                         f"{cpu['volunteer']:.1f}", f"{cpu['plain']:.1f}", f"{cpu['volunteer'] / cpu['plain']:.2f}"])
+                         f"{over_before:.3f}", *(f"{cpu[n]:.1f}" for n in servers),
+                         f"{cpu['volunteer'] / cpu['plain']:.2f}", f"{cpu['volunteer'] / cpu['before']:.2f}"])
             figures[f"volunteer_over_plain_b{batch}"] = f"{key:.3f}"
+            figures[f"volunteer_over_before_b{batch}"] = f"{over_before:.3f}"
             figures[f"cpu_per_call_ratio_b{batch}"] = f"{cpu['volunteer'] / cpu['plain']:.2f}"
+            figures[f"cpu_per_call_over_before_b{batch}"] = f"{cpu['volunteer'] / cpu['before']:.2f}"
 
         print_table(
             f"samples/s, forward+backward+Adam through RemoteExpert; median of {args.rounds} alternating rounds "
             f"of {args.seconds:.0f} s",
-            ["batch", "volunteer", "plain hivemind", "volunteer/plain", "per round", "volunteer cpu ms/call",
-             "plain cpu ms/call", "cpu ratio"], rows)
+            ["batch", "volunteer", "plain hivemind", "vol. --serving hivemind", "volunteer/plain", "per round",
+             "volunteer/before", "volunteer cpu ms/call", "plain cpu ms/call", "before cpu ms/call",
+             "cpu vol/plain", "cpu vol/before"], rows)
         print("cpu ms/call: CPU time of the server's whole process tree (p2pd included) per forward+backward call")
         if args.profile:
             profile(swarm, servers, experts, exp, batches[-1], args.threads, args.seconds)

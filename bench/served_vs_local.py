@@ -14,7 +14,7 @@ volunteer's process tree, of its p2pd, and of the client). A second volunteer wi
 (one torch thread in its Runtime) is measured alongside: does the default oversubscribe the cores? The rounds alternate (local, as-server,
 served, local, ...) so that load drift hits every side; ratios are paired round by round.
 
-    .venv/bin/python -m bench.served_vs_local [--seconds 2.5] [--rounds 3] [--batches 16,256,1024] [--profile]
+    .venv/bin/python -m bench.served_vs_local [--seconds 2.5] [--rounds 3] [--sizes tiny,base] [--batches 256,1024] [--profile]
 """
 
 from __future__ import annotations
@@ -81,29 +81,43 @@ def local_step(exp: BenchExperiment, batch: int, *, as_server: bool) -> Callable
     return make
 
 
+# the expert sizes compared: the demo's tiny expert and the CPU-sized one of the shipped "base" experiment
+SIZES = {
+    "tiny": BenchExperiment(),
+    "base": BenchExperiment(d_model=512, d_hidden=2048, lr=0.0003, uid_prefix="bench_base0"),
+}
+
+
 def main() -> None:
     parser = bench_args(__doc__.splitlines()[0], seconds=2.5)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batches", default="", help="comma-separated batch sizes (default: 16, planned/4, planned)")
+    parser.add_argument("--sizes", default="tiny,base", help=f"comma-separated expert sizes of {', '.join(SIZES)}")
+    parser.add_argument("--batches", default="", help="comma-separated batch sizes (default: planned/4, planned)")
     parser.add_argument("--profile", action="store_true", help="py-spy the volunteer and the client once more")
     args = parser.parse_args()
-    exp = BenchExperiment()
     print(machine_line())
-    print(f"expert: {exp.describe()}")
+    figures = {}
+    for size in args.sizes.split(","):
+        figures.update({f"{size}_{k}": v for k, v in run_size(SIZES[size], args).items()})
+    print_key("served_vs_local", figures)
 
+
+def run_size(exp: BenchExperiment, args) -> dict[str, str]:
+    """Every measurement of one expert size, in its own swarm; returns the KEY figures."""
+    print(f"\nexpert: {exp.describe()}")
     with Swarm(exp, keep=args.keep) as swarm:
         served = swarm.wait_serving(swarm.start_volunteer("volunteer", max_experts=1))
-        # the same, with one torch thread in its Runtime: is the default (all cores) oversubscribed?
+        # the same, with one torch thread: is the default (all cores) oversubscribed?
         served1 = swarm.wait_serving(swarm.start_volunteer("volunteer-1thread", "--cpu-threads", "1", max_experts=1))
         planned = served.planned_batch(exp.max_batch_size)
         client = swarm.client()
         [expert, expert1] = wait_experts(client, [*served.uids, *served1.uids])
-        batches = [int(b) for b in args.batches.split(",") if b] or [16, max(planned // 4, 1), planned]
+        batches = [int(b) for b in args.batches.split(",") if b] or sorted({max(planned // 4, 1), planned})
         print(f"volunteer serves {served.uids[0]} (ready {served.ready_after:.1f} s after start), "
               f"planned max batch {planned}; the trainer's calls carry about planned/4 samples "
               f"(16 x 64 tokens x k=2 over 8 experts)")
 
-        rows, scans, figures = [], [], {}
+        rows, scans, figures = [], [], {"planned_batch": str(planned)}
         pids = {"server": served.child.proc.pid, "everything": os.getpid()}
         for batch in batches:
             remote = remote_step(expert, batch, exp.d_model)
@@ -149,7 +163,7 @@ def main() -> None:
         if args.profile:
             best = scans[-1][-1]
             profile(swarm, served, expert, exp, batches[-1], best, args.seconds)
-        print_key("served_vs_local", {"planned_batch": planned, **figures})
+        return figures
 
 
 def profile(swarm: Swarm, served, expert, exp: BenchExperiment, batch: int, threads: int, seconds: float) -> None:

@@ -140,7 +140,8 @@ ON_THE_COMMAND_LINE = {
     "coordinator": "http://127.0.0.1:1", "initial_peers": "a,b", "experiment_file": "e.toml", "host": "127.0.0.1",
     "port": "7", "announce_host": "203.0.113.7", "device": "cpu", "gpus": "0,2", "max_memory": "0.5",
     "max_experts": "3", "num_handlers": "4", "checkpoint_interval": "5", "announce_interval": "6",
-    "log_interval": "7", "cpu_threads": "8", "power": "light", "max_temp": "70", "run_hours": "22-08",
+    "log_interval": "7", "cpu_threads": "8", "power": "light", "serving": "hivemind", "max_temp": "70",
+    "run_hours": "22-08",
     "rebalance_period": "0",
 }
 

@@ -485,6 +485,7 @@ VALID = {
     "log_interval": st.floats(min_value=1e-3, max_value=1e6),
     "cpu_threads": st.integers(1, 4096),
     "power": st.sampled_from(sorted(POWER_LEVELS)),
+    "serving": st.sampled_from(["lean", "hivemind"]),
     "max_temp": st.floats(min_value=20, max_value=120),
     "run_hours": HOURS.map(lambda h: f"{h[0]}-{h[1]}"),
     "pause_on_gpu_use": st.booleans(),

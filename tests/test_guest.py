@@ -191,11 +191,13 @@ def test_a_dead_hivemind_process_restarts_the_node_with_its_weights(seed, client
     (with one of two handlers dead, every call hung; a dead pool hangs its expert): the supervisor saves,
     restarts and serves the same uids again."""
     url, experiment = seed
-    child = processes.add(start_volunteer(short_home, url, "--max-experts", "2", name=f"lost-{victim}"))
+    # connection handler processes exist on hivemind's serving path only (the lean one has none)
+    path = ("--serving", "hivemind") if victim in ("handler", "pool") else ()  # the lean path has neither
+    child = processes.add(start_volunteer(short_home, url, "--max-experts", "2", *path, name=f"lost-{victim}"))
     event = serving_event(child)
     if victim == "handler":  # the owner's pause must outlive the restart
         assert cli(short_home, "pause").returncode == 0
-    pid = dict(dht=event["pids"]["dht"], handler=event["pids"]["handlers"][0], pool=event["pids"]["pools"][0])[victim]
+    pid = event["pids"]["dht"] if victim == "dht" else event["pids"][f"{victim}s"][0]
     os.kill(pid, signal.SIGKILL)
     failed = json.loads(child.wait_for_line(r'"event": "node_failed"', timeout=30).string)
     assert str(pid) in failed["reason"]
@@ -241,7 +243,7 @@ def test_between_a_failure_and_the_restart_status_says_restarting_and_stop_stops
 
     url, _experiment = seed
     child = processes.add(start_volunteer(short_home, url, "--max-experts", "1", name="gap"))
-    os.kill(serving_event(child)["pids"]["handlers"][0], signal.SIGKILL)
+    os.kill(serving_event(child)["pids"]["dht"], signal.SIGKILL)
     child.wait_for_line(r'"event": "stopped"', timeout=60)  # the failed node has left; 2 s until the restart
     path = control.socket_path(short_home / "runtime")
     # the socket answers in the gap (a few seconds: the back-off, then the new node's start)

@@ -262,3 +262,39 @@ def test_match_on_this_machine_with_the_real_torch() -> None:
     expected = {} if not torch.cuda.is_available() else match_torch_devices(THREE)
     assert match_torch_devices(THREE) == expected
     assert match_torch_devices(CPU_ONLY) == {}
+
+
+def test_telemetry_rescans_for_our_processes_only_every_members_period(monkeypatch):
+    """Between full scans only the processes found last are looked at again (an idle volunteer's CPU
+    went to looking at every process of a shared machine every 2 s). Real processes, in a group of
+    their own."""
+    import os
+    import signal
+    import subprocess
+
+    from volunteer.host import telemetry
+
+    first = subprocess.Popen(["sleep", "60"], process_group=0)
+    group = first.pid
+    joined = []
+
+    def join_group() -> subprocess.Popen:
+        child = subprocess.Popen(["sleep", "60"], process_group=group)
+        joined.append(child)
+        return child
+
+    try:
+        second = join_group()
+        now = [1000.0]
+        monkeypatch.setattr(telemetry.time, "monotonic", lambda: now[0])
+        reader = telemetry.TelemetryReader(groups=(group,), with_gpus=False)
+        assert sorted(p.pid for p in reader._members()) == sorted([first.pid, second.pid])
+        third = join_group()  # a new process of ours: seen at the next full scan, not before
+        second.kill()  # a zombie until reaped: it holds nothing
+        assert [p.pid for p in reader._members()] == [first.pid]
+        now[0] += telemetry.MEMBERS_PERIOD
+        assert sorted(p.pid for p in reader._members()) == sorted([first.pid, third.pid])
+    finally:
+        os.killpg(group, signal.SIGKILL)
+        for child in (first, *joined):
+            child.wait(timeout=10)

@@ -311,3 +311,24 @@ def test_from_dict_of_a_mutated_default_raises_only_manifest_errors(data: st.Dat
     result = parse_or_manifest_error(copy.deepcopy(manifest))
     if result is not None:  # whatever was accepted must survive the wire unchanged
         assert Manifest.from_dict(result.to_dict()) == result
+
+
+# --- shipped experiments -------------------------------------------------------------------------
+
+
+def test_the_shipped_experiments_pass_the_manifest_rules_and_are_chosen_by_name(tmp_path, monkeypatch):
+    from volunteer.core.manifest import default_manifest, load, shipped_experiments
+
+    assert {"default", "base", "large"} <= set(shipped_experiments())
+    monkeypatch.chdir(tmp_path)
+    sizes = {name: max(t.num_params(load(name).d_model) for t in load(name).expert_types)
+             for name in ("default", "base", "large")}
+    # the demo stays tiny; base is CPU-sized (d_model 512), large GPU-sized (d_model 2048)
+    assert sizes["default"] < 200_000 < sizes["base"] < 5_000_000 < sizes["large"]
+    assert load("base").d_model == 512 and load("large").d_model == 2048
+    assert load("default") == default_manifest()
+    # a file of that name here wins over the shipped one; an unknown name says what is shipped
+    (tmp_path / "base").write_text(json.dumps(default_manifest().to_dict()))
+    assert load("base") == default_manifest()
+    with pytest.raises(ManifestError, match="shipped experiments: base, default, large"):
+        load("nosuch")

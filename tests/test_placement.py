@@ -170,7 +170,6 @@ def test_a_node_serves_on_two_devices_with_a_runtime_each(seed, client) -> None:
     from volunteer.config.settings import Settings
     from volunteer.core.paths import default_paths
     from volunteer.node.node import VolunteerNode
-    from volunteer.serving.backends import DeviceRuntimes
 
     _url, experiment = seed
     manifest = experiment.manifest
@@ -184,14 +183,14 @@ def test_a_node_serves_on_two_devices_with_a_runtime_each(seed, client) -> None:
         info = node.start(hardware, torch_devices={Device("cuda", 0): "cpu", Device("cuda", 1): "cpu"})
         first, second = info.placement.plans
         assert (len(first.uids), len(second.uids)) == (5, 3) and sorted(info.uids) == sorted(manifest.all_uids())
-        runtimes = node.server.runtime
-        assert isinstance(runtimes, DeviceRuntimes) and len(runtimes.runtimes) == 2
-        assert [set(r.module_backends) for r in runtimes.runtimes] == [set(first.uids), set(second.uids)]
-        assert all(r.is_alive() for r in runtimes.runtimes)
+        runtimes = node.server.workers  # the lean path: one worker thread per device
+        assert len(runtimes) == 2
+        assert [set(w.backends) for w in runtimes] == [set(first.uids), set(second.uids)]
+        assert all(w.is_alive() for w in runtimes)
         node.report_serving()
 
         # one expert on each device, called by a plain hivemind client: each answers only if its
-        # device's Runtime thread runs
+        # device's worker thread runs
         for uid in (first.uids[0], second.uids[0]):
             [expert] = wait_for(lambda: get_experts(client, [uid]), 30, f"{uid} in the DHT")
             x = torch.randn(3, manifest.d_model, requires_grad=True)
@@ -216,4 +215,4 @@ def test_a_node_serves_on_two_devices_with_a_runtime_each(seed, client) -> None:
         assert len(node.check_plans()) == 2
     finally:
         node.shutdown()
-    assert runtimes is not None and not any(r.is_alive() for r in runtimes.runtimes)
+    assert runtimes is not None and not any(w.is_alive() for w in runtimes)

@@ -170,6 +170,14 @@ def _power_level(name: str, value: str) -> None:
         raise SettingError(f"{name} {value!r} must be one of {', '.join(POWER_LEVELS)}", name)
 
 
+SERVING_PATHS = ("lean", "hivemind")
+
+
+def _serving_path(name: str, value: str) -> None:
+    if value not in SERVING_PATHS:
+        raise SettingError(f"{name} {value!r} must be one of {', '.join(SERVING_PATHS)}", name)
+
+
 def _celsius(name: str, value: float) -> None:
     if not 20 <= value <= 120:
         raise SettingError(f"{name} {value} must be between 20 and 120 (degrees Celsius)", name)
@@ -187,7 +195,8 @@ class Settings:
     initial_peers: tuple[str, ...] = setting(
         (), PEERS, "DHT multiaddrs to join, with --experiment; repeat it or separate them with commas.")
     experiment_file: Path | None = setting(
-        None, PATH, "Experiment manifest (TOML or JSON), instead of a coordinator.", flag_name="--experiment")
+        None, PATH, "Experiment manifest (TOML or JSON), or a shipped one by name (default, base, large), instead "
+        "of a coordinator.", flag_name="--experiment")
     host: str = setting("0.0.0.0", STR, "Address the DHT and expert RPCs listen on.")
     port: int = setting(0, INT, "TCP port for the DHT and experts; 0 = any free port.", check=_tcp_port)
     announce_host: str | None = setting(None, OPT_STR, "Public address to announce, behind port forwarding.")
@@ -200,8 +209,11 @@ class Settings:
         None, MEMORY, "Memory budget on each device: a fraction (0.5) or a size (8GiB).", unset="auto", check=_memory)
     max_experts: int | None = setting(None, INT, "Host at most this many experts.", unset="no limit",
                                       check=_count())
+    # lean: hivemind's RPCs answered and batched in the computing process (serving.handler);
+    # hivemind: its own Server (connection-handler and TaskPool processes), kept for comparison
+    serving: str = setting("lean", STR, f"Serving path: {' or '.join(SERVING_PATHS)}.", check=_serving_path)
     # hivemind's default, 8 per expert, costs ~850 MiB for 4 experts (ENGINE-NOTES)
-    num_handlers: int = setting(2, INT, "Connection handler processes.", check=_count(256))
+    num_handlers: int = setting(2, INT, "Connection handler processes (serving = hivemind).", check=_count(256))
     checkpoint_interval: float = setting(60.0, FLOAT, "Seconds between checkpoints.", check=_seconds)
     # how often experts and the volunteer record are re-declared
     announce_interval: float = setting(20.0, FLOAT, "Seconds between re-announcements in the DHT.", check=_seconds)

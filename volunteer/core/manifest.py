@@ -125,18 +125,43 @@ def loads(text: str | bytes, *, fmt: str = "json") -> Manifest:
 
 
 def load(path: str | Path) -> Manifest:
+    """The manifest in the file ``path``; a bare name that is no file (``base``) is a shipped experiment."""
     path = Path(path)
+    if shipped_name(path) is not None:
+        return shipped_manifest(shipped_name(path))
     try:
         with open(path, "rb") as f:  # bounded: --experiment /dev/zero must not fill the memory
             body = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as e:
-        raise ManifestError(f"manifest: cannot read {path}: {e.strerror}") from None
+        hint = f" (shipped experiments: {', '.join(shipped_experiments())})" if len(path.parts) == 1 else ""
+        raise ManifestError(f"manifest: cannot read {path}: {e.strerror}{hint}") from None
     return loads(body, fmt="toml" if path.suffix == ".toml" else "json")
 
 
 def default_manifest() -> Manifest:
     """The experiment shipped with the package, used by ``volunteer demo``."""
-    return loads(resources.files("volunteer.experiments").joinpath("default.toml").read_text(), fmt="toml")
+    return shipped_manifest("default")
+
+
+def shipped_experiments() -> tuple[str, ...]:
+    """Names of the experiments shipped in ``volunteer/experiments``: default (the demo's, tiny), base
+    (CPU-sized), large (GPU-sized)."""
+    files = resources.files("volunteer.experiments").iterdir()
+    return tuple(sorted(f.name.removesuffix(".toml") for f in files if f.name.endswith(".toml")))
+
+
+def shipped_name(path: Path) -> str | None:
+    """``path``'s shipped experiment name if it is a bare name of one and no such file exists here."""
+    if len(path.parts) != 1 or path.suffix or path.exists():
+        return None
+    return path.name if path.name in shipped_experiments() else None
+
+
+def shipped_manifest(name: str) -> Manifest:
+    """A shipped experiment, checked by the same rules as any other manifest."""
+    if name not in shipped_experiments():
+        raise ManifestError(f"manifest: no shipped experiment {name!r}; shipped: {', '.join(shipped_experiments())}")
+    return loads(resources.files("volunteer.experiments").joinpath(f"{name}.toml").read_text(), fmt="toml")
 
 
 # --- validation ----------------------------------------------------------------------------------

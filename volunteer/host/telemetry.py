@@ -25,6 +25,7 @@ from volunteer.core.procgroup import group_members, worker_group
 from volunteer.host.hardware import gpu_telemetry
 
 PSS_PERIOD = 30.0
+MEMBERS_PERIOD = 30.0  # full scans of the machine's processes for ours (``TelemetryReader._members``)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class TelemetryReader:
         self.groups = groups if groups is not None else tuple(g for g in (os.getpgid(0), worker_group()) if g)
         self.nvml, self.with_gpus = nvml, with_gpus
         self._processes: dict[int, psutil.Process] = {}  # kept between reads: psutil caches what never changes
+        self._scanned: float | None = None  # when the machine's processes were last scanned for ours
         self._group: tuple[float, float] | None = None  # (cpu seconds, wall time) at the last read
         self._pss: tuple[float, int, int] | None = None  # (when, PSS bytes, RSS bytes) at the last PSS read
         self._seen_gpus = False
@@ -113,7 +115,16 @@ class TelemetryReader:
         )
 
     def _members(self) -> list[psutil.Process]:
-        live = {p.pid: self._processes.get(p.pid, p) for group in self.groups for p in group_members(group)}
+        """Our groups' live processes. Finding them means looking at every process of the machine
+        (hundreds on a shared box, every 2 s: most of an idle volunteer's CPU once PSS was read
+        rarely), so the full scan runs every ``MEMBERS_PERIOD``; in between only those found last are
+        looked at again. The volunteer starts its processes at start: a late one is missed 30 s at most."""
+        now = time.monotonic()
+        if self._scanned is None or now - self._scanned >= MEMBERS_PERIOD:
+            live = {p.pid: self._processes.get(p.pid, p) for group in self.groups for p in group_members(group)}
+            self._scanned = now
+        else:  # is_running() also sees through a reused pid (it compares the creation time)
+            live = {pid: p for pid, p in self._processes.items() if _still_ours(p, self.groups)}
         self._processes = live
         return list(live.values())
 
@@ -143,3 +154,10 @@ def _pss_of(processes: list[psutil.Process]) -> int:
         except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
             continue  # gone, or a kernel without smaps (AttributeError: no pss field)
     return total
+
+
+def _still_ours(process: psutil.Process, groups: tuple[int, ...]) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE and os.getpgid(process.pid) in groups
+    except (OSError, psutil.Error):
+        return False

@@ -51,8 +51,11 @@ from volunteer.serving.backends import (
     build_backends,
     resume_declaring,
     stop_declaring,
+    task_pools,
 )
+from volunteer.serving.batching import served_rate
 from volunteer.serving.checkpoints import CheckpointStore
+from volunteer.serving.handler import LeanServer
 
 logger = logging.getLogger(__name__)
 SERVER_START_TIMEOUT = 120.0
@@ -107,7 +110,7 @@ class VolunteerNode:
         self.state_file = self.last_run.path
         self._state, self._pause_reasons = NodeState.JOINING, ()
         self.dht: DHT | None = None
-        self.server: Server | None = None
+        self.server: LeanServer | Server | None = None
         self.backends: dict[str, CountingBackend] = {}
         self.info: NodeInfo | None = None
         self.collector: StatsCollector | None = None
@@ -144,6 +147,7 @@ class VolunteerNode:
             backends, restored_here = build_backends(
                 self.manifest, plan.uids, max(1, int(plan.max_batch_size * power.batch_fraction)), self.store,
                 duty_cycle=power.duty_cycle, device=self.torch_devices[plan.device],
+                pools=self.settings.serving == "hivemind",
             )
             self.backends.update(backends)
             restored += restored_here
@@ -151,11 +155,7 @@ class VolunteerNode:
             steps = self.backends[uid].counters.snapshot().optimizer_steps
             self.events.emit("expert_restored", f"restored {uid} from its checkpoint ({steps} updates)",
                              uid=uid, optimizer_steps=steps)
-        self.server = VolunteerServer(
-            self.dht, self.backends, num_connection_handlers=self.settings.num_handlers,
-            update_period=self.settings.announce_interval,
-            placed=[(self.torch_devices[plan.device], plan.uids) for plan in placement.plans],
-        )
+        self.server = self._expert_server(placement)
         self.server.run_in_background(await_ready=True, timeout=SERVER_START_TIMEOUT)
         self.info = NodeInfo(self.manifest.name, peer_id, maddrs, placement, tuple(restored))
         self.collector = StatsCollector(
@@ -184,6 +184,15 @@ class VolunteerNode:
         """What the views show of this node: the collector's figures in the node's state."""
         return self.collector.snapshot(self._state, self._pause_reasons)
 
+    def _expert_server(self, placement: Placement) -> LeanServer | VolunteerServer:
+        """The lean in-process path (``serving.handler``) by default; hivemind's own ``Server`` with
+        ``serving = "hivemind"``. Both answer the same RPCs; only where the work is done differs."""
+        placed = [(self.torch_devices[plan.device], plan.uids) for plan in placement.plans]
+        if self.settings.serving == "hivemind":
+            return VolunteerServer(self.dht, self.backends, num_connection_handlers=self.settings.num_handlers,
+                                   update_period=self.settings.announce_interval, placed=placed)
+        return LeanServer(self.dht, self.backends, placed, update_period=self.settings.announce_interval)
+
     def check_plans(self) -> list[PlanCheck]:
         """Each device's memory plan next to the peak measured there since start (dashboard, status)."""
         return [PlanCheck.of(plan, measured_peak(self.torch_devices[plan.device])) for plan in self.info.placement.plans]
@@ -193,7 +202,7 @@ class VolunteerNode:
         self.events.emit("serving", info.serving_line(), peer_id=info.peer_id, device=info.device,
                          uids=list(info.uids), restored=list(info.restored), maddrs=list(info.maddrs),
                          pids=dict(dht=self.dht.pid, handlers=[h.pid for h in self.server.conn_handlers],
-                                   pools=[pool.pid for pool in self._task_pools()]),
+                                   pools=[pool.pid for pool in task_pools(self.backends.values())]),
                          **info.placement.to_dict())
         for note in info.placement.left_out:
             self.events.emit("device_left_out", note)
@@ -214,8 +223,14 @@ class VolunteerNode:
 
     @property
     def samples_per_second(self) -> float:
-        """What this volunteer can serve: on each device, the mean measured rate of its experts' types;
-        the devices compute at once, so their rates add up."""
+        """What this volunteer can serve, as announced and balanced on: the rate measured through the
+        serving path once it has served enough (``served_rate``), else the local torch measurement."""
+        served = served_rate(self.server.served()) if isinstance(self.server, LeanServer) else None
+        return served if served is not None else self._measured_samples_per_second()
+
+    def _measured_samples_per_second(self) -> float:
+        """On each device, the mean measured local torch rate of its experts' types; the devices
+        compute at once, so their rates add up."""
         total = 0.0
         for plan in self.info.placement.plans:
             rates = {t.expert_type: t.samples_per_second for t in plan.throughput}
@@ -320,26 +335,12 @@ class VolunteerNode:
         server, dht = self.server, self.dht
         if server is None or dht is None:
             return None
-        # the server first: when a runtime dies, hivemind's cleanup stops the DHT and handlers too
-        if not server.is_alive():
-            return "hivemind's server thread stopped"
-        if not server.ready.is_set():
-            return "hivemind's expert runtime stopped"
-        dead = [str(h.pid) for h in server.conn_handlers if not h.is_alive()]
-        if dead:  # seen here: with one of two handlers dead, every call to the node hung
-            return f"connection handler process {', '.join(dead)} died"
-        # the Runtime waits on a dead pool's pipe for ever: its expert hangs while the rest serve
-        dead = [f"{pool.name} (pid {pool.pid})" for pool in self._task_pools() if not pool.is_alive()]
-        if dead:
-            return f"task pool process {', '.join(dead)} died"
+        failure = server.failure()  # a dead worker thread, RPC loop, runtime or handler process
+        if failure:
+            return failure
         if not dht.is_alive():
             return f"the DHT process (pid {dht.pid}) died"
         return None
-
-    def _task_pools(self) -> list:
-        """hivemind's TaskPool processes (a forward and a backward one per expert) that were started."""
-        pools = (pool for b in self.backends.values() for pool in (b.forward_pool, b.backward_pool))
-        return [pool for pool in pools if pool.pid is not None]
 
     def shutdown(self) -> None:
         """Leave the swarm in order: withdraw, save, stop serving, stop the DHT. Safe to call twice."""

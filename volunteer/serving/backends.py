@@ -1,10 +1,16 @@
-"""Serving the chosen experts with hivemind: one ``ModuleBackend`` per uid, counted and checkpointable.
+"""The experts as backends: one counted, pausable, throttled, checkpointable ``ModuleBackend`` per uid.
 
-A request's path: a trainer's ``rpc_forward``/``rpc_backward`` reaches a hivemind ConnectionHandler
-process, which queues it in the expert's TaskPool; the Runtime thread of the expert's device batches
-the queue (one thread per device: ``DeviceRuntimes``) and calls ``CountingBackend.forward``/
-``backward`` below, which compute, apply the optimizer (backward), and count the samples into
-``counters.ExpertCounters``.
+``CountingBackend.forward``/``backward`` compute a batch, apply the optimizer (backward), count the
+samples into ``counters.ExpertCounters``, refuse while paused and idle for the power duty cycle. Two
+serving paths call them:
+
+- lean (the default, ``serving.handler``): the RPC arrives on this process's event loop, is checked
+  (``malformed``) and queued on the worker thread of its device (``serving.batching``), which batches
+  and calls the backend: no other process, no shared-memory copy.
+- hivemind (``serving = "hivemind"``, ``VolunteerServer`` below): a hivemind ConnectionHandler process
+  receives the call and queues it in the expert's ``CheckedTaskPool`` (the same checks, in that
+  process); the Runtime thread of the expert's device batches the queue (``DeviceRuntimes``: one per
+  device) and calls the backend.
 """
 
 from __future__ import annotations
@@ -68,9 +74,15 @@ def malformed(tensors: Sequence[torch.Tensor], schema: Sequence[BatchTensorDescr
         if rows is not None and tensor.shape[0] != rows:
             return "tensors differ in batch size"
         rows = tensor.shape[0]
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not _all_finite(tensor):
             return f"tensor {i} holds NaN or infinite values"
     return "empty batch" if not rows else None
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """One reduction instead of a mask as large as the tensor (it was ~6% of the lean path's CPU):
+    a NaN or infinity makes the sum non-finite; a finite tensor whose sum overflows is checked exactly."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 class Paused(RuntimeError):
@@ -96,19 +108,26 @@ class CountingBackend(ModuleBackend):
     """A ModuleBackend that counts the work it does, can be paused and throttled, and snapshotted."""
 
     def __init__(self, name: str, module: torch.nn.Module, *, expert_type: str, counters: ExpertCounters,
-                 duty_cycle: float = 1.0, **kwargs):
+                 duty_cycle: float = 1.0, pools: bool = True, **kwargs):
         super().__init__(name, module, **kwargs)
+        self.max_batch_size = kwargs["max_batch_size"]
+        if not pools:  # the lean path (serving.handler) batches in its device worker: no TaskPool processes
+            self.forward_pool = self.backward_pool = None
+        else:
+            self._checked_pools(name)
+        self.expert_type, self.counters = expert_type, counters
+        # the Runtime thread mutates weights in backward; checkpoints copy them under the same lock
+        self.lock = threading.Lock()
+        self.paused = threading.Event()
+        self.duty_cycle = duty_cycle  # share of wall time spent computing (power level light/medium/full)
+
+    def _checked_pools(self, name: str) -> None:
         pool = dict(min_batch_size=self.forward_pool.min_batch_size, max_batch_size=self.forward_pool.max_batch_size,
                     timeout=self.forward_pool.timeout)
         self.forward_pool = CheckedTaskPool(self.forward, name=f"{name}_forward",
                                             schema=nested_flatten(self.forward_schema), **pool)
         self.backward_pool = CheckedTaskPool(self.backward, name=f"{name}_backward",
                                              schema=nested_flatten(self.backward_schema), **pool)
-        self.expert_type, self.counters = expert_type, counters
-        # the Runtime thread mutates weights in backward; checkpoints copy them under the same lock
-        self.lock = threading.Lock()
-        self.paused = threading.Event()
-        self.duty_cycle = duty_cycle  # share of wall time spent computing (power level light/medium/full)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self._counted("forward", super().forward, inputs)
@@ -155,10 +174,11 @@ def initial_seed(uid: str) -> int:
 
 def build_backends(
     manifest: Manifest, uids: Sequence[str], max_batch_size: int, store: CheckpointStore, duty_cycle: float = 1.0,
-    device: str = "cpu",
+    device: str = "cpu", pools: bool = True,
 ) -> tuple[dict[str, CountingBackend], list[str]]:
     """Build one backend per uid on ``device``, restoring each from its checkpoint when one is readable.
 
+    ``pools=False`` for the lean path (``serving.handler``), which needs no hivemind TaskPools.
     Returns the backends and the uids that were restored."""
     backends, restored = {}, []
     for uid in uids:
@@ -173,7 +193,7 @@ def build_backends(
             counters=ExpertCounters(uid, expert_type.name, checkpoint.updates if checkpoint else 0,
                                    params=expert_type.num_params(manifest.d_model)),
             args_schema=(BatchTensorDescriptor.from_tensor(sample),),
-            min_batch_size=1, max_batch_size=max_batch_size, duty_cycle=duty_cycle,
+            min_batch_size=1, max_batch_size=max_batch_size, duty_cycle=duty_cycle, pools=pools,
         )
         # then moved, before the optimizer state is loaded: load_state_dict puts that state on its
         # parameters' device, and Adam's step fails on state left on the CPU next to GPU weights
@@ -270,6 +290,23 @@ class VolunteerServer(Server):
             if deadline is not None and time.monotonic() > deadline:
                 raise ServerStartError(f"the expert server was not ready after {timeout:.0f} s")
 
+    def failure(self) -> str | None:
+        """What stopped working in hivemind's machinery, or None while it serves (the node's health check)."""
+        # the server first: when a runtime dies, hivemind's cleanup stops the DHT and handlers too
+        if not self.is_alive():
+            return "hivemind's server thread stopped"
+        if not self.ready.is_set():
+            return "hivemind's expert runtime stopped"
+        dead = [str(h.pid) for h in self.conn_handlers if not h.is_alive()]
+        if dead:  # seen here: with one of two handlers dead, every call to the node hung
+            return f"connection handler process {', '.join(dead)} died"
+        # the Runtime waits on a dead pool's pipe for ever: its expert hangs while the rest serve
+        dead = [f"{pool.name} (pid {pool.pid})" for pool in task_pools(self.module_backends.values())
+                if not pool.is_alive()]
+        if dead:
+            return f"task pool process {', '.join(dead)} died"
+        return None
+
     def shutdown(self) -> None:
         """hivemind's shutdown, without waiting for ever on a declaration the DHT will never answer."""
         self.ready.clear()
@@ -305,3 +342,10 @@ def resume_declaring(server: Server) -> None:
         expiration=old.expiration, daemon=True,
     )
     server.dht_handler_thread.start()
+
+
+def task_pools(backends) -> list:
+    """hivemind's TaskPool processes (a forward and a backward one per expert) that were started: none
+    on the lean path, which builds the same backends but never starts their pools."""
+    pools = (pool for backend in backends for pool in (backend.forward_pool, backend.backward_pool))
+    return [pool for pool in pools if pool is not None and pool.pid is not None]

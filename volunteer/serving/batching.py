@@ -1,0 +1,179 @@
+"""One worker thread per device: it batches the queued requests of the experts placed there and computes them.
+
+The lean request path (``serving.handler``) checks a request on the event loop and hands it here as a
+``Task``; the worker of the expert's device takes the queue whose first task waited longest (as
+hivemind's Runtime does), concatenates its tasks up to the expert's max batch size, calls
+``CountingBackend.forward``/``backward`` (which counts, holds the expert's lock, refuses while paused,
+and sleeps for the power duty cycle), splits the results by task and hands each back to its caller.
+Everything stays in this process: tensors are never copied into shared memory, no pipe carries a
+future. With one worker per device the GPUs compute at once (torch releases the GIL in kernels).
+
+``ServedClock`` is what makes the announced throughput honest: it counts the time at least one request
+of the device was in the serving path (deserialised, queued, computed, answered) and the samples
+trained, so the rate it gives includes everything a trainer waits for, not only torch's share.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from volunteer.serving.backends import CountingBackend, Paused
+
+logger = logging.getLogger(__name__)
+
+@dataclass(eq=False)
+class Task:
+    """One request of one expert: its checked input tensors and where its answer goes."""
+
+    uid: str
+    kind: str  # "forward" or "backward"
+    inputs: Sequence[torch.Tensor]
+    deliver: Callable[[object], None]  # called once, from the worker thread, with outputs or an exception
+    queued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def rows(self) -> int:
+        return self.inputs[0].shape[0]
+
+
+class WorkerStopped(RuntimeError):
+    """The device's worker stopped (shutdown or crash) while a request waited."""
+
+
+class DeviceWorker(threading.Thread):
+    """Batches and computes the requests of the experts on one torch device, one batch at a time."""
+
+    def __init__(self, device: str, backends: Mapping[str, CountingBackend]):
+        super().__init__(name=f"expert-worker-{device}", daemon=True)
+        self.device = torch.device(device)
+        self.backends = dict(backends)
+        self.queues: dict[tuple[str, str], deque[Task]] = {
+            (uid, kind): deque() for uid in self.backends for kind in ("forward", "backward")
+        }
+        # one condition for all queues of the device: an idle worker sleeps in wait(), no polling
+        self._changed = threading.Condition()
+        self._stopping = False
+        self.clock = ServedClock()
+
+    def submit(self, task: Task) -> None:
+        with self._changed:
+            if self._stopping or not self.is_alive():
+                raise WorkerStopped(f"the worker of {self.device} is not running")
+            self.queues[task.uid, task.kind].append(task)
+            self._changed.notify()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+
+    def run(self) -> None:
+        try:
+            while True:
+                with self._changed:
+                    while not self._stopping and not any(self.queues.values()):
+                        self._changed.wait()
+                    if self._stopping:
+                        return
+                    batch = self._take()
+                self._process(batch)
+        finally:  # whatever stopped us, nobody may wait for ever on a task still queued
+            with self._changed:
+                self._stopping = True
+                left = [task for queue in self.queues.values() for task in queue]
+                for queue in self.queues.values():
+                    queue.clear()
+            for task in left:
+                task.deliver(WorkerStopped(f"the worker of {self.device} stopped"))
+
+    def _take(self) -> list[Task]:
+        """The tasks of the queue whose head waited longest, up to the expert's max batch size."""
+        queue = min((q for q in self.queues.values() if q), key=lambda q: q[0].queued)
+        limit = self.backends[queue[0].uid].max_batch_size
+        batch = [queue.popleft()]
+        rows = batch[0].rows
+        while queue and rows + queue[0].rows <= limit:
+            rows += queue[0].rows
+            batch.append(queue.popleft())
+        return batch
+
+    def _process(self, batch: list[Task]) -> None:
+        first = batch[0]
+        backend = self.backends[first.uid]
+        compute = backend.forward if first.kind == "forward" else backend.backward
+        try:
+            if len(batch) == 1:
+                inputs = list(first.inputs)
+            else:  # the checks on the event loop made every task's tensors fit the schema: cat cannot fail
+                inputs = [torch.cat(parts) for parts in zip(*(task.inputs for task in batch))]
+            inputs = [tensor.to(self.device, non_blocking=True) for tensor in inputs]
+            outputs = [output.detach().cpu() for output in compute(*inputs)]
+            rows = [task.rows for task in batch]
+            split = [torch.split(output, rows) for output in outputs] if len(batch) > 1 else [[o] for o in outputs]
+        except BaseException as e:  # a failed batch fails its callers; the worker goes on with the next
+            if not isinstance(e, Paused):
+                logger.error(f"{first.kind} of {first.uid} failed: {type(e).__name__}: {e}", exc_info=True)
+            # SystemExit and the like end the worker; they must not reach the event loop, where
+            # they would stop every other device's calls too: the callers get WorkerStopped
+            outcome = e if isinstance(e, Exception) else WorkerStopped(f"the worker of {self.device} died: {e!r}")
+            for task in batch:
+                task.deliver(outcome)
+            if not isinstance(e, Exception):
+                raise
+            return
+        for i, task in enumerate(batch):
+            task.deliver(tuple(parts[i] for parts in split))
+
+
+class ServedClock:
+    """Busy time of a device's serving path (any request in flight) and the training samples it answered.
+
+    Called from the event loop at a request's arrival and answer; read by the node when it announces."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._since = 0.0
+        self._busy = 0.0
+        self._samples = 0
+
+    def begin(self) -> None:
+        with self._lock:
+            if self._in_flight == 0:
+                self._since = self._clock()
+            self._in_flight += 1
+
+    def end(self, trained_samples: int = 0) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._busy += self._clock() - self._since
+            self._samples += trained_samples
+
+    def reading(self) -> tuple[int, float]:
+        """(samples trained, busy seconds) so far, the request in flight counted up to now."""
+        with self._lock:
+            busy = self._busy + (self._clock() - self._since if self._in_flight else 0.0)
+            return self._samples, busy
+
+
+# Below this much serving the figure is mostly noise (a cold first batch, one lone request):
+# the node then announces its local torch measurement instead.
+MIN_SERVED_SECONDS = 2.0
+MIN_SERVED_SAMPLES = 256
+
+
+def served_rate(readings: Sequence[tuple[int, float]]) -> float | None:
+    """Training samples/s through the serving path, the devices' rates added up (they compute at once);
+    None until every device has served ``MIN_SERVED_SAMPLES`` in ``MIN_SERVED_SECONDS`` of busy time."""
+    if not readings or any(s < MIN_SERVED_SAMPLES or t < MIN_SERVED_SECONDS for s, t in readings):
+        return None
+    return sum(samples / seconds for samples, seconds in readings)
