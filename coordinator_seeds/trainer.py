@@ -29,9 +29,11 @@ from coordinator_seeds.dispatch import BatchedRemoteMoE, shutdown_dht
 from volunteer.core.manifest import Manifest
 from volunteer.core.records import (
     join_dht,
+    publish_caller,
     publish_contributions,
     publish_trainer_progress,
     use_record_key,
+    visible_maddrs,
 )
 
 logger = logging.getLogger("coordinator_seeds.trainer")
@@ -51,6 +53,8 @@ class TrainerSettings:
     publish_progress: bool = True  # the loss for dashboards, and what each volunteer answered for the leaderboard
     key_path: Path | None = None  # the key that signs our records; a seed counts only those of the key it trusts
     expert_wait: float = 60.0  # seconds to wait at start for every layer to have an expert
+    host: str = "127.0.0.1"  # where its p2p daemon listens; a public address lets NATed volunteers dial in
+    caller_period: float = 20.0  # seconds between refreshes of its ``callers`` record (peer id, addresses)
 
 
 @dataclass(frozen=True)
@@ -148,12 +152,34 @@ def train(
     if settings.key_path is not None:
         use_record_key(settings.key_path)
     if dht is None:
-        dht = join_dht(settings.manifest.dht_prefix, settings.initial_peers, client_mode=True)
+        dht = join_dht(settings.manifest.dht_prefix, settings.initial_peers, client_mode=True, host=settings.host)
+    stop = stop or threading.Event()
+    done = threading.Event()
+    # volunteers behind a NAT cannot be dialled: they dial us (see volunteer.node.reachability), so
+    # they must know where we are before our first call to them
+    announcer = threading.Thread(target=keep_caller_record, args=(dht, settings, done), daemon=True,
+                                 name="caller-record")
+    announcer.start()
     try:
-        return _train(settings, dht, on_step, stop or threading.Event())
+        return _train(settings, dht, on_step, stop)
     finally:
+        done.set()
+        announcer.join(timeout=10)
         if own_dht:
             shutdown_dht(dht)
+
+
+def keep_caller_record(dht: DHT, settings: TrainerSettings, done: threading.Event) -> None:
+    """Publish our peer id and listening addresses every ``caller_period`` s until ``done``."""
+    peer_id = dht.peer_id.to_base58()
+    while not done.is_set():
+        try:
+            maddrs = [m for m in visible_maddrs(dht) if "/p2p-circuit" not in m]
+            if not publish_caller(dht, settings.manifest.dht_prefix, peer_id, maddrs):
+                logger.debug("publishing our caller record was refused by the DHT")
+        except Exception as e:  # the DHT may be shutting down; training must not stop for this
+            logger.debug("publishing our caller record failed: %s", e)
+        done.wait(settings.caller_period)
 
 
 def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], None] | None,

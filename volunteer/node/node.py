@@ -24,7 +24,11 @@ from volunteer.core import records
 from volunteer.core.logs import EventLog
 from volunteer.core.manifest import load as load_manifest
 from volunteer.core.paths import Paths, write_atomic
-from volunteer.core.seed_client import Experiment, experiment_from_file, fetch_experiment
+from volunteer.core.seed_client import (
+    Experiment,
+    experiment_from_file,
+    fetch_experiment,
+)
 from volunteer.host.hardware import HardwareProfile, detect_hardware
 from volunteer.node import swarm
 from volunteer.node.stats import LifetimeStore, StatsCollector
@@ -209,6 +213,7 @@ class VolunteerNode:
         records.use_record_key(self.paths.data_dir / "record-key.der")  # the same owner of our records in every run
         join = partial(records.join_dht, self.manifest.dht_prefix, self.experiment.initial_peers,
                        host=self.settings.host, announce_host=self.settings.announce_host,
+                       startup_timeout=self.settings.startup_timeout,
                        identity_path=self.paths.data_dir / "identity.key")
         if self.settings.port or not isinstance(previous_port, int) or not 0 < previous_port < 65536:
             return join(port=self.settings.port)

@@ -176,6 +176,7 @@ class StatsSnapshot:
     events: tuple[str, ...] = ()  # the latest notable events, oldest first, "HH:MM:SS message"
     pause_reasons: tuple[str, ...] = ()  # why the volunteer is paused ("paused by the user", "outside 22-08")
     limits: dict[str, Any] = field(default_factory=dict)  # what the owner allowed: power, threads, memory...
+    reach: dict[str, Any] | None = None  # how trainers reach us, with advice (reachability.ReachView.to_dict)
 
     @property
     def uptime(self) -> float:
@@ -257,6 +258,7 @@ class StatsCollector:
         self.events: deque[str] = deque(maxlen=8)
         self.pause_reasons: tuple[str, ...] = ()
         self.limits: dict[str, Any] = {}
+        self.reach: dict[str, Any] | None = None
         self._saved = self.lifetime_base
 
     def sample(self, now: float | None = None) -> None:
@@ -286,6 +288,7 @@ class StatsCollector:
             rates={f"{w:.0f}s": self.meter.rate("samples", w) for w in RATE_WINDOWS},
             history=self.meter.history("samples"), telemetry=self.telemetry, swarm=self.swarm, plans=self.plans, verified=self.verified,
             events=tuple(self.events), pause_reasons=self.pause_reasons, limits=self.limits,
+            reach=self.reach,
         )
 
     def note(self, message: str) -> None:
