@@ -9,9 +9,11 @@ leg on the bridge and a LAN (10.<n>.0.0/24) behind it; the router masquerades wh
 inside the lab's namespaces (``ip link add ... netns``), so nothing appears in the machine's own
 namespace and no route leads out of the lab.
 
-Links can be capped in bandwidth with tc ``tbf``. These kernels have no ``netem``, so there is no
-kernel delay or loss here; ``Link.delay`` is a TCP-level forwarder (lab equipment, not product code),
-see ``DelayedPort``.
+A host's or router's internet link can have delay, jitter and loss (``Link``). These kernels have no
+``netem``: such a link runs through a "cable" namespace where ``tests/linkemu.py`` moves the Ethernet
+frames between two veths through a delay queue (lab equipment, not product code). Bandwidth caps use
+tc ``tbf`` on the host's end. Every interface has ``gso_max_segs 1``: no 64 KiB TCP super-frames, so
+what crosses a cable fits its MTU.
 
 Every command runs as root; ``NetLab.available()`` says why not where namespaces cannot be made.
 """
@@ -36,6 +38,21 @@ def _run(*argv: str, check: bool = True, input: str | None = None) -> subprocess
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
+
+
+@dataclass(frozen=True)
+class Link:
+    """What a host's cable to the internet does to frames, each direction: one-way ``delay`` and
+    ``jitter`` (seconds), ``loss`` (fraction), ``rate_mbit`` (tc tbf on the host's end; 0 = none)."""
+
+    delay: float = 0.0
+    jitter: float = 0.0
+    loss: float = 0.0
+    rate_mbit: float = 0.0
+
+    @property
+    def emulated(self) -> bool:
+        return bool(self.delay or self.jitter or self.loss)
 
 
 @dataclass
@@ -86,6 +103,7 @@ class NetLab:
         _run("ip", "-n", self.internet, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", self.internet, "link", "set", "br0", "up")
         self._next_public = 130  # .129 is left free: a gateway nobody has
+        self.cables: list[subprocess.Popen] = []
         self._next_port = 0
         self._homes = 0
 
@@ -113,15 +131,37 @@ class NetLab:
         _run("ip", "-n", ns, "link", "set", "lo", "up")
         return ns
 
-    def _plug(self, ns: str, ifname: str) -> str:
-        """A veth from ``ns`` (named ``ifname``) to the internet's bridge; returns the bridge-side name."""
+    def _plug(self, ns: str, ifname: str, link: Link = Link()) -> str:
+        """A veth from ``ns`` (named ``ifname``) to the internet's bridge, through a cable namespace
+        running linkemu if ``link`` has delay, jitter or loss; returns the bridge-side name."""
         self._next_port += 1
         port = f"p{self._next_port}"
-        _run("ip", "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", port, "netns", self.internet)
+        if not link.emulated:
+            _veth(ns, ifname, self.internet, port)
+        else:
+            cable = self._namespace(f"{ns.removeprefix(self.prefix + '-')}-c")
+            _veth(ns, ifname, cable, "ca")
+            _veth(cable, "cb", self.internet, port)
+            for end in ("ca", "cb"):
+                _run("ip", "-n", cable, "link", "set", "dev", end, "promisc", "on")
+            self._start_cable(cable, link)
         _run("ip", "-n", self.internet, "link", "set", port, "master", "br0")
         _run("ip", "-n", self.internet, "link", "set", port, "up")
-        _run("ip", "-n", ns, "link", "set", ifname, "up")
+        if link.rate_mbit:
+            self._tbf(ns, ifname, link.rate_mbit)
         return port
+
+    def _start_cable(self, cable: str, link: Link) -> None:
+        import sys
+        from pathlib import Path
+
+        script = str(Path(__file__).with_name("linkemu.py"))
+        proc = subprocess.Popen(["ip", "netns", "exec", cable, sys.executable, script, "ca", "cb", "--delay",
+                                 str(link.delay), "--jitter", str(link.jitter), "--loss", str(link.loss)],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.cables.append(proc)
+        if proc.stdout.readline().strip() != "linkemu ready":
+            raise RuntimeError(f"the link emulator in {cable} did not start")
 
     def _public_ip(self) -> str:
         if self._next_public > 254:
@@ -130,21 +170,21 @@ class NetLab:
         self._next_public += 1
         return ip
 
-    def public_host(self, name: str) -> Host:
+    def public_host(self, name: str, link: Link = Link()) -> Host:
         """A machine with a public address (a cloud box, the seed)."""
         ns = self._namespace(name)
         ip = self._public_ip()
-        self._plug(ns, "eth0")
+        self._plug(ns, "eth0", link)
         _run("ip", "-n", ns, "addr", "add", f"{ip}/{PUBLIC_PREFIX}", "dev", "eth0")
         return Host(self, ns, ip)
 
-    def home(self, name: str) -> Router:
+    def home(self, name: str, link: Link = Link()) -> Router:
         """A home router that masquerades its LAN and forwards nothing inbound."""
         self._homes += 1
         lan = f"10.{self._homes}.0"
         ns = self._namespace(name)
         wan_ip = self._public_ip()
-        self._plug(ns, "wan")
+        self._plug(ns, "wan", link)
         _run("ip", "-n", ns, "addr", "add", f"{wan_ip}/{PUBLIC_PREFIX}", "dev", "wan")
         _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         self._nft(ns, router_rules(lan))
@@ -156,13 +196,11 @@ class NetLab:
         index = len(router.hosts) + 2
         ip, gateway = f"{router.lan_prefix}.{index}", f"{router.lan_prefix}.1"
         lan_if = f"lan{index}"
-        _run("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", lan_if, "netns", router.ns)
+        _veth(ns, "eth0", router.ns, lan_if)
         if index == 2:
             _run("ip", "-n", router.ns, "addr", "add", f"{gateway}/24", "dev", lan_if)
         else:  # one /24 on several legs: a host route for each further machine
             _run("ip", "-n", router.ns, "route", "add", f"{ip}/32", "dev", lan_if)
-        _run("ip", "-n", router.ns, "link", "set", lan_if, "up")
-        _run("ip", "-n", ns, "link", "set", "eth0", "up")
         _run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
         _run("ip", "-n", ns, "route", "add", "default", "via", gateway)
         host = Host(self, ns, ip)
@@ -177,16 +215,20 @@ class NetLab:
 
     # --- links -------------------------------------------------------------------------------------
 
-    def limit_rate(self, host: Host, mbit: float, ifname: str | None = None) -> None:
-        """Cap what ``host`` sends on its internet leg (tc tbf; both directions: cap each end)."""
-        ifname = ifname or ("wan" if isinstance(host, Router) else "eth0")
-        _run("ip", "netns", "exec", host.ns, "tc", "qdisc", "replace", "dev", ifname, "root", "tbf",
+    @staticmethod
+    def _tbf(ns: str, ifname: str, mbit: float) -> None:
+        """Cap what leaves ``ifname`` (tc tbf): a home uplink."""
+        _run("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", ifname, "root", "tbf",
              "rate", f"{mbit}mbit", "burst", "32kbit", "latency", "400ms")
 
     # --- teardown ----------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Kill whatever still runs in the lab's namespaces, then delete them (the veths go with them)."""
+        for proc in self.cables:
+            proc.kill()
+            proc.wait(10)
+        self.cables.clear()
         for ns in reversed(self.namespaces):
             pids = _run("ip", "netns", "pids", ns, check=False).stdout.split()
             for pid in pids:
@@ -208,6 +250,14 @@ class NetLab:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _veth(ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+    """A veth pair made straight inside two lab namespaces (never in the machine's own), both ends up."""
+    _run("ip", "link", "add", if_a, "netns", ns_a, "type", "veth", "peer", "name", if_b, "netns", ns_b)
+    for ns, ifname in ((ns_a, if_a), (ns_b, if_b)):
+        # one TCP segment per frame: a cable (linkemu) cannot write out a 64 KiB GSO super-frame
+        _run("ip", "-n", ns, "link", "set", "dev", ifname, "gso_max_segs", "1", "up")
 
 
 def router_rules(lan: str) -> str:
