@@ -124,3 +124,23 @@ def test_a_seed_that_cannot_dial_back_is_not_fatal(monkeypatch):
     watch = ReachWatch(_node(), FakeLinks((1, 1)), check=broken)
     assert watch().reach == "outbound"
     assert ReachWatch(_node(coordinator=None), FakeLinks((0, 0))).__call__().reach == "outbound"
+
+
+def test_status_and_dashboard_show_how_the_volunteer_is_reached():
+    import io
+
+    from rich.console import Console
+
+    from volunteer.node.stats import StatsSnapshot
+    from volunteer.views.dashboard import _header
+    from volunteer.views.monitor import summary_lines
+
+    reach = dict(reach="outbound", advice="not reachable from the internet; holding connections to 1 of 1 trainers",
+                 observed_host="192.0.0.131", port=40123, trainers=1, connected=1)
+    snapshot = StatsSnapshot(time=10.0, experiment="lab", peer_id="Qm", state="serving", device="cpu", started=0.0,
+                             reach=reach)
+    assert StatsSnapshot.from_dict(snapshot.to_dict()).reach == reach
+    assert any(line.startswith("reached: outbound (not reachable") for line in summary_lines(snapshot))
+    console = Console(file=io.StringIO(), width=120)
+    console.print(_header(snapshot, 120))
+    assert "reached outbound" in console.file.getvalue()
