@@ -30,6 +30,7 @@ from volunteer.core.manifest import Manifest
 from volunteer.core.records import (
     join_dht,
     publish_caller,
+    withdraw_caller,
     publish_contributions,
     publish_trainer_progress,
     use_record_key,
@@ -180,6 +181,10 @@ def keep_caller_record(dht: DHT, settings: TrainerSettings, done: threading.Even
         except Exception as e:  # the DHT may be shutting down; training must not stop for this
             logger.debug("publishing our caller record failed: %s", e)
         done.wait(settings.caller_period)
+    try:  # volunteers stop dialling us now, instead of when the record expires (and saying they cannot)
+        withdraw_caller(dht, settings.manifest.dht_prefix, peer_id)
+    except Exception as e:
+        logger.debug("withdrawing our caller record failed: %s", e)
 
 
 def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], None] | None,

@@ -21,7 +21,7 @@ from typing import Iterator
 import pytest
 
 from tests.conftest import Processes, cli, wait_for
-from tests.netlab import NetLab, leftover_namespaces
+from tests.netlab import Host, Link, NetLab, leftover_namespaces
 from volunteer.core.harness import ChildProcess
 
 pytestmark = pytest.mark.integration
@@ -67,19 +67,23 @@ SERVED_BOUND = 60.0  # seconds from "serving" to backward samples counted, behin
 
 
 class Lab:
-    """The module's lab: the internet, a seed host, a trainer host and two homes with one machine each."""
+    """A seed host, a trainer host and ``homes`` home routers with one machine each, every internet link
+    through ``link``; ``cloud`` adds a public host for a volunteer."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, manifest: str = LAB_MANIFEST, link: Link = Link(), homes: int = 1,
+                 cloud: bool = False):
         self.root = root
         self.net = NetLab()
         self.procs = Processes()
         try:
-            self.seed_host = self.net.public_host("seed")
-            self.trainer_host = self.net.public_host("train")
-            self.home = self.net.home("r1")
-            self.pc = self.net.lan_host(self.home, "pc1")
+            self.seed_host = self.net.public_host("seed", link)
+            self.trainer_host = self.net.public_host("train", link)
+            self.cloud = self.net.public_host("cloud", link) if cloud else None
+            self.routers = [self.net.home(f"r{i + 1}", link) for i in range(homes)]
+            self.pcs = [self.net.lan_host(router, f"pc{i + 1}") for i, router in enumerate(self.routers)]
+            self.home, self.pc = self.routers[0], self.pcs[0]
             self.manifest = root / "lab-lm.toml"
-            self.manifest.write_text(LAB_MANIFEST)
+            self.manifest.write_text(manifest)
             self.url = f"http://{self.seed_host.ip}:{SEED_HTTP}"
             self.seed = self.procs.add(ChildProcess("seed", self.seed_host.argv(
                 sys.executable, "-m", "coordinator_seeds.cli", "run", "--host", self.seed_host.ip,
@@ -96,16 +100,17 @@ class Lab:
         finally:
             self.net.close()
 
-    def volunteer(self, home: Path, *extra: str, name: str = "volunteer") -> ChildProcess:
-        return self.procs.add(ChildProcess(name, self.pc.argv(
-            sys.executable, "-m", "volunteer.cli", "start", "--coordinator", self.url, "--max-experts", "4",
-            "--announce-interval", "5", *extra), env={"VOLUNTEER_HOME": str(home)}))
+    def volunteer(self, home: Path, *extra: str, name: str = "volunteer", on: Host | None = None,
+                  experts: int = 4) -> ChildProcess:
+        return self.procs.add(ChildProcess(name, (on or self.pc).argv(
+            sys.executable, "-m", "volunteer.cli", "start", "--coordinator", self.url, "--max-experts",
+            str(experts), "--announce-interval", "5", *extra), env={"VOLUNTEER_HOME": str(home)}))
 
-    def trainer(self, home: Path, steps: int = 100000) -> ChildProcess:
+    def trainer(self, home: Path, steps: int = 100000, log_every: int = 5) -> ChildProcess:
         return self.procs.add(ChildProcess("trainer", self.trainer_host.argv(
             sys.executable, "-m", "coordinator_seeds.cli", "train", "--coordinator", self.url,
-            "--key", str(self.root / "seed" / "trainer-key.der"), "--steps", str(steps), "--log-every", "5",
-            "--host", self.trainer_host.ip), env={"VOLUNTEER_HOME": str(home)}))
+            "--key", str(self.root / "seed" / "trainer-key.der"), "--steps", str(steps), "--log-every",
+            str(log_every), "--host", self.trainer_host.ip), env={"VOLUNTEER_HOME": str(home)}))
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from volunteer.node.reachability import Reach, ReachWatch, advice, classify
 ])
 def test_classify(dialled_back, trainers, connected, relayed, expected):
     assert classify(dialled_back, trainers, connected, relayed) is expected
+    # no bootstrap peer answers (the uplink is down): nobody reaches us, whatever held before
+    assert classify(dialled_back, trainers, connected, relayed, offline=True) is Reach.UNREACHABLE
 
 
 def test_advice_names_the_port_to_forward_and_the_address_to_announce():
@@ -32,6 +34,7 @@ def test_advice_names_the_port_to_forward_and_the_address_to_announce():
     assert "2 of 2 trainers" in line and "--port 40123 --announce-host 192.0.0.131" in line
     assert "directly" in advice(Reach.DIRECT, "192.0.0.131", 40123, 1, 0)
     assert "forward TCP port 31337" in advice(Reach.UNREACHABLE, None, 31337, 1, 0)
+    assert "network connection" in advice(Reach.UNREACHABLE, None, 31337, 1, 0, offline=True)
 
 
 def _transport(body: object, status: int = 200) -> httpx.MockTransport:
@@ -88,7 +91,7 @@ def _node(coordinator: str | None = "http://seed.example"):
         info=SimpleNamespace(maddrs=("/ip4/10.1.0.2/tcp/40123/p2p/Qm", "/ip4/127.0.0.1/tcp/40123/p2p/Qm"),
                              peer_id="Qm"),
         events=FakeEvents(), collector=SimpleNamespace(reach=None),
-        dht=None, manifest=SimpleNamespace(dht_prefix="x"),
+        dht=None, manifest=SimpleNamespace(dht_prefix="x"), experiment=SimpleNamespace(initial_peers=()),
     )
 
 

@@ -291,12 +291,20 @@ def publish_caller(dht: DHT, dht_prefix: str, peer_id: str, maddrs: Sequence[str
     return bool(dht.store(f"{dht_prefix}_callers", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
 
 
+def withdraw_caller(dht: DHT, dht_prefix: str, peer_id: str, ttl: float = RECORD_TTL) -> bool:
+    """Replace our caller record with one without addresses (readers skip it); it must outlive the
+    record it replaces, as in ``withdraw_volunteer``."""
+    value = dict(peer_id=peer_id, maddrs=[], time=float(time.time()))
+    return bool(dht.store(f"{dht_prefix}_callers", value, get_dht_time() + ttl + 1.0, subkey=owner_subkey(dht)))
+
+
 def read_callers(dht: DHT, dht_prefix: str) -> list[Caller]:
+    """The trainers that publish where they listen (withdrawn records left out)."""
     found = dht.get(f"{dht_prefix}_callers", latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
     return [Caller(item.value["peer_id"], tuple(item.value["maddrs"]), item.value["time"])
-            for item in found.value.values()]
+            for item in found.value.values() if item.value["maddrs"]]
 
 
 def publish_reach(dht: DHT, dht_prefix: str, peer_id: str, reachability: str, ttl: float = RECORD_TTL) -> bool:

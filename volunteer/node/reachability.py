@@ -25,6 +25,7 @@ import enum
 import logging
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 from volunteer.core import records
@@ -54,13 +55,17 @@ class ReachView:
     port: int | None  # the TCP port we listen on (what to forward)
     trainers: int  # trainers that publish an address
     connected: int  # of those, how many we hold a connection to
+    seeds_answering: int | None = None  # initial peers that answered a DHT ping this tick; 0 = offline
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def classify(dialled_back: bool | None, trainers: int, connected: int, relayed: bool = False) -> Reach:
+def classify(dialled_back: bool | None, trainers: int, connected: int, relayed: bool = False,
+             offline: bool = False) -> Reach:
     """The one word for how trainers reach us (pure: the tests' table covers every case)."""
+    if offline:  # no bootstrap peer answers: whatever held before, nobody reaches us now
+        return Reach.UNREACHABLE
     if dialled_back:
         return Reach.DIRECT
     if trainers and connected:
@@ -73,8 +78,12 @@ def classify(dialled_back: bool | None, trainers: int, connected: int, relayed: 
     return Reach.CHECKING if dialled_back is None else Reach.OUTBOUND
 
 
-def advice(reach: Reach, observed_host: str | None, port: int | None, trainers: int, connected: int) -> str:
+def advice(reach: Reach, observed_host: str | None, port: int | None, trainers: int, connected: int,
+           offline: bool = False) -> str:
     """One line for people: how we are reached, and what would make it direct."""
+    if offline:
+        return ("no bootstrap peer of the swarm answers: check this machine's network connection; "
+                "serving resumes by itself when it is back")
     forward = ""
     if port:
         where = observed_host or "your public address"
@@ -161,11 +170,13 @@ class ReachWatch:
             self.links = OutboundLinks(node.dht, node.manifest.dht_prefix)
         if self.clock() - self._checked_at >= DIAL_BACK_PERIOD:
             self._dial_back()
-        trainers, connected = self.links.tick() if self.links is not None else (0, 0)
+        answering = self.rejoin()
+        offline = answering == 0
+        trainers, connected = self.links.tick() if self.links is not None and not offline else (0, 0)
         relayed = any("/p2p-circuit" in m for m in node.info.maddrs)
-        reach = classify(self.dialled_back, trainers, connected, relayed)
-        view = ReachView(reach.value, advice(reach, self.observed_host, self.port, trainers, connected),
-                         self.observed_host, self.port, trainers, connected)
+        reach = classify(self.dialled_back, trainers, connected, relayed, offline)
+        view = ReachView(reach.value, advice(reach, self.observed_host, self.port, trainers, connected, offline),
+                         self.observed_host, self.port, trainers, connected, answering)
         if self.view is None or (view.reach, view.connected, view.trainers) != (
                 self.view.reach, self.view.connected, self.view.trainers):
             node.events.emit("reachability", f"reachability: {view.reach} ({view.advice})", **view.to_dict())
@@ -175,6 +186,16 @@ class ReachWatch:
         if node.collector is not None:
             node.collector.reach = view.to_dict()
         return view
+
+    def rejoin(self) -> int | None:
+        """Ping the bootstrap peers from our DHT (which puts those that answer back in its routing table):
+        after a network outage hivemind's DHT has dropped every peer and never looks for them again, so
+        it would stay alone, our expert records would expire, and no trainer would find us. Returns how
+        many answered; None if there are none to ask."""
+        peers = tuple(self.node.experiment.initial_peers)
+        if not peers or self.node.dht is None:
+            return None
+        return self.node.dht.run_coroutine(partial(_ping_bootstrap_peers, peers))
 
     def _publish(self, view: ReachView) -> None:
         try:
@@ -198,6 +219,25 @@ class ReachWatch:
             return
         self.dialled_back = port in answer.open_ports
         self.observed_host = answer.observed_host
+
+
+async def _ping_bootstrap_peers(maddrs: Sequence[str], dht, node) -> int:
+    """Runs inside the DHT's process: reconnect to and ping each bootstrap peer; how many answered."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    async def ping(maddr: str) -> bool:
+        peer = PeerID.from_base58(Multiaddr(maddr)["p2p"])
+        if peer not in node.protocol.routing_table.peer_id_to_uid:
+            try:  # the daemon may have forgotten the peer's address while the network was down
+                await asyncio.wait_for(node.p2p._client.connect(peer, [Multiaddr(maddr.split("/p2p/")[0])]),
+                                       CONNECT_TIMEOUT)
+            except Exception as e:
+                logger.debug(f"cannot reconnect to bootstrap peer {maddr}: {e}")
+                return False
+        return await node.protocol.call_ping(peer) is not None
+
+    return sum(await asyncio.gather(*(ping(m) for m in maddrs)))
 
 
 def _tcp_port(maddrs: Sequence[str]) -> int | None:
