@@ -30,11 +30,11 @@ from volunteer.core.manifest import Manifest
 from volunteer.core.records import (
     join_dht,
     publish_caller,
-    withdraw_caller,
     publish_contributions,
     publish_trainer_progress,
     use_record_key,
     visible_maddrs,
+    withdraw_caller,
 )
 
 logger = logging.getLogger("coordinator_seeds.trainer")
