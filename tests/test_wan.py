@@ -105,6 +105,7 @@ def test_a_home_uplink_down_for_30_s_then_back(wan):
         time.sleep(30)  # the outage itself: its length is the point, not a condition to wait for
         during = _status(home)
         assert during, "the volunteer stopped answering status during the outage"
+        assert during["reach"]["reach"] == "unreachable" and "network connection" in during["reach"]["advice"], during
         wan.routers[0].uplink(True)
         back_at = time.monotonic()
         wait_for(lambda: _backward_samples(home) > during["session"]["backward_samples"], BACK_AFTER_UPLINK,
