@@ -167,8 +167,21 @@ class Seed:
             uptime = round(time.monotonic() - self._started_at, 3)
             return JSONResponse({"ok": self._dht is not None, "peer_id": self._peer_id, "uptime_s": uptime})
 
+        async def dialback(request: Request) -> JSONResponse:
+            # only the address the request comes from is dialled: nobody can aim the seed at another host
+            host = request.client.host if request.client else ""
+            try:
+                ports = sorted({int(p) for p in request.query_params.getlist("port")})[:4]
+            except ValueError:
+                return JSONResponse({"error": "port must be a whole number"}, status_code=400)
+            if not host or not all(0 < p < 65536 for p in ports):
+                return JSONResponse({"error": "ports must be 1-65535"}, status_code=400)
+            opened = [port for port in ports if await _can_connect(host, port)]
+            return JSONResponse({"observed_host": host, "open_ports": opened})
+
         return Starlette(routes=[
             Route("/v1/experiment", get_experiment),
+            Route("/v1/dialback", dialback),
             Route("/v1/peers", get_peers),
             Route("/v1/leaderboard", leaderboard),
             Route("/v1/trust", get_trust),
@@ -223,6 +236,21 @@ async def run_seed(settings: SeedSettings, *, task_status: trio.TaskStatus[int] 
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+DIAL_BACK_TIMEOUT = 3.0  # a port behind a NAT with no forward is dropped (no answer) or refused (at once)
+
+
+async def _can_connect(host: str, port: int) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``DIAL_BACK_TIMEOUT`` (then closed at once)."""
+    with trio.move_on_after(DIAL_BACK_TIMEOUT):
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return False
+        await stream.aclose()
+        return True
+    return False
+
 
 
 def _bind(host: str, port: int, what: str) -> socket.socket:

@@ -29,9 +29,12 @@ from coordinator_seeds.dispatch import BatchedRemoteMoE, shutdown_dht
 from volunteer.core.manifest import Manifest
 from volunteer.core.records import (
     join_dht,
+    publish_caller,
     publish_contributions,
     publish_trainer_progress,
     use_record_key,
+    visible_maddrs,
+    withdraw_caller,
 )
 
 logger = logging.getLogger("coordinator_seeds.trainer")
@@ -54,6 +57,8 @@ class TrainerSettings:
     # with no expert alive at a log step, wait this long for volunteers before stepping on: only the
     # local layers would train, and a loss printed at hundreds of steps/s would say nothing
     idle_wait: float = 30.0
+    host: str = "127.0.0.1"  # where its p2p daemon listens; a public address lets NATed volunteers dial in
+    caller_period: float = 20.0  # seconds between refreshes of its ``callers`` record (peer id, addresses)
 
 
 @dataclass(frozen=True)
@@ -151,12 +156,38 @@ def train(
     if settings.key_path is not None:
         use_record_key(settings.key_path)
     if dht is None:
-        dht = join_dht(settings.manifest.dht_prefix, settings.initial_peers, client_mode=True)
+        dht = join_dht(settings.manifest.dht_prefix, settings.initial_peers, client_mode=True, host=settings.host)
+    stop = stop or threading.Event()
+    done = threading.Event()
+    # volunteers behind a NAT cannot be dialled: they dial us (see volunteer.node.reachability), so
+    # they must know where we are before our first call to them
+    announcer = threading.Thread(target=keep_caller_record, args=(dht, settings, done), daemon=True,
+                                 name="caller-record")
+    announcer.start()
     try:
-        return _train(settings, dht, on_step, stop or threading.Event())
+        return _train(settings, dht, on_step, stop)
     finally:
+        done.set()
+        announcer.join(timeout=10)
         if own_dht:
             shutdown_dht(dht)
+
+
+def keep_caller_record(dht: DHT, settings: TrainerSettings, done: threading.Event) -> None:
+    """Publish our peer id and listening addresses every ``caller_period`` s until ``done``."""
+    peer_id = dht.peer_id.to_base58()
+    while not done.is_set():
+        try:
+            maddrs = [m for m in visible_maddrs(dht) if "/p2p-circuit" not in m]
+            if not publish_caller(dht, settings.manifest.dht_prefix, peer_id, maddrs):
+                logger.debug("publishing our caller record was refused by the DHT")
+        except Exception as e:  # the DHT may be shutting down; training must not stop for this
+            logger.debug("publishing our caller record failed: %s", e)
+        done.wait(settings.caller_period)
+    try:  # volunteers stop dialling us now, instead of when the record expires (and saying they cannot)
+        withdraw_caller(dht, settings.manifest.dht_prefix, peer_id)
+    except Exception as e:
+        logger.debug("withdrawing our caller record failed: %s", e)
 
 
 def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], None] | None,

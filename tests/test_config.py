@@ -473,6 +473,8 @@ VALID = {
     "host": st.sampled_from(["0.0.0.0", "127.0.0.1", "::"]),
     "port": st.integers(0, 65535),
     "announce_host": st.sampled_from(["203.0.113.7", "volunteer.example.org"]),
+    "dial_trainers": st.booleans(),
+    "startup_timeout": st.floats(min_value=1e-3, max_value=1e6),
     "device": st.sampled_from(["cpu", "cuda", "cuda:1"]),
     "gpus": st.sampled_from(["0", "0,2", "GPU-8f1e", "1, 3"]),
     "max_memory": st.one_of(st.floats(min_value=1e-6, max_value=1.0), st.integers(2, 2**50),

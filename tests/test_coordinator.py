@@ -484,3 +484,19 @@ def test_peers_the_daemon_could_not_parse_never_replace_the_cached_ones(tmp_path
     again = fetch(bad, tmp_path)
     assert again.initial_peers == first.initial_peers and again.source == "cache"
     assert cache_path(tmp_path, URL).read_bytes() == cached
+
+
+@pytest.mark.integration
+def test_seed_dials_back_only_the_asking_address(seed: SeedProcess) -> None:
+    from volunteer.core.seed_client import dial_back
+
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        open_port, closed_port = listening.getsockname()[1], closed.getsockname()[1]
+        answer = dial_back(seed.url, [open_port, closed_port])
+    assert answer.observed_host == "127.0.0.1"
+    assert answer.open_ports == (open_port,)
+    for bad in ("port=0", "port=70000", "port=x"):
+        assert httpx.get(f"{seed.url}/v1/dialback?{bad}", timeout=5.0).status_code == 400

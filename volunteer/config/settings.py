@@ -200,6 +200,10 @@ class Settings:
     host: str = setting("0.0.0.0", STR, "Address the DHT and expert RPCs listen on.")
     port: int = setting(0, INT, "TCP port for the DHT and experts; 0 = any free port.", check=_tcp_port)
     announce_host: str | None = setting(None, OPT_STR, "Public address to announce, behind port forwarding.")
+    # behind a NAT with no port forward, trainers can call us only over connections we made
+    dial_trainers: bool = setting(True, BOOL, "Dial the trainers and hold connections to them, so they can call "
+                                              "back through a home router.", negatable=True)
+    startup_timeout: float = setting(30.0, FLOAT, "Seconds the p2p daemon may take to start.", check=_seconds)
     device: str | None = setting(None, OPT_STR, "cpu, cuda (every GPU) or cuda:N; auto = every GPU, else the CPU.",
                                  unset="auto")
     # matched to the GPUs found by placement.pick_devices

@@ -4,7 +4,10 @@ Three kinds of records live in the DHT:
 - hivemind's own expert records (``declare_experts`` / ``get_experts``): uid -> serving peer;
 - ``<prefix>_volunteers``: one signed subkey per volunteer (its uids, device and measured speed),
   so any peer can count how many servers each uid has;
-- ``<prefix>_trainer``: one signed subkey per trainer with its latest step and loss, for dashboards.
+- ``<prefix>_trainer``: one signed subkey per trainer with its latest step and loss, for dashboards;
+- ``<prefix>_callers``: one signed subkey per trainer with its peer id and public addresses, so that a
+  volunteer behind a NAT can dial it and hold the connection over which the trainer then calls it;
+- ``<prefix>_reach``: one signed subkey per volunteer saying how it can be reached (``reachability``).
 
 Our records are signed (``RSASignatureValidator``: a subkey holding ``[owner:<key>]`` can only be
 written by that key) and typed (``SchemaValidator``). Every peer of the swarm must use the same
@@ -57,10 +60,24 @@ class ContributionsRecordSchema(pydantic.BaseModel):
     time: pydantic.StrictFloat
 
 
+class CallerRecordSchema(pydantic.BaseModel):
+    peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
+    maddrs: pydantic.conlist(pydantic.constr(strict=True, max_length=256), max_items=16)
+    time: pydantic.StrictFloat
+
+
+class ReachRecordSchema(pydantic.BaseModel):
+    peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
+    reachability: pydantic.constr(strict=True, max_length=16)
+    time: pydantic.StrictFloat
+
+
 class _ExperimentSchema(pydantic.BaseModel):
     volunteers: Dict[BytesWithPublicKey, VolunteerRecordSchema]
     trainer: Dict[BytesWithPublicKey, TrainerRecordSchema]
     contributions: Dict[BytesWithPublicKey, ContributionsRecordSchema]
+    callers: Dict[BytesWithPublicKey, CallerRecordSchema]
+    reach: Dict[BytesWithPublicKey, ReachRecordSchema]
 
 
 @dataclass(frozen=True)
@@ -141,9 +158,12 @@ def join_dht(
     identity_path: Path | None = None,
     client_mode: bool = False,
     announce_host: str | None = None,
+    startup_timeout: float | None = None,
 ) -> DHT:
     """Start a DHT peer in its own process, with this experiment's validators."""
-    kwargs = dict(host_maddrs=[f"/ip4/{host}/tcp/{port}"])
+    kwargs: dict = dict(host_maddrs=[f"/ip4/{host}/tcp/{port}"])
+    if startup_timeout is not None:
+        kwargs["startup_timeout"] = startup_timeout
     if identity_path is not None:
         identity_path.parent.mkdir(parents=True, exist_ok=True)
         kwargs["identity_path"] = str(identity_path)
@@ -282,3 +302,46 @@ def key_fingerprint(owner_subkey: bytes) -> str:
 def owner_subkey_of(key: RSAPrivateKey) -> bytes:
     """The subkey that records signed by ``key`` are stored under (what a seed trusts)."""
     return RSASignatureValidator(key).local_public_key
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A trainer's peer id and the addresses it listens on: what a volunteer behind a NAT dials."""
+
+    peer_id: str
+    maddrs: tuple[str, ...]
+    time: float
+
+
+def publish_caller(dht: DHT, dht_prefix: str, peer_id: str, maddrs: Sequence[str], ttl: float = RECORD_TTL) -> bool:
+    value = dict(peer_id=peer_id, maddrs=list(maddrs)[:16], time=float(time.time()))
+    return bool(dht.store(f"{dht_prefix}_callers", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
+
+
+def withdraw_caller(dht: DHT, dht_prefix: str, peer_id: str, ttl: float = RECORD_TTL) -> bool:
+    """Replace our caller record with one without addresses (readers skip it); it must outlive the
+    record it replaces, as in ``withdraw_volunteer``."""
+    value = dict(peer_id=peer_id, maddrs=[], time=float(time.time()))
+    return bool(dht.store(f"{dht_prefix}_callers", value, get_dht_time() + ttl + 1.0, subkey=owner_subkey(dht)))
+
+
+def read_callers(dht: DHT, dht_prefix: str) -> list[Caller]:
+    """The trainers that publish where they listen (withdrawn records left out)."""
+    found = dht.get(f"{dht_prefix}_callers", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    return [Caller(item.value["peer_id"], tuple(item.value["maddrs"]), item.value["time"])
+            for item in found.value.values() if item.value["maddrs"]]
+
+
+def publish_reach(dht: DHT, dht_prefix: str, peer_id: str, reachability: str, ttl: float = RECORD_TTL) -> bool:
+    value = dict(peer_id=peer_id, reachability=reachability, time=float(time.time()))
+    return bool(dht.store(f"{dht_prefix}_reach", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
+
+
+def read_reach(dht: DHT, dht_prefix: str) -> dict[str, str]:
+    """Volunteer peer id -> how it is reached (``direct``, ``outbound``, ``relayed``, ``unreachable``)."""
+    found = dht.get(f"{dht_prefix}_reach", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    return {item.value["peer_id"]: item.value["reachability"] for item in found.value.values()}

@@ -138,6 +138,34 @@ def fetch_trusted_trainer_keys(url: str, *, timeout: float = 5.0,
     return tuple(keys)
 
 
+@dataclass(frozen=True)
+class DialBack:
+    """The seed's answer to "can you dial me?": our address as it saw it, and which ports it could open."""
+
+    observed_host: str
+    open_ports: tuple[int, ...]
+
+
+def dial_back(url: str, ports: Sequence[int], *, timeout: float = 15.0,
+              transport: httpx.BaseTransport | None = None) -> DialBack:
+    """Ask the seed at ``url`` to open a TCP connection to ``ports`` at the address our request comes
+    from (``GET /v1/dialback``): a port it opens is one any trainer can dial."""
+    base = _base_url(url)
+    query = "&".join(f"port={int(port)}" for port in list(ports)[:4])
+    try:
+        with httpx.Client(transport=transport, timeout=timeout, follow_redirects=False) as client:
+            answer = _get_json(client, base.join(f"v1/dialback?{query}"), timeout)
+        host, opened = answer["observed_host"], answer["open_ports"]
+        if not (isinstance(host, str) and len(host) <= 64 and isinstance(opened, list)
+                and len(opened) <= 4 and all(type(p) is int for p in opened)):
+            raise _Invalid("a malformed dial-back answer")
+    except (_Transient, _Invalid) as e:
+        raise CoordinatorError(f"no dial-back from {url}: {e}") from None
+    except (TypeError, KeyError):
+        raise CoordinatorError(f"no dial-back from {url}: a malformed answer") from None
+    return DialBack(host, tuple(opened))
+
+
 def _count(value: Any) -> bool:
     return type(value) is int and value >= 0
 

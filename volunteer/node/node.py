@@ -255,6 +255,7 @@ class VolunteerNode:
         records.use_record_key(self.paths.data_dir / "record-key.der")  # the same owner of our records in every run
         join = partial(records.join_dht, self.manifest.dht_prefix, self.experiment.initial_peers,
                        host=self.settings.host, announce_host=self.settings.announce_host,
+                       startup_timeout=self.settings.startup_timeout,
                        identity_path=self.paths.data_dir / "identity.key")
         if self.settings.port or not isinstance(previous_port, int) or not 0 < previous_port < 65536:
             return join(port=self.settings.port)

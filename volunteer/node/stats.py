@@ -142,6 +142,7 @@ class Readings:
     swarm: SwarmView | None = None
     plans: tuple[dict[str, Any], ...] = ()  # one memory plan per serving device (sizing.Plan.to_dict)
     verified: Verified | None = None
+    reach: dict[str, Any] | None = None  # reachability.ReachView.to_dict
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class StatsSnapshot:
     events: tuple[str, ...] = ()  # the latest notable events, oldest first, "HH:MM:SS message"
     pause_reasons: tuple[str, ...] = ()  # why the volunteer is paused ("paused by the user", "outside 22-08")
     limits: Limits | None = None  # what the owner allowed: power, threads, memory...
+    reach: dict[str, Any] | None = None  # how trainers reach us, with advice (reachability.ReachView.to_dict)
 
     @property
     def uptime(self) -> float:
@@ -278,7 +280,7 @@ class StatsCollector:
             rates={f"{w:.0f}s": self.meter.rate("samples", w) for w in RATE_WINDOWS},
             history=self.meter.history("samples"), telemetry=readings.telemetry, swarm=readings.swarm,
             plans=readings.plans, verified=readings.verified, events=tuple(self.events),
-            pause_reasons=pause_reasons, limits=self.limits,
+            pause_reasons=pause_reasons, limits=self.limits, reach=readings.reach,
         )
 
     def note(self, message: str) -> None:

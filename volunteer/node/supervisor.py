@@ -51,6 +51,7 @@ from volunteer.node.pollers import (
     read_verified,
     stats_line,
 )
+from volunteer.node.reachability import ReachWatch
 from volunteer.node.stats import NodeState, StatsSnapshot
 from volunteer.planning.rebalance import Rebalance
 
@@ -63,6 +64,7 @@ TELEMETRY_PERIOD = 2.0
 SWARM_PERIOD = 10.0
 VERIFIED_PERIOD = 30.0  # the coordinator's leaderboard line: every volunteer asks, so not too often
 LIFETIME_SAVE_PERIOD = 5.0  # what a kill -9 can lose of the lifetime totals
+REACH_PERIOD = 5.0  # how soon a NATed volunteer dials a trainer that has just published its address
 WATCH_PERIOD = 2.0  # how often the node's hivemind threads and processes are checked
 RESTART_DELAYS = (2.0, 5.0, 15.0, 30.0, 60.0)  # before each restart after a failure, within an hour
 RESTART_WINDOW = 3600.0  # more failures than RESTART_DELAYS in this many seconds: exit 1 for the service manager
@@ -292,6 +294,7 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: Dash
             work.start_soon(every, LIFETIME_SAVE_PERIOD, collector.persist)
             work.start_soon(every, settings.checkpoint_interval, node.checkpoint)
             work.start_soon(partial(every, settings.announce_interval, node.announce, abandon=True))
+            work.start_soon(partial(every, REACH_PERIOD, ReachWatch(node).reading, first=0, abandon=True, fold=fold))
             if dashboard is None:
                 work.start_soon(every, settings.log_interval, lambda: events.write(stats_line(node.snapshot())))
             if settings.rebalance_period > 0:

@@ -258,10 +258,15 @@ def _header(s: StatsSnapshot, width: int) -> Text:
     header.append(f"│ up {format_duration(s.uptime)} │ {s.device} │ {short_id(s.peer_id)}")
     if s.pause_reasons:
         header.append(f" │ {'; '.join(s.pause_reasons)}", style="cyan")
+    if s.reach:
+        header.append(f" │ reached {s.reach['reach']}", style=REACH_STYLES.get(s.reach["reach"], "white"))
     if limits := limits_text(s.limits):
         header.append(f" │ {limits}")
     header.truncate(width, overflow="ellipsis", pad=True)  # padded, so the bar spans the screen
     return header
+
+
+REACH_STYLES = {"direct": "green", "outbound": "green", "relayed": "yellow", "unreachable": "bold red"}
 
 
 def limits_text(limits: Limits | None) -> str:

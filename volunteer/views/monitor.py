@@ -29,6 +29,8 @@ def summary_lines(s: StatsSnapshot) -> list[str]:
     lines = [f"{s.experiment}: {state} on {s.device} as {s.peer_id}, up {format_duration(s.uptime)}"]
     if limits := limits_text(s.limits):
         lines.append(f"limits: {limits}")
+    if s.reach:
+        lines.append(f"reached: {s.reach['reach']} ({s.reach['advice']})")
     lines.append(f"throughput: {format_rate(s.rates.get('10s', 0.0))} samples/s (10 s), "
                  f"{format_rate(s.rates.get('300s', 0.0))} (5 min)")
     for view in s.experts:

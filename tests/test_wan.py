@@ -1,0 +1,119 @@
+"""The swarm across a slow internet (tests/netlab.py with linkemu cables): every internet link 20 ms each
+way, so any two hosts are 40 ms apart (80 ms round trip); a home router's uplink unplugged for 30 s.
+
+A seed, a trainer, one volunteer on a public "cloud" host and two behind two home routers with no port
+forward, six experts two by two. Root and ``ip netns`` are needed: elsewhere the module skips.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.netlab import Link, NetLab, leftover_namespaces
+from tests.test_netlab import LAB_MANIFEST, Lab, _backward_samples, _status
+
+pytestmark = pytest.mark.integration
+
+LINK = Link(delay=0.020)  # each way, on every internet link
+SIX_EXPERTS = LAB_MANIFEST.replace("grid = [1, 4]", "grid = [1, 6]")
+STEP = re.compile(r"step (\d+) loss (\S+), experts alive (\d+) of (\d+), (\S+) steps/s")
+BACK_AFTER_UPLINK = 90.0  # seconds from a home's uplink coming back to its volunteer serving again
+
+
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory) -> Iterator[Lab]:
+    lab = Lab(tmp_path_factory.mktemp("wan"), SIX_EXPERTS, link=LINK, homes=2, cloud=True)
+    homes = [Path(tempfile.mkdtemp(prefix="wan-")) for _ in range(4)]
+    lab.homes = homes
+    try:
+        # one after the other, as volunteers join a real swarm: each takes the least served uids
+        lab.volunteers = []
+        for name, host, home in (("cloud", lab.cloud, homes[0]), ("home1", lab.pcs[0], homes[1]),
+                                 ("home2", lab.pcs[1], homes[2])):
+            child = lab.volunteer(home, name=name, on=host, experts=2)
+            child.wait_for_line(r'"event": "serving"', timeout=180)
+            lab.volunteers.append(child)
+        yield lab
+    finally:
+        prefix = lab.net.prefix
+        lab.close()
+        for home in homes:
+            shutil.rmtree(home, ignore_errors=True)
+        assert not leftover_namespaces(prefix), "the lab left namespaces behind"
+
+
+def test_a_cable_gives_the_delay_asked_for():
+    script = ("import socket,sys,time,statistics; c=socket.create_connection((sys.argv[1], 7000));"
+              "c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1); r=[]\n"
+              "for i in range(10):\n t=time.perf_counter(); c.sendall(b'x'); c.recv(1); r.append(time.perf_counter()-t)\n"
+              "print(statistics.median(r))")
+    echo = ("import socket; s=socket.socket(); s.bind(('0.0.0.0', 7000)); s.listen(); print('up', flush=True);"
+            "c,_=s.accept(); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
+            "while (d := c.recv(1)): c.sendall(d)")
+    import subprocess
+
+    with NetLab() as lab:
+        a = lab.public_host("a", Link(delay=0.025))
+        router = lab.home("r", Link(delay=0.025, jitter=0.002))
+        b = lab.lan_host(router, "b")
+        server = subprocess.Popen(a.argv(sys.executable, "-c", echo), stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout.readline().strip() == "up"
+            rtt = float(b.run(sys.executable, "-c", script, a.ip, timeout=60).stdout)
+        finally:
+            server.kill()
+            server.wait(10)
+    # four crossings of 25 ms (each cable, each way), plus up to 2 ms of jitter on two of them
+    assert 0.100 <= rtt < 0.115, f"round trip {rtt * 1000:.1f} ms, 100 ms asked"
+
+
+def test_a_swarm_across_40_ms_trains_and_every_volunteer_serves(wan):
+    trainer = wan.trainer(wan.homes[3], steps=40, log_every=5)
+    try:
+        trainer.wait_for_line(r"step 40 ", timeout=280)
+        reaches = {home.name: _status(home)["reach"]["reach"] for home in wan.homes[:3]}
+    finally:
+        trainer.stop()
+    steps = [STEP.search(line) for line in trainer.output]
+    steps = [(int(m[1]), float(m[2]), int(m[3]), float(m[5])) for m in steps if m]
+    first, last = steps[0], steps[-1]
+    print(f"40 ms apart: loss {first[1]:.2f} -> {last[1]:.2f} over {last[0]} steps, "
+          f"{statistics.median(s[3] for s in steps[1:]):.2f} steps/s, experts {last[2]}/6")
+    assert last[1] < first[1] - 0.5, f"the loss did not fall: {steps}"
+    assert last[2] == 6, f"not every expert alive at the end: {steps}"
+    served = {home.name: _backward_samples(home) for home in wan.homes[:3]}
+    assert all(served.values()), f"a volunteer served no backward call: {served}"
+    assert reaches[wan.homes[0].name] == "direct" and {reaches[h.name] for h in wan.homes[1:3]} == {"outbound"}, reaches
+
+
+def test_a_home_uplink_down_for_30_s_then_back(wan):
+    home = wan.homes[1]
+    trainer = wan.trainer(wan.homes[3], log_every=5)
+    try:
+        before = wait_for(lambda: _backward_samples(home), 90, "home1 serving before the outage")
+        wan.routers[0].uplink(False)
+        time.sleep(30)  # the outage itself: its length is the point, not a condition to wait for
+        during = _status(home)
+        assert during, "the volunteer stopped answering status during the outage"
+        assert during["reach"]["reach"] == "unreachable" and "network connection" in during["reach"]["advice"], during
+        wan.routers[0].uplink(True)
+        back_at = time.monotonic()
+        wait_for(lambda: _backward_samples(home) > during["session"]["backward_samples"], BACK_AFTER_UPLINK,
+                 f"home1 serving again within {BACK_AFTER_UPLINK:.0f} s of its uplink's return")
+        print(f"uplink back: served again after {time.monotonic() - back_at:.1f} s "
+              f"(backward samples {before} before, {during['session']['backward_samples']} at the end of the outage)")
+        assert trainer.proc.poll() is None, f"the trainer stopped: {trainer.tail()}"
+        assert wan.volunteers[1].proc.poll() is None
+    finally:
+        wan.routers[0].uplink(True)
+        trainer.stop()
