@@ -30,6 +30,7 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from volunteer.core.dht_calls import get_one
 from volunteer.core.paths import write_atomic
 
 RECORD_TTL = 60.0  # seconds a volunteer or trainer record lives unless refreshed
@@ -193,7 +194,7 @@ def withdraw_experts(dht: DHT, uids: Sequence[str], expiration: float) -> dict[s
 
 
 def read_volunteers(dht: DHT, dht_prefix: str) -> list[VolunteerRecord]:
-    found = dht.get(f"{dht_prefix}_volunteers", latest=True)
+    found = get_one(dht, f"{dht_prefix}_volunteers", latest=True)  # bounded: a dead DHT is an error
     if found is None or not isinstance(found.value, dict):
         return []
     records = []
@@ -212,7 +213,7 @@ def publish_trainer_progress(dht: DHT, dht_prefix: str, step: int, loss: float) 
 
 def read_trainer_progress(dht: DHT, dht_prefix: str) -> TrainerProgress | None:
     """The most recent report of any trainer of the experiment."""
-    found = dht.get(f"{dht_prefix}_trainer", latest=True)
+    found = get_one(dht, f"{dht_prefix}_trainer", latest=True)  # bounded: a dead DHT is an error
     if found is None or not isinstance(found.value, dict) or not found.value:
         return None
     latest = max((item.value for item in found.value.values()), key=lambda v: v["time"])
@@ -236,7 +237,7 @@ def publish_contributions(dht: DHT, dht_prefix: str, run: str, peers: dict[str, 
 
 
 def read_contributions(dht: DHT, dht_prefix: str) -> list[Contributions]:
-    found = dht.get(f"{dht_prefix}_contributions", latest=True)
+    found = get_one(dht, f"{dht_prefix}_contributions", latest=True)  # bounded: a dead DHT is an error
     if found is None or not isinstance(found.value, dict):
         return []
     return [
