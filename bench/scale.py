@@ -47,6 +47,7 @@ from volunteer.core import dht_calls, records
 from volunteer.node import swarm as volunteer_swarm
 
 CALLS = ("call_find", "call_store", "call_ping")
+RECORD_TTL = 900.0
 
 
 async def _install_counter(_dht: hivemind.DHT, node: Any) -> None:
@@ -86,14 +87,18 @@ class Peer:
         return dict(volunteer_swarm.count_servers(self.dht, self.prefix, self.all_uids, coverage=self.coverage))
 
     def choose(self) -> list[str]:
+        self.coverage.read(self.dht, rows_per_read=dht_calls.MAX_KEYS_PER_CALL)  # as a node's start does
         counts = self.read()
         tie = {uid: hashlib.sha256(f"{self.peer_id}{uid}".encode()).digest() for uid in self.all_uids}
         return sorted(self.all_uids, key=lambda uid: (counts[uid], tie[uid]))[: self.per_peer]
 
     def announce(self) -> None:
-        declare_experts(self.dht, self.served, expiration_time=get_dht_time() + 60)
-        dht_calls.declare_grid_roots(self.dht, self.served, get_dht_time() + 60)  # as node.announce does
-        records.publish_volunteer(self.dht, self.prefix, records.VolunteerRecord(self.peer_id, tuple(self.served), "cpu", 100.0))
+        # records outlive the joins of a whole step (no tick runs while peers join): as if announced on time
+        until = get_dht_time() + RECORD_TTL
+        declare_experts(self.dht, self.served, expiration_time=until)
+        dht_calls.declare_grid_roots(self.dht, self.served, until)  # as node.announce does
+        record = records.VolunteerRecord(self.peer_id, tuple(self.served), "cpu", 100.0)
+        records.publish_volunteer(self.dht, self.prefix, record, ttl=RECORD_TTL)
 
     def tick(self) -> None:
         self.announce()
@@ -109,10 +114,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
-def lookup_latency(bench: Swarm, served: list[str], lookups: int) -> tuple[list[float], list[float]]:
+def lookup_latency(bench: Swarm, served: list[str], lookups: int) -> tuple[list[float], list[float], int]:
     client = records.join_dht(bench.experiment.manifest().dht_prefix, bench.initial_peers, client_mode=True)
     try:
-        one, row = [], []
+        one, row, missing = [], [], 0
         for uid in random.Random(0).choices(served, k=lookups):
             started = time.perf_counter()
             [expert] = dht_calls.get_experts(client, [uid])
@@ -120,25 +125,28 @@ def lookup_latency(bench: Swarm, served: list[str], lookups: int) -> tuple[list[
             started = time.perf_counter()
             dht_calls.active_successors(client, [dht_calls.parent_prefix(uid)])
             row.append((time.perf_counter() - started) * 1000)
-            assert expert is not None, f"{uid} was not found"
-        return one, row
+            missing += expert is None
+        return one, row, missing
     finally:
         bench.drop(client) if client in bench.dhts else client.shutdown()
 
 
-def run_window(peers: list[Peer], period: float, window: float) -> float:
-    """Every peer does its periodic work for ``window`` seconds; returns RPCs sent per peer per minute."""
+def run_window(peers: list[Peer], period: float, window: float) -> dict[str, float]:
+    """Every peer does its periodic work for ``window`` seconds; returns RPCs sent per peer per minute,
+    by kind and in all."""
     before = [p.sent() for p in peers]
-    started = time.monotonic()
+    started, ticks = time.monotonic(), 0
     with ThreadPoolExecutor(8) as pool:
         while time.monotonic() - started < window:
+            ticks += 1
             tick_start = time.monotonic()
             list(pool.map(lambda p: p.tick(), peers))
             time.sleep(max(0.0, period - (time.monotonic() - tick_start)))
     minutes = (time.monotonic() - started) / 60
     after = [p.sent() for p in peers]
-    total = sum(a[c] - b[c] for a, b in zip(after, before) for c in CALLS)
-    return total / len(peers) / minutes
+    rates = {c: sum(a[c] - b[c] for a, b in zip(after, before)) / len(peers) / minutes for c in CALLS}
+    return {**rates, "all": sum(rates.values()), "ticks_per_min": ticks / minutes,
+            "per_tick": sum(rates.values()) * minutes / ticks}
 
 
 def main() -> None:
@@ -147,7 +155,7 @@ def main() -> None:
     parser.add_argument("--grid", default="64,64", help="the layer's grid")
     parser.add_argument("--uids-per-peer", type=int, default=4)
     parser.add_argument("--period", type=float, default=5.0, help="seconds between a peer's announce + read")
-    parser.add_argument("--window", type=float, default=60.0, help="seconds of periodic work measured per step")
+    parser.add_argument("--window", type=float, default=45.0, help="seconds of periodic work measured per step")
     parser.add_argument("--lookups", type=int, default=30)
     parser.add_argument("--volunteers", type=int, default=2, help="real `volunteer start`s at the largest step")
     args = parser.parse_args()
@@ -174,32 +182,38 @@ def main() -> None:
             joins = [p.join_seconds for p in peers]
             served = [uid for p in peers for uid in p.served]
             seen = set(volunteer_swarm.GridCoverage(uids, rows_per_read=256).read(peers[0].dht))
-            one, row = lookup_latency(bench, served, args.lookups)
+            one, row, missing = lookup_latency(bench, served, args.lookups)
             rate = run_window(peers, args.period, args.window)
             rows.append([n, f"{statistics.median(joins):.1f} / {max(joins):.1f}",
                          f"{percentile(one, .5):.0f} / {percentile(one, .95):.0f}",
                          f"{percentile(row, .5):.0f} / {percentile(row, .95):.0f}",
-                         f"{len(set(served))}/{len(served)}", len(seen & set(served)), f"{rate:.0f}"])
-            key[f"rpc_per_peer_min_{n}"] = round(rate)
+                         f"{len(set(served))}/{len(served)}", len(seen & set(served)), missing,
+                         f"{rate['all']:.0f}", " / ".join(f"{rate[c]:.0f}" for c in CALLS),
+                         f"{rate['ticks_per_min']:.1f}", f"{rate['per_tick']:.0f}"])
+            key[f"rpc_per_peer_tick_{n}"] = round(rate["per_tick"])
+            key[f"rpc_per_peer_min_{n}"] = round(rate["all"])
             key[f"lookup_p95_ms_{n}"] = round(percentile(one, .95))
             print_table("so far", ["peers", "join s (p50 / max)", "get_experts ms p50 / p95",
                                    "row lookup ms p50 / p95", "distinct / served", "seen in prefix records",
-                                   "RPCs per peer per min"], rows)
+                                   "lookups not found", "RPCs per peer per min", "find / store / ping",
+                                   "ticks per min", "RPCs per peer per tick"], rows)
         if args.volunteers and peers:
             children = [bench.start_volunteer(f"v{i}", max_experts=2) for i in range(args.volunteers)]
             served_by = {p.peer_id: set(p.served) for p in peers}
             starts = []
             for child in children:
                 info = bench.wait_serving(child, timeout=240)
-                starts.append(info.seconds)
+                starts.append(info.ready_after)
                 clash = [uid for uid in info.uids if any(uid in s for s in served_by.values())]
                 served_by[info.peer_id] = set(info.uids)
-                print(f"real volunteer {child.name}: serving {len(info.uids)} uids after {info.seconds:.1f} s, "
+                print(f"real volunteer {child.name}: serving {len(info.uids)} uids after {info.ready_after:.1f} s, "
                       f"{len(clash)} already served by another peer")
             key["volunteer_start_s_max"] = round(max(starts), 1)
-        rss = sum(psutil.Process(d.pid).memory_info().rss for d in bench.dhts if d.is_alive()) / 2**20
-        key["dht_rss_mib_total"] = round(rss)
-        print(f"\n{len(bench.dhts)} DHT processes in this bench hold {rss:.0f} MiB RSS (p2pd daemons apart)")
+        pss = sum(psutil.Process(d.pid).memory_full_info().pss for d in bench.dhts if d.is_alive()) / 2**20
+        p2pd = sum(c.memory_full_info().pss for d in bench.dhts if d.is_alive()
+                   for c in psutil.Process(d.pid).children() if "p2pd" in c.name()) / 2**20
+        key["dht_pss_mib_total"], key["p2pd_pss_mib_total"] = round(pss), round(p2pd)
+        print(f"\n{len(bench.dhts)} DHT processes hold {pss:.0f} MiB PSS, their p2pd daemons {p2pd:.0f} MiB")
     print_key("scale", key)
 
 

@@ -25,7 +25,7 @@ from volunteer.core import dht_calls, records
 from volunteer.core.harness import start_seed, start_volunteer
 from volunteer.core.manifest import loads
 from volunteer.core.seed_client import fetch_experiment
-from volunteer.node.swarm import GridCoverage
+from volunteer.node.swarm import ROWS_PER_READ, GridCoverage
 from volunteer.serving.checkpoints import CheckpointStore
 
 pytestmark = pytest.mark.integration
@@ -211,9 +211,11 @@ def test_the_swarm_view_covers_the_served_uids(big) -> None:
     try:
         coverage = GridCoverage(big.manifest.all_uids())
         served = {uid for uids in big.uids.values() for uid in uids}
-        assert coverage.read(dht) == served
-        # the root, then the 64 rows (at most ROWS_PER_READ), not the 4,096 uids: 2 requests
-        assert dht.requests == [1, 64]
+        # the root, then the active rows and others in turn, ROWS_PER_READ (16) rows, not the 4,096 uids
+        assert len(served) == 12 and coverage.read(dht) == served
+        assert dht.requests == [1, ROWS_PER_READ]
+        dht.requests.clear()
+        assert coverage.read(dht, rows_per_read=64) == served and dht.requests == [1, 64]  # a start's read
         rows = {re.sub(r"\.\d+$", ".", uid) for uid in served}
         root = dht_calls.active_successors(dht, ["big_ffn0."])["big_ffn0."]
         assert {f"big_ffn0.{row}." for row in root} == rows  # our volunteers name their rows in the root

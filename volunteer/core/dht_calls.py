@@ -70,6 +70,23 @@ def wait_result(dht: DHT, future: Any, what: str, timeout: float = CALL_TIMEOUT)
                                  f"while {what}") from None
 
 
+def start_bounded(dht: DHT, timeout: float, what: str = "joining the DHT") -> DHT:
+    """Start ``dht`` (built with ``start=False``) and wait until it is ready, at most ``timeout``
+    seconds: hivemind's own wait has no bound, and a DHT process killed before it is ready never says so."""
+    dht.run_in_background(await_ready=False)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            dht.wait_until_ready(timeout=1.0)
+            return dht
+        except concurrent.futures.TimeoutError:
+            if not dht.is_alive():
+                raise DHTUnavailable(f"hivemind's DHT process (pid {dht.pid}) died while {what}") from None
+            if time.monotonic() >= deadline:
+                dht.shutdown()
+                raise DHTUnavailable(f"the DHT was not ready within {timeout:.0f} s while {what}") from None
+
+
 def _bounded_map(dht: DHT, start: Any, key_batches: list[list[Any]], what: str, timeout: float) -> list[Any]:
     """``start(batch)`` -> future for every batch, at most ``MAX_CALLS_IN_FLIGHT`` in flight; results in order."""
     results: list[Any] = [None] * len(key_batches)

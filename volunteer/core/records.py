@@ -30,10 +30,11 @@ from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from volunteer.core.dht_calls import get_one
+from volunteer.core.dht_calls import get_one, start_bounded, wait_result
 from volunteer.core.paths import write_atomic
 
 RECORD_TTL = 60.0  # seconds a volunteer or trainer record lives unless refreshed
+JOIN_TIMEOUT = 120.0  # p2pd's own start-up allows 15 s; a slow, shared box needs more, never for ever
 
 
 class VolunteerRecordSchema(pydantic.BaseModel):
@@ -150,11 +151,12 @@ def join_dht(
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
     dht = DHT(
         initial_peers=list(initial_peers),
-        start=True,
+        start=False,
         client_mode=client_mode,
         record_validators=record_validators(dht_prefix),
         **kwargs,
     )
+    start_bounded(dht, JOIN_TIMEOUT)  # hivemind's own wait for the DHT process has no bound
     dht.get_visible_maddrs()  # a hand-built peer sometimes fails to bootstrap until its addresses are read
     return dht
 
@@ -173,7 +175,9 @@ def publish_volunteer(dht: DHT, dht_prefix: str, record: VolunteerRecord, ttl: f
         peer_id=record.peer_id, uids=list(record.uids), device=record.device,
         samples_per_second=float(record.samples_per_second),
     )
-    return bool(dht.store(f"{dht_prefix}_volunteers", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
+    future = dht.store(f"{dht_prefix}_volunteers", value, get_dht_time() + ttl, subkey=owner_subkey(dht),
+                       return_future=True)
+    return bool(wait_result(dht, future, "publishing our volunteer record"))
 
 
 def withdraw_volunteer(dht: DHT, dht_prefix: str, ttl: float = RECORD_TTL) -> bool:

@@ -24,7 +24,7 @@ from hivemind.utils import get_dht_time
 
 from volunteer.config.settings import Settings
 from volunteer.core import records
-from volunteer.core.dht_calls import declare_grid_roots
+from volunteer.core.dht_calls import MAX_KEYS_PER_CALL, declare_grid_roots
 from volunteer.core.logs import EventLog
 from volunteer.core.manifest import load as load_manifest
 from volunteer.core.paths import Paths, write_atomic
@@ -202,6 +202,7 @@ class VolunteerNode:
     def _place(self, hardware: HardwareProfile, devices: ServingDevices, peer_id: str) -> Placement:
         uids = self.manifest.all_uids()
         volunteers = records.read_volunteers(self.dht, self.manifest.dht_prefix)
+        self.coverage.read(self.dht, rows_per_read=MAX_KEYS_PER_CALL)  # once, at start: up to 256 rows a layer
         counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers, self.coverage))
         # experts this volunteer trained before (or a rebalance chose) come first: their weights are
         # worth more than fresh ones

@@ -9,7 +9,12 @@ from typing import Callable, Sequence
 
 from hivemind import DHT
 
-from volunteer.core.dht_calls import MAX_KEYS_PER_CALL, active_successors, get_many
+from volunteer.core.dht_calls import (
+    MAX_KEYS_PER_CALL,
+    active_successors,
+    get_many,
+    wait_result,
+)
 from volunteer.core.records import (
     VolunteerRecord,
     read_trainer_progress,
@@ -31,7 +36,7 @@ def served_throughput(volunteers: Sequence[VolunteerRecord], uids: Sequence[str]
     return rates
 
 
-ROWS_PER_READ = 64  # prefix records one coverage read looks at per layer: bounded, whatever the grid size
+ROWS_PER_READ = 16  # row records one periodic coverage read looks at per layer: bounded, whatever the grid size
 
 
 class GridCoverage:
@@ -58,10 +63,16 @@ class GridCoverage:
         self.seen: dict[str, float] = {}  # uid -> when a record last said it is served
         self._cursor: dict[str, int] = defaultdict(int)
 
-    def read(self, dht: DHT) -> set[str]:
-        """Read a bounded share of the records; the uids seen served recently."""
-        now = self.clock()
-        for uid in self._served_now(dht):
+    def read(self, dht: DHT, rows_per_read: int | None = None) -> set[str]:
+        """Read a bounded share of the records (``rows_per_read`` rows a layer, this time only, if given:
+        a node's start reads more); the uids seen served recently."""
+        now, usual = self.clock(), self.rows_per_read
+        self.rows_per_read = rows_per_read or usual
+        try:
+            served = self._served_now(dht)
+        finally:
+            self.rows_per_read = usual
+        for uid in served:
             if uid in self.valid:
                 self.seen[uid] = now
         self.seen = {uid: t for uid, t in self.seen.items() if now - t <= self.forget_after}
@@ -136,7 +147,7 @@ async def _routing_table_size(_dht: DHT, node) -> int:
 
 def visible_peers(dht: DHT) -> int:
     """DHT peers this node knows (its routing table), without a network round trip."""
-    return dht.run_coroutine(_routing_table_size)
+    return wait_result(dht, dht.run_coroutine(_routing_table_size, return_future=True), "counting peers")
 
 
 def read_swarm_view(dht: DHT, dht_prefix: str, all_uids: Sequence[str], my_uids: Sequence[str],
