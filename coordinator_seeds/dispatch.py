@@ -21,6 +21,7 @@ hivemind's ``RemoteExpertWorker`` event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import math
@@ -32,9 +33,9 @@ from typing import Any, Awaitable, Callable, Sequence
 import torch
 from hivemind import DHT
 from hivemind.compression import serialize_torch_tensor
-from hivemind.moe import get_experts
 from hivemind.moe.client.expert import (
     RemoteExpert,
+    create_remote_experts,
     expert_backward,
     expert_forward,
     get_server_stub,
@@ -43,6 +44,7 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from volunteer.core.dht_calls import active_successors, expert_info, get_experts
 from volunteer.core.manifest import MoELayer
 
 LATEST = float("inf")  # get_experts: search the DHT for the newest record instead of trusting the cache
@@ -115,7 +117,7 @@ class LiveExperts:
         def lookup() -> None:
             try:
                 # the latest record, not a cached one: a server that withdrew must drop out at once
-                future.set_result(get_experts(self.dht, self.uids, expiration_time=LATEST))
+                future.set_result(get_experts(self.dht, self.uids, latest=True))  # in bounded batches
             except BaseException as e:  # handed to whoever collects the result
                 future.set_exception(e)
 
@@ -347,3 +349,199 @@ def _describe(reason: BaseException | str) -> str:
     if isinstance(reason, BaseException):
         return f"{type(reason).__name__}: {reason}".rstrip(": ")[:200]
     return reason
+
+
+# --- routing over large grids ----------------------------------------------------------------------
+
+FLAT_GATE_MAX_UIDS = 256  # above this (on a grid of 2+ dimensions) a layer gates per dimension
+
+
+def remote_moe(d_model: int, layer: MoELayer, dht: DHT, k_best: int, forward_timeout: float = 10.0,
+               backward_timeout: float = 10.0, **kwargs: Any) -> BatchedRemoteMoE:
+    """The MoE layer for ``layer``: a flat gate over every uid for small grids, a beam search over the
+    grid's prefix records (``GridRemoteMoE``) for large ones, which a flat lookup of every uid cannot hold."""
+    size = math.prod(layer.grid)
+    kind = GridRemoteMoE if len(layer.grid) >= 2 and size > FLAT_GATE_MAX_UIDS else BatchedRemoteMoE
+    return kind(d_model, layer, dht, k_best, forward_timeout, backward_timeout, **kwargs)
+
+
+class LiveGrid:
+    """The live servers of one grid as hivemind's prefix records list them, in a bounded cache.
+
+    ``successors(prefixes)`` answers from the cache; a prefix never read is read at once (a bounded
+    DHT call of at most 256 keys), a stale one is re-read in a background thread while the stale
+    answer serves. The cache holds at most ``max_prefixes`` prefixes (least recently used go first), so
+    a trainer's DHT work and memory are bounded by the rows its tokens reach, not by the grid.
+    Eviction after a failure works as in ``LiveExperts``: by ``(uid, peer id)``, for ``evict_for`` s.
+    """
+
+    def __init__(self, dht: DHT, layer: MoELayer, *, refresh_period: float = 15.0, evict_for: float = 30.0,
+                 max_prefixes: int = 4096, lookup_timeout: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.dht, self.layer = dht, layer
+        self.refresh_period, self.evict_for, self.max_prefixes = refresh_period, evict_for, max_prefixes
+        self.lookup_timeout, self.clock = lookup_timeout, clock
+        self._cache: collections.OrderedDict[str, tuple[float, dict[int, tuple[str, str]]]] = collections.OrderedDict()
+        self._evicted: dict[tuple[str, str], float] = {}
+        self._experts: collections.OrderedDict[tuple[str, str], RemoteExpert] = collections.OrderedDict()
+        self._refreshing: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def root(self) -> str:
+        return f"{self.layer.uid_prefix}."
+
+    def successors(self, prefixes: Sequence[str]) -> dict[str, dict[int, tuple[str, str]]]:
+        """Each prefix's live ``{coordinate: (uid, peer id)}``, evicted servers left out."""
+        with self._lock:
+            missing = [p for p in prefixes if p not in self._cache]
+        if missing:
+            self._read(missing)
+        with self._lock:
+            now = self.clock()
+            stale = [p for p in prefixes if now - self._cache.get(p, (now, {}))[0] >= self.refresh_period]
+            for prefix in prefixes:
+                if prefix in self._cache:
+                    self._cache.move_to_end(prefix)
+            found = {p: self._live(self._cache.get(p, (0.0, {}))[1], now) for p in prefixes}
+        if stale:
+            self._refresh_in_background(stale)
+        return found
+
+    def refresh(self, timeout: float = 10.0) -> dict[str, str]:
+        """Read the root and up to 256 rows now (start-up, not the training loop): ``{uid: peer id}``."""
+        del timeout  # every read is bounded by lookup_timeout
+        self._read([self.root])
+        rows = [f"{self.root}{c}." for c in self.first_coords()][:256]
+        self._read(rows)
+        return {uid: peer for found in self.successors(rows).values() for uid, peer in found.values()}
+
+    def first_coords(self) -> list[int]:
+        """The rows to search: those the root record names (our volunteers keep it), else every row
+        (hivemind's own servers store no root record)."""
+        active = self.successors([self.root])[self.root]
+        return sorted(c for c in active if c < self.layer.grid[0]) or list(range(self.layer.grid[0]))
+
+    def known(self) -> int:
+        """Live uids in the cached rows (for the trainer's log line)."""
+        depth = len(self.layer.grid)  # a row prefix of the last level, "L.3." on a 2-d grid, has that many dots
+        with self._lock:
+            now = self.clock()
+            return sum(len(self._live(found, now)) for prefix, (_, found) in self._cache.items()
+                       if prefix.count(".") == depth)
+
+    def expert(self, uid: str, peer: str) -> RemoteExpert | None:
+        """A ``RemoteExpert`` for ``uid`` on ``peer``, made once and kept (bounded) for its p2p client."""
+        key = (uid, peer)
+        if key not in self._experts:
+            info = expert_info(uid, peer)
+            if info is None:
+                return None
+            if self._experts:
+                p2p = next(iter(self._experts.values())).p2p
+                self._experts[key] = RemoteExpert(info, p2p)
+            else:
+                self._experts[key] = create_remote_experts([info], self.dht)[0]
+            while len(self._experts) > self.max_prefixes:
+                self._experts.popitem(last=False)
+        return self._experts[key]
+
+    def evict(self, expert: RemoteExpert) -> None:
+        with self._lock:
+            self._evicted[expert.uid, str(expert.peer_id)] = self.clock() + self.evict_for
+
+    def _live(self, found: dict[int, tuple[str, str]], now: float) -> dict[int, tuple[str, str]]:
+        return {c: e for c, e in found.items() if self._evicted.get(e, -math.inf) <= now}
+
+    def _read(self, prefixes: Sequence[str]) -> None:
+        try:
+            found = active_successors(self.dht, prefixes, timeout=self.lookup_timeout)
+        except Exception as e:  # a failed lookup must not stop training: what is cached serves
+            logger.warning("prefix lookup for %s failed: %s", self.layer.uid_prefix, _describe(e))
+            return
+        with self._lock:
+            now = self.clock()
+            for prefix, successors in found.items():
+                self._cache[prefix] = (now, successors)
+                self._cache.move_to_end(prefix)
+            while len(self._cache) > self.max_prefixes:
+                self._cache.popitem(last=False)
+
+    def _refresh_in_background(self, prefixes: list[str]) -> None:
+        with self._lock:
+            if self._refreshing is not None and self._refreshing.is_alive():
+                return
+            self._refreshing = threading.Thread(target=self._read, args=(prefixes,), daemon=True,
+                                                name=f"refresh {self.layer.uid_prefix}")
+            self._refreshing.start()
+
+
+class GridRemoteMoE(BatchedRemoteMoE):
+    """``BatchedRemoteMoE`` over a large grid: one gate per grid dimension (an expert's score is the sum
+    of its coordinates' scores, as in hivemind's ``RemoteMixtureOfExperts``), and a beam search over the
+    grid's prefix records that looks up only the rows the batch's tokens reach.
+
+    Per forward: level by level, each token keeps its ``beam_size`` best live prefixes; the union of
+    those over the batch is looked up (``LiveGrid``: cached, at most 256 keys a DHT call); at the last
+    level each token takes its top-k live uids. The calls, failures and weights then work exactly as in
+    ``BatchedRemoteMoE`` (one batched RPC per chosen expert).
+    """
+
+    def __init__(self, d_model: int, layer: MoELayer, dht: DHT, k_best: int, forward_timeout: float = 10.0,
+                 backward_timeout: float = 10.0, *, max_batch_size: int = 4096, refresh_period: float = 15.0,
+                 evict_for: float = 30.0, beam_size: int | None = None, max_prefixes: int = 4096):
+        nn.Module.__init__(self)
+        self.layer, self.k_best, self.max_batch_size = layer, k_best, max_batch_size
+        self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
+        self.beam_size = beam_size or max(4, 2 * k_best)
+        self.live = LiveGrid(dht, layer, refresh_period=refresh_period, evict_for=evict_for, max_prefixes=max_prefixes)
+        self.gate = nn.ModuleList(nn.Linear(d_model, size) for size in layer.grid)
+        self.calls_ok = self.calls_failed = self.last_live_count = 0
+        self.answered: dict[str, list[int]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        scores = [gate(flat) for gate in self.gate]  # [N, grid[d]] each
+        candidates = self.beam_search([s.detach() for s in scores]) if len(flat) else None
+        self.last_live_count = self.live.known()
+        if candidates is None:
+            return torch.zeros_like(x)
+        coords, uids, chosen = candidates  # [M, dims], M (uid, peer), [N, k] indices into M
+        experts = {i: self.live.expert(*uids[i]) for i in chosen.unique().tolist()}
+        if any(e is None for e in experts.values()):
+            return torch.zeros_like(x)
+        chosen_logits = sum(scores[d].gather(1, coords[chosen, d]) for d in range(len(scores)))
+        calls = plan_calls(chosen, experts, self.max_batch_size)
+        outputs, answered = _BatchedRemoteCall.apply(flat, calls, chosen.shape[1], self)
+        weights = renormalized_weights(chosen_logits, answered)
+        return (weights.unsqueeze(-1) * outputs).sum(dim=1).reshape(x.shape)
+
+    def beam_search(self, scores: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[str, str]], torch.Tensor] | None:
+        """Each token's top-k live experts: ``(coords int64 [M, dims], (uid, peer) of each of the M,
+        chosen int64 [N, k])``, or None if no expert is live."""
+        n, root = scores[0].shape[0], self.live.root
+        parents: list[tuple[int, ...]] = [()]
+        parent_scores = torch.zeros(n, 1)
+        for level in range(len(scores)):
+            prefixes = [root + "".join(f"{c}." for c in p) for p in parents]
+            found = self.live.successors(prefixes) if level else {root: dict.fromkeys(self.live.first_coords())}
+            children, owner, leaves = [], [], []
+            for index, (parent, prefix) in enumerate(zip(parents, prefixes)):
+                for coord, entry in sorted(found[prefix].items()):
+                    if coord < self.layer.grid[level]:
+                        children.append(parent + (coord,))
+                        owner.append(index)
+                        leaves.append(entry)
+            if not children:
+                return None
+            child_coord = torch.tensor([c[level] for c in children])
+            child_scores = parent_scores[:, owner] + scores[level][:, child_coord]  # -inf off a token's beam
+            if level == len(scores) - 1:
+                k = min(self.k_best, len(children))
+                return torch.tensor(children), leaves, child_scores.topk(k, dim=-1).indices
+            beam = child_scores.topk(min(self.beam_size, len(children)), dim=-1)
+            kept = beam.indices.unique()  # the union of the tokens' beams: the rows looked up next
+            parents = [children[i] for i in kept.tolist()]
+            masked = torch.full_like(child_scores, -math.inf).scatter(1, beam.indices, beam.values)
+            parent_scores = masked[:, kept]
+        return None

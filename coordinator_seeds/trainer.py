@@ -25,7 +25,7 @@ from hivemind import DHT
 from torch import nn
 
 from coordinator_seeds import corpus
-from coordinator_seeds.dispatch import BatchedRemoteMoE, shutdown_dht
+from coordinator_seeds.dispatch import BatchedRemoteMoE, remote_moe, shutdown_dht
 from volunteer.core.manifest import Manifest
 from volunteer.core.records import (
     join_dht,
@@ -112,8 +112,8 @@ class MoELanguageModel(nn.Module):
         self.embed = nn.Embedding(corpus.VOCAB_SIZE, d)
         self.positions = nn.Parameter(torch.randn(spec.seq_len, d) * 0.02)
         self.moes = [
-            BatchedRemoteMoE(d, layer, dht, spec.k_best, forward_timeout, backward_timeout,
-                             max_batch_size=manifest.max_batch_size)
+            remote_moe(d, layer, dht, spec.k_best, forward_timeout, backward_timeout,
+                       max_batch_size=manifest.max_batch_size)
             for layer in manifest.layers
         ]
         self.blocks = nn.ModuleList(_Block(d, moe) for moe in self.moes)

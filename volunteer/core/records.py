@@ -35,9 +35,11 @@ from hivemind.p2p import P2PDaemonError
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from volunteer.core.dht_calls import get_one, start_bounded, wait_result
 from volunteer.core.paths import write_atomic
 
 RECORD_TTL = 60.0  # seconds a volunteer or trainer record lives unless refreshed
+JOIN_TIMEOUT = 120.0  # p2pd's own start-up allows 15 s; a slow, shared box needs more, never for ever
 
 
 class VolunteerRecordSchema(pydantic.BaseModel):
@@ -169,14 +171,15 @@ def join_dht(
         kwargs["identity_path"] = str(identity_path)
     if announce_host is not None:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
+    dht = DHT(
+        initial_peers=list(initial_peers),
+        start=False,
+        client_mode=client_mode,
+        record_validators=record_validators(dht_prefix),
+        **kwargs,
+    )
     try:
-        dht = DHT(
-            initial_peers=list(initial_peers),
-            start=True,
-            client_mode=client_mode,
-            record_validators=record_validators(dht_prefix),
-            **kwargs,
-        )
+        start_bounded(dht, JOIN_TIMEOUT)  # hivemind's own wait for the DHT process has no bound
     except P2PDaemonError as e:
         raise JoinError(daemon_failure(str(e), initial_peers)) from None
     except ValueError as e:  # cryptography's words for a damaged key file, several lines of them
@@ -219,7 +222,9 @@ def publish_volunteer(dht: DHT, dht_prefix: str, record: VolunteerRecord, ttl: f
         peer_id=record.peer_id, uids=list(record.uids), device=record.device,
         samples_per_second=float(record.samples_per_second),
     )
-    return bool(dht.store(f"{dht_prefix}_volunteers", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
+    future = dht.store(f"{dht_prefix}_volunteers", value, get_dht_time() + ttl, subkey=owner_subkey(dht),
+                       return_future=True)
+    return bool(wait_result(dht, future, "publishing our volunteer record"))
 
 
 def withdraw_volunteer(dht: DHT, dht_prefix: str, ttl: float = RECORD_TTL) -> bool:
@@ -240,7 +245,7 @@ def withdraw_experts(dht: DHT, uids: Sequence[str], expiration: float) -> dict[s
 
 
 def read_volunteers(dht: DHT, dht_prefix: str) -> list[VolunteerRecord]:
-    found = dht.get(f"{dht_prefix}_volunteers", latest=True)
+    found = get_one(dht, f"{dht_prefix}_volunteers", latest=True)  # bounded: a dead DHT is an error
     if found is None or not isinstance(found.value, dict):
         return []
     records = []
@@ -259,7 +264,7 @@ def publish_trainer_progress(dht: DHT, dht_prefix: str, step: int, loss: float) 
 
 def read_trainer_progress(dht: DHT, dht_prefix: str) -> TrainerProgress | None:
     """The most recent report of any trainer of the experiment."""
-    found = dht.get(f"{dht_prefix}_trainer", latest=True)
+    found = get_one(dht, f"{dht_prefix}_trainer", latest=True)  # bounded: a dead DHT is an error
     if found is None or not isinstance(found.value, dict) or not found.value:
         return None
     latest = max((item.value for item in found.value.values()), key=lambda v: v["time"])
@@ -283,7 +288,7 @@ def publish_contributions(dht: DHT, dht_prefix: str, run: str, peers: dict[str, 
 
 
 def read_contributions(dht: DHT, dht_prefix: str) -> list[Contributions]:
-    found = dht.get(f"{dht_prefix}_contributions", latest=True)
+    found = get_one(dht, f"{dht_prefix}_contributions", latest=True)  # bounded: a dead DHT is an error
     if found is None or not isinstance(found.value, dict):
         return []
     return [

@@ -20,9 +20,11 @@ import torch
 from hivemind import DHT
 from hivemind.moe import Server
 from hivemind.p2p import P2PDaemonError
+from hivemind.utils import get_dht_time
 
 from volunteer.config.settings import Settings
 from volunteer.core import records
+from volunteer.core.dht_calls import MAX_KEYS_PER_CALL, declare_grid_roots
 from volunteer.core.logs import EventLog
 from volunteer.core.manifest import load as load_manifest
 from volunteer.core.paths import Paths, write_atomic
@@ -115,6 +117,9 @@ class VolunteerNode:
         self.info: NodeInfo | None = None
         self.collector: StatsCollector | None = None
         self.torch_devices: dict[Device, str] = {}  # plan device (NVML numbering) -> torch device
+        # what hivemind's records say is served, read a bounded number of prefix keys at a time (start,
+        # rebalance and the swarm panel share it, so the rows read in turn add up)
+        self.coverage = swarm.GridCoverage(self.manifest.all_uids())
 
     def start(self, hardware: HardwareProfile | None = None, torch_devices: dict[Device, str] | None = None
               ) -> NodeInfo:
@@ -210,7 +215,8 @@ class VolunteerNode:
     def _place(self, hardware: HardwareProfile, devices: ServingDevices, peer_id: str) -> Placement:
         uids = self.manifest.all_uids()
         volunteers = records.read_volunteers(self.dht, self.manifest.dht_prefix)
-        counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers))
+        self.coverage.read(self.dht, rows_per_read=MAX_KEYS_PER_CALL)  # once, at start: up to 256 rows a layer
+        counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers, self.coverage))
         # experts this volunteer trained before (or a rebalance chose) come first: their weights are
         # worth more than fresh ones
         for uid in self.prefer or self._previous_uids():
@@ -242,11 +248,13 @@ class VolunteerNode:
         """Whether moving some experts would serve the swarm's weakest uids better (``rebalance.rebalance_moves``)."""
         uids = self.manifest.all_uids()
         volunteers = records.read_volunteers(self.dht, self.manifest.dht_prefix)
-        counts = swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers)
+        counts = swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers, self.coverage)
         share = self.samples_per_second / max(1, len(self.info.uids))
+        # per layer, not per uid: Manifest.expert_type_of lists the uid's layer each call (O(G) a uid)
+        types = {uid: layer.expert_type for layer in self.manifest.layers for uid in layer.uids()}
         return rebalance_moves(
             self.info.uids, swarm.served_throughput(volunteers, uids), dict.fromkeys(self.info.uids, share),
-            server_counts=counts, expert_types={uid: self.manifest.expert_type_of(uid).name for uid in uids},
+            server_counts=counts, expert_types=types,
         )
 
     def _join(self, previous_port: object) -> DHT:
@@ -277,6 +285,8 @@ class VolunteerNode:
             return
         record = records.VolunteerRecord(self.info.peer_id, self.info.uids, self.info.device, self.samples_per_second)
         records.publish_volunteer(self.dht, self.manifest.dht_prefix, record)
+        # the rows we serve, in the grid's root record: readers find the active rows in one key
+        declare_grid_roots(self.dht, self.info.uids, get_dht_time() + records.RECORD_TTL)
 
     def checkpoint(self) -> int:
         for backend in list(self.backends.values()):
