@@ -142,7 +142,7 @@ ON_THE_COMMAND_LINE = {
     "max_experts": "3", "num_handlers": "4", "checkpoint_interval": "5", "announce_interval": "6",
     "log_interval": "7", "cpu_threads": "8", "power": "light", "serving": "hivemind", "max_temp": "70",
     "run_hours": "22-08",
-    "rebalance_period": "0",
+    "rebalance_period": "0", "startup_timeout": "45",
 }
 
 

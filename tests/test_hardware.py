@@ -290,7 +290,8 @@ def test_telemetry_rescans_for_our_processes_only_every_members_period(monkeypat
         reader = telemetry.TelemetryReader(groups=(group,), with_gpus=False)
         assert sorted(p.pid for p in reader._members()) == sorted([first.pid, second.pid])
         third = join_group()  # a new process of ours: seen at the next full scan, not before
-        second.kill()  # a zombie until reaped: it holds nothing
+        second.kill()  # gone: it holds nothing
+        second.wait(timeout=10)
         assert [p.pid for p in reader._members()] == [first.pid]
         now[0] += telemetry.MEMBERS_PERIOD
         assert sorted(p.pid for p in reader._members()) == sorted([first.pid, third.pid])
