@@ -241,7 +241,15 @@ def withdraw_experts(dht: DHT, uids: Sequence[str], expiration: float) -> dict[s
     their next lookup. ``get_experts`` ignores a value that is not a peer id string, and any server
     of the same uid replaces this marker at its next declaration, whose expiry comes later."""
     until = get_dht_time() + expiration + 0.5
-    return {uid: bool(dht.store(uid, b"", until)) for uid in uids}
+    hidden = {uid: bool(dht.store(uid, b"", until)) for uid in uids}
+    # the uid's entry in its grid row's record too (hivemind's prefix records, subkey: the last
+    # coordinate), which the swarm's coverage reads: it would count the uid served until it expired
+    for uid in uids:
+        if uid.count(".") >= 2:
+            row, _, coordinate = uid.rpartition(".")
+            if coordinate.isdigit():
+                dht.store(f"{row}.", b"", until, subkey=int(coordinate))
+    return hidden
 
 
 def read_volunteers(dht: DHT, dht_prefix: str) -> list[VolunteerRecord]:
