@@ -94,6 +94,8 @@ def train(
                                                                         "--experiment (repeat or comma-separate)."),
     steps: Optional[int] = typer.Option(None, help="Stop after this many steps."),
     log_every: int = typer.Option(10, help="Log the loss and publish progress every this many steps."),
+    idle_wait: float = typer.Option(30.0, help="With no expert alive at a log step, seconds to wait for volunteers "
+                                               "before stepping on (0: never wait)."),
     host: str = typer.Option("127.0.0.1", help="Address its p2p daemon listens on; a public one (or 0.0.0.0) "
                                                "lets volunteers behind NAT routers dial in and be called."),
     key: Optional[Path] = typer.Option(None, help="Key that signs the contributions it publishes (default: "
@@ -122,8 +124,8 @@ def train(
         key_path = key or default_paths("hivemind-coordinator").data_dir / TRAINER_KEY
         if coordinator and (warning := untrusted_key_warning(coordinator, key_path)):
             typer.echo(f"warning: {warning}", err=True)
-        run_training(TrainerSettings(manifest, tuple(peers), steps=steps, log_every=log_every, key_path=key_path,
-                                     host=host))
+        run_training(TrainerSettings(manifest, tuple(peers), steps=steps, log_every=log_every, idle_wait=idle_wait,
+                                     key_path=key_path, host=host))
     except (CoordinatorError, ManifestError, ValueError, OSError) as e:
         raise _fail(e)
     except KeyboardInterrupt:

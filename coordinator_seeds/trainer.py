@@ -214,7 +214,8 @@ def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], 
             on_step(report)
         if step % settings.log_every == 0:
             _log(settings, dht, model, reports[-settings.log_every:], time.perf_counter() - window_start, run)
-            if report.experts_alive == 0 and settings.idle_wait > 0 and not stop.is_set():
+            more = settings.steps is None or step < settings.steps  # after the last step there is nothing to wait for
+            if report.experts_alive == 0 and settings.idle_wait > 0 and more and not stop.is_set():
                 logger.warning("no expert is alive: only the trainer's local layers would train; waiting up to "
                                "%.0f s for volunteers", settings.idle_wait)
                 wait_for_experts(model, settings.idle_wait, stop)

@@ -176,7 +176,7 @@ def test_dashboard_in_a_real_terminal(seed, client, short_home: Path, terminal: 
     _tmux("send-keys", "-t", terminal.session, "q")
     exit_file = terminal.exit_file
     code = wait_for(lambda: exit_file.exists() and exit_file.read_text().strip(), 60, "the client to exit")
-    assert code == "0"
+    assert code == "0", terminal.screen()  # an abort at exit shows its reason on the screen
     prefix = experiment.manifest.dht_prefix
     wait_for(lambda: all(r.peer_id != peer_id for r in records.read_volunteers(client, prefix)), 15,
              "the swarm to notice the volunteer left")

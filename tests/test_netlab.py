@@ -106,11 +106,11 @@ class Lab:
             sys.executable, "-m", "volunteer.cli", "start", "--coordinator", self.url, "--max-experts",
             str(experts), "--announce-interval", "5", *extra), env={"VOLUNTEER_HOME": str(home)}))
 
-    def trainer(self, home: Path, steps: int = 100000, log_every: int = 5) -> ChildProcess:
+    def trainer(self, home: Path, steps: int = 100000, log_every: int = 5, *extra: str) -> ChildProcess:
         return self.procs.add(ChildProcess("trainer", self.trainer_host.argv(
             sys.executable, "-m", "coordinator_seeds.cli", "train", "--coordinator", self.url,
             "--key", str(self.root / "seed" / "trainer-key.der"), "--steps", str(steps), "--log-every",
-            str(log_every), "--host", self.trainer_host.ip), env={"VOLUNTEER_HOME": str(home)}))
+            str(log_every), "--host", self.trainer_host.ip, *extra), env={"VOLUNTEER_HOME": str(home)}))
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_baseline_a_natted_volunteer_that_does_not_dial_out_serves_nothing(lab, 
     home, trainer_home = homes
     volunteer = lab.volunteer(home, "--no-dial-trainers")
     volunteer.wait_for_line(r'"event": "serving"', timeout=150)
-    trainer = lab.trainer(trainer_home, steps=15)
+    trainer = lab.trainer(trainer_home, 15, 5, "--idle-wait", "0")  # it finds no expert: no need to wait for one
     trainer.wait_for_line(r"step 15 ", timeout=240)
     assert trainer.proc.wait(60) == 0, trainer.tail()
     assert _backward_samples(home) == 0
