@@ -116,3 +116,37 @@ def test_replicas_share_calls_by_rate_and_fail_over_within_the_step(peers: list[
         for _ in range(3):
             step(moe)
         assert moe.answered[slow.peer_id][0] - before[slow.peer_id] == 4 * 64 * 2
+
+
+AUDIT_RATE = 0.5  # high, so that the test is short; the odds scale with it (calls_to_catch)
+
+
+@pytest.mark.parametrize("kind, wrong_share", [("zeros", 1.0), ("random", 1.0), ("frozen", 1.0),
+                                               ("wrong1in10", 0.1)])
+def test_cheaters_are_caught_banned_and_not_credited(peers: list[str], client: DHT, tmp_path: Path, kind: str,
+                                                     wrong_share: float) -> None:
+    """A cheater serving two uids next to an honest server of two others: caught within the calls the
+    audit rate predicts (99.9 % odds), banned (no call after), no credit; the honest one never flagged.
+    A frozen copy's forward answers are right: only its backward answers are wrong (their optimizer
+    step does not move the weights), half of its calls."""
+    honest = StrangerServer(peers, UIDS[:2], "honest", key(tmp_path, "honest"))
+    cheater = StrangerServer(peers, UIDS[2:4], kind, key(tmp_path, kind))
+    auditor = Auditor(expert_specs(MANIFEST), AuditSettings(rate=AUDIT_RATE, seed=1))
+    share = wrong_share / 2 if kind == "frozen" else wrong_share
+    with running(honest, cheater):
+        moe = layer(client, auditor)
+        wait_until(lambda: len(moe.live.refresh()) == 4, 30, "the four signed records")
+        budget = calls_to_catch(AUDIT_RATE, share, confidence=0.999)
+        while cheater.peer_id not in auditor.banned() and moe.calls_by_peer.get(cheater.peer_id, 0) <= budget:
+            step(moe)
+            auditor.wait_idle()
+        calls = moe.calls_by_peer.get(cheater.peer_id, 0)
+        assert cheater.peer_id in auditor.banned(), f"not caught in {calls} calls (budget {budget})"
+        assert kind != "frozen" or "optimizer step" in auditor.failures[-1], auditor.failures
+        for _ in range(3):
+            step(moe)
+        auditor.wait_idle()
+        assert moe.calls_by_peer[cheater.peer_id] == calls  # banned: no call after the verdict
+        assert honest.peer_id not in auditor.banned() and auditor.credited(honest.peer_id)
+        assert not auditor.credited(cheater.peer_id)
+    auditor.shutdown()
