@@ -22,14 +22,16 @@ from hivemind.moe import Server
 from hivemind.p2p import P2PDaemonError
 
 from volunteer.config.settings import Settings
-from volunteer.core import records
+from volunteer.core import expert_records, records
 from volunteer.core.logs import EventLog
 from volunteer.core.manifest import load as load_manifest
 from volunteer.core.paths import Paths, write_atomic
 from volunteer.core.seed_client import (
+    CoordinatorError,
     Experiment,
     experiment_from_file,
     fetch_experiment,
+    fetch_trusted_trainer_keys,
 )
 from volunteer.host.hardware import HardwareProfile, detect_hardware
 from volunteer.node import swarm
@@ -53,6 +55,7 @@ from volunteer.serving.backends import (
     stop_declaring,
 )
 from volunteer.serving.checkpoints import CheckpointStore
+from volunteer.serving.versions import AuditedBackend, RevealService
 
 logger = logging.getLogger(__name__)
 SERVER_START_TIMEOUT = 120.0
@@ -112,6 +115,8 @@ class VolunteerNode:
         self.info: NodeInfo | None = None
         self.collector: StatsCollector | None = None
         self.torch_devices: dict[Device, str] = {}  # plan device (NVML numbering) -> torch device
+        self.reveals: RevealService | None = None
+        self._trusted: tuple[str, ...] | None = None
 
     def start(self, hardware: HardwareProfile | None = None, torch_devices: dict[Device, str] | None = None
               ) -> NodeInfo:
@@ -139,7 +144,7 @@ class VolunteerNode:
         for plan in placement.plans:
             backends, restored_here = build_backends(
                 self.manifest, plan.uids, max(1, int(plan.max_batch_size * power.batch_fraction)), self.store,
-                duty_cycle=power.duty_cycle, device=self.torch_devices[plan.device],
+                duty_cycle=power.duty_cycle, device=self.torch_devices[plan.device], backend_class=AuditedBackend,
             )
             self.backends.update(backends)
             restored += restored_here
@@ -153,6 +158,8 @@ class VolunteerNode:
             placed=[(self.torch_devices[plan.device], plan.uids) for plan in placement.plans],
         )
         self.server.run_in_background(await_ready=True, timeout=SERVER_START_TIMEOUT)
+        self.reveals = RevealService(self.dht, self.backends)  # audits: trainers ask for committed versions
+        self.reveals.run_in_background()
         self.info = NodeInfo(self.manifest.name, peer_id, maddrs, placement, tuple(restored))
         self.collector = StatsCollector(
             self.manifest.name, peer_id, placement.device, [b.counters for b in self.backends.values()],
@@ -196,13 +203,13 @@ class VolunteerNode:
 
     def _place(self, hardware: HardwareProfile, devices: ServingDevices, peer_id: str) -> Placement:
         uids = self.manifest.all_uids()
-        volunteers = records.read_volunteers(self.dht, self.manifest.dht_prefix)
-        counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers))
+        counts, served = self._signed_swarm(uids)
+        counts = dict(counts)
         # experts this volunteer trained before (or a rebalance chose) come first: their weights are
         # worth more than fresh ones
         for uid in self.prefer or self._previous_uids():
             counts[uid] = -1
-        seen = SwarmView(counts, swarm.served_throughput(volunteers, uids), seed=zlib.crc32(peer_id.encode()))
+        seen = SwarmView(counts, served, seed=zlib.crc32(peer_id.encode()))
         # measured on each device once and cached; it is what this volunteer announces it can serve
         return plan_volunteer(hardware, self.manifest, devices, swarm=seen, max_memory=self.settings.max_memory,
                               max_experts=self.settings.max_experts,
@@ -222,13 +229,28 @@ class VolunteerNode:
     def rebalance(self) -> Rebalance:
         """Whether moving some experts would serve the swarm's weakest uids better (``rebalance.rebalance_moves``)."""
         uids = self.manifest.all_uids()
-        volunteers = records.read_volunteers(self.dht, self.manifest.dht_prefix)
-        counts = swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers)
+        counts, served = self._signed_swarm(uids)
         share = self.samples_per_second / max(1, len(self.info.uids))
         return rebalance_moves(
-            self.info.uids, swarm.served_throughput(volunteers, uids), dict.fromkeys(self.info.uids, share),
+            self.info.uids, served, dict.fromkeys(self.info.uids, share),
             server_counts=counts, expert_types={uid: self.manifest.expert_type_of(uid).name for uid in uids},
         )
+
+    def _signed_swarm(self, uids: list[str]):
+        """Servers and served rate per uid from signed records, minus the keys the seed banned."""
+        banned = expert_records.read_banned(self.dht, self.manifest.dht_prefix, self._trusted_keys())
+        return swarm.signed_swarm(self.dht, self.manifest.dht_prefix, uids, banned)
+
+    def _trusted_keys(self) -> tuple[str, ...]:
+        """The seed's keys, whose ban lists we follow (none without a coordinator); asked once."""
+        if self._trusted is None:
+            self._trusted = ()
+            if self.settings.coordinator:
+                try:
+                    self._trusted = fetch_trusted_trainer_keys(self.settings.coordinator)
+                except CoordinatorError as e:
+                    logger.info(f"no ban list to follow: {e}")
+        return self._trusted
 
     def _join(self, previous_port: object) -> DHT:
         """Join on the port given, else on the port of the last run: peers that cached our address
@@ -257,6 +279,13 @@ class VolunteerNode:
             return
         record = records.VolunteerRecord(self.info.peer_id, self.info.uids, self.info.device, self.samples_per_second)
         records.publish_volunteer(self.dht, self.manifest.dht_prefix, record)
+        self._announce_servers()
+
+    def _announce_servers(self) -> None:
+        """Our signed record under each uid we serve: what the project's trainers route by (issue 14)."""
+        share = self.samples_per_second / max(1, len(self.info.uids))
+        expert_records.publish_servers(self.dht, self.manifest.dht_prefix, self.info.uids, peer_id=self.info.peer_id,
+                                       device=self.info.device, samples_per_second=share)
 
     def checkpoint(self) -> int:
         for backend in list(self.backends.values()):
@@ -273,6 +302,7 @@ class VolunteerNode:
         try:
             records.withdraw_experts(self.dht, self.info.uids, self.server.dht_handler_thread.expiration)
             records.withdraw_volunteer(self.dht, self.manifest.dht_prefix)
+            expert_records.withdraw_servers(self.dht, self.manifest.dht_prefix, self.info.uids)
         except Exception as e:  # the DHT may already be gone; leaving must go on
             logger.warning(f"could not withdraw our DHT records: {e}")
 
@@ -354,6 +384,8 @@ class VolunteerNode:
             if self.collector is not None:
                 self.collector.persist()
         finally:
+            if self.reveals is not None:
+                self.reveals.shutdown()
             server.shutdown()  # also shuts the DHT down
             server.join(timeout=30)
 

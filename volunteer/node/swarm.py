@@ -4,11 +4,12 @@ and what the dashboard's swarm panel shows. Reads the records of ``volunteer.cor
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Collection, Sequence
 
 from hivemind import DHT
 from hivemind.moe.server.dht_handler import get_experts
 
+from volunteer.core.expert_records import read_servers
 from volunteer.core.records import (
     VolunteerRecord,
     read_trainer_progress,
@@ -68,3 +69,17 @@ def read_swarm_view(dht: DHT, dht_prefix: str, all_uids: Sequence[str], my_uids:
         trainer_seen=progress.time if progress else None,
     )
     return view, others
+
+
+# --- the signed view (issue 14): what balancing counts --------------------------------------------
+
+
+def signed_swarm(dht: DHT, dht_prefix: str, uids: Sequence[str], banned: Collection[str] = ()
+                 ) -> tuple[Counter, dict[str, float]]:
+    """Servers and served samples/s per uid, from the signed server records only, minus banned keys:
+    a peer that re-declares a uid in hivemind's unsigned records, or a banned cheater, does not make a
+    uid look served, so volunteers still come to serve it."""
+    found = read_servers(dht, dht_prefix, list(uids), banned=banned)
+    counts = Counter({uid: len(found[uid]) for uid in uids})
+    rates = {uid: sum(r.samples_per_second for r in found[uid]) for uid in uids}
+    return counts, rates
