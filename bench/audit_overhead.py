@@ -35,6 +35,7 @@ from coordinator_seeds.audit import Auditor, AuditSettings
 from coordinator_seeds.replicas import ReplicatedRemoteMoE
 from coordinator_seeds.strangers import expert_specs
 from volunteer.core.expert_modules import build_expert, build_optimizer
+from volunteer.core.records import join_dht
 from volunteer.serving.versions import KEEP_VERSIONS, VersionStore
 
 TIMEOUT = 30.0
@@ -71,7 +72,8 @@ def main() -> None:
     with Swarm(exp, keep=args.keep) as swarm:
         for name in ("volunteer-a", "volunteer-b"):
             swarm.wait_serving(swarm.start_volunteer(name, max_experts=4))
-        client = swarm.client()
+        # the experiment's validators: a plain hivemind DHT hangs reading signed records (ENGINE-NOTES)
+        client = swarm._track(join_dht(manifest.dht_prefix, swarm.initial_peers, client_mode=True))
         auditor = Auditor(expert_specs(manifest), AuditSettings(rate=args.rate))
         torch.manual_seed(0)
         layers = {name: ReplicatedRemoteMoE(exp.d_model, layer, client, manifest.dht_prefix, k_best=2,

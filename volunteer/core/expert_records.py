@@ -103,10 +103,15 @@ def publish_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], *, peer_id: 
     return done
 
 
-def withdraw_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], ttl: float = RECORD_TTL) -> dict[str, bool]:
-    """Replace our records by paused ones that outlive them: readers stop routing to us at once."""
+ANNOUNCE_TTL = RECORD_TTL + 2.0  # what a serving volunteer announces with
+WITHDRAW_TTL = RECORD_TTL + 3.0  # outlives any announcement made before it (the DHT keeps the later expiry)
+
+
+def withdraw_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], ttl: float = WITHDRAW_TTL) -> dict[str, bool]:
+    """Replace our records by paused ones that outlive them: readers stop routing to us at once. An
+    announcement more than a second later (a resume) outlives the paused record in turn."""
     return publish_servers(dht, dht_prefix, uids, peer_id="-", device="", samples_per_second=0.0, paused=True,
-                           ttl=ttl + 1.0)
+                           ttl=ttl)
 
 
 async def _store_many(keys: list[str], values: list, expiration: float, subkey: bytes, _dht: DHT, node) -> dict:

@@ -285,7 +285,8 @@ class VolunteerNode:
         """Our signed record under each uid we serve: what the project's trainers route by (issue 14)."""
         share = self.samples_per_second / max(1, len(self.info.uids))
         expert_records.publish_servers(self.dht, self.manifest.dht_prefix, self.info.uids, peer_id=self.info.peer_id,
-                                       device=self.info.device, samples_per_second=share)
+                                       device=self.info.device, samples_per_second=share,
+                                       ttl=expert_records.ANNOUNCE_TTL)
 
     def checkpoint(self) -> int:
         for backend in list(self.backends.values()):
