@@ -150,3 +150,36 @@ def test_cheaters_are_caught_banned_and_not_credited(peers: list[str], client: D
         assert honest.peer_id not in auditor.banned() and auditor.credited(honest.peer_id)
         assert not auditor.credited(cheater.peer_id)
     auditor.shutdown()
+
+
+def test_the_seeds_ban_list_is_followed_and_anyone_elses_ignored(peers: list[str], client: DHT,
+                                                                 tmp_path: Path) -> None:
+    from coordinator_seeds.strangers import TrustedSwarm
+    from volunteer.core.expert_records import publish_banned, read_banned
+    from volunteer.core.records import (
+        key_fingerprint,
+        owner_subkey_of,
+        record_key,
+        use_record_key,
+    )
+
+    honest = StrangerServer(peers, UIDS[:2], "honest", key(tmp_path, "honest"))
+    banned = StrangerServer(peers, UIDS[2:4], "honest", key(tmp_path, "banned"))
+    with running(honest, banned):
+        seed_key, rogue_key = key(tmp_path, "seed"), key(tmp_path, "rogue")
+        for signer, peer in ((seed_key, banned.peer_id), (rogue_key, honest.peer_id)):
+            use_record_key(signer)  # the DHT's validator signs with the key installed when it is built
+            dht = join_dht(PREFIX, peers, client_mode=True)
+            try:
+                assert publish_banned(dht, PREFIX, [], [peer])
+            finally:
+                shutdown_dht(dht)
+        use_record_key(key(tmp_path, "trainer"))  # the trainer's own key: its own bans count too
+        seed = key_fingerprint(owner_subkey_of(record_key(seed_key)))
+        assert set(read_banned(client, PREFIX, {seed})) == {banned.peer_id}  # the rogue's list is not the seed's
+        trust = TrustedSwarm(MANIFEST, client, None, trusted_ban_keys=(seed,))
+        moe = trust.make_moe(D_MODEL, LAYER, client, 2, 10.0, 10.0, 4096)
+        wait_until(lambda: len(moe.live.refresh()) == 2, 30, "the honest server's two uids")
+        for _ in range(3):
+            step(moe)
+        assert set(moe.calls_by_peer) == {honest.peer_id}
