@@ -8,6 +8,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Iterator
@@ -19,13 +20,14 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from volunteer.core import records
 from volunteer.core.expert_modules import build_expert, build_optimizer
-from volunteer.core.expert_records import publish_servers
+from volunteer.core.expert_records import publish_servers, withdraw_servers
 from volunteer.node.stats import ExpertCounters
 from volunteer.serving.backends import initial_seed
 from volunteer.serving.versions import AuditedBackend, RevealService
 
 PREFIX = "tstrange"
 D_MODEL, D_HIDDEN, BLOCK, LR = 16, 32, "residual_ffn", 1e-3
+RECORD_LIFE, ANNOUNCE_EVERY = 15.0, 5.0  # seconds
 
 
 class ZerosBackend(AuditedBackend):
@@ -95,19 +97,28 @@ def _serve(conn: Connection, initial_peers: list[str], uids: list[str], kind: st
     server = Server(dht, backends, num_connection_handlers=1, update_period=5, start=True)
     reveal = None
     peer_id = dht.peer_id.to_base58()
+
+    def announce() -> None:
+        publish_servers(dht, PREFIX, uids, peer_id=peer_id, device="cpu", samples_per_second=samples_per_second,
+                        ttl=RECORD_LIFE)
     try:
         if kind == "hijack":  # hivemind's records, expiring long after the honest volunteer's
             declare_experts(dht, uids, expiration_time=get_dht_time() + 600)
         else:
             reveal = RevealService(dht, backends)
             reveal.run_in_background()
-            publish_servers(dht, PREFIX, uids, peer_id=peer_id, device="cpu", samples_per_second=samples_per_second,
-                            ttl=600)
+            announce()
         conn.send(peer_id)
+        announced = time.monotonic()
         while True:
+            if reveal is not None and time.monotonic() - announced > ANNOUNCE_EVERY:
+                announce()  # a short life: a killed server's records are gone before the next test looks
+                announced = time.monotonic()
             if conn.poll(1.0):
                 command = conn.recv()
                 if command == "stop":
+                    if reveal is not None:  # as a volunteer leaves: its records say paused at once
+                        withdraw_servers(dht, PREFIX, uids)
                     break
                 if command == "memory":
                     conn.send({uid: b.versions.memory_bytes() for uid, b in backends.items()
