@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.p2p import P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
 
 from volunteer.core.audit_check import (
@@ -40,6 +41,7 @@ from volunteer.core.audit_check import (
 )
 
 logger = logging.getLogger("coordinator_seeds.audit")
+WITHHELD = "unanswered"  # a verdict starting so: the server's connection failed, not its answer
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class Auditor:
         self.audited: dict[str, list[int]] = {}  # peer -> [audited, passed]
         self.failed_keys: set[str] = set()
         self.failed_peers: set[str] = set()
+        self.withheld: set[str] = set()  # peers whose connection failed while revealing
         self.failures: list[str] = []  # one line per failed audit, for logs and tests
         self.skipped = 0
 
@@ -108,14 +111,15 @@ class Auditor:
         return True
 
     def banned(self) -> frozenset[str]:
+        """Keys and peers this trainer routes to no more: failed audits, and servers gone mid-audit."""
         with self._lock:
-            return frozenset(self.failed_keys | self.failed_peers)
+            return frozenset(self.failed_keys | self.failed_peers | self.withheld)
 
     def credited(self, peer_id: str) -> bool:
         """Whether a peer's answers may be credited by this trainer: at least one audit passed, none failed."""
         with self._lock:
             audited, passed = self.audited.get(peer_id, (0, 0))
-            return peer_id not in self.failed_peers and passed > 0 and passed == audited
+            return peer_id not in self.failed_peers and peer_id not in self.withheld and passed > 0 and passed == audited
 
     def failed(self) -> tuple[frozenset[str], frozenset[str]]:
         """The keys and the peers that failed an audit."""
@@ -155,6 +159,13 @@ class Auditor:
             if verdict is None:
                 counts[1] += 1
                 return
+            if verdict.startswith(WITHHELD):
+                # the server went away before revealing (a crash, or a cheater hanging up): no credit and
+                # no calls from this trainer any more, but no published ban, which would be for good
+                self.withheld.add(call.peer_id)
+                self.failures.append(f"{call.kind} of {call.uid} by {call.peer_id}: {verdict}")
+                logger.warning("audit unanswered: %s; no more calls or credit for it in this run", self.failures[-1])
+                return
             self.failed_keys.add(call.key)
             self.failed_peers.add(call.peer_id)
             self.failures.append(f"{call.kind} of {call.uid} by {call.peer_id} (key {call.key}): {verdict}")
@@ -170,6 +181,8 @@ class Auditor:
             reveal = self._reveal(call, self.settings.reveal_timeout)
         except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
             return f"no reveal of version {version} within {self.settings.reveal_timeout:.0f} s"
+        except (P2PDaemonError, P2PHandlerError, ConnectionError, EOFError) as e:
+            return f"{WITHHELD}: the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
         except Exception as e:
             return f"the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
         if reveal is None:

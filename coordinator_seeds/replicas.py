@@ -25,14 +25,14 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 from hivemind import DHT
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.moe.client.expert import (
     RemoteExpert,
     create_remote_experts,
-    expert_backward,
-    expert_forward,
 )
 from hivemind.moe.expert_uid import ExpertInfo
 from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
 from torch.autograd.function import once_differentiable
 
 from coordinator_seeds.audit import AuditedCall, Auditor
@@ -43,7 +43,13 @@ from coordinator_seeds.dispatch import (
     ExpertCall,
     call_experts,
 )
-from volunteer.core.audit_check import BACKWARD_COMMIT, FORWARD_COMMIT, Commitment
+from volunteer.core.audit_check import (
+    AUDITED_BACKWARD,
+    AUDITED_FORWARD,
+    BACKWARD_COMMIT,
+    FORWARD_COMMIT,
+    Commitment,
+)
 from volunteer.core.expert_records import ServerRecord, read_servers
 from volunteer.core.manifest import MoELayer
 
@@ -217,6 +223,18 @@ def committed_answer(result: Any, shape: torch.Size, width: int) -> tuple[torch.
     return tensor, commits[0]
 
 
+def audited_rpc(name: str):
+    """An RPC for ``dispatch.call_experts``: hivemind's request to the server's audited handler, whose
+    answer carries the commitment (unary: an answer must fit one message; streaming is not done)."""
+
+    async def rpc(uid: str, _tensors: Any, serialized: Sequence[runtime_pb2.Tensor], stub: Any) -> list[torch.Tensor]:
+        request = runtime_pb2.ExpertRequest(uid=uid, tensors=serialized)
+        response = await stub._p2p.call_protobuf_handler(stub._peer, name, request, runtime_pb2.ExpertResponse)
+        return [deserialize_torch_tensor(t) for t in response.tensors]
+
+    return rpc
+
+
 class _ReplicatedCall(torch.autograd.Function):
     """``x [N, d] -> (outputs [N, k, d], answered bool [N, k])`` over replicas, with failover."""
 
@@ -229,7 +247,7 @@ class _ReplicatedCall(torch.autograd.Function):
         pending, tried = list(calls), {id(c): {c.replica} for c in calls}
         for round_ in range(FAILOVER_ROUNDS + 1):
             started = time.perf_counter()
-            results = call_experts([(c.expert, [inputs[c.tokens]]) for c in pending], expert_forward,
+            results = call_experts([(c.expert, [inputs[c.tokens]]) for c in pending], audited_rpc(AUDITED_FORWARD),
                                    layer.forward_timeout)
             seconds = time.perf_counter() - started
             retry = []
@@ -262,7 +280,7 @@ class _ReplicatedCall(torch.autograd.Function):
         grads, calls, layer = grad_outputs.cpu().float(), ctx.calls, ctx.layer
         requests = [(c.expert, [inputs[c.tokens], grads[c.tokens, c.slots].contiguous()]) for c in calls]
         started = time.perf_counter()
-        results = call_experts(requests, expert_backward, layer.backward_timeout)
+        results = call_experts(requests, audited_rpc(AUDITED_BACKWARD), layer.backward_timeout)
         seconds = time.perf_counter() - started
         grad_inputs = torch.zeros_like(inputs)
         for call, (_expert, (x, g)), result in zip(calls, requests, results):

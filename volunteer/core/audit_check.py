@@ -37,6 +37,8 @@ FORWARD_COMMIT = 1 + DIGEST_WORDS  # [version, digest...] per answered row
 BACKWARD_COMMIT = 2 * FORWARD_COMMIT  # [before version, before digest..., after version, after digest...]
 MAX_REVEAL_BYTES = 64 * 2**20
 REVEAL_RPC = "VolunteerAudit.rpc_reveal"  # request: uid, metadata = the version as text
+AUDITED_FORWARD = "VolunteerAudit.rpc_forward"  # hivemind's ExpertRequest; the answer carries the commitment
+AUDITED_BACKWARD = "VolunteerAudit.rpc_backward"
 
 
 @dataclass(frozen=True)

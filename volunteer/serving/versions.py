@@ -1,9 +1,11 @@
 """The server's half of audits: every answer commits to the version of the expert that produced it, and
 recent versions are kept, for a bounded time and count, to be revealed (``volunteer.core.audit_check``).
 
-``AuditedBackend`` is a ``CountingBackend`` whose forward answers ``(output, commitment)`` and whose
-backward answers ``(input gradient, before+after commitment)``; the commitment is one int64 row per
-answered sample, so hivemind's TaskPool batches and splits it like any output. ``VersionStore`` keeps
+``AuditedBackend`` is a ``CountingBackend`` whose forward computes ``(output, commitment)`` and whose
+backward ``(input gradient, before+after commitment)``; the commitment is one int64 row per answered
+sample, so hivemind's TaskPool batches and splits it like any output. hivemind's own handler sends
+plain clients the first tensor only; the project's trainers call ``AUDITED_FORWARD``/``_BACKWARD``
+(``RevealService``, same pools) and get both. ``VersionStore`` keeps
 the last ``keep`` versions (at most ``keep_for`` seconds old); its memory is ``keep`` copies of the
 weights and optimizer state plus the batches of the steps that made them (``memory_bytes``), counted in
 the bench's figure. ``RevealService`` answers ``VolunteerAudit.rpc_reveal`` on the server's P2P.
@@ -19,21 +21,20 @@ from collections import OrderedDict
 from typing import Callable, Mapping
 
 import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
-from hivemind.utils.nested import nested_flatten
-from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from volunteer.core.audit_check import (
-    BACKWARD_COMMIT,
-    FORWARD_COMMIT,
+    AUDITED_BACKWARD,
+    AUDITED_FORWARD,
     REVEAL_RPC,
     Commitment,
     Reveal,
     state_digest,
 )
-from volunteer.serving.backends import CheckedTaskPool, CountingBackend
+from volunteer.serving.backends import CountingBackend
 
 logger = logging.getLogger(__name__)
 KEEP_VERSIONS = 16
@@ -135,15 +136,9 @@ class AuditedBackend(CountingBackend):
     def __init__(self, name: str, module: torch.nn.Module, *, keep: int = KEEP_VERSIONS, keep_for: float = KEEP_FOR,
                  **kwargs):
         super().__init__(name, module, **kwargs)
-        (output,) = nested_flatten(self.outputs_schema)
-        (arg,) = self.args_schema
-        self.outputs_schema = (output, BatchTensorDescriptor(FORWARD_COMMIT, dtype=torch.int64))
-        self.backward_schema = (self.forward_schema, (output,))  # the trainer sends no gradient for commitments
-        self.grad_inputs_schema = ((arg, BatchTensorDescriptor(BACKWARD_COMMIT, dtype=torch.int64)), {})
-        pool = dict(min_batch_size=self.forward_pool.min_batch_size, max_batch_size=self.forward_pool.max_batch_size,
-                    timeout=self.forward_pool.timeout)
-        self.backward_pool = CheckedTaskPool(self.backward, name=f"{name}_backward",
-                                             schema=nested_flatten(self.backward_schema), **pool)
+        # hivemind's schemas stay those of one output: its ConnectionHandler serializes only what they
+        # list, so plain hivemind clients get the answer alone; ``RevealService`` answers the project's
+        # trainers with the commitment too (AUDITED_FORWARD / AUDITED_BACKWARD)
         self.versions = VersionStore(keep, keep_for)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -206,11 +201,26 @@ class RevealService:
         self._stop = asyncio.Event()
         p2p = await P2P.replicate(self.dht.run_coroutine(DHT._get_p2p_daemon_listen_maddr))
         await p2p.add_protobuf_handler(REVEAL_RPC, self._reveal, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(AUDITED_FORWARD, self._forward, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(AUDITED_BACKWARD, self._backward, runtime_pb2.ExpertRequest)
         self.ready.set()
         try:
             await self._stop.wait()
         finally:
             await p2p.shutdown()
+
+    async def _forward(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._call(request, "forward_pool")
+
+    async def _backward(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._call(request, "backward_pool")
+
+    async def _call(self, request: runtime_pb2.ExpertRequest, pool: str) -> runtime_pb2.ExpertResponse:
+        """The same TaskPool as hivemind's handler (so the calls batch together), all outputs returned."""
+        backend = self.backends[request.uid]
+        inputs = [deserialize_torch_tensor(t) for t in request.tensors]
+        outputs = await getattr(backend, pool).submit_task(*inputs)
+        return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(t) for t in outputs])
 
     async def _reveal(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
         backend = self.backends.get(request.uid)
