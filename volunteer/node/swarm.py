@@ -57,7 +57,7 @@ def read_swarm_view(dht: DHT, dht_prefix: str, all_uids: Sequence[str], my_uids:
                     my_peer_id: str) -> tuple[SwarmView, set[str]]:
     """What the dashboard's swarm panel shows, and the peer ids of the other volunteers seen."""
     volunteers = read_volunteers(dht, dht_prefix)
-    counts = count_servers(dht, dht_prefix, all_uids, volunteers)
+    counts, _served = signed_swarm(dht, dht_prefix, all_uids)  # a hijacker of hivemind's records counts for nothing
     for uid in my_uids:  # our own record may not have propagated yet; we do serve these
         counts[uid] = max(counts[uid], 1)
     progress = read_trainer_progress(dht, dht_prefix)
