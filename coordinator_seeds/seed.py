@@ -27,6 +27,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from coordinator_seeds.leaderboard import Leaderboard
+from volunteer.core.expert_records import publish_banned, read_audits
 from volunteer.core.manifest import Manifest
 from volunteer.core.paths import default_paths
 from volunteer.core.records import (
@@ -35,6 +36,7 @@ from volunteer.core.records import (
     owner_subkey_of,
     read_contributions,
     record_key,
+    use_record_key,
     visible_maddrs,
 )
 
@@ -97,6 +99,8 @@ class Seed:
         identity = s.resolved_identity_path()
         identity.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
+            # the ban list is signed with the project's key, the one trainers and volunteers trust
+            use_record_key(s.resolved_trainer_key_path())
             dht = join_dht(s.manifest.dht_prefix, host=s.host, port=s.dht_port, identity_path=identity,
                            announce_host=s.announce_host)
         except Exception as e:  # hivemind raises a zoo of types (P2PDaemonError, ValueError, ...)
@@ -120,10 +124,22 @@ class Seed:
         """Blocking: read the trainers' records and add the trusted ones up; saves when anything changed."""
         if self._dht is None:
             return False
-        changed = self.leaderboard.merge(read_contributions(self._dht, self.settings.manifest.dht_prefix))
+        prefix = self.settings.manifest.dht_prefix
+        changed = self.leaderboard.merge(read_contributions(self._dht, prefix))
+        changed = self.leaderboard.merge_audits(read_audits(self._dht, prefix)) or changed
         if changed:
             self.leaderboard.save()
+        self.publish_bans()
         return changed
+
+    def publish_bans(self) -> bool:
+        """Blocking: the keys and peers that failed a trusted trainer's audit, signed with the project's
+        key (volunteers and trainers trust it, ``/v1/trust``); re-published each period so it never
+        expires while the seed runs."""
+        keys, peers = self.leaderboard.banned()
+        if not keys and not peers:
+            return True
+        return publish_banned(self._dht, self.settings.manifest.dht_prefix, keys, peers)
 
     def shutdown(self) -> None:
         """Blocking: stops the DHT process (so the identity is free for a restart) and the HTTP socket."""

@@ -15,7 +15,7 @@ import math
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +25,9 @@ from hivemind import DHT
 from torch import nn
 
 from coordinator_seeds import corpus
+from coordinator_seeds.audit import AuditSettings
 from coordinator_seeds.dispatch import BatchedRemoteMoE, remote_moe, shutdown_dht
+from coordinator_seeds.strangers import TrustedSwarm
 from volunteer.core.manifest import Manifest
 from volunteer.core.records import (
     join_dht,
@@ -59,6 +61,12 @@ class TrainerSettings:
     idle_wait: float = 30.0
     host: str = "127.0.0.1"  # where its p2p daemon listens; a public address lets NATed volunteers dial in
     caller_period: float = 20.0  # seconds between refreshes of its ``callers`` record (peer id, addresses)
+    # the project's trainer reads only signed server records (issue 14); False: hivemind's unsigned
+    # records, one server per uid, no audits (a swarm of plain hivemind servers)
+    signed_only: bool = True
+    audit: AuditSettings | None = field(default_factory=AuditSettings)  # None: no audits
+    # ban lists are taken from these keys (fingerprints or subkeys); our own key is always trusted
+    trusted_ban_keys: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -106,14 +114,14 @@ class MoELanguageModel(nn.Module):
     """``int64 [batch, seq] -> logits [batch, seq, 256]``, one block per MoE layer of the manifest."""
 
     def __init__(self, manifest: Manifest, dht: DHT, *, forward_timeout: float = 10.0,
-                 backward_timeout: float = 10.0):
+                 backward_timeout: float = 10.0, make_moe: Callable[..., BatchedRemoteMoE] | None = None):
         super().__init__()
         d, spec = manifest.d_model, manifest.trainer
         self.embed = nn.Embedding(corpus.VOCAB_SIZE, d)
         self.positions = nn.Parameter(torch.randn(spec.seq_len, d) * 0.02)
+        make_moe = make_moe or _plain_moe  # TrustedSwarm.make_moe: signed servers, replicas, audits
         self.moes = [
-            remote_moe(d, layer, dht, spec.k_best, forward_timeout, backward_timeout,
-                       max_batch_size=manifest.max_batch_size)
+            make_moe(d, layer, dht, spec.k_best, forward_timeout, backward_timeout, manifest.max_batch_size)
             for layer in manifest.layers
         ]
         self.blocks = nn.ModuleList(_Block(d, moe) for moe in self.moes)
@@ -139,6 +147,12 @@ class MoELanguageModel(nn.Module):
 
     def grid_size(self) -> int:
         return sum(len(moe.layer.uids()) for moe in self.moes)
+
+
+def _plain_moe(d_model: int, layer, dht: DHT, k_best: int, forward_timeout: float, backward_timeout: float,
+               max_batch_size: int) -> BatchedRemoteMoE:
+    """hivemind's unsigned records, one server per uid, no audits (``TrainerSettings.signed_only=False``)."""
+    return remote_moe(d_model, layer, dht, k_best, forward_timeout, backward_timeout, max_batch_size=max_batch_size)
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -193,10 +207,24 @@ def keep_caller_record(dht: DHT, settings: TrainerSettings, done: threading.Even
 def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], None] | None,
            stop: threading.Event) -> list[StepReport]:
     manifest = settings.manifest
+    trust = (TrustedSwarm(manifest, dht, settings.audit, settings.trusted_ban_keys) if settings.signed_only
+             else None)
+    try:
+        return _train_model(settings, dht, on_step, stop, trust)
+    finally:
+        if trust is not None:
+            trust.shutdown()
+
+
+def _train_model(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], None] | None,
+                 stop: threading.Event, trust: TrustedSwarm | None) -> list[StepReport]:
+    manifest = settings.manifest
     with torch.random.fork_rng(devices=[]):  # reproducible weights without touching the caller's RNG
         torch.manual_seed(settings.seed)
         model = MoELanguageModel(manifest, dht, forward_timeout=settings.forward_timeout,
-                                 backward_timeout=settings.backward_timeout)
+                                 backward_timeout=settings.backward_timeout,
+                                 make_moe=trust.make_moe if trust is not None else None)
+    model.trust = trust
     wait_for_experts(model, settings.expert_wait, stop)
     optimizer = torch.optim.Adam(model.parameters(), lr=manifest.trainer.lr)
     train_data, _held_out = corpus.split(corpus.load_stdlib())
@@ -220,8 +248,10 @@ def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], 
                                "%.0f s for volunteers", settings.idle_wait)
                 wait_for_experts(model, settings.idle_wait, stop)
             window_start = time.perf_counter()
-    if settings.publish_progress and step % settings.log_every:  # the steps since the last log count too
-        _publish_answered(settings, dht, model, run)
+    if trust is not None:
+        trust.finish()  # the audits still in flight decide what the last record credits
+    if settings.publish_progress and (step % settings.log_every or trust is not None):
+        _publish_answered(settings, dht, model, run)  # the steps since the last log count too
     return reports
 
 
@@ -291,5 +321,10 @@ def _log(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, window: l
 
 def _publish_answered(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, run: str) -> None:
     answered = model.answered()
+    trust = getattr(model, "trust", None)
+    if trust is not None:  # only servers whose audits passed earn credit; the verdicts go out too
+        answered = trust.credited(answered)
+        if not trust.publish(run):
+            logger.debug("publishing the audits' verdicts was refused by the DHT")
     if answered and not publish_contributions(dht, settings.manifest.dht_prefix, run, answered):
         logger.debug("publishing what the volunteers answered was refused by the DHT")

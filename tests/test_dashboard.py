@@ -424,3 +424,12 @@ def test_a_hung_up_terminal_does_not_end_the_dashboard(snapshot: StatsSnapshot, 
         return scope.cancelled_caught
 
     assert trio.run(main)
+
+
+def test_the_volunteer_sees_its_own_audits() -> None:
+    from volunteer.core.seed_client import Verified
+    from volunteer.views.dashboard import audits_text
+
+    assert audits_text(Verified(10, 5, 1, 3, audited=12, passed=12)) == "12 of 12 passed"
+    banned = audits_text(Verified(0, 0, 2, 3, audited=4, passed=3, banned=True))
+    assert banned.startswith("BANNED") and "no credit" in banned

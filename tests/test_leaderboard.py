@@ -100,6 +100,7 @@ def test_records_of_an_untrusted_key_are_reported_once_per_key(tmp_path: Path, c
 
 @pytest.mark.integration
 def test_the_seed_lists_what_a_trusted_trainer_saw(tmp_path: Path, short_home: Path):
+    from coordinator_seeds.audit import AuditSettings
     from coordinator_seeds.dispatch import shutdown_dht
     from coordinator_seeds.trainer import TrainerSettings, train, untrusted_key_warning
     from volunteer.core.harness import (
@@ -153,12 +154,14 @@ def test_the_seed_lists_what_a_trusted_trainer_saw(tmp_path: Path, short_home: P
         assert "".join(procs.children[0].output).count("ignoring contributions signed by trainer key") == 1
 
         settings = TrainerSettings(experiment.manifest, experiment.initial_peers, steps=20, log_every=5,
-                                   forward_timeout=5.0, backward_timeout=5.0, key_path=seed_dir / "trainer-key.der")
+                                   forward_timeout=5.0, backward_timeout=5.0, key_path=seed_dir / "trainer-key.der",
+                                   audit=AuditSettings(rate=0.2))  # credit needs a passed audit: sure to get some
         reports = train(settings)
         assert len(reports) == 20
         entry = wait_for(lambda: next((e for e in board()["entries"] if e["peer_id"] == peer_id), None), 30,
                          "the volunteer on the leaderboard")
         assert entry["backward_samples"] > 0 and entry["forward_samples"] >= entry["backward_samples"]
+        assert entry["audited"] == entry["passed"] > 0 and not entry["banned"]  # an honest volunteer, audited
         counted = status(short_home)["session"]
         # verified work is what the trainer got back: never more than the volunteer did
         assert entry["forward_samples"] <= counted["forward_samples"]
@@ -182,3 +185,20 @@ def test_the_seed_lists_what_a_trusted_trainer_saw(tmp_path: Path, short_home: P
     finally:
         procs.stop_all()
 
+
+
+def test_a_key_that_failed_an_audit_is_listed_as_banned_with_no_credit(tmp_path: Path):
+    from volunteer.core.expert_records import AuditVerdicts
+
+    board = Leaderboard(tmp_path / "leaderboard.json", [TRUSTED])
+    board.merge([record("run1", 10.0, honest=(50, 50), cheat=(40, 40))], now=10.0)
+    verdicts = [AuditVerdicts(TRUSTED, "run1", {"honest": (3, 3), "cheat": (2, 1)}, ("k" * 16,), ("cheat",), 11.0),
+                AuditVerdicts(ROGUE, "run9", {"honest": (0, 0)}, ("h" * 16,), ("honest",), 11.0)]  # untrusted: ignored
+    assert board.merge_audits(verdicts)
+    entries = {e.peer_id: e for e in board.entries()}
+    assert (entries["honest"].samples, entries["honest"].audited, entries["honest"].passed) == (100, 3, 3)
+    assert entries["cheat"].banned and entries["cheat"].samples == 0 and entries["cheat"].to_dict()["banned"]
+    assert board.banned() == ({"k" * 16}, {"cheat"})
+    board.save()
+    again = Leaderboard(tmp_path / "leaderboard.json", [TRUSTED])
+    assert again.entries() == board.entries()

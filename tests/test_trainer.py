@@ -297,6 +297,7 @@ def test_failed_expert_is_dropped_and_weights_renormalised(frozen_server: Server
 
 def settings(peers: list[str], steps: int, **overrides) -> TrainerSettings:
     overrides.setdefault("idle_wait", 0.0)  # tests that kill every server keep stepping, as before
+    overrides.setdefault("signed_only", False)  # plain hivemind servers: no signed records, no commitments
     return TrainerSettings(manifest=MANIFEST, initial_peers=tuple(peers), steps=steps, expert_wait=20.0,
                            **overrides)
 

@@ -98,6 +98,9 @@ class Verified:
     backward_samples: int
     rank: int | None  # 1 = most samples; None until a trainer has seen it answer
     volunteers: int  # on the leaderboard
+    audited: int = 0  # of its calls, how many the trainers audited and how many passed (issue 14)
+    passed: int = 0
+    banned: bool = False  # it failed an audit: no credit, no calls
 
 
 def fetch_verified(url: str, peer_id: str, *, timeout: float = 5.0,
@@ -114,11 +117,15 @@ def fetch_verified(url: str, peer_id: str, *, timeout: float = 5.0,
         forward, backward = (entries[0]["forward_samples"], entries[0]["backward_samples"]) if entries else (0, 0)
         if not (_count(forward) and _count(backward)):
             raise _Invalid("a malformed leaderboard entry")
+        audited, passed, banned = ((entries[0].get("audited", 0), entries[0].get("passed", 0),
+                                    entries[0].get("banned", False)) if entries else (0, 0, False))
+        if not (_count(audited) and _count(passed) and isinstance(banned, bool)):
+            raise _Invalid("a malformed leaderboard entry")
     except (_Transient, _Invalid) as e:
         raise CoordinatorError(f"no leaderboard from {url}: {e}") from None
     except (TypeError, KeyError, IndexError):
         raise CoordinatorError(f"no leaderboard from {url}: a malformed answer") from None
-    return Verified(forward, backward, rank, volunteers)
+    return Verified(forward, backward, rank, volunteers, audited, passed, banned)
 
 
 def fetch_trusted_trainer_keys(url: str, *, timeout: float = 5.0,

@@ -23,15 +23,17 @@ from hivemind.p2p import P2PDaemonError
 from hivemind.utils import get_dht_time
 
 from volunteer.config.settings import Settings
-from volunteer.core import records
-from volunteer.core.dht_calls import MAX_KEYS_PER_CALL, declare_grid_roots
+from volunteer.core import expert_records, records
+from volunteer.core.dht_calls import declare_grid_roots
 from volunteer.core.logs import EventLog
 from volunteer.core.manifest import load as load_manifest
 from volunteer.core.paths import Paths, write_atomic
 from volunteer.core.seed_client import (
+    CoordinatorError,
     Experiment,
     experiment_from_file,
     fetch_experiment,
+    fetch_trusted_trainer_keys,
 )
 from volunteer.host.hardware import HardwareProfile, detect_hardware
 from volunteer.node import swarm
@@ -58,6 +60,7 @@ from volunteer.serving.backends import (
 from volunteer.serving.batching import served_rate
 from volunteer.serving.checkpoints import CheckpointStore
 from volunteer.serving.handler import LeanServer
+from volunteer.serving.versions import AuditedBackend, RevealService
 
 logger = logging.getLogger(__name__)
 SERVER_START_TIMEOUT = 120.0
@@ -117,9 +120,8 @@ class VolunteerNode:
         self.info: NodeInfo | None = None
         self.collector: StatsCollector | None = None
         self.torch_devices: dict[Device, str] = {}  # plan device (NVML numbering) -> torch device
-        # what hivemind's records say is served, read a bounded number of prefix keys at a time (start,
-        # rebalance and the swarm panel share it, so the rows read in turn add up)
-        self.coverage = swarm.GridCoverage(self.manifest.all_uids())
+        self.reveals: RevealService | None = None
+        self._trusted: tuple[str, ...] | None = None
 
     def start(self, hardware: HardwareProfile | None = None, torch_devices: dict[Device, str] | None = None
               ) -> NodeInfo:
@@ -152,7 +154,7 @@ class VolunteerNode:
             backends, restored_here = build_backends(
                 self.manifest, plan.uids, max(1, int(plan.max_batch_size * power.batch_fraction)), self.store,
                 duty_cycle=power.duty_cycle, device=self.torch_devices[plan.device],
-                pools=self.settings.serving == "hivemind",
+                pools=self.settings.serving == "hivemind", backend_class=AuditedBackend,
             )
             self.backends.update(backends)
             restored += restored_here
@@ -162,6 +164,8 @@ class VolunteerNode:
                              uid=uid, optimizer_steps=steps)
         self.server = self._expert_server(placement)
         self.server.run_in_background(await_ready=True, timeout=SERVER_START_TIMEOUT)
+        self.reveals = RevealService(self.dht, self.backends)  # audits: trainers ask for committed versions
+        self.reveals.run_in_background()
         self.info = NodeInfo(self.manifest.name, peer_id, maddrs, placement, tuple(restored))
         self.collector = StatsCollector(
             self.manifest.name, peer_id, placement.device, [b.counters for b in self.backends.values()],
@@ -214,14 +218,13 @@ class VolunteerNode:
 
     def _place(self, hardware: HardwareProfile, devices: ServingDevices, peer_id: str) -> Placement:
         uids = self.manifest.all_uids()
-        volunteers = records.read_volunteers(self.dht, self.manifest.dht_prefix)
-        self.coverage.read(self.dht, rows_per_read=MAX_KEYS_PER_CALL)  # once, at start: up to 256 rows a layer
-        counts = dict(swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers, self.coverage))
+        counts, served = self._signed_swarm(uids)
+        counts = dict(counts)
         # experts this volunteer trained before (or a rebalance chose) come first: their weights are
         # worth more than fresh ones
         for uid in self.prefer or self._previous_uids():
             counts[uid] = -1
-        seen = SwarmView(counts, swarm.served_throughput(volunteers, uids), seed=zlib.crc32(peer_id.encode()))
+        seen = SwarmView(counts, served, seed=zlib.crc32(peer_id.encode()))
         # measured on each device once and cached; it is what this volunteer announces it can serve
         return plan_volunteer(hardware, self.manifest, devices, swarm=seen, max_memory=self.settings.max_memory,
                               max_experts=self.settings.max_experts,
@@ -247,15 +250,30 @@ class VolunteerNode:
     def rebalance(self) -> Rebalance:
         """Whether moving some experts would serve the swarm's weakest uids better (``rebalance.rebalance_moves``)."""
         uids = self.manifest.all_uids()
-        volunteers = records.read_volunteers(self.dht, self.manifest.dht_prefix)
-        counts = swarm.count_servers(self.dht, self.manifest.dht_prefix, uids, volunteers, self.coverage)
+        counts, served = self._signed_swarm(uids)
         share = self.samples_per_second / max(1, len(self.info.uids))
         # per layer, not per uid: Manifest.expert_type_of lists the uid's layer each call (O(G) a uid)
         types = {uid: layer.expert_type for layer in self.manifest.layers for uid in layer.uids()}
         return rebalance_moves(
-            self.info.uids, swarm.served_throughput(volunteers, uids), dict.fromkeys(self.info.uids, share),
+            self.info.uids, served, dict.fromkeys(self.info.uids, share),
             server_counts=counts, expert_types=types,
         )
+
+    def _signed_swarm(self, uids: list[str]):
+        """Servers and served rate per uid from signed records, minus the keys the seed banned."""
+        banned = expert_records.read_banned(self.dht, self.manifest.dht_prefix, self._trusted_keys())
+        return swarm.signed_swarm(self.dht, self.manifest.dht_prefix, uids, banned)
+
+    def _trusted_keys(self) -> tuple[str, ...]:
+        """The seed's keys, whose ban lists we follow (none without a coordinator); asked once."""
+        if self._trusted is None:
+            self._trusted = ()
+            if self.settings.coordinator:
+                try:
+                    self._trusted = fetch_trusted_trainer_keys(self.settings.coordinator)
+                except CoordinatorError as e:
+                    logger.info(f"no ban list to follow: {e}")
+        return self._trusted
 
     def _join(self, previous_port: object) -> DHT:
         """Join on the port given, else on the port of the last run: peers that cached our address
@@ -287,6 +305,14 @@ class VolunteerNode:
         records.publish_volunteer(self.dht, self.manifest.dht_prefix, record)
         # the rows we serve, in the grid's root record: readers find the active rows in one key
         declare_grid_roots(self.dht, self.info.uids, get_dht_time() + records.RECORD_TTL)
+        self._announce_servers()
+
+    def _announce_servers(self) -> None:
+        """Our signed record of the uids we serve: what the project's trainers route by (issue 14)."""
+        share = self.samples_per_second / max(1, len(self.info.uids))
+        expert_records.publish_servers(self.dht, self.manifest.dht_prefix, self.info.uids, peer_id=self.info.peer_id,
+                                       device=self.info.device, samples_per_second=share,
+                                       ttl=expert_records.ANNOUNCE_TTL)
 
     def checkpoint(self) -> int:
         for backend in list(self.backends.values()):
@@ -303,6 +329,7 @@ class VolunteerNode:
         try:
             records.withdraw_experts(self.dht, self.info.uids, self.server.dht_handler_thread.expiration)
             records.withdraw_volunteer(self.dht, self.manifest.dht_prefix)
+            expert_records.withdraw_servers(self.dht, self.manifest.dht_prefix, self.info.uids)
         except Exception as e:  # the DHT may already be gone; leaving must go on
             logger.warning(f"could not withdraw our DHT records: {e}")
 
@@ -370,6 +397,8 @@ class VolunteerNode:
             if self.collector is not None:
                 self.collector.persist()
         finally:
+            if self.reveals is not None:
+                self.reveals.shutdown()
             server.shutdown()  # also shuts the DHT down
             server.join(timeout=30)
 

@@ -30,7 +30,7 @@ class SwarmPoller:
     def __call__(self) -> dict[str, SwarmView]:
         node = self.node
         view, others = swarm.read_swarm_view(node.dht, node.manifest.dht_prefix, node.manifest.all_uids(),
-                                             node.info.uids, node.info.peer_id, node.coverage)
+                                             node.info.uids, node.info.peer_id)
         if self.known is not None:
             for peer in sorted(self.known - others):
                 node.events.emit("peer_lost", f"volunteer {peer} left the swarm", peer_id=peer)

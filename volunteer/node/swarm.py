@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from hivemind import DHT
 
@@ -15,6 +15,7 @@ from volunteer.core.dht_calls import (
     get_many,
     wait_result,
 )
+from volunteer.core.expert_records import read_servers
 from volunteer.core.records import (
     VolunteerRecord,
     read_trainer_progress,
@@ -151,10 +152,10 @@ def visible_peers(dht: DHT) -> int:
 
 
 def read_swarm_view(dht: DHT, dht_prefix: str, all_uids: Sequence[str], my_uids: Sequence[str],
-                    my_peer_id: str, coverage: GridCoverage | None = None) -> tuple[SwarmView, set[str]]:
+                    my_peer_id: str) -> tuple[SwarmView, set[str]]:
     """What the dashboard's swarm panel shows, and the peer ids of the other volunteers seen."""
     volunteers = read_volunteers(dht, dht_prefix)
-    counts = count_servers(dht, dht_prefix, all_uids, volunteers, coverage)
+    counts, _served = signed_swarm(dht, dht_prefix, all_uids)  # a hijacker of hivemind's records counts for nothing
     for uid in my_uids:  # our own record may not have propagated yet; we do serve these
         counts[uid] = max(counts[uid], 1)
     progress = read_trainer_progress(dht, dht_prefix)
@@ -166,3 +167,17 @@ def read_swarm_view(dht: DHT, dht_prefix: str, all_uids: Sequence[str], my_uids:
         trainer_seen=progress.time if progress else None,
     )
     return view, others
+
+
+# --- the signed view (issue 14): what balancing counts --------------------------------------------
+
+
+def signed_swarm(dht: DHT, dht_prefix: str, uids: Sequence[str], banned: Collection[str] = ()
+                 ) -> tuple[Counter, dict[str, float]]:
+    """Servers and served samples/s per uid, from the signed server records only, minus banned keys:
+    a peer that re-declares a uid in hivemind's unsigned records, or a banned cheater, does not make a
+    uid look served, so volunteers still come to serve it."""
+    found = read_servers(dht, dht_prefix, list(uids), banned=banned)
+    counts = Counter({uid: len(found[uid]) for uid in uids})
+    rates = {uid: sum(r.samples_per_second for r in found[uid]) for uid in uids}
+    return counts, rates

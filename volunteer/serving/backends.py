@@ -174,9 +174,10 @@ def initial_seed(uid: str) -> int:
 
 def build_backends(
     manifest: Manifest, uids: Sequence[str], max_batch_size: int, store: CheckpointStore, duty_cycle: float = 1.0,
-    device: str = "cpu", pools: bool = True,
+    device: str = "cpu", pools: bool = True, backend_class: type[CountingBackend] = CountingBackend,
 ) -> tuple[dict[str, CountingBackend], list[str]]:
     """Build one backend per uid on ``device``, restoring each from its checkpoint when one is readable.
+    ``backend_class``: ``versions.AuditedBackend`` for a volunteer whose answers can be audited.
 
     ``pools=False`` for the lean path (``serving.handler``), which needs no hivemind TaskPools.
     Returns the backends and the uids that were restored."""
@@ -188,7 +189,7 @@ def build_backends(
         checkpoint = store.load(uid, expert_type.name)
         sample = sample_input(expert_type.block, 1, manifest.d_model)
         # built on the CPU: hivemind runs a dummy forward on CPU zeros to learn the output schema
-        backends[uid] = CountingBackend(
+        backends[uid] = backend_class(
             uid, module, optimizer=optimizer, expert_type=expert_type.name,
             counters=ExpertCounters(uid, expert_type.name, checkpoint.updates if checkpoint else 0,
                                    params=expert_type.num_params(manifest.d_model)),

@@ -205,7 +205,15 @@ def _contribution(session: Totals, lifetime: Totals, verified: Verified | None =
         rank = verified.rank
         table.add_row("verified", f"#{rank}/{verified.volunteers}" if rank else "",
                       f"{verified.forward_samples + verified.backward_samples:,}")
+        table.add_row("audits", "", audits_text(verified))
     return table
+
+
+def audits_text(verified: Verified) -> str:
+    """``12 of 12 passed``, or that a failed audit banned this volunteer (issue 14)."""
+    if verified.banned:
+        return f"BANNED: failed an audit ({verified.passed} of {verified.audited} passed); no credit"
+    return f"{verified.passed} of {verified.audited} passed"
 
 
 def verified_text(verified: Verified) -> str:

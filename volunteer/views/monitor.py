@@ -12,6 +12,7 @@ import trio
 from volunteer.node import control
 from volunteer.node.stats import StatsSnapshot, Totals
 from volunteer.views.dashboard import (
+    audits_text,
     format_ago,
     format_bytes,
     format_duration,
@@ -41,6 +42,7 @@ def summary_lines(s: StatsSnapshot) -> list[str]:
     lines.append(f"lifetime: {_totals(s.lifetime)}")
     if s.verified is not None:
         lines.append(f"verified by the coordinator's trainers: {verified_text(s.verified)} samples")
+        lines.append(f"audits of its answers: {audits_text(s.verified)}")
     if s.swarm is not None:
         w = s.swarm
         trainer = f", trainer step {w.trainer_step} loss {w.trainer_loss:.3f}" if w.trainer_loss is not None else ""

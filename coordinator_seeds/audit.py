@@ -1,0 +1,214 @@
+"""The trainer's half of audits: after an answer is back, pick a few calls at random, ask their server to
+reveal the committed version, recompute, and ban a server whose answer does not hold up.
+
+A call is audited with probability ``rate`` (``AuditSettings``), drawn after the answer arrived, so a
+server cannot tell which of its answers will be checked. The checks run on one worker thread, off the
+training step (``volunteer.core.audit_check`` says what they compare). A failed check, a reveal that
+does not come within ``reveal_timeout``, or a version no longer kept is a failed audit: the key and the
+peer are banned for this trainer at once (``banned``), the peer's credit for the run is voided (the
+trainer publishes contributions only of ``credited`` peers), and the verdict goes into a signed
+``<prefix>_audits`` record that the seed reads.
+
+Odds: a server that answers a share ``w`` of its calls wrongly is caught at each call with probability
+``rate * w``; within ``n`` calls with ``1 - (1 - rate * w) ** n`` (``calls_to_catch``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.p2p import P2PDaemonError, P2PHandlerError
+from hivemind.proto import runtime_pb2
+
+from volunteer.core.audit_check import (
+    REVEAL_RPC,
+    AuditFailed,
+    Commitment,
+    ExpertSpec,
+    Reveal,
+    Tolerance,
+    check_backward,
+    check_forward,
+)
+
+logger = logging.getLogger("coordinator_seeds.audit")
+WITHHELD = "unanswered"  # a verdict starting so: the server's connection failed, not its answer
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    rate: float = 0.02  # share of calls audited, forward and backward alike
+    reveal_timeout: float = 10.0
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    max_pending: int = 64  # audits waiting for the worker beyond this are skipped (never a verdict)
+    seed: int | None = None  # the draw's seed, for tests; None draws from the OS
+
+
+def calls_to_catch(rate: float, wrong_share: float, confidence: float = 0.95) -> int:
+    """Calls after which a server wrong on ``wrong_share`` of its calls is caught with ``confidence``."""
+    p = rate * wrong_share
+    if p <= 0:
+        return math.inf
+    if p >= 1:
+        return 1
+    return math.ceil(math.log(1 - confidence) / math.log(1 - p))
+
+
+@dataclass(frozen=True)
+class AuditedCall:
+    """What a trainer keeps of a sampled call to check it: no reference to the model's graph."""
+
+    uid: str
+    peer_id: str
+    key: str  # the server record's key fingerprint
+    expert: object  # the RemoteExpert it went to (its P2P reaches the server)
+    kind: str  # "forward" or "backward"
+    inputs: torch.Tensor
+    answer: torch.Tensor
+    commits: tuple[Commitment, ...]  # forward: (version,); backward: (before, after)
+    grads: torch.Tensor | None = None
+
+
+class Auditor:
+    """Samples calls, checks them in the background, keeps the verdicts per peer and the bans."""
+
+    def __init__(self, specs: dict[str, ExpertSpec], settings: AuditSettings = AuditSettings(),
+                 reveal: Callable[[AuditedCall, float], Reveal | None] | None = None):
+        self.specs, self.settings = specs, settings
+        self._reveal = reveal or reveal_over_p2p
+        self._random = random.Random(settings.seed) if settings.seed is not None else random.SystemRandom()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
+        self._lock = threading.Lock()
+        self._pending = 0
+        self.audited: dict[str, list[int]] = {}  # peer -> [audited, passed]
+        self.failed_keys: set[str] = set()
+        self.failed_peers: set[str] = set()
+        self.withheld: set[str] = set()  # peers whose connection failed while revealing
+        self.failures: list[str] = []  # one line per failed audit, for logs and tests
+        self.skipped = 0
+
+    # --- sampling: called from the training step ---
+
+    def sample(self, call: Callable[[], AuditedCall]) -> bool:
+        """Draw; if this call is audited, build it (``call``) and check it in the background."""
+        if self._random.random() >= self.settings.rate:
+            return False
+        with self._lock:
+            if self._pending >= self.settings.max_pending:
+                self.skipped += 1
+                return False
+            self._pending += 1
+        self._pool.submit(self._check, call())
+        return True
+
+    def banned(self) -> frozenset[str]:
+        """Keys and peers this trainer routes to no more: failed audits, and servers gone mid-audit."""
+        with self._lock:
+            return frozenset(self.failed_keys | self.failed_peers | self.withheld)
+
+    def credited(self, peer_id: str) -> bool:
+        """Whether a peer's answers may be credited by this trainer: at least one audit passed, none failed."""
+        with self._lock:
+            audited, passed = self.audited.get(peer_id, (0, 0))
+            return peer_id not in self.failed_peers and peer_id not in self.withheld and passed > 0 and passed == audited
+
+    def failed(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The keys and the peers that failed an audit."""
+        with self._lock:
+            return frozenset(self.failed_keys), frozenset(self.failed_peers)
+
+    def verdicts(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            return {peer: (a, p) for peer, (a, p) in self.audited.items()}
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until every submitted audit is checked (tests, the end of a run)."""
+        done = self._pool.submit(lambda: None)
+        try:
+            done.result(timeout=timeout)
+            return True
+        except concurrent.futures.TimeoutError:
+            return False
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- checking: on the worker thread ---
+
+    def _check(self, call: AuditedCall) -> None:
+        try:
+            verdict = self._verdict(call)
+        except Exception as e:  # a bug of ours is not the server's failure: say so, no verdict
+            logger.exception("auditing %s of %s failed on our side: %s", call.uid, call.peer_id, e)
+            verdict = "error"
+        with self._lock:
+            self._pending -= 1
+            if verdict == "error":
+                return
+            counts = self.audited.setdefault(call.peer_id, [0, 0])
+            counts[0] += 1
+            if verdict is None:
+                counts[1] += 1
+                return
+            if verdict.startswith(WITHHELD):
+                # the server went away before revealing (a crash, or a cheater hanging up): no credit and
+                # no calls from this trainer any more, but no published ban, which would be for good
+                self.withheld.add(call.peer_id)
+                self.failures.append(f"{call.kind} of {call.uid} by {call.peer_id}: {verdict}")
+                logger.warning("audit unanswered: %s; no more calls or credit for it in this run", self.failures[-1])
+                return
+            self.failed_keys.add(call.key)
+            self.failed_peers.add(call.peer_id)
+            self.failures.append(f"{call.kind} of {call.uid} by {call.peer_id} (key {call.key}): {verdict}")
+        logger.warning("audit failed: %s; key %s banned, its credit voided", self.failures[-1], call.key)
+
+    def _verdict(self, call: AuditedCall) -> str | None:
+        """None if the call holds up, else why not."""
+        spec = self.specs.get(call.uid)
+        if spec is None:
+            return "error"  # not an expert of ours: no verdict either way
+        version = call.commits[-1].version
+        try:
+            reveal = self._reveal(call, self.settings.reveal_timeout)
+        except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
+            return f"no reveal of version {version} within {self.settings.reveal_timeout:.0f} s"
+        except (P2PDaemonError, P2PHandlerError, ConnectionError, EOFError) as e:
+            return f"{WITHHELD}: the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
+        except Exception as e:
+            return f"the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
+        if reveal is None:
+            return f"version {version} was not kept"
+        try:
+            if call.kind == "forward":
+                check_forward(spec, call.commits[0], reveal, call.inputs, call.answer, self.settings.tolerance)
+            else:
+                check_backward(spec, call.commits[0], call.commits[1], reveal, call.inputs, call.grads, call.answer,
+                               self.settings.tolerance)
+        except AuditFailed as e:
+            return str(e)
+        return None
+
+
+def reveal_over_p2p(call: AuditedCall, timeout: float) -> Reveal | None:
+    """Ask the call's server for the version its answer committed to (``REVEAL_RPC``)."""
+    expert = call.expert
+    request = runtime_pb2.ExpertRequest(uid=call.uid, metadata=str(call.commits[-1].version).encode())
+
+    async def ask() -> runtime_pb2.ExpertResponse:
+        return await asyncio.wait_for(
+            expert.p2p.call_protobuf_handler(expert.peer_id, REVEAL_RPC, request, runtime_pb2.ExpertResponse),
+            timeout)
+
+    response = RemoteExpertWorker.run_coroutine(ask(), return_future=True).result(timeout=timeout + 5.0)
+    if not response.metadata:
+        return None
+    return Reveal.from_bytes(response.metadata)

@@ -1,0 +1,374 @@
+"""Every signed server of a uid serves: the trainer's lookup and routing over replicas, with audits.
+
+``SignedServers`` replaces hivemind's ``get_experts`` for the project's trainer: it reads only the
+signed server records (``volunteer.core.expert_records``), so a peer that re-declares someone else's
+uid in hivemind's unsigned records gets no call; it drops banned keys (the seed's list and this
+trainer's own failed audits) and servers evicted after a failure.
+
+``ReplicatedRemoteMoE`` is a ``BatchedRemoteMoE`` whose chosen experts may each have several servers:
+the tokens of a uid are split over its servers in proportion to their rate (``split_tokens``; the
+rate is the one a server's record declares until the trainer has measured it, then the lower of the
+two, so a server cannot buy traffic by declaring more than it serves). A call that fails is sent
+again, within the same step, to the uid's other servers (``FAILOVER_ROUNDS``). Answers carry
+commitments (``volunteer.core.audit_check``); an ``Auditor`` samples some after they are back.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, Sequence
+
+import torch
+from hivemind import DHT
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.moe.client.expert import (
+    RemoteExpert,
+    create_remote_experts,
+)
+from hivemind.moe.expert_uid import ExpertInfo
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+from torch.autograd.function import once_differentiable
+
+from coordinator_seeds.audit import AuditedCall, Auditor
+from coordinator_seeds.dispatch import (
+    BACKWARD,
+    FORWARD,
+    BatchedRemoteMoE,
+    ExpertCall,
+    call_experts,
+)
+from volunteer.core.audit_check import (
+    AUDITED_BACKWARD,
+    AUDITED_FORWARD,
+    BACKWARD_COMMIT,
+    FORWARD_COMMIT,
+    Commitment,
+)
+from volunteer.core.expert_records import ServerRecord, read_servers
+from volunteer.core.manifest import MoELayer
+
+logger = logging.getLogger("coordinator_seeds.replicas")
+FAILOVER_ROUNDS = 2  # a failed call is retried on up to this many other servers of its uid, same step
+RATE_MEMORY = 0.3  # weight of the newest measurement in a server's measured rate
+
+
+@dataclass(eq=False)
+class Replica:
+    """One server of one uid, as the trainer routes to it."""
+
+    record: ServerRecord
+    expert: RemoteExpert
+    measured: float | None = None  # samples/s over round trips, smoothed
+
+    @property
+    def peer_id(self) -> str:
+        return self.record.peer_id
+
+    @property
+    def rate(self) -> float:
+        declared = max(self.record.samples_per_second, 1.0)
+        return declared if self.measured is None else max(min(declared, self.measured), 1.0)
+
+    def observe(self, samples: int, seconds: float) -> None:
+        rate = samples / max(seconds, 1e-6)
+        self.measured = rate if self.measured is None else (1 - RATE_MEMORY) * self.measured + RATE_MEMORY * rate
+
+
+def split_tokens(n: int, rates: Sequence[float]) -> list[int]:
+    """``n`` tokens split in proportion to ``rates`` (largest remainders); sums to ``n``."""
+    total = sum(rates)
+    if not rates or n <= 0:
+        return [0] * len(rates)
+    exact = [n * r / total for r in rates] if total > 0 else [n / len(rates)] * len(rates)
+    counts = [int(e) for e in exact]
+    for i in sorted(range(len(rates)), key=lambda i: exact[i] - counts[i], reverse=True)[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class SignedServers:
+    """The servers of one layer's uids that signed records name, minus banned and evicted ones.
+
+    Like ``dispatch.LiveExperts``: ``current()`` never waits once a first list exists; a stale list
+    starts a background lookup. Eviction after a failure is per (uid, peer)."""
+
+    def __init__(self, dht: DHT, dht_prefix: str, uids: Sequence[str], *,
+                 banned: Callable[[], Collection[str]] = frozenset, refresh_period: float = 15.0,
+                 evict_for: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.dht, self.dht_prefix, self.uids = dht, dht_prefix, list(uids)
+        self.banned, self.refresh_period, self.evict_for, self.clock = banned, refresh_period, evict_for, clock
+        self._found: dict[int, list[Replica]] = {}
+        self._known: dict[tuple[str, str], Replica] = {}  # (uid, peer) -> replica, so measurements carry over
+        self._evicted: dict[tuple[str, str], float] = {}
+        self._pending: concurrent.futures.Future | None = None
+        self._started_at = -math.inf
+        self._lock = threading.Lock()
+
+    def current(self) -> dict[int, list[Replica]]:
+        with self._lock:
+            if self._started_at == -math.inf:
+                self._start_lookup()
+                self._collect(wait=10.0)
+            self._collect(wait=0.0)
+            if self.clock() - self._started_at >= self.refresh_period and self._pending is None:
+                self._start_lookup()
+            return self._alive()
+
+    def refresh(self, timeout: float = 10.0) -> dict[int, list[Replica]]:
+        with self._lock:
+            if self._pending is None:
+                self._start_lookup()
+            self._collect(wait=timeout)
+            return self._alive()
+
+    def evict(self, replica: Replica) -> None:
+        with self._lock:
+            self._evicted[replica.record.uid, replica.peer_id] = self.clock() + self.evict_for
+
+    def _start_lookup(self) -> None:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        banned = frozenset(self.banned())
+
+        def lookup() -> None:
+            try:
+                records = read_servers(self.dht, self.dht_prefix, self.uids, banned=banned)
+                infos = [ExpertInfo(r.uid, PeerID.from_base58(r.peer_id)) for rs in records.values() for r in rs]
+                experts = create_remote_experts(infos, self.dht) if infos else []
+                future.set_result(list(zip([r for rs in records.values() for r in rs], experts)))
+            except BaseException as e:
+                future.set_exception(e)
+
+        threading.Thread(target=lookup, name=f"signed lookup {self.uids[0]}", daemon=True).start()
+        self._pending, self._started_at = future, self.clock()
+
+    def _collect(self, wait: float) -> None:
+        if self._pending is None:
+            return
+        try:
+            found = self._pending.result(timeout=wait)
+        except concurrent.futures.TimeoutError:
+            return
+        except Exception as e:  # keep the old list, retry later
+            logger.warning("signed lookup for %s failed: %s", self.uids[0].split(".", 1)[0], e)
+        else:
+            index = {uid: i for i, uid in enumerate(self.uids)}
+            known, grid = {}, {}
+            for record, expert in found:
+                replica = self._known.get((record.uid, record.peer_id))
+                if replica is None or replica.record != record:
+                    replica = Replica(record, expert, replica.measured if replica else None)
+                known[record.uid, record.peer_id] = replica
+                grid.setdefault(index[record.uid], []).append(replica)
+            self._known, self._found = known, grid
+        self._pending = None
+
+    def _alive(self) -> dict[int, list[Replica]]:
+        now = self.clock()
+        self._evicted = {key: until for key, until in self._evicted.items() if until > now}
+        banned = frozenset(self.banned())
+        alive = {}
+        for i, replicas in self._found.items():
+            ok = [r for r in replicas if (r.record.uid, r.peer_id) not in self._evicted
+                  and r.peer_id not in banned and r.record.key not in banned]
+            if ok:
+                alive[i] = ok
+        return alive
+
+
+@dataclass(frozen=True)
+class ReplicaCall:
+    """The tokens of one uid sent to one of its servers."""
+
+    replica: Replica
+    tokens: torch.Tensor  # int64 [n]
+    slots: torch.Tensor  # int64 [n]
+
+    @property
+    def expert(self) -> RemoteExpert:
+        return self.replica.expert
+
+
+def plan_replica_calls(chosen: torch.Tensor, servers: dict[int, list[Replica]], max_batch_size: int
+                       ) -> list[ReplicaCall]:
+    """Group tokens by chosen uid, split each group over the uid's servers by rate, then by batch limit."""
+    calls = []
+    for index in chosen.unique().tolist():
+        tokens, slots = (chosen == index).nonzero(as_tuple=True)
+        replicas = servers[index]
+        start = 0
+        for replica, count in zip(replicas, split_tokens(len(tokens), [r.rate for r in replicas])):
+            for part_start in range(start, start + count, max_batch_size):
+                part = slice(part_start, min(part_start + max_batch_size, start + count))
+                calls.append(ReplicaCall(replica, tokens[part], slots[part]))
+            start += count
+    return calls
+
+
+def committed_answer(result: Any, shape: torch.Size, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(tensor, commitment row)`` of an audited server's answer, or None if it failed or is malformed:
+    the wrong shape, non-finite values, or commitment rows that are not one version for the whole call."""
+    if isinstance(result, BaseException) or len(result) != 2:
+        return None
+    tensor, commits = result
+    if tensor.shape != shape or not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+        return None
+    if commits.dtype != torch.int64 or commits.shape != (shape[0], width) or not (commits == commits[:1]).all():
+        return None
+    return tensor, commits[0]
+
+
+def audited_rpc(name: str):
+    """An RPC for ``dispatch.call_experts``: hivemind's request to the server's audited handler, whose
+    answer carries the commitment (unary: an answer must fit one message; streaming is not done)."""
+
+    async def rpc(uid: str, _tensors: Any, serialized: Sequence[runtime_pb2.Tensor], stub: Any) -> list[torch.Tensor]:
+        request = runtime_pb2.ExpertRequest(uid=uid, tensors=serialized)
+        response = await stub._p2p.call_protobuf_handler(stub._peer, name, request, runtime_pb2.ExpertResponse)
+        return [deserialize_torch_tensor(t) for t in response.tensors]
+
+    return rpc
+
+
+class _ReplicatedCall(torch.autograd.Function):
+    """``x [N, d] -> (outputs [N, k, d], answered bool [N, k])`` over replicas, with failover."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, calls: list[ReplicaCall], k: int, layer: ReplicatedRemoteMoE) -> Any:
+        inputs = x.detach().cpu()
+        outputs = torch.zeros(len(inputs), k, inputs.shape[1])
+        answered = torch.zeros(len(inputs), k, dtype=torch.bool)
+        ok: list[tuple[ReplicaCall, Commitment]] = []
+        pending, tried = list(calls), {id(c): {c.replica} for c in calls}
+        for round_ in range(FAILOVER_ROUNDS + 1):
+            started = time.perf_counter()
+            results = call_experts([(c.expert, [inputs[c.tokens]]) for c in pending], audited_rpc(AUDITED_FORWARD),
+                                   layer.forward_timeout)
+            seconds = time.perf_counter() - started
+            retry = []
+            for call, result in zip(pending, results):
+                answer = committed_answer(result, torch.Size((len(call.tokens), inputs.shape[1])), FORWARD_COMMIT)
+                if layer.record_replica(call, answer is not None, result, FORWARD, seconds):
+                    output, row = answer
+                    outputs[call.tokens, call.slots] = output
+                    answered[call.tokens, call.slots] = True
+                    commit = Commitment.of_row(row)
+                    ok.append((call, commit))
+                    layer.audit(call, "forward", inputs[call.tokens], output, (commit,))
+                elif round_ < FAILOVER_ROUNDS and (other := layer.other_replica(call, tried[id(call)])) is not None:
+                    moved = ReplicaCall(other, call.tokens, call.slots)
+                    tried[id(moved)] = tried[id(call)] | {other}
+                    retry.append(moved)
+            layer.failovers += len(retry)
+            if not retry:
+                break
+            pending = retry
+        ctx.save_for_backward(inputs)
+        ctx.calls, ctx.layer = [c for c, _ in ok], layer  # backward goes to the server that answered forward
+        ctx.mark_non_differentiable(answered)
+        return outputs.to(x.device, x.dtype), answered.to(x.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_outputs: torch.Tensor, _grad_answered: Any) -> Any:
+        (inputs,) = ctx.saved_tensors
+        grads, calls, layer = grad_outputs.cpu().float(), ctx.calls, ctx.layer
+        requests = [(c.expert, [inputs[c.tokens], grads[c.tokens, c.slots].contiguous()]) for c in calls]
+        started = time.perf_counter()
+        results = call_experts(requests, audited_rpc(AUDITED_BACKWARD), layer.backward_timeout)
+        seconds = time.perf_counter() - started
+        grad_inputs = torch.zeros_like(inputs)
+        for call, (_expert, (x, g)), result in zip(calls, requests, results):
+            answer = committed_answer(result, torch.Size((len(call.tokens), inputs.shape[1])), BACKWARD_COMMIT)
+            if layer.record_replica(call, answer is not None, result, BACKWARD, seconds):
+                grad, row = answer
+                grad_inputs.index_add_(0, call.tokens, grad)
+                commits = (Commitment.of_row(row[:FORWARD_COMMIT]), Commitment.of_row(row[FORWARD_COMMIT:]))
+                layer.audit(call, "backward", x, grad, commits, grads=g)
+        return grad_inputs.to(grad_outputs.device, grad_outputs.dtype), None, None, None
+
+
+class ReplicatedRemoteMoE(BatchedRemoteMoE):
+    """A ``BatchedRemoteMoE`` over signed servers: every server of a uid gets a share of its tokens.
+
+    ``answered`` counts samples per server peer as the parent does; ``failovers`` counts calls sent
+    again to another server within their step; ``calls_by_peer`` counts RPCs per peer."""
+
+    def __init__(self, d_model: int, layer: MoELayer, dht: DHT, dht_prefix: str, k_best: int,
+                 forward_timeout: float = 10.0, backward_timeout: float = 10.0, *, max_batch_size: int = 4096,
+                 refresh_period: float = 15.0, evict_for: float = 30.0, auditor: Auditor | None = None,
+                 banned: Callable[[], Collection[str]] = frozenset):
+        super().__init__(d_model, layer, dht, k_best, forward_timeout, backward_timeout,
+                         max_batch_size=max_batch_size, refresh_period=refresh_period, evict_for=evict_for)
+        self.auditor = auditor
+
+        def all_banned() -> frozenset[str]:
+            return frozenset(banned()) | (auditor.banned() if auditor is not None else frozenset())
+
+        self.live = SignedServers(dht, dht_prefix, layer.uids(), banned=all_banned, refresh_period=refresh_period,
+                                  evict_for=evict_for)
+        self.failovers = 0
+        self.calls_by_peer: dict[str, int] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        servers = self.live.current()
+        if not servers or len(flat) == 0:
+            self.last_live_count = len(servers)
+            return torch.zeros_like(x)
+        logits = self.gate(flat)
+        chosen = self.route(logits.detach(), servers)
+        calls = plan_replica_calls(chosen, servers, self.max_batch_size)
+        outputs, answered = _ReplicatedCall.apply(flat, calls, chosen.shape[1], self)
+        self.last_live_count = len(self.live.current())
+        return (self.renormalized(logits.gather(1, chosen), answered).unsqueeze(-1) * outputs).sum(dim=1).reshape(x.shape)
+
+    @staticmethod
+    def renormalized(chosen_logits: torch.Tensor, answered: torch.Tensor) -> torch.Tensor:
+        from coordinator_seeds.dispatch import renormalized_weights
+
+        return renormalized_weights(chosen_logits, answered)
+
+    def other_replica(self, call: ReplicaCall, tried: set[Replica]) -> Replica | None:
+        """The fastest server of the call's uid not yet tried this step, or None."""
+        uid = call.replica.record.uid
+        for replicas in self.live.current().values():
+            if replicas and replicas[0].record.uid == uid:
+                left = [r for r in replicas if r not in tried and r.peer_id not in {t.peer_id for t in tried}]
+                return max(left, key=lambda r: r.rate, default=None)
+        return None
+
+    def record_replica(self, call: ReplicaCall, ok: bool, result: Any, direction: int, seconds: float) -> bool:
+        peer = call.replica.peer_id
+        self.calls_by_peer[peer] = self.calls_by_peer.get(peer, 0) + 1
+        if ok:
+            call.replica.observe(len(call.tokens), seconds)
+        return self.record(ExpertCall(call.expert, call.tokens, call.slots), ok, result, direction,
+                           evict=lambda: self.live.evict(call.replica))
+
+    def record(self, call: ExpertCall, ok: bool, result: Any, direction: int = FORWARD,
+               evict: Callable[[], None] | None = None) -> bool:
+        if ok:
+            self.calls_ok += 1
+            self.answered.setdefault(str(call.expert.peer_id), [0, 0])[direction] += len(call.tokens)
+            return True
+        self.calls_failed += 1
+        logger.warning("server %s of %s failed; evicted for %.0f s", call.expert.peer_id, call.expert.uid,
+                       self.live.evict_for)
+        if evict is not None:
+            evict()
+        return False
+
+    def audit(self, call: ReplicaCall, kind: str, inputs: torch.Tensor, answer: torch.Tensor,
+              commits: tuple[Commitment, ...], grads: torch.Tensor | None = None) -> None:
+        if self.auditor is None:
+            return
+        record = call.replica.record
+        self.auditor.sample(lambda: AuditedCall(record.uid, record.peer_id, record.key, call.expert, kind,
+                                                inputs.clone(), answer.clone(), commits,
+                                                None if grads is None else grads.clone()))

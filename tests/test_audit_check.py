@@ -1,0 +1,141 @@
+"""The audit's check at unit level: over 1,000 audited calls of an honest server, none flagged; each lie
+the check is meant to catch, caught; the reading side of signed server records drops what nobody signed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from coordinator_seeds.audit import calls_to_catch
+from coordinator_seeds.replicas import split_tokens
+from volunteer.core.audit_check import (
+    AuditFailed,
+    Commitment,
+    ExpertSpec,
+    Reveal,
+    check_backward,
+    check_forward,
+)
+from volunteer.core.expert_modules import build_expert, build_optimizer
+from volunteer.core.expert_records import parse_servers
+from volunteer.serving.versions import VersionStore
+
+SPEC = ExpertSpec("residual_ffn", 8, 16, "adam", 1e-3)
+
+
+class Expert:
+    """An honest server's expert: forward and a training backward, committing like AuditedBackend."""
+
+    def __init__(self, keep: int = 16):
+        torch.manual_seed(0)
+        self.module = build_expert(SPEC.block, SPEC.d_model, SPEC.d_hidden)
+        self.optimizer = build_optimizer(SPEC.optimizer, self.module.parameters(), SPEC.lr)
+        self.versions = VersionStore(keep=keep)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Commitment]:
+        with torch.no_grad():
+            return self.module(x), self.versions.current(self.module, self.optimizer)
+
+    def backward(self, x: torch.Tensor, g: torch.Tensor, train: bool = True
+                 ) -> tuple[torch.Tensor, Commitment, Commitment]:
+        before = self.versions.current(self.module, self.optimizer)
+        x = x.clone().requires_grad_(True)
+        self.module(x).backward(g)
+        if train:
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        return x.grad, before, self.versions.advance(self.module, self.optimizer, before, x.detach(), g)
+
+    def reveal(self, version: int) -> Reveal:
+        return Reveal.from_bytes(self.versions.reveal(version).to_bytes())  # through the wire format
+
+
+def test_an_honest_server_is_never_flagged_over_a_thousand_audited_calls() -> None:
+    expert, audited = Expert(), 0
+    for _ in range(500):
+        x, g = torch.randn(int(torch.randint(1, 64, ())), SPEC.d_model), None
+        output, commit = expert.forward(x)
+        check_forward(SPEC, commit, expert.reveal(commit.version), x, output)
+        g = torch.randn_like(x) * 10 ** float(torch.empty(()).uniform_(-4, 1))  # gradients of every scale
+        grad, before, after = expert.backward(x, g)
+        check_backward(SPEC, before, after, expert.reveal(after.version), x, g, grad)
+        audited += 2
+    assert audited >= 1000
+
+
+@pytest.mark.parametrize("lie", ["zeros", "random", "identity", "small noise", "other weights"])
+def test_wrong_forward_answers_are_caught(lie: str) -> None:
+    expert = Expert()
+    x = torch.randn(32, SPEC.d_model)
+    output, commit = expert.forward(x)
+    answer = {"zeros": torch.zeros_like(output), "random": torch.randn_like(output) * output.std(),
+              "identity": x, "small noise": output + 0.01 * output.std() * torch.randn_like(output),
+              "other weights": build_expert(SPEC.block, SPEC.d_model, SPEC.d_hidden)(x).detach()}[lie]
+    with pytest.raises(AuditFailed):
+        check_forward(SPEC, commit, expert.reveal(commit.version), x, answer)
+
+
+def test_a_frozen_copy_is_caught_at_its_backward_calls() -> None:
+    expert = Expert()
+    x, g = torch.randn(16, SPEC.d_model), torch.randn(16, SPEC.d_model)
+    grad, before, after = expert.backward(x, g, train=False)
+    with pytest.raises(AuditFailed, match="optimizer step"):
+        check_backward(SPEC, before, after, expert.reveal(after.version), x, g, grad)
+
+
+def test_a_reveal_that_is_not_the_committed_state_is_caught() -> None:
+    expert = Expert()
+    x = torch.randn(4, SPEC.d_model)
+    output, commit = expert.forward(x)
+    forged = expert.reveal(commit.version)
+    forged.module["down.bias"] += 1e-6
+    with pytest.raises(AuditFailed, match="not the one committed"):
+        check_forward(SPEC, commit, forged, x, output)
+
+
+def test_a_backward_step_on_a_batch_without_the_trainers_rows_is_caught() -> None:
+    expert = Expert()
+    x, g = torch.randn(16, SPEC.d_model), torch.randn(16, SPEC.d_model)
+    grad, before, after = expert.backward(torch.randn_like(x), g)  # trained on other inputs
+    with pytest.raises(AuditFailed, match="does not contain"):
+        check_backward(SPEC, before, after, expert.reveal(after.version), x, g, grad)
+
+
+def test_versions_are_kept_for_a_bounded_count() -> None:
+    expert = Expert(keep=4)
+    for _ in range(10):
+        expert.backward(torch.randn(2, SPEC.d_model), torch.randn(2, SPEC.d_model))
+    assert len(expert.versions) == 4
+    assert expert.versions.reveal(3) is None and expert.versions.reveal(10) is not None
+    assert expert.versions.reveal(7) is None  # the oldest kept version's parent is gone: not revealable
+    params = sum(p.numel() for p in expert.module.parameters())
+    assert expert.versions.memory_bytes() <= 4 * (3 * params * 4 + 2 * 2 * SPEC.d_model * 4 + 64)
+
+
+def test_odds_of_catching() -> None:
+    assert calls_to_catch(0.02, 1.0) == 149
+    assert calls_to_catch(0.02, 0.1) == 1497
+    assert calls_to_catch(0.0, 1.0) == math.inf
+
+
+@pytest.mark.parametrize("n, rates, expected", [(64, [20.0, 60.0], [16, 48]), (7, [1.0, 1.0, 1.0], [3, 2, 2]),
+                                                (0, [1.0], [0]), (5, [0.0, 0.0], [3, 2])])
+def test_tokens_are_split_by_rate(n: int, rates: list[float], expected: list[int]) -> None:
+    assert split_tokens(n, rates) == expected
+
+
+def test_only_signed_well_formed_records_are_read() -> None:
+    good = dict(peer_id="QmA", device="cpu", samples_per_second=10.0, reachable=True, paused=False, audit=1)
+    items = [
+        (b"[owner:AAAA]", good),
+        (b"anyone", good),  # no owner: anybody may have written it
+        (b"[owner:BBBB]", {**good, "samples_per_second": -1.0}),
+        (b"[owner:CCCC]", {**good, "paused": True}),
+        (b"[owner:DDDD]", "not a record"),
+    ]
+    found = parse_servers("u.0", items)
+    assert [r.owner for r in found] == [b"[owner:AAAA]"]
+    assert parse_servers("u.0", items, banned={found[0].key}) == []
+    assert parse_servers("u.0", items, banned={"QmA"}) == []

@@ -1,0 +1,185 @@
+"""Strangers in the swarm (issue 14), with real server processes on 127.0.0.1: a hijacker of hivemind's
+unsigned records gets no call, replicas of a uid all serve and fail over within the step, and cheaters
+of four kinds are caught by sampled audits, banned and not credited, while honest servers never are."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import torch
+from hivemind import DHT
+from stranger_servers import D_MODEL, PREFIX, StrangerServer, running
+
+from coordinator_seeds.audit import Auditor, AuditSettings, calls_to_catch
+from coordinator_seeds.dispatch import BatchedRemoteMoE, shutdown_dht
+from coordinator_seeds.replicas import ReplicatedRemoteMoE
+from coordinator_seeds.strangers import expert_specs
+from volunteer.core.manifest import Manifest, MoELayer
+from volunteer.core.records import join_dht, visible_maddrs
+
+pytestmark = pytest.mark.integration
+
+MANIFEST = Manifest.from_dict({
+    "schema_version": 1, "name": "strangers-test", "dht_prefix": PREFIX, "d_model": D_MODEL,
+    "max_batch_size": 4096, "optimizer": {"name": "adam", "lr": 1e-3},
+    "expert_types": [{"name": "small", "block": "residual_ffn", "d_hidden": 32}],
+    "layers": [{"uid_prefix": "tstrange_ffn0", "grid": [2, 5], "expert_type": "small"}],
+    "trainer": {"seq_len": 16, "batch_size": 4, "k_best": 2, "lr": 1e-3},
+})
+LAYER: MoELayer = MANIFEST.layers[0]
+UIDS = LAYER.uids()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout} s")
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def peers() -> Iterator[list[str]]:
+    bootstrap = join_dht(PREFIX)
+    try:
+        yield visible_maddrs(bootstrap)
+    finally:
+        bootstrap.shutdown()
+
+
+@pytest.fixture
+def client(peers: list[str]) -> Iterator[DHT]:
+    dht = join_dht(PREFIX, peers, client_mode=True)
+    try:
+        yield dht
+    finally:
+        shutdown_dht(dht)
+
+
+def key(tmp_path: Path, name: str) -> Path:
+    return tmp_path / f"{name}-key.der"
+
+
+def step(moe: BatchedRemoteMoE, tokens: int = 64) -> torch.Tensor:
+    """One forward and backward through the layer, like a trainer step."""
+    x = torch.randn(tokens, D_MODEL, requires_grad=True)
+    moe(x).pow(2).mean().backward()
+    return x
+
+
+def layer(client: DHT, auditor: Auditor | None = None, **kwargs) -> ReplicatedRemoteMoE:
+    torch.manual_seed(0)
+    return ReplicatedRemoteMoE(D_MODEL, LAYER, client, PREFIX, k_best=2, auditor=auditor, refresh_period=1.0,
+                               evict_for=600.0, **kwargs)
+
+
+def test_a_hijacker_of_unsigned_records_gets_no_call(peers: list[str], client: DHT, tmp_path: Path) -> None:
+    honest = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "honest"))
+    with running(honest):
+        hijacker = StrangerServer(peers, UIDS[:4], "hijack", key(tmp_path, "hijacker"))
+        with running(hijacker):
+            plain = BatchedRemoteMoE(D_MODEL, MoELayer("tstrange_ffn0", (2, 5), "small"), client, k_best=2)
+            # the attack is live: hivemind's own records now name the hijacker for every uid
+            wait_until(lambda: {str(e.peer_id) for e in plain.live.refresh().values()} == {hijacker.peer_id}, 30,
+                       "hivemind's records to name the hijacker")
+            signed = layer(client)
+            wait_until(lambda: len(signed.live.refresh()) == 4, 30, "the four signed records to be found")
+            for _ in range(10):
+                step(signed)
+            assert set(signed.calls_by_peer) == {honest.peer_id}
+            assert signed.answered[honest.peer_id][0] == 10 * 64 * 2  # every token's two choices answered
+
+
+def test_replicas_share_calls_by_rate_and_fail_over_within_the_step(peers: list[str], client: DHT,
+                                                                    tmp_path: Path) -> None:
+    """Shares follow the throughputs the servers' records declare (20 and 60 samples/s, both below what
+    either serves here, so the trainer's measurement does not lower them): within a factor 1.25 of 1:3."""
+    slow = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "slow"), samples_per_second=20.0)
+    fast = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "fast"), samples_per_second=60.0)
+    with running(slow, fast):
+        moe = layer(client)
+        wait_until(lambda: sum(map(len, moe.live.refresh().values())) == 8, 30, "both servers of the four uids")
+        for _ in range(10):
+            step(moe)
+        shares = {peer: moe.answered[peer][0] for peer in (slow.peer_id, fast.peer_id)}
+        assert 3 / 1.25 <= shares[fast.peer_id] / shares[slow.peer_id] <= 3 * 1.25, shares
+        assert moe.failovers == 0
+        before = dict(shares)
+        fast.kill()
+        step(moe)  # the killed server's calls fail in this step and go to the other one
+        assert moe.failovers > 0
+        assert moe.answered[slow.peer_id][0] - before[slow.peer_id] == 64 * 2  # every token answered
+        assert moe.answered[fast.peer_id][0] == before[fast.peer_id]
+        for _ in range(3):
+            step(moe)
+        assert moe.answered[slow.peer_id][0] - before[slow.peer_id] == 4 * 64 * 2
+
+
+AUDIT_RATE = 0.5  # high, so that the test is short; the odds scale with it (calls_to_catch)
+
+
+@pytest.mark.parametrize("kind, wrong_share", [("zeros", 1.0), ("random", 1.0), ("frozen", 1.0),
+                                               ("wrong1in10", 0.1)])
+def test_cheaters_are_caught_banned_and_not_credited(peers: list[str], client: DHT, tmp_path: Path, kind: str,
+                                                     wrong_share: float) -> None:
+    """A cheater serving two uids next to an honest server of two others: caught within the calls the
+    audit rate predicts (99.9 % odds), banned (no call after), no credit; the honest one never flagged.
+    A frozen copy's forward answers are right: only its backward answers are wrong (their optimizer
+    step does not move the weights), half of its calls."""
+    honest = StrangerServer(peers, UIDS[:2], "honest", key(tmp_path, "honest"))
+    cheater = StrangerServer(peers, UIDS[2:4], kind, key(tmp_path, kind))
+    auditor = Auditor(expert_specs(MANIFEST), AuditSettings(rate=AUDIT_RATE, seed=1))
+    share = wrong_share / 2 if kind == "frozen" else wrong_share
+    with running(honest, cheater):
+        moe = layer(client, auditor)
+        wait_until(lambda: len(moe.live.refresh()) == 4, 30, "the four signed records")
+        budget = calls_to_catch(AUDIT_RATE, share, confidence=0.999)
+        while cheater.peer_id not in auditor.banned() and moe.calls_by_peer.get(cheater.peer_id, 0) <= budget:
+            step(moe)
+            auditor.wait_idle()
+        calls = moe.calls_by_peer.get(cheater.peer_id, 0)
+        assert cheater.peer_id in auditor.banned(), f"not caught in {calls} calls (budget {budget})"
+        assert kind != "frozen" or "optimizer step" in auditor.failures[-1], auditor.failures
+        for _ in range(3):
+            step(moe)
+        auditor.wait_idle()
+        assert moe.calls_by_peer[cheater.peer_id] == calls  # banned: no call after the verdict
+        assert honest.peer_id not in auditor.banned() and auditor.credited(honest.peer_id)
+        assert not auditor.credited(cheater.peer_id)
+    auditor.shutdown()
+
+
+def test_the_seeds_ban_list_is_followed_and_anyone_elses_ignored(peers: list[str], client: DHT,
+                                                                 tmp_path: Path) -> None:
+    from coordinator_seeds.strangers import TrustedSwarm
+    from volunteer.core.expert_records import publish_banned, read_banned
+    from volunteer.core.records import (
+        key_fingerprint,
+        owner_subkey_of,
+        record_key,
+        use_record_key,
+    )
+
+    honest = StrangerServer(peers, UIDS[:2], "honest", key(tmp_path, "honest"))
+    banned = StrangerServer(peers, UIDS[2:4], "honest", key(tmp_path, "banned"))
+    with running(honest, banned):
+        seed_key, rogue_key = key(tmp_path, "seed"), key(tmp_path, "rogue")
+        for signer, peer in ((seed_key, banned.peer_id), (rogue_key, honest.peer_id)):
+            use_record_key(signer)  # the DHT's validator signs with the key installed when it is built
+            dht = join_dht(PREFIX, peers, client_mode=True)
+            try:
+                assert publish_banned(dht, PREFIX, [], [peer])
+            finally:
+                shutdown_dht(dht)
+        use_record_key(key(tmp_path, "trainer"))  # the trainer's own key: its own bans count too
+        seed = key_fingerprint(owner_subkey_of(record_key(seed_key)))
+        assert set(read_banned(client, PREFIX, {seed})) == {banned.peer_id}  # the rogue's list is not the seed's
+        trust = TrustedSwarm(MANIFEST, client, None, trusted_ban_keys=(seed,))
+        moe = trust.make_moe(D_MODEL, LAYER, client, 2, 10.0, 10.0, 4096)
+        wait_until(lambda: len(moe.live.refresh()) == 2, 30, "the honest server's two uids")
+        for _ in range(3):
+            step(moe)
+        assert set(moe.calls_by_peer) == {honest.peer_id}

@@ -1,0 +1,243 @@
+"""Expert records only their server can write, the seed's list of banned keys, and trainers' audit verdicts.
+
+hivemind's ``declare_experts`` stores ``uid -> peer id`` unsigned, and the DHT keeps whichever value
+expires last: any peer can take a uid over (hivemind #93), and a second server of a uid replaces the
+first. The project's own record of a server is instead a **subkey signed by the server's record key**
+under one DHT key per uid (``server_key``):
+
+    <prefix>_servers.<uid>  ->  { [owner:<volunteer's key>]: ServerRecordSchema, ... }
+
+``RSASignatureValidator`` (in every peer's ``records.record_validators``) refuses a subkey holding
+``[owner:K]`` unless it is signed by K: a uid can have any number of servers, and none can overwrite
+or hide another's. The schema of a per-uid key cannot be checked by ``SchemaValidator`` (its keys are
+fixed field names), so readers check it (``_parse``) and drop what does not fit, and drop every
+subkey that names no owner (anyone may write those). Reads go ``MAX_KEYS_PER_CALL`` keys at a time:
+a DHT call over ~1,000 keys killed the DHT process (ENGINE-NOTES).
+
+The seed publishes ``<prefix>_banned`` (keys it banned after failed audits) and trainers publish
+``<prefix>_audits`` (per peer: calls audited and passed, and the keys that failed), both signed
+subkeys that readers take only from keys they trust.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Collection, Dict, Iterable, List, Mapping, Sequence
+
+import pydantic.v1 as pydantic
+from hivemind import DHT
+from hivemind.utils import get_dht_time
+
+from volunteer.core.records import RECORD_TTL, key_fingerprint, owner_subkey
+
+MAX_KEYS_PER_CALL = 256  # tried: 256 keys per get_many worked, ~1,000 killed the DHT process
+AUDIT_PROTOCOL = 1  # what a server's answers carry (``volunteer.serving.versions``); 0 = none
+_OWNER = re.compile(rb"^\[owner:(.+?)\]$", re.DOTALL)
+
+
+class ServerRecordSchema(pydantic.BaseModel):
+    peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
+    device: pydantic.constr(strict=True, max_length=64)
+    samples_per_second: pydantic.confloat(strict=True, ge=0.0, le=1e9)
+    reachable: pydantic.StrictBool  # a placeholder until reachability is measured (issue 12): True
+    paused: pydantic.StrictBool
+    audit: pydantic.conint(strict=True, ge=0, le=100)
+
+
+class BannedRecordSchema(pydantic.BaseModel):
+    keys: List[pydantic.constr(strict=True, min_length=16, max_length=16)]  # key fingerprints
+    peers: List[pydantic.constr(strict=True, min_length=1, max_length=128)]
+    time: pydantic.StrictFloat
+
+
+class AuditRecordSchema(pydantic.BaseModel):
+    run: pydantic.constr(strict=True, min_length=1, max_length=64)
+    # peer id -> [audited calls, passed calls] this trainer run checked
+    peers: Dict[pydantic.StrictStr, pydantic.conlist(pydantic.conint(strict=True, ge=0), min_items=2, max_items=2)]
+    failed_keys: List[pydantic.constr(strict=True, min_length=16, max_length=16)]
+    failed_peers: List[pydantic.StrictStr]
+    time: pydantic.StrictFloat
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """One server of one uid, as its owner signed it."""
+
+    uid: str
+    owner: bytes  # the subkey it is stored under: ``[owner:<key>]``
+    peer_id: str
+    device: str
+    samples_per_second: float
+    reachable: bool = True
+    paused: bool = False
+    audit: int = AUDIT_PROTOCOL
+
+    @property
+    def key(self) -> str:
+        """The owner's fingerprint: the name bans and verdicts use."""
+        return key_fingerprint(self.owner)
+
+    def to_value(self) -> dict:
+        return dict(peer_id=self.peer_id, device=self.device, samples_per_second=float(self.samples_per_second),
+                    reachable=bool(self.reachable), paused=bool(self.paused), audit=int(self.audit))
+
+
+def server_key(dht_prefix: str, uid: str) -> str:
+    return f"{dht_prefix}_servers.{uid}"
+
+
+def publish_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], *, peer_id: str, device: str,
+                    samples_per_second: float, paused: bool = False, ttl: float = RECORD_TTL) -> dict[str, bool]:
+    """Sign and store our record under each uid we serve, in one DHT call per ``MAX_KEYS_PER_CALL``."""
+    value = ServerRecord("", b"", peer_id, device, samples_per_second, paused=paused).to_value()
+    subkey = owner_subkey(dht)
+    done: dict[str, bool] = {}
+    for start in range(0, len(uids), MAX_KEYS_PER_CALL):
+        part = list(uids[start:start + MAX_KEYS_PER_CALL])
+        keys = [server_key(dht_prefix, uid) for uid in part]
+        stored = dht.run_coroutine(partial(_store_many, keys, [value] * len(keys), get_dht_time() + ttl, subkey))
+        done.update((uid, bool(stored.get(key))) for uid, key in zip(part, keys))
+    return done
+
+
+ANNOUNCE_TTL = RECORD_TTL + 2.0  # what a serving volunteer announces with
+WITHDRAW_TTL = RECORD_TTL + 3.0  # outlives any announcement made before it (the DHT keeps the later expiry)
+
+
+def withdraw_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], ttl: float = WITHDRAW_TTL) -> dict[str, bool]:
+    """Replace our records by paused ones that outlive them: readers stop routing to us at once. An
+    announcement more than a second later (a resume) outlives the paused record in turn."""
+    return publish_servers(dht, dht_prefix, uids, peer_id="-", device="", samples_per_second=0.0, paused=True,
+                           ttl=ttl)
+
+
+async def _store_many(keys: list[str], values: list, expiration: float, subkey: bytes, _dht: DHT, node) -> dict:
+    # module level: DHT.run_coroutine pickles the function into the DHT's process
+    return await node.store_many(keys, values, [expiration] * len(keys), subkeys=[subkey] * len(keys))
+
+
+async def _get_many(keys: list[str], _dht: DHT, node) -> dict:
+    return await node.get_many(keys, sufficient_expiration_time=float("inf"))
+
+
+def read_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], *, banned: Collection[str] = (),
+                 include_paused: bool = False) -> dict[str, list[ServerRecord]]:
+    """Every signed, well-formed server record of each uid, minus banned keys and banned peers."""
+    found: dict[str, list[ServerRecord]] = {uid: [] for uid in uids}
+    for start in range(0, len(uids), MAX_KEYS_PER_CALL):
+        part = list(uids[start:start + MAX_KEYS_PER_CALL])
+        keys = [server_key(dht_prefix, uid) for uid in part]
+        answers = dht.run_coroutine(partial(_get_many, keys))
+        for uid, key in zip(part, keys):
+            entry = answers.get(key)
+            value = entry.value if entry is not None else None
+            if isinstance(value, dict):
+                found[uid] = parse_servers(uid, ((subkey, item.value) for subkey, item in value.items()),
+                                           banned=banned, include_paused=include_paused)
+    return found
+
+
+def parse_servers(uid: str, items: Iterable[tuple[object, object]], *, banned: Collection[str] = (),
+                  include_paused: bool = False) -> list[ServerRecord]:
+    """The records among ``(subkey, value)`` pairs that an owner signed and that fit the schema.
+
+    The DHT checked the signature of every subkey naming an owner; a subkey naming none was
+    written by anybody, so it is dropped here."""
+    records = []
+    for subkey, value in items:
+        if not isinstance(subkey, bytes) or not _OWNER.match(subkey):
+            continue
+        try:
+            parsed = ServerRecordSchema.parse_obj(value)
+        except (pydantic.ValidationError, TypeError):
+            continue
+        record = ServerRecord(uid, subkey, parsed.peer_id, parsed.device, parsed.samples_per_second,
+                              parsed.reachable, parsed.paused, parsed.audit)
+        if record.key in banned or record.peer_id in banned or (record.paused and not include_paused):
+            continue
+        records.append(record)
+    return sorted(records, key=lambda r: r.owner)
+
+
+# --- bans and verdicts ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Banned:
+    keys: frozenset[str]  # key fingerprints
+    peers: frozenset[str]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys or name in self.peers
+
+    def __iter__(self):
+        return iter(self.keys | self.peers)
+
+    def __len__(self) -> int:
+        return len(self.keys | self.peers)
+
+
+NOBODY = Banned(frozenset(), frozenset())
+
+
+def publish_banned(dht: DHT, dht_prefix: str, keys: Iterable[str], peers: Iterable[str],
+                   ttl: float = RECORD_TTL) -> bool:
+    value = dict(keys=sorted(set(keys)), peers=sorted(set(peers)), time=float(time.time()))
+    return bool(dht.store(f"{dht_prefix}_banned", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
+
+
+def read_banned(dht: DHT, dht_prefix: str, trusted: Collection[bytes | str]) -> Banned:
+    """The union of the ban lists signed by ``trusted`` keys (the seed's: its subkey, or its fingerprint
+    as ``/v1/trust`` gives it); others' lists are ignored."""
+    found = dht.get(f"{dht_prefix}_banned", latest=True)
+    keys: set[str] = set()
+    peers: set[str] = set()
+    if found is not None and isinstance(found.value, dict):
+        for owner, item in found.value.items():
+            if owner not in trusted and key_fingerprint(owner) not in trusted:
+                continue
+            try:
+                parsed = BannedRecordSchema.parse_obj(item.value)
+            except (pydantic.ValidationError, TypeError):
+                continue
+            keys.update(parsed.keys)
+            peers.update(parsed.peers)
+    return Banned(frozenset(keys), frozenset(peers))
+
+
+@dataclass(frozen=True)
+class AuditVerdicts:
+    """What one trainer run's audits found."""
+
+    owner: bytes
+    run: str
+    peers: Mapping[str, tuple[int, int]]  # peer id -> (audited, passed)
+    failed_keys: tuple[str, ...]
+    failed_peers: tuple[str, ...]
+    time: float
+
+
+def publish_audits(dht: DHT, dht_prefix: str, run: str, peers: Mapping[str, tuple[int, int]],
+                   failed_keys: Iterable[str], failed_peers: Iterable[str], ttl: float = RECORD_TTL) -> bool:
+    value = dict(run=run, peers={p: [int(a), int(ok)] for p, (a, ok) in peers.items()},
+                 failed_keys=sorted(set(failed_keys)), failed_peers=sorted(set(failed_peers)), time=float(time.time()))
+    return bool(dht.store(f"{dht_prefix}_audits", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
+
+
+def read_audits(dht: DHT, dht_prefix: str) -> list[AuditVerdicts]:
+    """Every trainer's verdicts; which to believe is the reader's choice (the seed: its trusted key)."""
+    found = dht.get(f"{dht_prefix}_audits", latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    verdicts = []
+    for owner, item in found.value.items():
+        try:
+            parsed = AuditRecordSchema.parse_obj(item.value)
+        except (pydantic.ValidationError, TypeError):
+            continue
+        verdicts.append(AuditVerdicts(owner, parsed.run, {p: (c[0], c[1]) for p, c in parsed.peers.items()},
+                                      tuple(parsed.failed_keys), tuple(parsed.failed_peers), parsed.time))
+    return verdicts

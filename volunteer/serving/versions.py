@@ -1,0 +1,236 @@
+"""The server's half of audits: every answer commits to the version of the expert that produced it, and
+recent versions are kept, for a bounded time and count, to be revealed (``volunteer.core.audit_check``).
+
+``AuditedBackend`` is a ``CountingBackend`` whose forward computes ``(output, commitment)`` and whose
+backward ``(input gradient, before+after commitment)``; the commitment is one int64 row per answered
+sample, so hivemind's TaskPool batches and splits it like any output. hivemind's own handler sends
+plain clients the first tensor only; the project's trainers call ``AUDITED_FORWARD``/``_BACKWARD``
+(``RevealService``, same pools) and get both. ``VersionStore`` keeps
+the last ``keep`` versions (at most ``keep_for`` seconds old); its memory is ``keep`` copies of the
+weights and optimizer state plus the batches of the steps that made them (``memory_bytes``), counted in
+the bench's figure. ``RevealService`` answers ``VolunteerAudit.rpc_reveal`` on the server's P2P.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, Mapping
+
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.moe.server.module_backend import ModuleBackend
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from volunteer.core.audit_check import (
+    AUDITED_BACKWARD,
+    AUDITED_FORWARD,
+    REVEAL_RPC,
+    Commitment,
+    Reveal,
+    state_digest,
+)
+from volunteer.serving.backends import CountingBackend
+
+logger = logging.getLogger(__name__)
+KEEP_VERSIONS = 16
+KEEP_FOR = 60.0  # seconds; a trainer asks within a step or two of the answer
+
+
+def _copy_state(state):
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _copy_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_copy_state(v) for v in state)
+    return state
+
+
+class VersionStore:
+    """Recent versions of one expert, by number. Version 0 is the state at start; each optimizer step
+    makes the next one. Thread-safe: the Runtime thread writes, the reveal service reads."""
+
+    def __init__(self, keep: int = KEEP_VERSIONS, keep_for: float = KEEP_FOR,
+                 clock: Callable[[], float] = time.monotonic):
+        self.keep, self.keep_for, self.clock = keep, keep_for, clock
+        self._versions: OrderedDict[int, tuple[float, Reveal, Commitment]] = OrderedDict()
+        self._current: Commitment | None = None
+        self._lock = threading.Lock()
+
+    def current(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Commitment:
+        """The commitment of the state now; the first call snapshots it as version 0."""
+        with self._lock:
+            if self._current is None:
+                self._current = self._add(0, module, optimizer, None, None, None)
+            return self._current
+
+    def advance(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, before: Commitment,
+                inputs: torch.Tensor, grads: torch.Tensor) -> Commitment:
+        """After an optimizer step from ``before`` on ``inputs``/``grads``: the new version."""
+        with self._lock:
+            self._current = self._add(before.version + 1, module, optimizer, before.version, inputs, grads)
+            return self._current
+
+    def reveal(self, version: int) -> Reveal | None:
+        """The version, with its parent for a trained one; None if it is no longer kept."""
+        with self._lock:
+            self._expire()
+            kept = self._versions.get(version)
+            if kept is None:
+                return None
+            reveal = kept[1]
+            if reveal.parent is not None:  # stored as a number: fill it in from the store
+                parent = self._versions.get(reveal.parent.version)
+                if parent is None:
+                    return None
+                reveal = Reveal(reveal.version, reveal.module, reveal.optimizer, parent[1], reveal.inputs, reveal.grads)
+            return reveal
+
+    def memory_bytes(self) -> int:
+        with self._lock:
+            return sum(_nbytes(r) for _, r, _ in self._versions.values())
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+    def _add(self, number: int, module, optimizer, parent: int | None, inputs, grads) -> Commitment:
+        module_state = _copy_state(module.state_dict())
+        optimizer_state = _copy_state(optimizer.state_dict()) if optimizer is not None else None
+        commit = Commitment(number, state_digest(module_state, optimizer_state))
+        placeholder = Reveal(parent, {}, None) if parent is not None else None
+        reveal = Reveal(number, module_state, optimizer_state, placeholder,
+                        None if inputs is None else inputs.detach().to("cpu", copy=True),
+                        None if grads is None else grads.detach().to("cpu", copy=True))
+        self._versions[number] = (self.clock(), reveal, commit)
+        self._expire()
+        return commit
+
+    def _expire(self) -> None:
+        cutoff = self.clock() - self.keep_for
+        while self._versions and (len(self._versions) > self.keep or next(iter(self._versions.values()))[0] < cutoff):
+            if len(self._versions) == 1:
+                break  # the current version is always kept
+            self._versions.popitem(last=False)
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Reveal):
+        return _nbytes(value.module) + _nbytes(value.optimizer) + _nbytes(value.inputs) + _nbytes(value.grads)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+class AuditedBackend(CountingBackend):
+    """A CountingBackend whose answers carry commitments, and whose versions can be revealed."""
+
+    def __init__(self, name: str, module: torch.nn.Module, *, keep: int = KEEP_VERSIONS, keep_for: float = KEEP_FOR,
+                 **kwargs):
+        super().__init__(name, module, **kwargs)
+        # hivemind's schemas stay those of one output: its ConnectionHandler serializes only what they
+        # list, so plain hivemind clients get the answer alone; ``RevealService`` answers the project's
+        # trainers with the commitment too (AUDITED_FORWARD / AUDITED_BACKWARD)
+        self.versions = VersionStore(keep, keep_for)
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._counted("forward", self._committed_forward, inputs)
+
+    def backward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._counted("backward", self._committed_backward, inputs)
+
+    def _committed_forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        (output,) = ModuleBackend.forward(self, *inputs)
+        commit = self.versions.current(self.module, self.optimizer)
+        return output, _rows(commit.row(), len(output))
+
+    def _committed_backward(self, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        before = self.versions.current(self.module, self.optimizer)
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            self.module(x_in).backward(grad.to(x.device, x.dtype))
+        self.on_backward(len(x))
+        after = self.versions.advance(self.module, self.optimizer, before, x, grad)
+        return x_in.grad, _rows(before.row() + after.row(), len(x))
+
+    def reveal(self, version: int) -> Reveal | None:
+        return self.versions.reveal(version)
+
+
+def _rows(row: list[int], n: int) -> torch.Tensor:
+    return torch.tensor(row, dtype=torch.int64).expand(n, len(row)).contiguous()
+
+
+class RevealService:
+    """Answers ``REVEAL_RPC`` (uid + version in the request's metadata) with that version's state, on a
+    replica of the server's P2P, from a thread and event loop of its own."""
+
+    def __init__(self, dht, backends: Mapping[str, AuditedBackend]):
+        self.dht, self.backends = dht, dict(backends)
+        self.ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="reveal service", daemon=True)
+        self.revealed = 0
+
+    def run_in_background(self, timeout: float = 30.0) -> None:
+        self._thread.start()
+        if not self.ready.wait(timeout):
+            raise RuntimeError("the reveal service did not start")
+
+    def shutdown(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        from hivemind import DHT
+
+        self._stop = asyncio.Event()
+        p2p = await P2P.replicate(self.dht.run_coroutine(DHT._get_p2p_daemon_listen_maddr))
+        await p2p.add_protobuf_handler(REVEAL_RPC, self._reveal, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(AUDITED_FORWARD, self._forward, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(AUDITED_BACKWARD, self._backward, runtime_pb2.ExpertRequest)
+        self.ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await p2p.shutdown()
+
+    async def _forward(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._call(request, "forward_pool")
+
+    async def _backward(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
+        return await self._call(request, "backward_pool")
+
+    async def _call(self, request: runtime_pb2.ExpertRequest, pool: str) -> runtime_pb2.ExpertResponse:
+        """The same TaskPool as hivemind's handler (so the calls batch together), all outputs returned."""
+        backend = self.backends[request.uid]
+        inputs = [deserialize_torch_tensor(t) for t in request.tensors]
+        outputs = await getattr(backend, pool).submit_task(*inputs)
+        return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(t) for t in outputs])
+
+    async def _reveal(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
+        backend = self.backends.get(request.uid)
+        try:
+            version = int(request.metadata.decode())
+        except ValueError:
+            version = -1
+        reveal = backend.reveal(version) if backend is not None else None
+        self.revealed += 1
+        if reveal is None:
+            return runtime_pb2.ExpertResponse(metadata=b"")
+        data = await asyncio.get_running_loop().run_in_executor(None, reveal.to_bytes)
+        return runtime_pb2.ExpertResponse(metadata=data)
