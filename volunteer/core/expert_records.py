@@ -3,16 +3,22 @@
 hivemind's ``declare_experts`` stores ``uid -> peer id`` unsigned, and the DHT keeps whichever value
 expires last: any peer can take a uid over (hivemind #93), and a second server of a uid replaces the
 first. The project's own record of a server is instead a **subkey signed by the server's record key**
-under one DHT key per uid (``server_key``):
+under the key of the uid's *group*: a grid row, cut into groups of ``GROUP_WIDTH`` uids (``group_key``):
 
-    <prefix>_servers.<uid>  ->  { [owner:<volunteer's key>]: ServerRecordSchema, ... }
+    <prefix>_servers.<layer>.<row>.<last coordinate // 64>  ->  { [owner:<volunteer's key>]: ServerGroupSchema }
 
-``RSASignatureValidator`` (in every peer's ``records.record_validators``) refuses a subkey holding
-``[owner:K]`` unless it is signed by K: a uid can have any number of servers, and none can overwrite
-or hide another's. The schema of a per-uid key cannot be checked by ``SchemaValidator`` (its keys are
-fixed field names), so readers check it (``_parse``) and drop what does not fit, and drop every
-subkey that names no owner (anyone may write those). Reads go ``MAX_KEYS_PER_CALL`` keys at a time:
-a DHT call over ~1,000 keys killed the DHT process (ENGINE-NOTES).
+One subkey per server and group holds its peer id, device, reachability, paused, and the samples/s it
+serves each of its uids of that group. ``RSASignatureValidator`` (in every peer's
+``records.record_validators``) refuses a subkey holding ``[owner:K]`` unless it is signed by K: a uid
+can have any number of servers, and none can overwrite or hide another's. A group key's schema cannot
+be checked by ``SchemaValidator`` (its keys are fixed field names), so readers check it (``parse_group``)
+and drop what does not fit, uids that do not belong to the group, and every subkey that names no owner
+(anyone may write those).
+
+Why groups, not one key per uid or one key per layer: a 64 x 64 grid is 4,096 uids but 64 group keys,
+so balancing reads the whole layer in one bounded DHT call (``dht_calls``: at most 256 keys a call),
+a trainer's beam search reads only the rows its tokens reach (the keys of a row are its groups), and
+a group value holds at most one subkey per server of those 64 uids, never one per volunteer of the swarm.
 
 The seed publishes ``<prefix>_banned`` (keys it banned after failed audits) and trainers publish
 ``<prefix>_audits`` (per peer: calls audited and passed, and the keys that failed), both signed
@@ -21,8 +27,10 @@ subkeys that readers take only from keys they trust.
 
 from __future__ import annotations
 
+import math
 import re
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
 from typing import Collection, Dict, Iterable, List, Mapping, Sequence
@@ -31,20 +39,23 @@ import pydantic.v1 as pydantic
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
+from volunteer.core.dht_calls import batches, get_many, wait_result
 from volunteer.core.records import RECORD_TTL, key_fingerprint, owner_subkey
 
-MAX_KEYS_PER_CALL = 256  # tried: 256 keys per get_many worked, ~1,000 killed the DHT process
+GROUP_WIDTH = 64  # uids of one row under one key: a 64-wide row is one key
 AUDIT_PROTOCOL = 1  # what a server's answers carry (``volunteer.serving.versions``); 0 = none
 _OWNER = re.compile(rb"^\[owner:(.+?)\]$", re.DOTALL)
 
 
-class ServerRecordSchema(pydantic.BaseModel):
+class ServerGroupSchema(pydantic.BaseModel):
     peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
     device: pydantic.constr(strict=True, max_length=64)
-    samples_per_second: pydantic.confloat(strict=True, ge=0.0, le=1e9)
     reachable: pydantic.StrictBool  # a placeholder until reachability is measured (issue 12): True
     paused: pydantic.StrictBool
     audit: pydantic.conint(strict=True, ge=0, le=100)
+    # uid -> samples/s this server serves it with
+    uids: Dict[pydantic.constr(strict=True, min_length=1, max_length=256),
+               pydantic.confloat(strict=True, ge=0.0, le=1e9)]
 
 
 class BannedRecordSchema(pydantic.BaseModel):
@@ -80,27 +91,34 @@ class ServerRecord:
         """The owner's fingerprint: the name bans and verdicts use."""
         return key_fingerprint(self.owner)
 
-    def to_value(self) -> dict:
-        return dict(peer_id=self.peer_id, device=self.device, samples_per_second=float(self.samples_per_second),
-                    reachable=bool(self.reachable), paused=bool(self.paused), audit=int(self.audit))
+
+def group_key(dht_prefix: str, uid: str) -> str:
+    """``<prefix>_servers.L.3.0`` for ``L.3.5``: the key holding the signed servers of the uid's group."""
+    head, _, last = uid.rpartition(".")
+    return f"{dht_prefix}_servers.{head}.{int(last) // GROUP_WIDTH if last.isdigit() else last}"
 
 
-def server_key(dht_prefix: str, uid: str) -> str:
-    return f"{dht_prefix}_servers.{uid}"
+def row_group_keys(dht_prefix: str, row_prefix: str, width: int) -> list[str]:
+    """The group keys of a row prefix (``L.3.``) of ``width`` uids."""
+    return [f"{dht_prefix}_servers.{row_prefix}{g}" for g in range(max(1, math.ceil(width / GROUP_WIDTH)))]
 
 
 def publish_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], *, peer_id: str, device: str,
                     samples_per_second: float, paused: bool = False, ttl: float = RECORD_TTL) -> dict[str, bool]:
-    """Sign and store our record under each uid we serve, in one DHT call per ``MAX_KEYS_PER_CALL``."""
-    value = ServerRecord("", b"", peer_id, device, samples_per_second, paused=paused).to_value()
-    subkey = owner_subkey(dht)
-    done: dict[str, bool] = {}
-    for start in range(0, len(uids), MAX_KEYS_PER_CALL):
-        part = list(uids[start:start + MAX_KEYS_PER_CALL])
-        keys = [server_key(dht_prefix, uid) for uid in part]
-        stored = dht.run_coroutine(partial(_store_many, keys, [value] * len(keys), get_dht_time() + ttl, subkey))
-        done.update((uid, bool(stored.get(key))) for uid, key in zip(part, keys))
-    return done
+    """Sign and store our record in each group of the uids we serve (``samples_per_second`` each), at
+    most ``MAX_KEYS_PER_CALL`` groups a DHT call."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for uid in uids:
+        groups[group_key(dht_prefix, uid)].append(uid)
+    values = {key: dict(peer_id=peer_id, device=device, reachable=True, paused=bool(paused), audit=AUDIT_PROTOCOL,
+                        uids={uid: float(samples_per_second) for uid in part}) for key, part in groups.items()}
+    subkey, expiration = owner_subkey(dht), get_dht_time() + ttl
+    stored: dict[str, bool] = {}
+    for keys in batches(list(values)):
+        future = dht.run_coroutine(partial(_store_many, keys, [values[k] for k in keys], expiration, subkey),
+                                   return_future=True)
+        stored.update(wait_result(dht, future, f"publishing {len(keys)} server records"))
+    return {uid: bool(stored.get(group_key(dht_prefix, uid))) for uid in uids}
 
 
 ANNOUNCE_TTL = RECORD_TTL + 2.0  # what a serving volunteer announces with
@@ -116,50 +134,64 @@ def withdraw_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], ttl: float 
 
 async def _store_many(keys: list[str], values: list, expiration: float, subkey: bytes, _dht: DHT, node) -> dict:
     # module level: DHT.run_coroutine pickles the function into the DHT's process
-    return await node.store_many(keys, values, [expiration] * len(keys), subkeys=[subkey] * len(keys))
-
-
-async def _get_many(keys: list[str], _dht: DHT, node) -> dict:
-    return await node.get_many(keys, sufficient_expiration_time=float("inf"))
+    return await node.store_many(keys, values, [expiration] * len(keys), subkeys=[subkey] * len(keys),
+                                 num_workers=min(len(keys), 32))
 
 
 def read_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], *, banned: Collection[str] = (),
                  include_paused: bool = False) -> dict[str, list[ServerRecord]]:
-    """Every signed, well-formed server record of each uid, minus banned keys and banned peers."""
+    """Every signed, well-formed server record of each uid, minus banned keys and banned peers: one
+    read of the uids' group keys (in bounded DHT calls)."""
+    keys = list(dict.fromkeys(group_key(dht_prefix, uid) for uid in uids))
+    groups = read_groups(dht, keys, banned=banned, include_paused=include_paused)
     found: dict[str, list[ServerRecord]] = {uid: [] for uid in uids}
-    for start in range(0, len(uids), MAX_KEYS_PER_CALL):
-        part = list(uids[start:start + MAX_KEYS_PER_CALL])
-        keys = [server_key(dht_prefix, uid) for uid in part]
-        answers = dht.run_coroutine(partial(_get_many, keys))
-        for uid, key in zip(part, keys):
-            entry = answers.get(key)
-            value = entry.value if entry is not None else None
-            if isinstance(value, dict):
-                found[uid] = parse_servers(uid, ((subkey, item.value) for subkey, item in value.items()),
-                                           banned=banned, include_paused=include_paused)
+    for records in groups.values():
+        for record in records:
+            if record.uid in found:
+                found[record.uid].append(record)
     return found
 
 
-def parse_servers(uid: str, items: Iterable[tuple[object, object]], *, banned: Collection[str] = (),
-                  include_paused: bool = False) -> list[ServerRecord]:
-    """The records among ``(subkey, value)`` pairs that an owner signed and that fit the schema.
+def read_groups(dht: DHT, keys: Sequence[str], *, banned: Collection[str] = (), include_paused: bool = False,
+                timeout: float | None = None) -> dict[str, list[ServerRecord]]:
+    """The server records under each group key (``group_key``, ``row_group_keys``)."""
+    answers = get_many(dht, keys, latest=True, **({} if timeout is None else dict(timeout=timeout)))
+    found = {}
+    for key in keys:
+        entry = answers.get(key)
+        value = entry.value if entry is not None else None
+        items = ((subkey, item.value) for subkey, item in value.items()) if isinstance(value, dict) else ()
+        found[key] = parse_group(key, items, banned=banned, include_paused=include_paused)
+    return found
+
+
+def parse_group(key: str, items: Iterable[tuple[object, object]], *, banned: Collection[str] = (),
+                include_paused: bool = False) -> list[ServerRecord]:
+    """The records among a group key's ``(subkey, value)`` pairs that an owner signed, that fit the
+    schema, and whose uids belong to that group.
 
     The DHT checked the signature of every subkey naming an owner; a subkey naming none was
     written by anybody, so it is dropped here."""
+    prefix = key.split("_servers.", 1)[0]
     records = []
     for subkey, value in items:
         if not isinstance(subkey, bytes) or not _OWNER.match(subkey):
             continue
         try:
-            parsed = ServerRecordSchema.parse_obj(value)
+            parsed = ServerGroupSchema.parse_obj(value)
         except (pydantic.ValidationError, TypeError):
             continue
-        record = ServerRecord(uid, subkey, parsed.peer_id, parsed.device, parsed.samples_per_second,
-                              parsed.reachable, parsed.paused, parsed.audit)
-        if record.key in banned or record.peer_id in banned or (record.paused and not include_paused):
+        if len(parsed.uids) > GROUP_WIDTH:
             continue
-        records.append(record)
-    return sorted(records, key=lambda r: r.owner)
+        for uid, rate in parsed.uids.items():
+            record = ServerRecord(uid, subkey, parsed.peer_id, parsed.device, rate, parsed.reachable, parsed.paused,
+                                  parsed.audit)
+            if group_key(prefix, uid) != key or record.key in banned or record.peer_id in banned:
+                continue
+            if record.paused and not include_paused:
+                continue
+            records.append(record)
+    return sorted(records, key=lambda r: (r.uid, r.owner))
 
 
 # --- bans and verdicts ----------------------------------------------------------------------------
