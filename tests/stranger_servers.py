@@ -1,6 +1,9 @@
 """Servers for the strangers tests, each a real process of its own: honest volunteers (audited backends,
 signed records, the reveal service), four kinds of cheaters, and a plain hivemind peer that hijacks
-an honest volunteer's uids in hivemind's unsigned records."""
+an honest volunteer's uids in hivemind's unsigned records.
+
+Volunteers and cheaters serve on the lean path (``serving.handler.LeanServer``, the client's default)
+unless ``serving="hivemind"`` (hivemind's ``Server`` and TaskPools); the hijacker is plain hivemind."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from volunteer.core.expert_modules import build_expert, build_optimizer
 from volunteer.core.expert_records import publish_servers, withdraw_servers
 from volunteer.node.stats import ExpertCounters
 from volunteer.serving.backends import initial_seed
+from volunteer.serving.handler import LeanServer
 from volunteer.serving.versions import AuditedBackend, RevealService
 
 PREFIX = "tstrange"
@@ -71,7 +75,7 @@ KINDS = {"honest": AuditedBackend, "zeros": ZerosBackend, "random": RandomBacken
          "wrong1in10": WrongOneInTenBackend}
 
 
-def _backend(kind: str, uid: str) -> ModuleBackend:
+def _backend(kind: str, uid: str, pools: bool) -> ModuleBackend:
     module = build_expert(BLOCK, D_MODEL, D_HIDDEN, seed=initial_seed(uid))
     optimizer = build_optimizer("adam", module.parameters(), lr=LR)
     schema = (BatchTensorDescriptor.from_tensor(torch.empty(1, D_MODEL)),)
@@ -79,7 +83,7 @@ def _backend(kind: str, uid: str) -> ModuleBackend:
         return ModuleBackend(name=uid, module=_Zeros(), optimizer=None, args_schema=schema, max_batch_size=4096)
     return KINDS[kind](uid, module, optimizer=optimizer, expert_type="small",
                        counters=ExpertCounters(uid, "small"), args_schema=schema, min_batch_size=1,
-                       max_batch_size=4096)
+                       max_batch_size=4096, pools=pools)
 
 
 class _Zeros(torch.nn.Module):
@@ -88,13 +92,18 @@ class _Zeros(torch.nn.Module):
 
 
 def _serve(conn: Connection, initial_peers: list[str], uids: list[str], kind: str, key_path: str,
-           samples_per_second: float) -> None:
+           samples_per_second: float, serving: str) -> None:
     os.setsid()  # its own process group: the test kills everything it started at once
     records.use_record_key(Path(key_path))
     torch.set_num_threads(1)
     dht = records.join_dht(PREFIX, initial_peers)
-    backends = {uid: _backend(kind, uid) for uid in uids}
-    server = Server(dht, backends, num_connection_handlers=1, update_period=5, start=True)
+    lean = serving == "lean" and kind != "hijack"
+    backends = {uid: _backend(kind, uid, pools=not lean) for uid in uids}
+    if lean:
+        server = LeanServer(dht, backends, [("cpu", uids)], update_period=5)
+        server.run_in_background(timeout=60)
+    else:
+        server = Server(dht, backends, num_connection_handlers=1, update_period=5, start=True)
     reveal = None
     peer_id = dht.peer_id.to_base58()
 
@@ -105,7 +114,7 @@ def _serve(conn: Connection, initial_peers: list[str], uids: list[str], kind: st
         if kind == "hijack":  # hivemind's records, expiring long after the honest volunteer's
             declare_experts(dht, uids, expiration_time=get_dht_time() + 600)
         else:
-            reveal = RevealService(dht, backends)
+            reveal = RevealService(dht, backends, server.handler.workers if lean else None)
             reveal.run_in_background()
             announce()
         conn.send(peer_id)
@@ -133,12 +142,12 @@ def _serve(conn: Connection, initial_peers: list[str], uids: list[str], kind: st
 
 class StrangerServer:
     def __init__(self, initial_peers: list[str], uids: list[str], kind: str, key_path: Path,
-                 samples_per_second: float = 100.0):
+                 samples_per_second: float = 100.0, serving: str = "lean"):
         context = multiprocessing.get_context("spawn")
         self.uids, self.kind = uids, kind
         self._conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, initial_peers, uids, kind, str(key_path),
-                                                             samples_per_second))
+                                                             samples_per_second, serving))
         self.process.start()
         child.close()
         self.peer_id = ""

@@ -11,6 +11,9 @@ from typing import Callable, Iterator
 import pytest
 import torch
 from hivemind import DHT
+from hivemind.moe.client.expert import create_remote_experts
+from hivemind.moe.expert_uid import ExpertInfo
+from hivemind.p2p import PeerID
 from stranger_servers import D_MODEL, PREFIX, StrangerServer, running
 
 from coordinator_seeds.audit import Auditor, AuditSettings, calls_to_catch
@@ -97,9 +100,17 @@ def test_replicas_share_calls_by_rate_and_fail_over_within_the_step(peers: list[
                                                                     tmp_path: Path) -> None:
     """Shares follow the throughputs the servers' records declare (20 and 60 samples/s, both below what
     either serves here, so the trainer's measurement does not lower them): within a factor 1.25 of 1:3."""
-    slow = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "slow"), samples_per_second=20.0)
+    slow = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "slow"), samples_per_second=20.0,
+                          serving="hivemind")  # hivemind's Server and TaskPools, next to the lean path
     fast = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "fast"), samples_per_second=60.0)
     with running(slow, fast):
+        for server in (slow, fast):  # a plain hivemind client gets the plain answer and trains the expert
+            (expert,) = create_remote_experts([ExpertInfo(UIDS[0], PeerID.from_base58(server.peer_id))], client)
+            x = torch.randn(3, D_MODEL, requires_grad=True)
+            output = expert(x)
+            assert output.shape == x.shape
+            output.sum().backward()
+            assert x.grad is not None and x.grad.shape == x.shape
         moe = layer(client)
         wait_until(lambda: sum(map(len, moe.live.refresh().values())) == 8, 30, "both servers of the four uids")
         for _ in range(10):

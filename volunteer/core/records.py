@@ -2,8 +2,9 @@
 
 Three kinds of records live in the DHT:
 - hivemind's own expert records (``declare_experts`` / ``get_experts``): uid -> serving peer;
-- ``<prefix>_volunteers``: one signed subkey per volunteer (its uids, device and measured speed),
-  so any peer can count how many servers each uid has;
+- ``<prefix>_volunteers.<n>``: one signed subkey per volunteer (its uids, device and measured speed),
+  in one of ``VOLUNTEER_SHARDS`` keys chosen by a hash of its record key, so that no one DHT value
+  holds every volunteer of a large swarm (readers take the shards in one bounded call);
 - ``<prefix>_trainer``: one signed subkey per trainer with its latest step and loss, for dashboards;
 - ``<prefix>_callers``: one signed subkey per trainer with its peer id and public addresses, so that a
   volunteer behind a NAT can dial it and hold the connection over which the trainer then calls it;
@@ -35,7 +36,7 @@ from hivemind.p2p import P2PDaemonError
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from volunteer.core.dht_calls import get_one, start_bounded, wait_result
+from volunteer.core.dht_calls import get_many, get_one, start_bounded, wait_result
 from volunteer.core.paths import write_atomic
 
 RECORD_TTL = 60.0  # seconds a volunteer or trainer record lives unless refreshed
@@ -217,13 +218,22 @@ def owner_subkey(dht: DHT) -> bytes:
     return RSASignatureValidator().local_public_key
 
 
+VOLUNTEER_SHARDS = 16  # keys the volunteer records are spread over: ~N/16 subkeys a value, one call to read
+
+
+def volunteer_key(dht_prefix: str, owner: bytes) -> str:
+    """The shard of ``<prefix>_volunteers`` that holds the record signed by ``owner``."""
+    shard = int.from_bytes(hashlib.sha256(owner).digest()[:4], "little") % VOLUNTEER_SHARDS
+    return f"{dht_prefix}_volunteers.{shard}"
+
+
 def publish_volunteer(dht: DHT, dht_prefix: str, record: VolunteerRecord, ttl: float = RECORD_TTL) -> bool:
     value = dict(
         peer_id=record.peer_id, uids=list(record.uids), device=record.device,
         samples_per_second=float(record.samples_per_second),
     )
-    future = dht.store(f"{dht_prefix}_volunteers", value, get_dht_time() + ttl, subkey=owner_subkey(dht),
-                       return_future=True)
+    owner = owner_subkey(dht)
+    future = dht.store(volunteer_key(dht_prefix, owner), value, get_dht_time() + ttl, subkey=owner, return_future=True)
     return bool(wait_result(dht, future, "publishing our volunteer record"))
 
 
@@ -233,7 +243,8 @@ def withdraw_volunteer(dht: DHT, dht_prefix: str, ttl: float = RECORD_TTL) -> bo
     The DHT keeps whichever value of a key expires last, so the empty record must outlive the one it
     replaces; readers skip it."""
     empty = dict(peer_id="", uids=[], device="", samples_per_second=0.0)
-    return bool(dht.store(f"{dht_prefix}_volunteers", empty, get_dht_time() + ttl + 1.0, subkey=owner_subkey(dht)))
+    owner = owner_subkey(dht)
+    return bool(dht.store(volunteer_key(dht_prefix, owner), empty, get_dht_time() + ttl + 1.0, subkey=owner))
 
 
 def withdraw_experts(dht: DHT, uids: Sequence[str], expiration: float) -> dict[str, bool]:
@@ -253,15 +264,26 @@ def withdraw_experts(dht: DHT, uids: Sequence[str], expiration: float) -> dict[s
 
 
 def read_volunteers(dht: DHT, dht_prefix: str) -> list[VolunteerRecord]:
-    found = get_one(dht, f"{dht_prefix}_volunteers", latest=True)  # bounded: a dead DHT is an error
-    if found is None or not isinstance(found.value, dict):
-        return []
+    """Every volunteer's signed record, from the ``VOLUNTEER_SHARDS`` keys in one bounded DHT call.
+
+    The shards are not fields of the experiment's schema, so the reader checks each value; the
+    signature validator refused any subkey ``[owner:K]`` not signed by K, and subkeys naming no owner
+    (anyone may write those) are dropped."""
+    keys = [f"{dht_prefix}_volunteers.{shard}" for shard in range(VOLUNTEER_SHARDS)]
+    found = get_many(dht, keys, latest=True)  # bounded: a dead DHT is an error
     records = []
-    for item in found.value.values():
-        value = item.value
-        if value.get("peer_id"):
-            records.append(VolunteerRecord(value["peer_id"], tuple(value["uids"]), value["device"],
-                                           value["samples_per_second"]))
+    for key in keys:
+        value = getattr(found.get(key), "value", None)
+        for owner, item in value.items() if isinstance(value, dict) else ():
+            if not (isinstance(owner, bytes) and owner.startswith(b"[owner:")) or volunteer_key(dht_prefix, owner) != key:
+                continue
+            try:
+                parsed = VolunteerRecordSchema.parse_obj(item.value)
+            except (pydantic.ValidationError, TypeError):
+                continue
+            if parsed.peer_id:
+                records.append(VolunteerRecord(parsed.peer_id, tuple(parsed.uids), parsed.device,
+                                               parsed.samples_per_second))
     return records
 
 

@@ -164,7 +164,10 @@ class VolunteerNode:
                              uid=uid, optimizer_steps=steps)
         self.server = self._expert_server(placement)
         self.server.run_in_background(await_ready=True, timeout=SERVER_START_TIMEOUT)
-        self.reveals = RevealService(self.dht, self.backends)  # audits: trainers ask for committed versions
+        # audits: trainers call the audited handlers and ask for committed versions; on the lean path
+        # those calls are computed by the same device workers as hivemind's
+        workers = self.server.handler.workers if isinstance(self.server, LeanServer) else None
+        self.reveals = RevealService(self.dht, self.backends, workers)
         self.reveals.run_in_background()
         self.info = NodeInfo(self.manifest.name, peer_id, maddrs, placement, tuple(restored))
         self.collector = StatsCollector(

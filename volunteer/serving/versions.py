@@ -4,8 +4,11 @@ recent versions are kept, for a bounded time and count, to be revealed (``volunt
 ``AuditedBackend`` is a ``CountingBackend`` whose forward computes ``(output, commitment)`` and whose
 backward ``(input gradient, before+after commitment)``; the commitment is one int64 row per answered
 sample, so hivemind's TaskPool batches and splits it like any output. hivemind's own handler sends
-plain clients the first tensor only; the project's trainers call ``AUDITED_FORWARD``/``_BACKWARD``
-(``RevealService``, same pools) and get both. ``VersionStore`` keeps
+plain clients the first tensor only, and so does the lean path (``serving.handler`` serialises the outputs
+its schema lists); the project's trainers call ``AUDITED_FORWARD``/``_BACKWARD`` (``RevealService``)
+and get both, computed where plain calls are: hivemind's TaskPools, or on the lean path the device's
+``batching.DeviceWorker``, so audited and plain calls batch together and a server cannot tell them apart
+by where they run. ``VersionStore`` keeps
 the last ``keep`` versions (at most ``keep_for`` seconds old); its memory is ``keep`` copies of the
 weights and optimizer state plus the batches of the steps that made them (``memory_bytes``), counted in
 the bench's figure. ``RevealService`` answers ``VolunteerAudit.rpc_reveal`` on the server's P2P.
@@ -25,6 +28,7 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
+from hivemind.utils import nested_flatten
 
 from volunteer.core.audit_check import (
     AUDITED_BACKWARD,
@@ -34,7 +38,9 @@ from volunteer.core.audit_check import (
     Reveal,
     state_digest,
 )
-from volunteer.serving.backends import CountingBackend
+from volunteer.serving.backends import CountingBackend, Paused, malformed
+from volunteer.serving.batching import DeviceWorker, Task
+from volunteer.serving.handler import _deliverer
 
 logger = logging.getLogger(__name__)
 KEEP_VERSIONS = 16
@@ -173,8 +179,14 @@ class RevealService:
     """Answers ``REVEAL_RPC`` (uid + version in the request's metadata) with that version's state, on a
     replica of the server's P2P, from a thread and event loop of its own."""
 
-    def __init__(self, dht, backends: Mapping[str, AuditedBackend]):
+    def __init__(self, dht, backends: Mapping[str, AuditedBackend], workers: Mapping[str, DeviceWorker] | None = None):
+        """``workers``: uid -> its device's worker on the lean path (``LeanServer.handler.workers``);
+        None on hivemind's path, where the backends' TaskPools compute."""
         self.dht, self.backends = dht, dict(backends)
+        self.workers = dict(workers) if workers is not None else None
+        self.schemas = {uid: dict(forward=tuple(nested_flatten(b.forward_schema)),
+                                  backward=tuple(nested_flatten(b.backward_schema)))
+                        for uid, b in self.backends.items()}
         self.ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -210,17 +222,44 @@ class RevealService:
             await p2p.shutdown()
 
     async def _forward(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._call(request, "forward_pool")
+        return await self._call(request, "forward")
 
     async def _backward(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._call(request, "backward_pool")
+        return await self._call(request, "backward")
 
-    async def _call(self, request: runtime_pb2.ExpertRequest, pool: str) -> runtime_pb2.ExpertResponse:
-        """The same TaskPool as hivemind's handler (so the calls batch together), all outputs returned."""
-        backend = self.backends[request.uid]
+    async def _call(self, request: runtime_pb2.ExpertRequest, kind: str) -> runtime_pb2.ExpertResponse:
+        """All outputs of the call (answer and commitment), computed where hivemind's calls are."""
+        backend = self.backends.get(request.uid)
+        if backend is None:
+            raise KeyError(f"no expert {request.uid!r} is served here")
         inputs = [deserialize_torch_tensor(t) for t in request.tensors]
-        outputs = await getattr(backend, pool).submit_task(*inputs)
+        if self.workers is None:  # hivemind's path: the same TaskPool as its handler (checked there)
+            outputs = await getattr(backend, f"{kind}_pool").submit_task(*inputs)
+        else:
+            outputs = await self._on_worker(request.uid, kind, inputs)
         return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(t) for t in outputs])
+
+    async def _on_worker(self, uid: str, kind: str, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The lean path's request, as ``handler.ExpertHandler`` runs it: checked, queued on the device's
+        worker (batched with plain calls), timed by the device's served clock."""
+        backend, worker = self.backends[uid], self.workers[uid]
+        problem = malformed(inputs, self.schemas[uid][kind])
+        if problem is None and inputs[0].shape[0] > backend.max_batch_size:
+            problem = f"batch of {inputs[0].shape[0]} exceeds the max batch size {backend.max_batch_size}"
+        if problem is not None:
+            raise ValueError(f"{uid} {kind}: {problem}")
+        if backend.paused.is_set():
+            raise Paused(f"{uid} is paused by its volunteer")
+        worker.clock.begin()
+        trained = 0
+        try:
+            future = asyncio.get_running_loop().create_future()
+            worker.submit(Task(uid, kind, inputs, deliver=_deliverer(asyncio.get_running_loop(), future)))
+            outputs = await future
+            trained = inputs[0].shape[0] if kind == "backward" else 0
+            return outputs
+        finally:
+            worker.clock.end(trained)
 
     async def _reveal(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
         backend = self.backends.get(request.uid)
