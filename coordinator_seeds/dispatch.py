@@ -507,14 +507,23 @@ class GridRemoteMoE(BatchedRemoteMoE):
         if candidates is None:
             return torch.zeros_like(x)
         coords, uids, chosen = candidates  # [M, dims], M (uid, peer), [N, k] indices into M
-        experts = {i: self.live.expert(*uids[i]) for i in chosen.unique().tolist()}
-        if any(e is None for e in experts.values()):
+        called = self.call_chosen(flat, chosen, uids)
+        if called is None:
             return torch.zeros_like(x)
+        outputs, answered = called
         chosen_logits = sum(scores[d].gather(1, coords[chosen, d]) for d in range(len(scores)))
-        calls = plan_calls(chosen, experts, self.max_batch_size)
-        outputs, answered = _BatchedRemoteCall.apply(flat, calls, chosen.shape[1], self)
         weights = renormalized_weights(chosen_logits, answered)
         return (weights.unsqueeze(-1) * outputs).sum(dim=1).reshape(x.shape)
+
+    def call_chosen(self, flat: torch.Tensor, chosen: torch.Tensor, uids: list[tuple[str, str]]
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(outputs [N, k, d], answered [N, k])`` of the chosen experts' calls (``uids[i]``: the uid and
+        server of candidate i), or None if one cannot be reached at all."""
+        experts = {i: self.live.expert(*uids[i]) for i in chosen.unique().tolist()}
+        if any(e is None for e in experts.values()):
+            return None
+        calls = plan_calls(chosen, experts, self.max_batch_size)
+        return _BatchedRemoteCall.apply(flat, calls, chosen.shape[1], self)
 
     def beam_search(self, scores: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[str, str]], torch.Tensor] | None:
         """Each token's top-k live experts: ``(coords int64 [M, dims], (uid, peer) of each of the M,

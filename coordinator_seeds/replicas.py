@@ -38,10 +38,13 @@ from torch.autograd.function import once_differentiable
 from coordinator_seeds.audit import AuditedCall, Auditor
 from coordinator_seeds.dispatch import (
     BACKWARD,
+    FLAT_GATE_MAX_UIDS,
     FORWARD,
     BatchedRemoteMoE,
-    ExpertCall,
+    GridRemoteMoE,
+    LiveGrid,
     call_experts,
+    renormalized_weights,
 )
 from volunteer.core.audit_check import (
     AUDITED_BACKWARD,
@@ -50,7 +53,12 @@ from volunteer.core.audit_check import (
     FORWARD_COMMIT,
     Commitment,
 )
-from volunteer.core.expert_records import ServerRecord, read_servers
+from volunteer.core.expert_records import (
+    ServerRecord,
+    read_groups,
+    read_servers,
+    row_group_keys,
+)
 from volunteer.core.manifest import MoELayer
 
 logger = logging.getLogger("coordinator_seeds.replicas")
@@ -130,6 +138,12 @@ class SignedServers:
     def evict(self, replica: Replica) -> None:
         with self._lock:
             self._evicted[replica.record.uid, replica.peer_id] = self.clock() + self.evict_for
+
+    def replicas(self, uid: str) -> list[Replica]:
+        """The live servers of ``uid`` (for failover within a step)."""
+        with self._lock:
+            index = self.uids.index(uid) if uid in self.uids else -1
+            return self._alive().get(index, [])
 
     def _start_lookup(self) -> None:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -293,7 +307,54 @@ class _ReplicatedCall(torch.autograd.Function):
         return grad_inputs.to(grad_outputs.device, grad_outputs.dtype), None, None, None
 
 
-class ReplicatedRemoteMoE(BatchedRemoteMoE):
+class _ReplicaRouting:
+    """What the flat and the grid layers share once their experts have several servers: failover to
+    another server of the uid, per-server counts and measured rates, eviction, and audit sampling.
+    ``self.live`` has ``replicas(uid)`` and ``evict(replica)``."""
+
+    auditor: Auditor | None
+    failovers: int
+    calls_by_peer: dict[str, int]
+
+    def other_replica(self, call: ReplicaCall, tried: set[Replica]) -> Replica | None:
+        """The fastest server of the call's uid not yet tried this step, or None."""
+        peers = {t.peer_id for t in tried}
+        left = [r for r in self.live.replicas(call.replica.record.uid) if r not in tried and r.peer_id not in peers]
+        return max(left, key=lambda r: r.rate, default=None)
+
+    def record_replica(self, call: ReplicaCall, ok: bool, result: Any, direction: int, seconds: float) -> bool:
+        peer = call.replica.peer_id
+        self.calls_by_peer[peer] = self.calls_by_peer.get(peer, 0) + 1
+        if ok:
+            call.replica.observe(len(call.tokens), seconds)
+            self.calls_ok += 1
+            self.answered.setdefault(peer, [0, 0])[direction] += len(call.tokens)
+            return True
+        self.calls_failed += 1
+        logger.warning("server %s of %s failed; evicted for %.0f s", peer, call.replica.record.uid,
+                       self.live.evict_for)
+        self.live.evict(call.replica)
+        return False
+
+    def audit(self, call: ReplicaCall, kind: str, inputs: torch.Tensor, answer: torch.Tensor,
+              commits: tuple[Commitment, ...], grads: torch.Tensor | None = None) -> None:
+        if self.auditor is None:
+            return
+        record = call.replica.record
+        self.auditor.sample(lambda: AuditedCall(record.uid, record.peer_id, record.key, call.expert, kind,
+                                                inputs.clone(), answer.clone(), commits,
+                                                None if grads is None else grads.clone()))
+
+    def _routing(self, auditor: Auditor | None, banned: Callable[[], Collection[str]]) -> Callable[[], frozenset]:
+        self.auditor, self.failovers, self.calls_by_peer = auditor, 0, {}
+
+        def all_banned() -> frozenset[str]:  # the seed's list and this trainer's own failed audits
+            return frozenset(banned()) | (auditor.banned() if auditor is not None else frozenset())
+
+        return all_banned
+
+
+class ReplicatedRemoteMoE(_ReplicaRouting, BatchedRemoteMoE):
     """A ``BatchedRemoteMoE`` over signed servers: every server of a uid gets a share of its tokens.
 
     ``answered`` counts samples per server peer as the parent does; ``failovers`` counts calls sent
@@ -305,15 +366,8 @@ class ReplicatedRemoteMoE(BatchedRemoteMoE):
                  banned: Callable[[], Collection[str]] = frozenset):
         super().__init__(d_model, layer, dht, k_best, forward_timeout, backward_timeout,
                          max_batch_size=max_batch_size, refresh_period=refresh_period, evict_for=evict_for)
-        self.auditor = auditor
-
-        def all_banned() -> frozenset[str]:
-            return frozenset(banned()) | (auditor.banned() if auditor is not None else frozenset())
-
-        self.live = SignedServers(dht, dht_prefix, layer.uids(), banned=all_banned, refresh_period=refresh_period,
-                                  evict_for=evict_for)
-        self.failovers = 0
-        self.calls_by_peer: dict[str, int] = {}
+        self.live = SignedServers(dht, dht_prefix, layer.uids(), banned=self._routing(auditor, banned),
+                                  refresh_period=refresh_period, evict_for=evict_for)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -326,49 +380,131 @@ class ReplicatedRemoteMoE(BatchedRemoteMoE):
         calls = plan_replica_calls(chosen, servers, self.max_batch_size)
         outputs, answered = _ReplicatedCall.apply(flat, calls, chosen.shape[1], self)
         self.last_live_count = len(self.live.current())
-        return (self.renormalized(logits.gather(1, chosen), answered).unsqueeze(-1) * outputs).sum(dim=1).reshape(x.shape)
+        weights = renormalized_weights(logits.gather(1, chosen), answered)
+        return (weights.unsqueeze(-1) * outputs).sum(dim=1).reshape(x.shape)
 
-    @staticmethod
-    def renormalized(chosen_logits: torch.Tensor, answered: torch.Tensor) -> torch.Tensor:
-        from coordinator_seeds.dispatch import renormalized_weights
 
-        return renormalized_weights(chosen_logits, answered)
+# --- large grids: the beam search of dispatch.GridRemoteMoE over signed rows -------------------------
 
-    def other_replica(self, call: ReplicaCall, tried: set[Replica]) -> Replica | None:
-        """The fastest server of the call's uid not yet tried this step, or None."""
-        uid = call.replica.record.uid
-        for replicas in self.live.current().values():
-            if replicas and replicas[0].record.uid == uid:
-                left = [r for r in replicas if r not in tried and r.peer_id not in {t.peer_id for t in tried}]
-                return max(left, key=lambda r: r.rate, default=None)
-        return None
+SIGNED = "signed"  # a row entry's server field: its servers are the signed records (SignedGrid.replicas)
 
-    def record_replica(self, call: ReplicaCall, ok: bool, result: Any, direction: int, seconds: float) -> bool:
-        peer = call.replica.peer_id
-        self.calls_by_peer[peer] = self.calls_by_peer.get(peer, 0) + 1
-        if ok:
-            call.replica.observe(len(call.tokens), seconds)
-        return self.record(ExpertCall(call.expert, call.tokens, call.slots), ok, result, direction,
-                           evict=lambda: self.live.evict(call.replica))
 
-    def record(self, call: ExpertCall, ok: bool, result: Any, direction: int = FORWARD,
-               evict: Callable[[], None] | None = None) -> bool:
-        if ok:
-            self.calls_ok += 1
-            self.answered.setdefault(str(call.expert.peer_id), [0, 0])[direction] += len(call.tokens)
-            return True
-        self.calls_failed += 1
-        logger.warning("server %s of %s failed; evicted for %.0f s", call.expert.peer_id, call.expert.uid,
-                       self.live.evict_for)
-        if evict is not None:
-            evict()
-        return False
+class SignedGrid(LiveGrid):
+    """``dispatch.LiveGrid`` whose rows are read from the signed group keys (``row_group_keys``): a row
+    prefix ``L.3.`` lists the uids with at least one signed, unbanned server, and ``replicas(uid)``
+    their servers. The levels above the rows (the root ``L.``, and on grids of 3+ dimensions the inner
+    prefixes) only say which rows to look at: hivemind's prefix records, as ``LiveGrid`` reads them.
+    Reads stay bounded as ``LiveGrid``'s: the rows the batch's tokens reach, in calls of at most 256 keys."""
 
-    def audit(self, call: ReplicaCall, kind: str, inputs: torch.Tensor, answer: torch.Tensor,
-              commits: tuple[Commitment, ...], grads: torch.Tensor | None = None) -> None:
-        if self.auditor is None:
+    def __init__(self, dht: DHT, layer: MoELayer, dht_prefix: str, *, banned: Callable[[], Collection[str]],
+                 **kwargs: Any):
+        super().__init__(dht, layer, **kwargs)
+        self.dht_prefix, self.banned = dht_prefix, banned
+        self._replicas: dict[str, list[Replica]] = {}  # uid -> its servers, as the rows last read said
+
+    def replicas(self, uid: str) -> list[Replica]:
+        banned = frozenset(self.banned())
+        with self._lock:
+            now = self.clock()
+            return [r for r in self._replicas.get(uid, ()) if r.peer_id not in banned and r.record.key not in banned
+                    and self._evicted.get((uid, r.peer_id), -math.inf) <= now]
+
+    def evict(self, replica: Replica) -> None:
+        with self._lock:
+            self._evicted[replica.record.uid, replica.peer_id] = self.clock() + self.evict_for
+
+    def first_coords(self) -> list[int]:
+        """The rows the root names, and those where signed servers were seen: the root record is
+        hivemind's format, unsigned, so a stranger could blank a row's entry there; a row we read
+        signed servers in stays searched while it is cached."""
+        depth = len(self.layer.grid)
+        with self._lock:
+            seen = {int(row.rsplit(".", 2)[1]) for row, (_, found) in self._cache.items()
+                    if row.count(".") == depth == 2 and found}
+        return sorted(set(super().first_coords()) | seen)
+
+    def _live(self, found: dict[int, tuple[str, str]], now: float) -> dict[int, tuple[str, str]]:
+        banned = frozenset(self.banned())
+        return {c: e for c, e in found.items()
+                if e[1] != SIGNED or any(r.peer_id not in banned and r.record.key not in banned
+                                         and self._evicted.get((e[0], r.peer_id), -math.inf) <= now
+                                         for r in self._replicas.get(e[0], ()))}
+
+    def _read(self, prefixes: Sequence[str]) -> None:
+        depth = len(self.layer.grid)
+        rows = [p for p in prefixes if p.count(".") == depth]
+        if len(rows) < len(prefixes):
+            super()._read([p for p in prefixes if p.count(".") != depth])
+        if rows:
+            self._read_rows(rows)
+
+    def _read_rows(self, rows: list[str]) -> None:
+        keys = {row: row_group_keys(self.dht_prefix, row, self.layer.grid[-1]) for row in rows}
+        try:
+            found = read_groups(self.dht, [k for ks in keys.values() for k in ks], banned=frozenset(self.banned()),
+                                timeout=self.lookup_timeout)
+        except Exception as e:  # a failed lookup must not stop training: what is cached serves
+            logger.warning("signed row lookup for %s failed: %s", self.layer.uid_prefix, e)
             return
-        record = call.replica.record
-        self.auditor.sample(lambda: AuditedCall(record.uid, record.peer_id, record.key, call.expert, kind,
-                                                inputs.clone(), answer.clone(), commits,
-                                                None if grads is None else grads.clone()))
+        made = {}
+        for row in rows:
+            for record in (r for key in keys[row] for r in found[key]):
+                made.setdefault(record.uid, []).append(record)
+        with self._lock:
+            now = self.clock()
+            for row in rows:
+                entries = {}
+                for uid in [u for u in made if u.startswith(row) and u.count(".") == row.count(".")]:
+                    entries[int(uid.rsplit(".", 1)[1])] = (uid, SIGNED)
+                    self._replicas[uid] = [self._replica(record) for record in made[uid]]
+                for coord, (uid, _) in self._cache.get(row, (0.0, {}))[1].items():
+                    if coord not in entries:  # a uid whose servers all left: forget them
+                        self._replicas.pop(uid, None)
+                self._cache[row] = (now, entries)
+                self._cache.move_to_end(row)
+            while len(self._cache) > self.max_prefixes:
+                _, (_, dropped) = self._cache.popitem(last=False)
+                for uid, _ in dropped.values():
+                    self._replicas.pop(uid, None)
+
+    def _replica(self, record: ServerRecord) -> Replica:
+        """The replica of ``record``, keeping the rate measured for its server before."""
+        old = next((r for r in self._replicas.get(record.uid, ()) if r.peer_id == record.peer_id), None)
+        if old is not None and old.record == record:
+            return old
+        expert = self.expert(record.uid, record.peer_id)
+        return Replica(record, expert, old.measured if old is not None else None)
+
+
+class ReplicatedGridMoE(_ReplicaRouting, GridRemoteMoE):
+    """``dispatch.GridRemoteMoE`` (a gate per grid dimension, beam search over the rows its tokens reach)
+    over signed servers: each chosen uid's tokens are split over its servers by rate, with failover
+    and audits as in ``ReplicatedRemoteMoE``."""
+
+    def __init__(self, d_model: int, layer: MoELayer, dht: DHT, dht_prefix: str, k_best: int,
+                 forward_timeout: float = 10.0, backward_timeout: float = 10.0, *, max_batch_size: int = 4096,
+                 refresh_period: float = 15.0, evict_for: float = 30.0, auditor: Auditor | None = None,
+                 banned: Callable[[], Collection[str]] = frozenset, **kwargs: Any):
+        super().__init__(d_model, layer, dht, k_best, forward_timeout, backward_timeout,
+                         max_batch_size=max_batch_size, refresh_period=refresh_period, evict_for=evict_for, **kwargs)
+        self.live = SignedGrid(dht, layer, dht_prefix, banned=self._routing(auditor, banned),
+                               refresh_period=refresh_period, evict_for=evict_for,
+                               max_prefixes=self.live.max_prefixes)
+
+    def call_chosen(self, flat: torch.Tensor, chosen: torch.Tensor, uids: list[tuple[str, str]]
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        servers = {i: self.live.replicas(uids[i][0]) for i in chosen.unique().tolist()}
+        if not all(servers.values()):
+            return None
+        calls = plan_replica_calls(chosen, servers, self.max_batch_size)
+        return _ReplicatedCall.apply(flat, calls, chosen.shape[1], self)
+
+
+def replicated_moe(d_model: int, layer: MoELayer, dht: DHT, dht_prefix: str, k_best: int,
+                   forward_timeout: float = 10.0, backward_timeout: float = 10.0, **kwargs: Any
+                   ) -> ReplicatedRemoteMoE | ReplicatedGridMoE:
+    """``dispatch.remote_moe`` over signed servers: the flat gate for small grids, the beam search for
+    large ones (the same rule, ``FLAT_GATE_MAX_UIDS``)."""
+    size = math.prod(layer.grid)
+    kind = ReplicatedGridMoE if len(layer.grid) >= 2 and size > FLAT_GATE_MAX_UIDS else ReplicatedRemoteMoE
+    return kind(d_model, layer, dht, dht_prefix, k_best, forward_timeout, backward_timeout, **kwargs)

@@ -13,7 +13,11 @@ from typing import Collection
 from hivemind import DHT
 
 from coordinator_seeds.audit import Auditor, AuditSettings
-from coordinator_seeds.replicas import ReplicatedRemoteMoE
+from coordinator_seeds.replicas import (
+    ReplicatedGridMoE,
+    ReplicatedRemoteMoE,
+    replicated_moe,
+)
 from volunteer.core.audit_check import ExpertSpec
 from volunteer.core.expert_records import NOBODY, Banned, publish_audits, read_banned
 from volunteer.core.manifest import Manifest, MoELayer
@@ -46,10 +50,12 @@ class TrustedSwarm:
         self._lock = threading.Lock()
 
     def make_moe(self, d_model: int, layer: MoELayer, dht: DHT, k_best: int, forward_timeout: float,
-                 backward_timeout: float, max_batch_size: int) -> ReplicatedRemoteMoE:
-        return ReplicatedRemoteMoE(d_model, layer, dht, self.manifest.dht_prefix, k_best, forward_timeout,
-                                   backward_timeout, max_batch_size=max_batch_size, auditor=self.auditor,
-                                   banned=self.banned)
+                 backward_timeout: float, max_batch_size: int) -> ReplicatedRemoteMoE | ReplicatedGridMoE:
+        """The trainer's layer: ``dispatch.remote_moe``'s choice (flat gate or grid beam search) over
+        signed servers, with replicas, failover and audits."""
+        return replicated_moe(d_model, layer, dht, self.manifest.dht_prefix, k_best, forward_timeout,
+                              backward_timeout, max_batch_size=max_batch_size, auditor=self.auditor,
+                              banned=self.banned)
 
     def banned(self) -> frozenset[str]:
         """The seed's ban list (read at most every ``BANS_PERIOD``) and our own failed audits."""

@@ -170,11 +170,14 @@ class StrangerServer:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.join(timeout=10)
 
-    def stop(self) -> None:
+    def ask_to_stop(self) -> None:
         if self.process.is_alive():
             with contextlib.suppress(OSError):
                 self._conn.send("stop")
-            self.process.join(timeout=20)
+
+    def stop(self) -> None:
+        self.ask_to_stop()
+        self.process.join(timeout=20)
         self.kill()
 
 
@@ -183,6 +186,8 @@ def running(*servers: StrangerServer) -> Iterator[list[StrangerServer]]:
     try:
         yield [s.wait_ready() for s in servers]
     finally:
+        for server in servers:  # all at once: each withdraws its records and shuts down in parallel
+            server.ask_to_stop()
         for server in servers:
             server.stop()
 

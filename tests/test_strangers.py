@@ -1,6 +1,11 @@
 """Strangers in the swarm (issue 14), with real server processes on 127.0.0.1: a hijacker of hivemind's
-unsigned records gets no call, replicas of a uid all serve and fail over within the step, and cheaters
-of four kinds are caught by sampled audits, banned and not credited, while honest servers never are."""
+unsigned records gets no call, replicas of a uid all serve and fail over within the step, cheaters of
+four kinds are caught by sampled audits, banned and not credited, while honest servers never are, and
+a large grid is routed by beam search over the signed rows.
+
+One swarm serves the whole module (``swarm``: eight server processes started at once, ~1 min on two
+shared cores), each test on its own layer or with its own trainer-side auditor, so no test waits for
+a server process to start; only the replicas test kills one (its own layer's)."""
 
 from __future__ import annotations
 
@@ -18,7 +23,11 @@ from stranger_servers import D_MODEL, PREFIX, StrangerServer, running
 
 from coordinator_seeds.audit import Auditor, AuditSettings, calls_to_catch
 from coordinator_seeds.dispatch import BatchedRemoteMoE, shutdown_dht
-from coordinator_seeds.replicas import ReplicatedRemoteMoE
+from coordinator_seeds.replicas import (
+    ReplicatedGridMoE,
+    ReplicatedRemoteMoE,
+    replicated_moe,
+)
 from coordinator_seeds.strangers import expert_specs
 from volunteer.core.manifest import Manifest, MoELayer
 from volunteer.core.records import join_dht, visible_maddrs
@@ -29,11 +38,15 @@ MANIFEST = Manifest.from_dict({
     "schema_version": 1, "name": "strangers-test", "dht_prefix": PREFIX, "d_model": D_MODEL,
     "max_batch_size": 4096, "optimizer": {"name": "adam", "lr": 1e-3},
     "expert_types": [{"name": "small", "block": "residual_ffn", "d_hidden": 32}],
-    "layers": [{"uid_prefix": "tstrange_ffn0", "grid": [2, 5], "expert_type": "small"}],
+    "layers": [{"uid_prefix": "tstrange_ffn0", "grid": [2, 5], "expert_type": "small"},  # cheaters + honest
+               {"uid_prefix": "tstrange_rep", "grid": [1, 4], "expert_type": "small"},  # two replicas
+               {"uid_prefix": "tstrange_big", "grid": [32, 16], "expert_type": "small"}],  # > 256: beam search
     "trainer": {"seq_len": 16, "batch_size": 4, "k_best": 2, "lr": 1e-3},
 })
-LAYER: MoELayer = MANIFEST.layers[0]
-UIDS = LAYER.uids()
+LAYER, REPLICATED, BIG = MANIFEST.layers
+UIDS, REP_UIDS, BIG_UIDS = LAYER.uids(), REPLICATED.uids(), ["tstrange_big.3.5", "tstrange_big.3.6", "tstrange_big.20.1"]
+CHEATS = {"zeros": UIDS[2:4], "random": UIDS[4:6], "frozen": UIDS[6:8], "wrong1in10": UIDS[8:10]}
+AUDIT_RATE = 0.5  # high, so that the tests are short; the odds scale with it (calls_to_catch)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -53,6 +66,23 @@ def peers() -> Iterator[list[str]]:
         bootstrap.shutdown()
 
 
+@pytest.fixture(scope="module")
+def swarm(peers: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, StrangerServer]]:
+    keys = tmp_path_factory.mktemp("keys")
+    servers = {
+        "honest": StrangerServer(peers, UIDS[:2] + BIG_UIDS, "honest", keys / "honest.der"),
+        **{kind: StrangerServer(peers, uids, kind, keys / f"{kind}.der") for kind, uids in CHEATS.items()},
+        "hijacker": StrangerServer(peers, UIDS[:2] + BIG_UIDS[:1], "hijack", keys / "hijacker.der"),
+        # declared rates 20 and 60 samples/s, below what either serves here, so the trainer's measurement
+        # does not lower them; the slow one on hivemind's Server and TaskPools, the fast one lean
+        "slow": StrangerServer(peers, REP_UIDS, "honest", keys / "slow.der", samples_per_second=20.0,
+                               serving="hivemind"),
+        "fast": StrangerServer(peers, REP_UIDS, "honest", keys / "fast.der", samples_per_second=60.0),
+    }
+    with running(*servers.values()):
+        yield servers
+
+
 @pytest.fixture
 def client(peers: list[str]) -> Iterator[DHT]:
     dht = join_dht(PREFIX, peers, client_mode=True)
@@ -62,10 +92,6 @@ def client(peers: list[str]) -> Iterator[DHT]:
         shutdown_dht(dht)
 
 
-def key(tmp_path: Path, name: str) -> Path:
-    return tmp_path / f"{name}-key.der"
-
-
 def step(moe: BatchedRemoteMoE, tokens: int = 64) -> torch.Tensor:
     """One forward and backward through the layer, like a trainer step."""
     x = torch.randn(tokens, D_MODEL, requires_grad=True)
@@ -73,98 +99,110 @@ def step(moe: BatchedRemoteMoE, tokens: int = 64) -> torch.Tensor:
     return x
 
 
-def layer(client: DHT, auditor: Auditor | None = None, **kwargs) -> ReplicatedRemoteMoE:
+def layer(client: DHT, moe_layer: MoELayer = LAYER, auditor: Auditor | None = None, **kwargs) -> ReplicatedRemoteMoE:
     torch.manual_seed(0)
-    return ReplicatedRemoteMoE(D_MODEL, LAYER, client, PREFIX, k_best=2, auditor=auditor, refresh_period=1.0,
-                               evict_for=600.0, **kwargs)
+    return replicated_moe(D_MODEL, moe_layer, client, PREFIX, k_best=2, auditor=auditor, refresh_period=1.0,
+                          evict_for=600.0, **kwargs)
 
 
-def test_a_hijacker_of_unsigned_records_gets_no_call(peers: list[str], client: DHT, tmp_path: Path) -> None:
-    honest = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "honest"))
-    with running(honest):
-        hijacker = StrangerServer(peers, UIDS[:4], "hijack", key(tmp_path, "hijacker"))
-        with running(hijacker):
-            plain = BatchedRemoteMoE(D_MODEL, MoELayer("tstrange_ffn0", (2, 5), "small"), client, k_best=2)
-            # the attack is live: hivemind's own records now name the hijacker for every uid
-            wait_until(lambda: {str(e.peer_id) for e in plain.live.refresh().values()} == {hijacker.peer_id}, 30,
-                       "hivemind's records to name the hijacker")
-            signed = layer(client)
-            wait_until(lambda: len(signed.live.refresh()) == 4, 30, "the four signed records to be found")
-            for _ in range(10):
-                step(signed)
-            assert set(signed.calls_by_peer) == {honest.peer_id}
-            assert signed.answered[honest.peer_id][0] == 10 * 64 * 2  # every token's two choices answered
+def test_a_hijacker_of_unsigned_records_gets_no_call(swarm: dict[str, StrangerServer], client: DHT) -> None:
+    honest, hijacker = swarm["honest"], swarm["hijacker"]
+    plain = BatchedRemoteMoE(D_MODEL, LAYER, client, k_best=2)
+    # the attack is live: hivemind's own records name the hijacker for the honest volunteer's uids
+    wait_until(lambda: {str(e.peer_id) for i, e in plain.live.refresh().items() if i < 2} == {hijacker.peer_id},
+               30, "hivemind's records to name the hijacker")
+    signed = layer(client)
+    wait_until(lambda: len(signed.live.refresh()) == 10, 30, "the ten signed uids to be found")
+    for _ in range(10):
+        step(signed)
+    assert hijacker.peer_id not in signed.calls_by_peer and hijacker.peer_id not in signed.answered
+    assert signed.answered[honest.peer_id][0] > 0 and signed.calls_failed == 0
 
 
-def test_replicas_share_calls_by_rate_and_fail_over_within_the_step(peers: list[str], client: DHT,
-                                                                    tmp_path: Path) -> None:
-    """Shares follow the throughputs the servers' records declare (20 and 60 samples/s, both below what
-    either serves here, so the trainer's measurement does not lower them): within a factor 1.25 of 1:3."""
-    slow = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "slow"), samples_per_second=20.0,
-                          serving="hivemind")  # hivemind's Server and TaskPools, next to the lean path
-    fast = StrangerServer(peers, UIDS[:4], "honest", key(tmp_path, "fast"), samples_per_second=60.0)
-    with running(slow, fast):
-        for server in (slow, fast):  # a plain hivemind client gets the plain answer and trains the expert
-            (expert,) = create_remote_experts([ExpertInfo(UIDS[0], PeerID.from_base58(server.peer_id))], client)
-            x = torch.randn(3, D_MODEL, requires_grad=True)
-            output = expert(x)
-            assert output.shape == x.shape
-            output.sum().backward()
-            assert x.grad is not None and x.grad.shape == x.shape
-        moe = layer(client)
-        wait_until(lambda: sum(map(len, moe.live.refresh().values())) == 8, 30, "both servers of the four uids")
-        for _ in range(10):
-            step(moe)
-        shares = {peer: moe.answered[peer][0] for peer in (slow.peer_id, fast.peer_id)}
-        assert 3 / 1.25 <= shares[fast.peer_id] / shares[slow.peer_id] <= 3 * 1.25, shares
-        assert moe.failovers == 0
-        before = dict(shares)
-        fast.kill()
-        step(moe)  # the killed server's calls fail in this step and go to the other one
-        assert moe.failovers > 0
-        assert moe.answered[slow.peer_id][0] - before[slow.peer_id] == 64 * 2  # every token answered
-        assert moe.answered[fast.peer_id][0] == before[fast.peer_id]
-        for _ in range(3):
-            step(moe)
-        assert moe.answered[slow.peer_id][0] - before[slow.peer_id] == 4 * 64 * 2
-
-
-AUDIT_RATE = 0.5  # high, so that the test is short; the odds scale with it (calls_to_catch)
+def test_replicas_share_calls_by_rate_and_fail_over_within_the_step(swarm: dict[str, StrangerServer],
+                                                                    client: DHT) -> None:
+    """Shares follow the throughputs the servers' records declare: within a factor 1.25 of 1:3."""
+    slow, fast = swarm["slow"], swarm["fast"]
+    for server in (slow, fast):  # a plain hivemind client gets the plain answer and trains the expert
+        (expert,) = create_remote_experts([ExpertInfo(REP_UIDS[0], PeerID.from_base58(server.peer_id))], client)
+        x = torch.randn(3, D_MODEL, requires_grad=True)
+        output = expert(x)
+        assert output.shape == x.shape
+        output.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+    moe = layer(client, REPLICATED)
+    wait_until(lambda: sum(map(len, moe.live.refresh().values())) == 8, 30, "both servers of the four uids")
+    for _ in range(10):
+        step(moe)
+    shares = {peer: moe.answered[peer][0] for peer in (slow.peer_id, fast.peer_id)}
+    assert 3 / 1.25 <= shares[fast.peer_id] / shares[slow.peer_id] <= 3 * 1.25, shares
+    assert moe.failovers == 0
+    before = dict(shares)
+    fast.kill()
+    step(moe)  # the killed server's calls fail in this step and go to the other one
+    assert moe.failovers > 0
+    assert moe.answered[slow.peer_id][0] - before[slow.peer_id] == 64 * 2  # every token answered
+    assert moe.answered[fast.peer_id][0] == before[fast.peer_id]
+    for _ in range(3):
+        step(moe)
+    assert moe.answered[slow.peer_id][0] - before[slow.peer_id] == 4 * 64 * 2
 
 
 @pytest.mark.parametrize("kind, wrong_share", [("zeros", 1.0), ("random", 1.0), ("frozen", 1.0),
                                                ("wrong1in10", 0.1)])
-def test_cheaters_are_caught_banned_and_not_credited(peers: list[str], client: DHT, tmp_path: Path, kind: str,
+def test_cheaters_are_caught_banned_and_not_credited(swarm: dict[str, StrangerServer], client: DHT, kind: str,
                                                      wrong_share: float) -> None:
-    """A cheater serving two uids next to an honest server of two others: caught within the calls the
-    audit rate predicts (99.9 % odds), banned (no call after), no credit; the honest one never flagged.
-    A frozen copy's forward answers are right: only its backward answers are wrong (their optimizer
-    step does not move the weights), half of its calls."""
-    honest = StrangerServer(peers, UIDS[:2], "honest", key(tmp_path, "honest"))
-    cheater = StrangerServer(peers, UIDS[2:4], kind, key(tmp_path, kind))
+    """Each cheater serves two uids next to the honest server's two (and the other cheaters'): caught
+    within the calls the audit rate predicts (99.9 % odds), banned (no call after), no credit; the
+    honest one never flagged. A frozen copy's forward answers are right: only its backward answers
+    are wrong (their optimizer step does not move the weights), half of its calls."""
+    honest, cheater = swarm["honest"], swarm[kind]
     auditor = Auditor(expert_specs(MANIFEST), AuditSettings(rate=AUDIT_RATE, seed=1))
     share = wrong_share / 2 if kind == "frozen" else wrong_share
-    with running(honest, cheater):
-        moe = layer(client, auditor)
-        wait_until(lambda: len(moe.live.refresh()) == 4, 30, "the four signed records")
+    try:
+        moe = layer(client, auditor=auditor)
+        wait_until(lambda: len(moe.live.refresh()) == 10, 30, "the ten signed uids")
         budget = calls_to_catch(AUDIT_RATE, share, confidence=0.999)
         while cheater.peer_id not in auditor.banned() and moe.calls_by_peer.get(cheater.peer_id, 0) <= budget:
             step(moe)
             auditor.wait_idle()
         calls = moe.calls_by_peer.get(cheater.peer_id, 0)
         assert cheater.peer_id in auditor.banned(), f"not caught in {calls} calls (budget {budget})"
-        assert kind != "frozen" or "optimizer step" in auditor.failures[-1], auditor.failures
+        mine = [line for line in auditor.failures if cheater.peer_id in line]
+        assert kind != "frozen" or "optimizer step" in mine[0], mine
         for _ in range(3):
             step(moe)
         auditor.wait_idle()
         assert moe.calls_by_peer[cheater.peer_id] == calls  # banned: no call after the verdict
         assert honest.peer_id not in auditor.banned() and auditor.credited(honest.peer_id)
         assert not auditor.credited(cheater.peer_id)
-    auditor.shutdown()
+    finally:
+        auditor.shutdown()
 
 
-def test_the_seeds_ban_list_is_followed_and_anyone_elses_ignored(peers: list[str], client: DHT,
-                                                                 tmp_path: Path) -> None:
+def test_a_large_grid_is_routed_over_signed_rows_and_audited(swarm: dict[str, StrangerServer], client: DHT) -> None:
+    """A 32 x 16 layer (512 uids, above the flat gate's 256) takes ``dispatch.GridRemoteMoE``'s beam search
+    over the signed row records: only the honest server's three uids are live (the hijacker's hivemind
+    record of one of them counts for nothing), every call goes to it, and its audited calls all pass."""
+    honest, hijacker = swarm["honest"], swarm["hijacker"]
+    auditor = Auditor(expert_specs(MANIFEST), AuditSettings(rate=1.0, seed=2))
+    try:
+        moe = layer(client, BIG, auditor=auditor)
+        assert isinstance(moe, ReplicatedGridMoE)
+        wait_until(lambda: set(moe.live.refresh()) == set(BIG_UIDS), 30, "the three signed uids of the grid")
+        for _ in range(4):
+            step(moe)
+        auditor.wait_idle()
+        assert set(moe.calls_by_peer) == {honest.peer_id} and hijacker.peer_id not in moe.answered
+        assert moe.calls_failed == 0 and moe.last_live_count == 3
+        audited, passed = auditor.verdicts()[honest.peer_id]
+        assert audited == passed >= 8 and auditor.credited(honest.peer_id), auditor.failures
+    finally:
+        auditor.shutdown()
+
+
+def test_the_seeds_ban_list_is_followed_and_anyone_elses_ignored(swarm: dict[str, StrangerServer], peers: list[str],
+                                                                 client: DHT, tmp_path: Path) -> None:
     from coordinator_seeds.strangers import TrustedSwarm
     from volunteer.core.expert_records import publish_banned, read_banned
     from volunteer.core.records import (
@@ -174,23 +212,21 @@ def test_the_seeds_ban_list_is_followed_and_anyone_elses_ignored(peers: list[str
         use_record_key,
     )
 
-    honest = StrangerServer(peers, UIDS[:2], "honest", key(tmp_path, "honest"))
-    banned = StrangerServer(peers, UIDS[2:4], "honest", key(tmp_path, "banned"))
-    with running(honest, banned):
-        seed_key, rogue_key = key(tmp_path, "seed"), key(tmp_path, "rogue")
-        for signer, peer in ((seed_key, banned.peer_id), (rogue_key, honest.peer_id)):
-            use_record_key(signer)  # the DHT's validator signs with the key installed when it is built
-            dht = join_dht(PREFIX, peers, client_mode=True)
-            try:
-                assert publish_banned(dht, PREFIX, [], [peer])
-            finally:
-                shutdown_dht(dht)
-        use_record_key(key(tmp_path, "trainer"))  # the trainer's own key: its own bans count too
-        seed = key_fingerprint(owner_subkey_of(record_key(seed_key)))
-        assert set(read_banned(client, PREFIX, {seed})) == {banned.peer_id}  # the rogue's list is not the seed's
-        trust = TrustedSwarm(MANIFEST, client, None, trusted_ban_keys=(seed,))
-        moe = trust.make_moe(D_MODEL, LAYER, client, 2, 10.0, 10.0, 4096)
-        wait_until(lambda: len(moe.live.refresh()) == 2, 30, "the honest server's two uids")
-        for _ in range(3):
-            step(moe)
-        assert set(moe.calls_by_peer) == {honest.peer_id}
+    honest, banned = swarm["honest"], swarm["zeros"]
+    seed_key, rogue_key = tmp_path / "seed.der", tmp_path / "rogue.der"
+    for signer, peer in ((seed_key, banned.peer_id), (rogue_key, honest.peer_id)):
+        use_record_key(signer)  # the DHT's validator signs with the key installed when it is built
+        dht = join_dht(PREFIX, peers, client_mode=True)
+        try:
+            assert publish_banned(dht, PREFIX, [], [peer])
+        finally:
+            shutdown_dht(dht)
+    use_record_key(tmp_path / "trainer.der")  # the trainer's own key: its own bans count too
+    seed = key_fingerprint(owner_subkey_of(record_key(seed_key)))
+    assert set(read_banned(client, PREFIX, {seed})) == {banned.peer_id}  # the rogue's list is not the seed's
+    trust = TrustedSwarm(MANIFEST, client, None, trusted_ban_keys=(seed,))
+    moe = trust.make_moe(D_MODEL, LAYER, client, 2, 10.0, 10.0, 4096)
+    wait_until(lambda: len(moe.live.refresh()) == 8, 30, "the uids of everyone but the banned server")
+    for _ in range(3):
+        step(moe)
+    assert honest.peer_id in moe.calls_by_peer and banned.peer_id not in moe.calls_by_peer
