@@ -21,9 +21,11 @@ import pytest
 import torch
 
 from coordinator_seeds.dispatch import GridRemoteMoE, remote_moe, shutdown_dht
+from coordinator_seeds.replicas import ReplicatedGridMoE
+from coordinator_seeds.strangers import TrustedSwarm
 from coordinator_seeds.trainer import TrainerSettings, train
 from tests.conftest import Processes, wait_for
-from volunteer.core import dht_calls, records
+from volunteer.core import dht_calls, expert_records, records
 from volunteer.core.harness import start_seed, start_volunteer
 from volunteer.core.manifest import loads
 from volunteer.core.seed_client import fetch_experiment
@@ -140,6 +142,10 @@ def test_no_dht_request_exceeds_the_key_bound(seed) -> None:
         assert isinstance(moe, GridRemoteMoE)
         assert torch.equal(moe(torch.randn(4, 8, 32)), torch.zeros(4, 8, 32))  # no server: identity
         records.read_volunteers(dht, prefix)
+        signed = TrustedSwarm(manifest, dht, None).make_moe(32, manifest.layers[0], dht, 2, 5.0, 5.0, 4096)
+        assert isinstance(signed, ReplicatedGridMoE)  # the project's trainer: beam search over signed rows
+        assert torch.equal(signed(torch.randn(4, 8, 32)), torch.zeros(4, 8, 32))
+        assert not any(expert_records.read_servers(dht, prefix, uids).values())
         assert dht.is_alive()
         assert max(dht.requests) <= dht_calls.MAX_KEYS_PER_CALL, dht.requests
         assert sum(dht.requests) >= 4096 + 1000  # the bound held because the keys went in batches
@@ -149,7 +155,7 @@ def test_no_dht_request_exceeds_the_key_bound(seed) -> None:
 
 DEAD_DHT = textwrap.dedent("""
     import sys, time
-    from volunteer.core import dht_calls, records
+    from volunteer.core import dht_calls, expert_records, records
     dht = records.join_dht(sys.argv[1], sys.argv[2:], client_mode=True)
     dht.kill()
     dht.join(10)
@@ -236,5 +242,9 @@ def test_the_swarm_view_covers_the_served_uids(big) -> None:
         rows = {re.sub(r"\.\d+$", ".", uid) for uid in served}
         root = dht_calls.active_successors(dht, ["big_ffn0."])["big_ffn0."]
         assert {f"big_ffn0.{row}." for row in root} == rows  # our volunteers name their rows in the root
+        dht.requests.clear()  # the signed records balancing counts: 64 group keys for 4,096 uids, one call
+        signed = expert_records.read_servers(dht, big.manifest.dht_prefix, big.manifest.all_uids())
+        assert {uid for uid, found in signed.items() if found} == served and dht.requests == [64]
+        assert all(len(signed[uid]) == 1 for uid in served)  # one server each: nobody doubles a uid
     finally:
         shutdown_dht(dht)

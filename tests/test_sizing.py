@@ -56,11 +56,14 @@ def test_expert_cost_adds_up() -> None:
     assert (cost.params, cost.weights, cost.grads, cost.optimizer) == (params, 4 * params, 4 * params, 8 * params)
     assert cost.activations == (3 * 256 + 4 * 64) * 1024 * 4 * 2
     assert cost.overhead == CPU_EXPERT_OVERHEAD
-    assert cost.total == 16 * params + cost.activations + CPU_EXPERT_OVERHEAD
+    # 16 versions kept for audits: weights and Adam's two states, and the step's inputs and gradients
+    assert cost.audit == 16 * 4 * (3 * params + 2 * 1024 * 64)
+    assert cost.total == 16 * params + cost.activations + CPU_EXPERT_OVERHEAD + cost.audit
     assert expert_cost(DEFAULT, small, 1024, "cuda").overhead == GPU_EXPERT_OVERHEAD
+    assert expert_cost(DEFAULT, small, 1024, "cuda").audit == 0  # in host memory, not the GPU's budget
     sgd = Manifest.from_dict({**DEFAULT.to_dict(), "optimizer": {"name": "sgd", "lr": 0.1}})
     assert expert_cost(sgd, small, 1024, "cpu").optimizer == 0
-    assert cost.tensors == cost.total - CPU_EXPERT_OVERHEAD and (cost.batch_size, cost.dtype) == (1024, "float32")
+    assert cost.tensors == cost.total - CPU_EXPERT_OVERHEAD - cost.audit and (cost.batch_size, cost.dtype) == (1024, "float32")
 
 
 def test_optimizer_state_per_optimizer() -> None:

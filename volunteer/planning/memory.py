@@ -18,6 +18,7 @@ from volunteer.core.blocks import BLOCKS, OPTIMIZERS
 from volunteer.core.manifest import ExpertType, Manifest, Optimizer
 from volunteer.host.hardware import HardwareProfile
 from volunteer.planning.devices import Device, find_gpu
+from volunteer.serving.versions import version_bytes, versions_to_keep
 
 MiB = 2**20
 GiB = 2**30
@@ -58,6 +59,9 @@ class ExpertCost:
     overhead: int
     batch_size: int = 0
     dtype: str = "float32"
+    # the versions kept for audits (``serving.versions.VersionStore``), in host memory: counted here on
+    # a CPU; a GPU's copies leave its budget alone (0 here), like GPU_HOST_OVERHEAD
+    audit: int = 0
 
     @property
     def tensors(self) -> int:
@@ -67,7 +71,7 @@ class ExpertCost:
     @computed_field  # in the JSON too, for `volunteer hardware --json` readers; ignored when read back
     @property
     def total(self) -> int:
-        return self.tensors + self.overhead
+        return self.tensors + self.overhead + self.audit
 
 
 def optimizer_states(optimizer: Optimizer) -> int:
@@ -97,7 +101,17 @@ def expert_cost(
         overhead=GPU_EXPERT_OVERHEAD if device_kind == "cuda" else CPU_EXPERT_OVERHEAD,
         batch_size=batch_size,
         dtype=dtype,
+        audit=0 if device_kind == "cuda" else audit_bytes(params, optimizer_states(manifest.optimizer),
+                                                          batch_size, manifest.d_model),
     )
+
+
+def audit_bytes(params: int, optimizer_states: int, batch_size: int, d_model: int) -> int:
+    """Host memory of the versions one expert keeps to reveal them to audits: up to ``KEEP_VERSIONS``
+    copies of its fp32 weights and optimizer state, each with the batch (inputs and gradients) of the
+    step that made it, at most ``AUDIT_MEMORY_CAP`` beyond two versions. Bounded whatever the traffic."""
+    one = version_bytes(params, optimizer_states, batch_size, d_model)
+    return versions_to_keep(one) * one
 
 
 # --- budget and reserve --------------------------------------------------------------------------

@@ -45,6 +45,20 @@ from volunteer.serving.handler import _deliverer
 logger = logging.getLogger(__name__)
 KEEP_VERSIONS = 16
 KEEP_FOR = 60.0  # seconds; a trainer asks within a step or two of the answer
+# Host memory one expert's kept versions may take: a large expert keeps fewer versions (each one is a
+# copy of its weights and optimizer state), never fewer than a trained version and its parent.
+AUDIT_MEMORY_CAP = 256 * 2**20
+MIN_VERSIONS = 2
+
+
+def version_bytes(params: int, optimizer_states: int, batch_size: int, d_model: int) -> int:
+    """One kept version in fp32: weights and optimizer state, and the inputs and gradients of its step."""
+    return 4 * (params * (1 + optimizer_states) + 2 * batch_size * d_model)
+
+
+def versions_to_keep(one_version: int) -> int:
+    """How many versions an expert keeps: ``KEEP_VERSIONS``, fewer where they would exceed the cap."""
+    return max(MIN_VERSIONS, min(KEEP_VERSIONS, AUDIT_MEMORY_CAP // max(1, one_version)))
 
 
 def _copy_state(state):
@@ -139,9 +153,14 @@ def _nbytes(value) -> int:
 class AuditedBackend(CountingBackend):
     """A CountingBackend whose answers carry commitments, and whose versions can be revealed."""
 
-    def __init__(self, name: str, module: torch.nn.Module, *, keep: int = KEEP_VERSIONS, keep_for: float = KEEP_FOR,
+    def __init__(self, name: str, module: torch.nn.Module, *, keep: int | None = None, keep_for: float = KEEP_FOR,
                  **kwargs):
         super().__init__(name, module, **kwargs)
+        if keep is None:  # as the memory plan counts it (``planning.memory.audit_bytes``)
+            states = 2 if type(self.optimizer).__name__.startswith("Adam") else 1
+            d_model = self.args_schema[0].size[1]
+            params = sum(p.numel() for p in module.parameters())
+            keep = versions_to_keep(version_bytes(params, states, self.max_batch_size, d_model))
         # hivemind's schemas stay those of one output: its ConnectionHandler serializes only what they
         # list, so plain hivemind clients get the answer alone; ``RevealService`` answers the project's
         # trainers with the commitment too (AUDITED_FORWARD / AUDITED_BACKWARD)
