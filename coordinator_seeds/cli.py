@@ -101,6 +101,8 @@ def train(
     key: Optional[Path] = typer.Option(None, help="Key that signs the contributions it publishes (default: "
                                                   "trainer-key.der in the coordinator's data dir, the one "
                                                   "a seed on this machine trusts)."),
+    audit_rate: float = typer.Option(0.02, help="Share of expert calls audited (commit, then reveal); 0 turns "
+                                                "audits off, and then no server earns credit."),
 ) -> None:
     """Train the experiment's model through the swarm's experts, logging the loss."""
     from coordinator_seeds.trainer import TrainerSettings, untrusted_key_warning
@@ -124,8 +126,12 @@ def train(
         key_path = key or default_paths("hivemind-coordinator").data_dir / TRAINER_KEY
         if coordinator and (warning := untrusted_key_warning(coordinator, key_path)):
             typer.echo(f"warning: {warning}", err=True)
+        if not 0.0 <= audit_rate <= 1.0:
+            raise ValueError(f"--audit-rate must be between 0 and 1, got {audit_rate}")
+        from coordinator_seeds.audit import AuditSettings
+
         run_training(TrainerSettings(manifest, tuple(peers), steps=steps, log_every=log_every, idle_wait=idle_wait,
-                                     key_path=key_path, host=host))
+                                     key_path=key_path, host=host, audit=AuditSettings(rate=audit_rate)))
     except (CoordinatorError, ManifestError, ValueError, OSError) as e:
         raise _fail(e)
     except KeyboardInterrupt:

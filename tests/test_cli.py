@@ -80,7 +80,7 @@ def test_version(home: Path):
         pytest.param([*VOLUNTEER, "demo", "--help"], ["--volunteers", "--steps"], id="demo"),
         pytest.param([*SEED, "--help"], ["run", "train"], id="seed"),
         pytest.param([*SEED, "run", "--help"], ["--http-port", "--experiment"], id="seed-run"),
-        pytest.param([*SEED, "train", "--help"], ["--coordinator", "--steps"], id="seed-train"),
+        pytest.param([*SEED, "train", "--help"], ["--coordinator", "--steps", "--audit-rate"], id="seed-train"),
     ],
 )
 def test_help(home: Path, argv: list[str], expected: list[str]):
@@ -88,6 +88,13 @@ def test_help(home: Path, argv: list[str], expected: list[str]):
     assert result.returncode == 0, result.stderr
     for word in expected:
         assert word in result.stdout, f"{word} missing from {argv} --help"
+
+
+def test_train_refuses_an_audit_rate_outside_0_to_1(home: Path):
+    result = run([*SEED, "train", "--initial-peers", "/ip4/127.0.0.1/tcp/9", "--audit-rate", "2"], home)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].endswith("--audit-rate must be between 0 and 1, got 2.0"), \
+        result.stderr
 
 
 def test_start_has_one_option_per_setting_with_its_spellings_and_help():

@@ -105,7 +105,13 @@ def raw_call(served: Served, rpc: str, tensors: list, uid: str | None = None,
     none = runtime_pb2.CompressionType.NONE
     serialized = [t if isinstance(t, runtime_pb2.Tensor) else serialize_torch_tensor(t, none) for t in tensors]
     plain = [t for t in tensors if isinstance(t, torch.Tensor)]
-    call = expert_forward if rpc == "forward" else expert_backward
+    if rpc.startswith("audited "):  # the project's audited handlers (VolunteerAudit.*), same checks
+        from coordinator_seeds.replicas import audited_rpc
+        from volunteer.core.audit_check import AUDITED_BACKWARD, AUDITED_FORWARD
+
+        call = audited_rpc(AUDITED_FORWARD if rpc == "audited forward" else AUDITED_BACKWARD)
+    else:
+        call = expert_forward if rpc == "forward" else expert_backward
     future = RemoteExpertWorker.run_coroutine(call(uid or served.expert.uid, plain, serialized, served.expert.stub),
                                               return_future=True)
     try:
@@ -139,6 +145,16 @@ REJECTED = [
     ("backward-float64", "backward",
      lambda m: [torch.randn(3, D, dtype=torch.float64), torch.randn(3, D, dtype=torch.float64)], None),
     ("backward-no-grad", "backward", lambda m: [torch.randn(3, D)], None),
+    # the same requests to the audited handlers, which the lean path's device worker computes too
+    ("audited-forward-last-dim-31", "audited forward", lambda m: [torch.randn(3, D - 1)], None),
+    ("audited-forward-float64", "audited forward", lambda m: [torch.randn(3, D, dtype=torch.float64)], None),
+    ("audited-forward-over-max-batch-size", "audited forward", lambda m: [torch.randn(m + 1, D)], None),
+    ("audited-forward-no-tensors", "audited forward", lambda m: [], None),
+    ("audited-forward-nan", "audited forward", lambda m: [torch.full((3, D), float("nan"))], None),
+    ("audited-forward-unknown-uid", "audited forward", lambda m: [torch.randn(3, D)], "testlm_ffn9.9.9"),
+    ("audited-backward-grad-batch-differs", "audited backward",
+     lambda m: [torch.randn(3, D), torch.randn(4, D)], None),
+    ("audited-backward-no-grad", "audited backward", lambda m: [torch.randn(3, D)], None),
 ]
 
 
@@ -170,6 +186,27 @@ def test_malformed_request_is_rejected(served: Served, rpc: str, make, uid: str 
 
     with pytest.raises(P2PHandlerError):
         raw_call(served, rpc, make(served.max_batch_size), uid=uid)
+    assert served.child.proc.poll() is None, served.child.tail(20)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("uid, version", [(UID, b"not a number"), (UID, b"\xff\xfe"), (UID, b"-1"), (UID, b"99999"),
+                                          ("testlm_ffn9.9.9", b"0")])
+def test_a_reveal_of_what_is_not_kept_answers_nothing(served: Served, uid: str, version: bytes):
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from hivemind.proto import runtime_pb2
+
+    from volunteer.core.audit_check import REVEAL_RPC
+
+    stub = served.expert.stub
+    request = runtime_pb2.ExpertRequest(uid=uid, metadata=version)
+    future = RemoteExpertWorker.run_coroutine(
+        stub._p2p.call_protobuf_handler(stub._peer, REVEAL_RPC, request, runtime_pb2.ExpertResponse),
+        return_future=True)
+    try:
+        assert future.result(15.0).metadata == b""
+    finally:
+        future.cancel()
     assert served.child.proc.poll() is None, served.child.tail(20)
 
 
