@@ -9,7 +9,7 @@ PY=${PYTHON:-.venv/bin/python}
 LOGS=${BENCH_LOGS:-$(mktemp -d -t hivemind-bench-logs-XXXXXX)}
 mkdir -p "$LOGS"
 BENCHES=("$@")
-[ ${#BENCHES[@]} -eq 0 ] && BENCHES=(served_vs_local client_vs_hivemind idle_cpu join_time trainer_dispatch swarm_scaling dashboard_cost)
+[ ${#BENCHES[@]} -eq 0 ] && BENCHES=(served_vs_local client_vs_hivemind idle_cpu join_time trainer_dispatch swarm_scaling dashboard_cost audit_overhead)
 
 echo "$(date -u +%FT%TZ) $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1 /proc/loadavg); logs in $LOGS"
 failed=0
