@@ -39,7 +39,7 @@ import pydantic.v1 as pydantic
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
-from volunteer.core.dht_calls import batches, get_many, wait_result
+from volunteer.core.dht_calls import batches, get_many, get_one, wait_result
 from volunteer.core.records import RECORD_TTL, key_fingerprint, owner_subkey
 
 GROUP_WIDTH = 64  # uids of one row under one key: a 64-wide row is one key
@@ -218,13 +218,15 @@ NOBODY = Banned(frozenset(), frozenset())
 def publish_banned(dht: DHT, dht_prefix: str, keys: Iterable[str], peers: Iterable[str],
                    ttl: float = RECORD_TTL) -> bool:
     value = dict(keys=sorted(set(keys)), peers=sorted(set(peers)), time=float(time.time()))
-    return bool(dht.store(f"{dht_prefix}_banned", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
+    future = dht.store(f"{dht_prefix}_banned", value, get_dht_time() + ttl, subkey=owner_subkey(dht),
+                       return_future=True)
+    return bool(wait_result(dht, future, "publishing the ban list"))
 
 
 def read_banned(dht: DHT, dht_prefix: str, trusted: Collection[bytes | str]) -> Banned:
     """The union of the ban lists signed by ``trusted`` keys (the seed's: its subkey, or its fingerprint
     as ``/v1/trust`` gives it); others' lists are ignored."""
-    found = dht.get(f"{dht_prefix}_banned", latest=True)
+    found = get_one(dht, f"{dht_prefix}_banned", latest=True)  # bounded: a dead DHT is an error
     keys: set[str] = set()
     peers: set[str] = set()
     if found is not None and isinstance(found.value, dict):
@@ -256,12 +258,14 @@ def publish_audits(dht: DHT, dht_prefix: str, run: str, peers: Mapping[str, tupl
                    failed_keys: Iterable[str], failed_peers: Iterable[str], ttl: float = RECORD_TTL) -> bool:
     value = dict(run=run, peers={p: [int(a), int(ok)] for p, (a, ok) in peers.items()},
                  failed_keys=sorted(set(failed_keys)), failed_peers=sorted(set(failed_peers)), time=float(time.time()))
-    return bool(dht.store(f"{dht_prefix}_audits", value, get_dht_time() + ttl, subkey=owner_subkey(dht)))
+    future = dht.store(f"{dht_prefix}_audits", value, get_dht_time() + ttl, subkey=owner_subkey(dht),
+                       return_future=True)
+    return bool(wait_result(dht, future, "publishing the audits' verdicts"))
 
 
 def read_audits(dht: DHT, dht_prefix: str) -> list[AuditVerdicts]:
     """Every trainer's verdicts; which to believe is the reader's choice (the seed: its trusted key)."""
-    found = dht.get(f"{dht_prefix}_audits", latest=True)
+    found = get_one(dht, f"{dht_prefix}_audits", latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
     verdicts = []
