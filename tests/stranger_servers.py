@@ -24,8 +24,8 @@ from hivemind.utils.tensor_descr import BatchTensorDescriptor
 from volunteer.core import records
 from volunteer.core.expert_modules import build_expert, build_optimizer
 from volunteer.core.expert_records import publish_servers, withdraw_servers
-from volunteer.node.stats import ExpertCounters
 from volunteer.serving.backends import initial_seed
+from volunteer.serving.counters import ExpertCounters
 from volunteer.serving.handler import LeanServer
 from volunteer.serving.versions import AuditedBackend, RevealService
 

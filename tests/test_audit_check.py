@@ -3,15 +3,18 @@ the check is meant to catch, caught; the reading side of signed server records d
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 from typing import Iterator
 
 import pytest
 import torch
+from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from coordinator_seeds.audit import calls_to_catch
 from coordinator_seeds.replicas import split_tokens
 from volunteer.core.audit_check import (
+    FORWARD_COMMIT,
     AuditFailed,
     Commitment,
     ExpertSpec,
@@ -21,7 +24,9 @@ from volunteer.core.audit_check import (
 )
 from volunteer.core.expert_modules import build_expert, build_optimizer
 from volunteer.core.expert_records import group_key, parse_group, row_group_keys
-from volunteer.serving.versions import VersionStore
+from volunteer.serving.batching import DeviceWorker, Task
+from volunteer.serving.counters import ExpertCounters
+from volunteer.serving.versions import AuditedBackend, VersionStore
 
 SPEC = ExpertSpec("residual_ffn", 8, 16, "adam", 1e-3)
 
@@ -62,16 +67,42 @@ class Expert:
         return Reveal.from_bytes(self.versions.reveal(version).to_bytes())  # through the wire format
 
 
-def test_an_honest_server_is_never_flagged_over_a_thousand_audited_calls() -> None:
-    expert, audited = Expert(), 0
-    for _ in range(500):
-        x, g = torch.randn(int(torch.randint(1, 64, ())), SPEC.d_model), None
-        output, commit = expert.forward(x)
-        check_forward(SPEC, commit, expert.reveal(commit.version), x, output)
-        g = torch.randn_like(x) * 10 ** float(torch.empty(()).uniform_(-4, 1))  # gradients of every scale
-        grad, before, after = expert.backward(x, g)
-        check_backward(SPEC, before, after, expert.reveal(after.version), x, g, grad)
-        audited += 2
+def test_an_honest_lean_server_is_never_flagged_over_a_thousand_audited_calls() -> None:
+    """The lean path's own pieces (``AuditedBackend`` on a ``DeviceWorker``, which may merge the two
+    callers' tasks of a round into one batch) answer 1,000 audited calls, each checked; none flagged."""
+    torch.manual_seed(0)
+    module = build_expert(SPEC.block, SPEC.d_model, SPEC.d_hidden)
+    backend = AuditedBackend("u.0", module, optimizer=build_optimizer(SPEC.optimizer, module.parameters(), SPEC.lr),
+                             expert_type="small", counters=ExpertCounters("u.0", "small"),
+                             args_schema=(BatchTensorDescriptor.from_tensor(torch.empty(1, SPEC.d_model)),),
+                             min_batch_size=1, max_batch_size=256, pools=False)
+    worker = DeviceWorker("cpu", {"u.0": backend})
+    worker.start()
+
+    def answers(kind: str, calls: list[list[torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
+        futures = [concurrent.futures.Future() for _ in calls]
+        for inputs, future in zip(calls, futures):
+            worker.submit(Task("u.0", kind, inputs, deliver=lambda outcome, f=future: f.set_result(outcome)))
+        return [future.result(timeout=30) for future in futures]
+
+    def reveal(version: int) -> Reveal:
+        return Reveal.from_bytes(backend.reveal(version).to_bytes())  # through the wire format
+
+    audited = 0
+    try:
+        for _ in range(250):
+            xs = [torch.randn(int(torch.randint(1, 64, ())), SPEC.d_model) for _ in range(2)]
+            for x, (output, rows) in zip(xs, answers("forward", [[x] for x in xs])):
+                commit = Commitment.of_row(rows[0])
+                check_forward(SPEC, commit, reveal(commit.version), x, output)
+            gs = [torch.randn_like(x) * 10 ** float(torch.empty(()).uniform_(-4, 1)) for x in xs]  # every scale
+            for x, g, (grad, rows) in zip(xs, gs, answers("backward", [[x, g] for x, g in zip(xs, gs)])):
+                before, after = Commitment.of_row(rows[0, :FORWARD_COMMIT]), Commitment.of_row(rows[0, FORWARD_COMMIT:])
+                check_backward(SPEC, before, after, reveal(after.version), x, g, grad)
+            audited += 4
+    finally:
+        worker.stop()
+        worker.join(10)
     assert audited >= 1000
 
 
