@@ -105,6 +105,8 @@ def train(
                                                 "audits off, and then no server earns credit."),
 ) -> None:
     """Train the experiment's model through the swarm's experts, logging the loss."""
+    if not 0.0 <= audit_rate <= 1.0:  # before the heavy imports: a typo answers at once
+        raise _fail(ValueError(f"--audit-rate must be between 0 and 1, got {audit_rate}"))
     from coordinator_seeds.trainer import TrainerSettings, untrusted_key_warning
     from coordinator_seeds.trainer import train as run_training
     from volunteer.core.manifest import ManifestError
@@ -126,8 +128,6 @@ def train(
         key_path = key or default_paths("hivemind-coordinator").data_dir / TRAINER_KEY
         if coordinator and (warning := untrusted_key_warning(coordinator, key_path)):
             typer.echo(f"warning: {warning}", err=True)
-        if not 0.0 <= audit_rate <= 1.0:
-            raise ValueError(f"--audit-rate must be between 0 and 1, got {audit_rate}")
         from coordinator_seeds.audit import AuditSettings
 
         run_training(TrainerSettings(manifest, tuple(peers), steps=steps, log_every=log_every, idle_wait=idle_wait,
