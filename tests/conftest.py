@@ -24,7 +24,7 @@ import pytest
 
 from coordinator_seeds.dispatch import shutdown_dht
 from volunteer.core import records
-from volunteer.core.harness import ChildProcess, start_seed
+from volunteer.core.harness import ChildProcess, start_seed, stop_together
 from volunteer.core.seed_client import fetch_experiment
 
 
@@ -88,10 +88,10 @@ class Processes:
         return child
 
     def stop_all(self) -> None:
-        for child in reversed(self.children):
-            try:
-                child.stop(timeout=20)
-            except Exception:
+        try:
+            stop_together(self.children, timeout=20)
+        except Exception:
+            for child in self.children:
                 if child.proc.poll() is None:
                     os.killpg(child.proc.pid, signal.SIGKILL)
 
