@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 demo: $(VENV)/.installed
 	$(VENV)/bin/volunteer demo $(ARGS)
 
+# TEST_JOBS workers (pytest-xdist), each taking whole files (--dist loadfile: a file's module-scoped
+# seed and lab stay on one worker). TEST_JOBS=0 runs the suite in this process, one test at a time.
+TEST_JOBS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) $(ARGS)
 
 # The release artifact: dist/hivemind_volunteer-<version>-py3-none-any.whl, without dependencies
 # (torch is chosen where it is installed; see the README's "Install").

@@ -24,39 +24,42 @@ import pytest
 
 from coordinator_seeds.dispatch import shutdown_dht
 from volunteer.core import records
-from volunteer.core.harness import ChildProcess, start_seed
+from volunteer.core.harness import ChildProcess, start_seed, stop_together
 from volunteer.core.seed_client import fetch_experiment
 
+
+def grid_manifest(name: str, grids: list[tuple[int, ...]], *, d_model: int = 32, d_hidden: int = 64) -> str:
+    """A one-expert-type experiment named ``name`` with one layer ``<name>_ffn<i>`` per grid."""
+    layers = "".join(
+        f'\n[[layers]]\nuid_prefix = "{name}_ffn{i}"\ngrid = {list(grid)}\nexpert_type = "small"\n'
+        for i, grid in enumerate(grids)
+    )
+    return textwrap.dedent(f"""
+        schema_version = 1
+        name = "{name}"
+        dht_prefix = "{name}"
+        d_model = {d_model}
+        max_batch_size = 2048
+
+        [optimizer]
+        name = "adam"
+        lr = 0.003
+
+        [[expert_types]]
+        name = "small"
+        block = "residual_ffn"
+        d_hidden = {d_hidden}
+
+        [trainer]
+        seq_len = 32
+        batch_size = 8
+        k_best = 2
+        lr = 0.003
+        """) + layers
+
+
 # Small enough for a 2-core CI box, big enough that each volunteer hosts several experts.
-TEST_MANIFEST = textwrap.dedent(
-    """
-    schema_version = 1
-    name = "test-lm"
-    dht_prefix = "testlm"
-    d_model = 32
-    max_batch_size = 2048
-
-    [optimizer]
-    name = "adam"
-    lr = 0.003
-
-    [[expert_types]]
-    name = "small"
-    block = "residual_ffn"
-    d_hidden = 64
-
-    [[layers]]
-    uid_prefix = "testlm_ffn0"
-    grid = [2, 4]
-    expert_type = "small"
-
-    [trainer]
-    seq_len = 32
-    batch_size = 8
-    k_best = 2
-    lr = 0.003
-    """
-)
+TEST_MANIFEST = grid_manifest("testlm", [(2, 4)]).replace('name = "testlm"', 'name = "test-lm"', 1)
 
 
 @pytest.fixture(autouse=True)
@@ -85,10 +88,10 @@ class Processes:
         return child
 
     def stop_all(self) -> None:
-        for child in reversed(self.children):
-            try:
-                child.stop(timeout=20)
-            except Exception:
+        try:
+            stop_together(self.children, timeout=20)
+        except Exception:
+            for child in self.children:
                 if child.proc.poll() is None:
                     os.killpg(child.proc.pid, signal.SIGKILL)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import array
 import heapq
+import os
 import random
 import select
 import socket
@@ -112,6 +113,13 @@ def main() -> None:
     parser.add_argument("--jitter", type=float, default=0.0, help="seconds, uniform, added to the delay")
     parser.add_argument("--loss", type=float, default=0.0, help="fraction of frames dropped")
     args = parser.parse_args()
+    # A cable is not a CPU job: ahead of the peers it carries when the cores are busy (a test next to
+    # it, or the peers themselves), or their load shows up as extra delay (133 ms measured for 100 ms
+    # asked, next to another test's swarm). The lab runs as root, which may raise a priority.
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
+    except PermissionError:
+        pass
     run(args.a, args.b, args.delay, args.jitter, args.loss)
 
 

@@ -77,9 +77,10 @@ def test_the_demo_cuts_long_lines_to_the_terminal() -> None:
 
 
 @pytest.mark.integration
-def test_the_demo_trains_and_reads_as_lines_for_people(tmp_path: Path) -> None:
+def test_the_demo_trains_and_reads_as_lines_for_people(short_home: Path) -> None:
     """The README's main command, end to end, as a person sees it at 100 columns."""
-    env = {**os.environ, "VOLUNTEER_HOME": str(tmp_path), "COLUMNS": "100", "PYTHONUNBUFFERED": "1"}
+    # short_home: the demo's volunteers keep their control sockets below it (a unix socket path has 107 bytes)
+    env = {**os.environ, "VOLUNTEER_HOME": str(short_home), "COLUMNS": "100", "PYTHONUNBUFFERED": "1"}
     done = subprocess.run([sys.executable, "-m", "volunteer.cli", "demo", "--steps", "10", "--fresh"], env=env,
                           capture_output=True, text=True, timeout=300, start_new_session=True)
     lines = done.stdout.splitlines()
@@ -90,7 +91,7 @@ def test_the_demo_trains_and_reads_as_lines_for_people(tmp_path: Path) -> None:
     assert any("serving" in line for line in volunteer), volunteer
     assert any(line.startswith("[trainer] ") and "step 10 loss" in line and "experts alive" in line
                for line in lines), lines[-20:]
-    assert (tmp_path / "data" / "demo").is_dir()
+    assert (short_home / "data" / "demo").is_dir()
 
 
 @pytest.mark.parametrize("raw, said", [

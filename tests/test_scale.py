@@ -24,7 +24,7 @@ from coordinator_seeds.dispatch import GridRemoteMoE, remote_moe, shutdown_dht
 from coordinator_seeds.replicas import ReplicatedGridMoE
 from coordinator_seeds.strangers import TrustedSwarm
 from coordinator_seeds.trainer import TrainerSettings, train
-from tests.conftest import Processes, wait_for
+from tests.conftest import Processes, grid_manifest, wait_for
 from volunteer.core import dht_calls, expert_records, records
 from volunteer.core.harness import start_seed, start_volunteer
 from volunteer.core.manifest import loads
@@ -35,35 +35,6 @@ from volunteer.serving.checkpoints import CheckpointStore
 pytestmark = pytest.mark.integration
 SERVING = r"\"message\": \"serving (\d+) experts of (\S+) on cpu as (\S+?)(?:, \d+ restored from checkpoints)?: ([^\"]+)\""
 START_BOUND = 150.0  # seconds from `volunteer start` to its serving line on 2 shared cores
-
-
-def grid_manifest(name: str, grids: list[tuple[int, ...]]) -> str:
-    layers = "".join(
-        f'\n[[layers]]\nuid_prefix = "{name}_ffn{i}"\ngrid = {list(grid)}\nexpert_type = "small"\n'
-        for i, grid in enumerate(grids)
-    )
-    return textwrap.dedent(f"""
-        schema_version = 1
-        name = "{name}"
-        dht_prefix = "{name}"
-        d_model = 32
-        max_batch_size = 2048
-
-        [optimizer]
-        name = "adam"
-        lr = 0.003
-
-        [[expert_types]]
-        name = "small"
-        block = "residual_ffn"
-        d_hidden = 64
-
-        [trainer]
-        seq_len = 32
-        batch_size = 8
-        k_best = 2
-        lr = 0.003
-        """) + layers
 
 
 class CountingDHT(hivemind.DHT):

@@ -18,6 +18,7 @@ from volunteer.core.harness import (
     start_seed,
     start_trainer,
     start_volunteer,
+    stop_together,
 )
 from volunteer.core.paths import default_paths
 from volunteer.core.procgroup import become_supervisor
@@ -76,5 +77,4 @@ def run_demo(volunteers: int = 1, steps: int | None = None, fresh: bool = False)
     except KeyboardInterrupt:
         return 130
     finally:
-        for child in reversed(children):
-            child.stop()
+        stop_together(children)

@@ -60,17 +60,31 @@ class ChildProcess:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait, then SIGKILL the whole process group: nothing of the child is left behind."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
+        return stop_together([self], timeout)
+
+
+def stop_together(children: Sequence[ChildProcess], timeout: float = 30.0) -> int:
+    """Stop every child at once: one SIGTERM each (a second would make a volunteer skip its drain), one
+    shared deadline for their graceful exits, then SIGKILL each whole process group. Stopping them one
+    after another cost the sum of their drains (a test's teardown of three volunteers took 20 s).
+    Returns the first child's exit code."""
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            child.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    codes = []
+    for child in children:
+        try:
+            os.killpg(child.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        return self.proc.wait(timeout=10)
+        codes.append(child.proc.wait(timeout=10))
+    return codes[0] if codes else 0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
