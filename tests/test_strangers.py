@@ -3,7 +3,7 @@ unsigned records gets no call, replicas of a uid all serve and fail over within 
 four kinds are caught by sampled audits, banned and not credited, while honest servers never are, and
 a large grid is routed by beam search over the signed rows.
 
-One swarm serves the whole module (``swarm``: eight server processes started at once, ~1 min on two
+One swarm serves the whole module (``swarm``: eight server processes started at once, 30-85 s on two
 shared cores), each test on its own layer or with its own trainer-side auditor, so no test waits for
 a server process to start; only the replicas test kills one (its own layer's)."""
 
