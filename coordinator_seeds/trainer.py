@@ -6,18 +6,27 @@ trained by their own servers when our backward pass calls them. A layer with no 
 the identity (it is residual), so training goes on while volunteers come and go. Every ``log_every``
 steps it publishes its loss and, per volunteer, the samples that volunteer's experts answered
 (signed with ``key_path``'s key: the seed's leaderboard counts only a trainer it trusts).
+
+Latency: a step calls every MoE layer's experts once forward and once backward, one after the other,
+so a step takes at least ``2 x layers`` round trips however fast the swarm computes. ``in_flight``
+micro-batches are therefore trained at once (``Pipeline``), as the Decentralized Mixture-of-Experts
+paper did: each in a thread of its own on its own replica of the local layers (hivemind's calls
+release the GIL while they wait), and each one's gradient applied to the trainer's weights as soon as
+it is ready, to weights that have moved on by up to ``in_flight - 1`` updates (delayed updates).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +57,11 @@ class TrainerSettings:
     initial_peers: tuple[str, ...]
     steps: int | None = None  # None = run until cancelled
     log_every: int = 10
-    forward_timeout: float = 10.0
+    forward_timeout: float = 10.0  # ceilings: each layer waits what its recent calls took (coordinator_seeds/timeouts.py)
     backward_timeout: float = 10.0
+    # micro-batches trained at once (each a full batch, its forward and backward in a thread of its own;
+    # updates delayed by up to in_flight - 1 steps): what keeps a trainer busy across WAN round trips
+    in_flight: int = 4
     seed: int = 0
     publish_progress: bool = True  # the loss for dashboards, and what each volunteer answered for the leaderboard
     key_path: Path | None = None  # the key that signs our records; a seed counts only those of the key it trusts
@@ -68,6 +80,7 @@ class StepReport:
     skipped: bool  # non-finite loss or gradient: no update was made
     seconds: float
     experts_alive: int  # over all layers, after this step's failures
+    started: float = 0.0  # time.perf_counter() when its forward began (micro-batches in flight overlap)
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -140,6 +153,100 @@ class MoELanguageModel(nn.Module):
     def grid_size(self) -> int:
         return sum(len(moe.layer.uids()) for moe in self.moes)
 
+    def replica(self) -> MoELanguageModel:
+        """A copy with weights of its own for a micro-batch in flight, sharing with this model what
+        belongs to the swarm: each remote layer's live experts, the answers counted for the leaderboard,
+        the measured call times. (An optimizer step changes weights in place, which would break the
+        backward pass of any other micro-batch computed on the same tensors.)"""
+        shared: dict[int, object] = {}
+        for moe in self.moes:
+            for name, value in vars(moe).items():
+                if not name.startswith("_") and not isinstance(value, (nn.Module, torch.Tensor, int, float, str)):
+                    shared[id(value)] = value
+        return copy.deepcopy(self, memo=shared)
+
+    @torch.no_grad()
+    def load_weights(self, source: MoELanguageModel) -> None:
+        for mine, theirs in zip(self.parameters(), source.parameters()):
+            mine.copy_(theirs)
+
+
+# --- micro-batches in flight ---------------------------------------------------------------------
+
+
+class Pipeline:
+    """``in_flight`` worker threads, each training micro-batches on its own replica of ``model``.
+
+    A worker takes a ticket (``submit``), copies the current weights into its replica, runs forward and
+    backward there, then, under the lock, hands its gradient to ``model`` and steps the optimizer; its
+    ``StepReport`` (step 0: the caller numbers steps in the order they finish) comes out of ``reports``.
+    The caller decides how many tickets are out, so it can stop issuing them (to wait for volunteers,
+    or at the last step) and every micro-batch already taken still finishes.
+    """
+
+    def __init__(self, model: MoELanguageModel, optimizer: torch.optim.Optimizer,
+                 data: Iterator[tuple[torch.Tensor, torch.Tensor]], in_flight: int):
+        self.model, self.optimizer, self._data = model, optimizer, data
+        self._lock = threading.Lock()  # the data, the trainer's weights and its optimizer
+        self._tickets: queue.Queue[bool] = queue.Queue()
+        self._reports: queue.Queue[StepReport | BaseException] = queue.Queue()
+        self._workers = [threading.Thread(target=self._work, args=(model.replica(),), daemon=True,
+                                          name=f"micro-batch {i}") for i in range(in_flight)]
+        for worker in self._workers:
+            worker.start()
+
+    def submit(self) -> None:
+        self._tickets.put(True)
+
+    def next_report(self, stop: threading.Event) -> StepReport | None:
+        """The next finished micro-batch's report; None once ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                report = self._reports.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(report, BaseException):
+                raise report
+            return report
+        return None
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Let the micro-batches in flight finish (each is bounded by its calls' timeouts), then end."""
+        for _ in self._workers:
+            self._tickets.put(False)
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(max(deadline - time.monotonic(), 0.1))
+
+    def _work(self, replica: MoELanguageModel) -> None:
+        while self._tickets.get():
+            try:
+                self._reports.put(self._step(replica))
+            except BaseException as e:  # handed to the training loop, which stops on it
+                self._reports.put(e)
+                return
+
+    def _step(self, replica: MoELanguageModel) -> StepReport:
+        with self._lock:
+            inputs, targets = next(self._data)
+            replica.load_weights(self.model)
+        started = time.perf_counter()
+        logits = replica(inputs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        value = loss.detach().item()
+        skipped = not math.isfinite(value)
+        if not skipped:
+            replica.zero_grad(set_to_none=True)
+            loss.backward()
+            with self._lock:
+                for mine, grown in zip(self.model.parameters(), replica.parameters()):
+                    mine.grad = grown.grad
+                norm = nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+                skipped = not torch.isfinite(norm)
+                if not skipped:
+                    self.optimizer.step()
+        return StepReport(0, value, skipped, time.perf_counter() - started, replica.experts_alive(), started)
+
 
 # --- training ------------------------------------------------------------------------------------
 
@@ -205,21 +312,32 @@ def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], 
     reports: list[StepReport] = []
     run = secrets.token_hex(8)  # this run's contributions; the seed adds up runs
     window_start = time.perf_counter()
-    step = 0
-    while not stop.is_set() and (settings.steps is None or step < settings.steps):
-        step += 1
-        report = train_step(model, optimizer, *next(data), step=step)
-        reports.append(report)
-        if on_step is not None:
-            on_step(report)
-        if step % settings.log_every == 0:
-            _log(settings, dht, model, reports[-settings.log_every:], time.perf_counter() - window_start, run)
-            more = settings.steps is None or step < settings.steps  # after the last step there is nothing to wait for
-            if report.experts_alive == 0 and settings.idle_wait > 0 and more and not stop.is_set():
-                logger.warning("no expert is alive: only the trainer's local layers would train; waiting up to "
-                               "%.0f s for volunteers", settings.idle_wait)
-                wait_for_experts(model, settings.idle_wait, stop)
-            window_start = time.perf_counter()
+    step = issued = 0
+    pipeline = Pipeline(model, optimizer, data, max(1, settings.in_flight))
+    try:
+        while not stop.is_set() and (settings.steps is None or step < settings.steps):
+            while issued - step < settings.in_flight and (settings.steps is None or issued < settings.steps):
+                pipeline.submit()
+                issued += 1
+            report = pipeline.next_report(stop)
+            if report is None:
+                break
+            step += 1
+            report = replace(report, step=step)
+            reports.append(report)
+            if on_step is not None:
+                on_step(report)
+            if step % settings.log_every == 0:
+                _log(settings, dht, model, reports[-settings.log_every:], time.perf_counter() - window_start, run)
+                more = settings.steps is None or step < settings.steps  # after the last step nothing to wait for
+                if report.experts_alive == 0 and settings.idle_wait > 0 and more and not stop.is_set():
+                    # no new micro-batch starts while we wait (those in flight finish, up to in_flight - 1)
+                    logger.warning("no expert is alive: only the trainer's local layers would train; waiting up "
+                                   "to %.0f s for volunteers", settings.idle_wait)
+                    wait_for_experts(model, settings.idle_wait, stop)
+                window_start = time.perf_counter()
+    finally:
+        pipeline.close()
     if settings.publish_progress and step % settings.log_every:  # the steps since the last log count too
         _publish_answered(settings, dht, model, run)
     return reports
@@ -256,23 +374,6 @@ def wait_for_experts(model: MoELanguageModel, timeout: float, stop: threading.Ev
     if empty:
         logger.warning("no experts found for %s after %.0f s; training with those layers as identity",
                        ", ".join(empty), timeout)
-
-
-def train_step(model: MoELanguageModel, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-               targets: torch.Tensor, *, step: int) -> StepReport:
-    started = time.perf_counter()
-    logits = model(inputs)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    value = loss.detach().item()
-    skipped = not math.isfinite(value)
-    if not skipped:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        skipped = not torch.isfinite(norm)
-        if not skipped:
-            optimizer.step()
-    return StepReport(step, value, skipped, time.perf_counter() - started, model.experts_alive())
 
 
 def _log(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, window: list[StepReport],
