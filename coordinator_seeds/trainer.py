@@ -25,6 +25,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -145,7 +146,8 @@ class MoELanguageModel(nn.Module):
         """Per volunteer peer id, the samples its experts answered over every layer."""
         totals: dict[str, tuple[int, int]] = {}
         for moe in self.moes:
-            for peer, (forward, backward) in moe.answered.items():
+            # a copy made in one C call (no thread switch inside): micro-batches in flight add peers to it
+            for peer, (forward, backward) in list(moe.answered.items()):
                 f, b = totals.get(peer, (0, 0))
                 totals[peer] = (f + forward, b + backward)
         return totals
@@ -314,6 +316,7 @@ def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], 
     window_start = time.perf_counter()
     step = issued = 0
     pipeline = Pipeline(model, optimizer, data, max(1, settings.in_flight))
+    publisher = Publisher()
     try:
         while not stop.is_set() and (settings.steps is None or step < settings.steps):
             while issued - step < settings.in_flight and (settings.steps is None or issued < settings.steps):
@@ -328,7 +331,8 @@ def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], 
             if on_step is not None:
                 on_step(report)
             if step % settings.log_every == 0:
-                _log(settings, dht, model, reports[-settings.log_every:], time.perf_counter() - window_start, run)
+                _log(settings, dht, model, reports[-settings.log_every:], time.perf_counter() - window_start, run,
+                     publisher)
                 more = settings.steps is None or step < settings.steps  # after the last step nothing to wait for
                 if report.experts_alive == 0 and settings.idle_wait > 0 and more and not stop.is_set():
                     # no new micro-batch starts while we wait (those in flight finish, up to in_flight - 1)
@@ -338,8 +342,9 @@ def _train(settings: TrainerSettings, dht: DHT, on_step: Callable[[StepReport], 
                 window_start = time.perf_counter()
     finally:
         pipeline.close()
-    if settings.publish_progress and step % settings.log_every:  # the steps since the last log count too
-        _publish_answered(settings, dht, model, run)
+        if settings.publish_progress and step % settings.log_every:  # the steps since the last log count too
+            publisher.put(partial(_publish_answered, settings, dht, model.answered(), run))
+        publisher.close()
     return reports
 
 
@@ -376,21 +381,51 @@ def wait_for_experts(model: MoELanguageModel, timeout: float, stop: threading.Ev
                        ", ".join(empty), timeout)
 
 
+class Publisher:
+    """Runs the DHT writes of log steps in order, in a thread of its own: 40-100 ms from the DHT's peers a
+    store takes a few round trips, and the training loop would start no micro-batch meanwhile."""
+
+    def __init__(self):
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="publisher")
+        self._thread.start()
+
+    def put(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Finish what was put (each DHT write is bounded), then stop."""
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except Exception as e:  # the DHT may be shutting down or unreachable: training goes on
+                logger.debug("publishing to the DHT failed: %s", e)
+
+
 def _log(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, window: list[StepReport],
-         seconds: float, run: str) -> None:
+         seconds: float, run: str, publisher: Publisher) -> None:
     losses = [r.loss for r in window if not r.skipped]
     loss = sum(losses) / len(losses) if losses else math.nan
     last = window[-1]
-    logger.info("step %d loss %.2f, experts alive %d of %d, %.1f steps/s", last.step, loss, last.experts_alive,
-                model.grid_size(), len(window) / max(seconds, 1e-9))
+    rate = len(window) / max(seconds, 1e-9)
+    tokens = settings.manifest.trainer.batch_size * settings.manifest.trainer.seq_len
+    logger.info("step %d loss %.2f, experts alive %d of %d, %.2f steps/s, %.0f tokens/s", last.step, loss,
+                last.experts_alive, model.grid_size(), rate, rate * tokens)
     if settings.publish_progress and losses:
-        if not publish_trainer_progress(dht, settings.manifest.dht_prefix, last.step, loss):
-            logger.debug("publishing progress at step %d was refused by the DHT", last.step)
+        publisher.put(partial(_publish_progress, settings, dht, last.step, loss))
     if settings.publish_progress:
-        _publish_answered(settings, dht, model, run)
+        publisher.put(partial(_publish_answered, settings, dht, model.answered(), run))
 
 
-def _publish_answered(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, run: str) -> None:
-    answered = model.answered()
+def _publish_progress(settings: TrainerSettings, dht: DHT, step: int, loss: float) -> None:
+    if not publish_trainer_progress(dht, settings.manifest.dht_prefix, step, loss):
+        logger.debug("publishing progress at step %d was refused by the DHT", step)
+
+
+def _publish_answered(settings: TrainerSettings, dht: DHT, answered: dict[str, tuple[int, int]], run: str) -> None:
     if answered and not publish_contributions(dht, settings.manifest.dht_prefix, run, answered):
         logger.debug("publishing what the volunteers answered was refused by the DHT")

@@ -85,14 +85,19 @@ class Lab:
             self.manifest = root / "lab-lm.toml"
             self.manifest.write_text(manifest)
             self.url = f"http://{self.seed_host.ip}:{SEED_HTTP}"
-            self.seed = self.procs.add(ChildProcess("seed", self.seed_host.argv(
-                sys.executable, "-m", "coordinator_seeds.cli", "run", "--host", self.seed_host.ip,
-                "--http-port", str(SEED_HTTP), "--dht-port", str(SEED_DHT), "--experiment", str(self.manifest),
-                "--data-dir", str(root / "seed"))))
-            self.seed.wait_for_line(r"seed HTTP on", timeout=90)
+            self.seed = self.start_seed()
         except BaseException:
             self.close()
             raise
+
+    def start_seed(self) -> ChildProcess:
+        """The seed, on its fixed ports with its identity in ``root/seed``: a restart is the same peer."""
+        seed = self.procs.add(ChildProcess("seed", self.seed_host.argv(
+            sys.executable, "-m", "coordinator_seeds.cli", "run", "--host", self.seed_host.ip,
+            "--http-port", str(SEED_HTTP), "--dht-port", str(SEED_DHT), "--experiment", str(self.manifest),
+            "--data-dir", str(self.root / "seed"))))
+        seed.wait_for_line(r"seed HTTP on", timeout=90)
+        return seed
 
     def close(self) -> None:
         try:
