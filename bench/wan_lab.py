@@ -1,6 +1,7 @@
 """Off loopback, in the network lab (tests/netlab.py; root and ``ip netns`` needed): trainer steps/s and
-tokens/s with the trainer and its volunteer 0 / 40 / 100 ms apart (one way), one synchronous step at a
-time (``--in-flight 1``, before issue 12's item 4) and with several micro-batches in flight (after),
+tokens/s with the trainer and its volunteer 0 / 40 / 100 ms apart (one way), one micro-batch a step
+(``--in-flight 1``, before issue 12's item 4) and several in flight at once (after; a step then trains
+that many micro-batches, so tokens/s is the figure to compare),
 and served samples/s of the same volunteer reached directly (public address) and from behind a home
 router with no port forward (it dials the trainer, which calls back over that connection).
 
@@ -28,6 +29,29 @@ from tests.netlab import Link, NetLab
 
 LOG_EVERY = 5  # the trainer logs (and publishes to the DHT) every this many steps; timing reads its log
 ALL_ALIVE = r"step (\d+) loss \S+, experts alive 4 of 4"
+# A trainer step moves, per MoE layer, its rows (batch x seq x k) of d_model floats 5 times: forward out
+# and back, backward out twice (inputs and gradients) and back once.
+CROSSINGS = 5
+SEND = ("import socket,sys,time; s=socket.socket(); s.bind(('0.0.0.0', 7001)); s.listen(); print('up', flush=True);"
+        "c,_=s.accept(); b=bytes(1<<16); n=0; t=time.perf_counter()\n"
+        "while time.perf_counter()-t < 3: c.sendall(b); n+=len(b)\n"
+        "c.close(); print(n*8/(time.perf_counter()-t)/1e6)")
+RECEIVE = "import socket,sys; c=socket.create_connection((sys.argv[1], 7001)); [0 for _ in iter(lambda: c.recv(1<<16), b'')]"
+
+
+def link_mbit(lab) -> float:
+    """TCP throughput from the trainer's host to the home pc over the lab's cables (the pc dials out, as
+    a NATed volunteer does), Mbit/s over 3 s."""
+    import subprocess
+
+    sender = subprocess.Popen(lab.trainer_host.argv(sys.executable, "-c", SEND), stdout=subprocess.PIPE, text=True)
+    try:
+        assert sender.stdout.readline().strip() == "up"
+        lab.pc.run(sys.executable, "-c", RECEIVE, lab.trainer_host.ip, timeout=60)
+        return float(sender.stdout.readline())
+    finally:
+        sender.kill()
+        sender.wait(10)
 
 
 def served(home: Path) -> int:
@@ -63,6 +87,8 @@ def run_lab(delay_ms: float, in_flights: list[int], warmup: int, steps: int, tok
     lab = Lab(root, link=link, cloud=delay_ms == 0)
     rows = []
     try:
+        mbit = link_mbit(lab)
+        print(f"{delay_ms:4.0f} ms: the cables carry {mbit:.0f} Mbit/s trainer -> home pc", flush=True)
         places = [("direct", lab.cloud)] if delay_ms == 0 else []
         for reach, host in [*places, ("outbound", lab.pc)]:
             home = Path(tempfile.mkdtemp(prefix="wanb-"))
@@ -71,8 +97,8 @@ def run_lab(delay_ms: float, in_flights: list[int], warmup: int, steps: int, tok
                 volunteer.wait_for_line(r'"event": "serving"', timeout=180)
                 for in_flight in in_flights:
                     row = time_trainer(lab, home, in_flight, warmup, steps)
-                    row.update(delay_ms=delay_ms, reach=reach, in_flight=in_flight,
-                               tokens_per_s=row["steps_per_s"] * tokens_per_step)
+                    row.update(delay_ms=delay_ms, reach=reach, in_flight=in_flight, link_mbit=mbit,
+                               tokens_per_s=row["steps_per_s"] * tokens_per_step * in_flight)
                     rows.append(row)
                     print(f"{reach:9} {delay_ms:4.0f} ms, {in_flight} in flight: {row['steps_per_s']:5.2f} steps/s, "
                           f"{row['tokens_per_s']:6.0f} tokens/s, {row['samples_per_s']:6.0f} served samples/s, "
@@ -100,28 +126,34 @@ def main() -> None:
         sys.exit(f"no network lab here: {why}")
     if args.steps % LOG_EVERY or args.warmup % LOG_EVERY:
         sys.exit(f"--steps and --warmup must be multiples of {LOG_EVERY} (the trainer's log interval)")
-    spec = loads(LAB_MANIFEST, fmt="toml").trainer
+    manifest = loads(LAB_MANIFEST, fmt="toml")
+    spec = manifest.trainer
     tokens_per_step = spec.batch_size * spec.seq_len
+    mbit_per_step = CROSSINGS * tokens_per_step * spec.k_best * manifest.d_model * 4 * 8 / 1e6 * len(manifest.layers)
     in_flights = [int(n) for n in args.in_flight.split(",")]
     rows = [row for d in args.delays.split(",") if d.strip()
             for row in run_lab(float(d), in_flights, args.warmup, args.steps, tokens_per_step)]
-    print(f"\ntrainer steps/s ({tokens_per_step} tokens a step) behind NAT, by one-way delay:")
+    print(f"\ntrainer tokens/s behind NAT ({tokens_per_step} tokens a micro-batch), by one-way delay:")
     for in_flight in in_flights:
-        cells = [f"{r['delay_ms']:.0f} ms {r['steps_per_s']:.2f}" for r in rows
+        cells = [f"{r['delay_ms']:.0f} ms {r['tokens_per_s']:.0f}" for r in rows
                  if r["in_flight"] == in_flight and r["reach"] == "outbound"]
         print(f"  {in_flight} in flight: " + ", ".join(cells))
     for r in rows:
         if r["reach"] == "outbound" and r["in_flight"] != in_flights[0]:
             base = next(b for b in rows if b["reach"] == "outbound" and b["delay_ms"] == r["delay_ms"]
                         and b["in_flight"] == in_flights[0])
-            print(f"  {r['delay_ms']:.0f} ms: {r['in_flight']} in flight / {in_flights[0]}: "
-                  f"{r['steps_per_s'] / base['steps_per_s']:.2f}x")
+            print(f"  {r['delay_ms']:.0f} ms: tokens/s with {r['in_flight']} in flight / {in_flights[0]}: "
+                  f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+    print(f"  a micro-batch moves {mbit_per_step:.0f} Mbit through the cables: at the measured link rate the "
+          "ceiling is " + ", ".join(f"{r['delay_ms']:.0f} ms {r['link_mbit'] / mbit_per_step * tokens_per_step:.0f}"
+                                    " tokens/s" for r in rows
+                                    if r["reach"] == "outbound" and r["in_flight"] == in_flights[0]))
     direct = [r["samples_per_s"] for r in rows if r["reach"] == "direct"]
     nat = [r["samples_per_s"] for r in rows if r["reach"] == "outbound" and r["delay_ms"] == 0]
     if direct and nat:
         print(f"served samples/s at 0 ms, behind NAT / direct: {statistics.mean(nat) / statistics.mean(direct):.2f}x "
               f"(runs: NAT {', '.join(f'{x:.0f}' for x in nat)}; direct {', '.join(f'{x:.0f}' for x in direct)})")
-    key = " ".join(f"{r['reach']}{r['delay_ms']:.0f}ms_x{r['in_flight']}_steps={r['steps_per_s']:.2f} "
+    key = " ".join(f"{r['reach']}{r['delay_ms']:.0f}ms_x{r['in_flight']}_tokens={r['tokens_per_s']:.0f} "
                    f"{r['reach']}{r['delay_ms']:.0f}ms_x{r['in_flight']}_samples={r['samples_per_s']:.0f}" for r in rows)
     print(f"KEY wan_lab {key}")
 

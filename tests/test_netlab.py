@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import textwrap
@@ -101,6 +102,11 @@ class Lab:
 
     def close(self) -> None:
         try:
+            # every child told at once, the trainer first: each volunteer drains for seconds, one after the
+            # other they made the WAN module's teardown last half a minute
+            for child in reversed(self.procs.children):
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
             self.procs.stop_all()
         finally:
             self.net.close()

@@ -32,6 +32,7 @@ LINK = Link(delay=0.020)  # each way, on every internet link
 SIX_EXPERTS = LAB_MANIFEST.replace("grid = [1, 4]", "grid = [1, 6]")
 STEP = re.compile(r"step (\d+) loss (\S+), experts alive (\d+) of (\d+), (\S+) steps/s")
 BACK_AFTER_UPLINK = 90.0  # seconds from a home's uplink coming back to its volunteer serving again
+STEPS = 20  # trainer steps (of 4 micro-batches each) over which the loss must fall
 BACK_AFTER_SEED = 60.0  # seconds from a restarted seed answering to every volunteer serving again
 
 
@@ -96,9 +97,9 @@ def test_a_cable_gives_the_delay_asked_for():
 
 
 def test_a_swarm_across_40_ms_trains_and_every_volunteer_serves(wan):
-    wait_for(lambda: last_step(wan.train)[0] >= 40, 280, "the trainer's step 40")
+    wait_for(lambda: last_step(wan.train)[0] >= STEPS, 280, f"the trainer's step {STEPS}")
     reaches = {home.name: _status(home)["reach"]["reach"] for home in wan.homes[:3]}
-    steps = [s for s in logged_steps(wan.train) if s[0] <= 40]
+    steps = [s for s in logged_steps(wan.train) if s[0] <= STEPS]
     first, last = steps[0], steps[-1]
     print(f"40 ms apart: loss {first[1]:.2f} -> {last[1]:.2f} over {last[0]} steps, "
           f"{statistics.median(s[3] for s in steps[1:]):.2f} steps/s, experts {last[2]}/6")
@@ -133,6 +134,7 @@ def test_a_home_uplink_down_for_30_s_then_back(wan):
 def test_a_seed_restarted_while_volunteers_run(wan):
     """The seed (bootstrap peer, dial-back, leaderboard) goes away for a while and comes back on the same
     identity and ports: the volunteers stay up and serve again, the trainer never stops."""
+    wait_for(lambda: last_step(wan.train)[2] == 6, 180, "the trainer training with every expert")
     wan.seed.stop()
     time.sleep(10)  # the seed being gone for a while is the point, not a condition to wait for
     down = {home: _status(home) for home in wan.homes[:3]}
@@ -146,8 +148,8 @@ def test_a_seed_restarted_while_volunteers_run(wan):
     reaches = wait_for(lambda: all(_status(h)["reach"]["reach"] != "unreachable" for h in served)
                        and {h.name: _status(h)["reach"]["reach"] for h in served}, BACK_AFTER_SEED,
                        "every volunteer reachable again")
-    wait_for(lambda: last_step(wan.train)[0] >= step + 10 and last_step(wan.train)[2] == 6, 120,
-             "ten more trainer steps with every expert alive")
+    wait_for(lambda: last_step(wan.train)[0] >= step + 5 and last_step(wan.train)[2] == 6, 120,
+             "five more trainer steps with every expert alive")
     print(f"seed restarted: every volunteer served again {time.monotonic() - back_at:.1f} s after it was back; "
           f"reached {reaches}; trainer at step {last_step(wan.train)[0]}")
     assert all(child.proc.poll() is None for child in wan.volunteers)
