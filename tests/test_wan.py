@@ -32,7 +32,7 @@ LINK = Link(delay=0.020)  # each way, on every internet link
 SIX_EXPERTS = LAB_MANIFEST.replace("grid = [1, 4]", "grid = [1, 6]")
 STEP = re.compile(r"step (\d+) loss (\S+), experts alive (\d+) of (\d+), (\S+) steps/s")
 BACK_AFTER_UPLINK = 90.0  # seconds from a home's uplink coming back to its volunteer serving again
-STEPS = 20  # trainer steps (of 4 micro-batches each) over which the loss must fall
+STEPS = 15  # trainer steps (of 4 micro-batches each) over which the loss must fall
 BACK_AFTER_SEED = 60.0  # seconds from a restarted seed answering to every volunteer serving again
 
 
