@@ -86,8 +86,14 @@ class Auditor:
         self.specs, self.settings = specs, settings
         self._reveal = reveal or reveal_over_p2p
         self._random = random.Random(settings.seed) if settings.seed is not None else random.SystemRandom()
+        # Two stages: a reveal is asked for as soon as the call is drawn (several at once: a server keeps
+        # only its last versions, and with micro-batches in flight they move several times a step, so a
+        # reveal queued behind other audits' recomputations asked for versions already dropped: honest
+        # servers failed), then the recomputation runs on one thread, off the training step.
+        self._fetchers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="audit-reveal")
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._pending = 0
         self.audited: dict[str, list[int]] = {}  # peer -> [audited, passed]
         self.failed_keys: set[str] = set()
@@ -107,7 +113,7 @@ class Auditor:
                 self.skipped += 1
                 return False
             self._pending += 1
-        self._pool.submit(self._check, call())
+        self._fetchers.submit(self._fetch, call())
         return True
 
     def banned(self) -> frozenset[str]:
@@ -132,26 +138,52 @@ class Auditor:
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until every submitted audit is checked (tests, the end of a run)."""
-        done = self._pool.submit(lambda: None)
-        try:
-            done.result(timeout=timeout)
-            return True
-        except concurrent.futures.TimeoutError:
-            return False
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def shutdown(self) -> None:
+        self._fetchers.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    # --- checking: on the worker thread ---
+    # --- revealing, then checking on the worker thread ---
 
-    def _check(self, call: AuditedCall) -> None:
+    def _fetch(self, call: AuditedCall) -> None:
         try:
-            verdict = self._verdict(call)
+            revealed = self._revealed(call)
+        except Exception as e:  # a bug of ours is not the server's failure: say so, no verdict
+            logger.exception("asking %s of %s for a reveal failed on our side: %s", call.uid, call.peer_id, e)
+            revealed = "error"
+        try:
+            self._pool.submit(self._check, call, revealed)
+        except RuntimeError:  # shut down: the run is over
+            self._settle(call, "error")
+
+    def _revealed(self, call: AuditedCall) -> Reveal | str | None:
+        """The server's reveal (None: it kept no such version), or a verdict if it gave none."""
+        if call.uid not in self.specs:
+            return "error"  # not an expert of ours: no verdict either way
+        version = call.commits[-1].version
+        try:
+            return self._reveal(call, self.settings.reveal_timeout)
+        except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
+            return f"no reveal of version {version} within {self.settings.reveal_timeout:.0f} s"
+        except (P2PDaemonError, P2PHandlerError, ConnectionError, EOFError) as e:
+            return f"{WITHHELD}: the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
+        except Exception as e:
+            return f"the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
+
+    def _check(self, call: AuditedCall, revealed: Reveal | str | None) -> None:
+        try:
+            verdict = revealed if isinstance(revealed, str) else self._verdict(call, revealed)
         except Exception as e:  # a bug of ours is not the server's failure: say so, no verdict
             logger.exception("auditing %s of %s failed on our side: %s", call.uid, call.peer_id, e)
             verdict = "error"
+        self._settle(call, verdict)
+
+    def _settle(self, call: AuditedCall, verdict: str | None) -> None:
         with self._lock:
             self._pending -= 1
+            self._idle.notify_all()
             if verdict == "error":
                 return
             counts = self.audited.setdefault(call.peer_id, [0, 0])
@@ -171,22 +203,11 @@ class Auditor:
             self.failures.append(f"{call.kind} of {call.uid} by {call.peer_id} (key {call.key}): {verdict}")
         logger.warning("audit failed: %s; key %s banned, its credit voided", self.failures[-1], call.key)
 
-    def _verdict(self, call: AuditedCall) -> str | None:
+    def _verdict(self, call: AuditedCall, reveal: Reveal | None) -> str | None:
         """None if the call holds up, else why not."""
-        spec = self.specs.get(call.uid)
-        if spec is None:
-            return "error"  # not an expert of ours: no verdict either way
-        version = call.commits[-1].version
-        try:
-            reveal = self._reveal(call, self.settings.reveal_timeout)
-        except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
-            return f"no reveal of version {version} within {self.settings.reveal_timeout:.0f} s"
-        except (P2PDaemonError, P2PHandlerError, ConnectionError, EOFError) as e:
-            return f"{WITHHELD}: the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
-        except Exception as e:
-            return f"the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
+        spec = self.specs[call.uid]
         if reveal is None:
-            return f"version {version} was not kept"
+            return f"version {call.commits[-1].version} was not kept"
         try:
             if call.kind == "forward":
                 check_forward(spec, call.commits[0], reveal, call.inputs, call.answer, self.settings.tolerance)

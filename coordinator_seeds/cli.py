@@ -96,6 +96,9 @@ def train(
     log_every: int = typer.Option(10, help="Log the loss and publish progress every this many steps."),
     idle_wait: float = typer.Option(30.0, help="With no expert alive at a log step, seconds to wait for volunteers "
                                                "before stepping on (0: never wait)."),
+    in_flight: int = typer.Option(4, min=1, max=64, help="Micro-batches trained at once, each with its own forward "
+                                                         "and backward (delayed updates): hides WAN round trips; "
+                                                         "1 = one synchronous step at a time."),
     host: str = typer.Option("127.0.0.1", help="Address its p2p daemon listens on; a public one (or 0.0.0.0) "
                                                "lets volunteers behind NAT routers dial in and be called."),
     key: Optional[Path] = typer.Option(None, help="Key that signs the contributions it publishes (default: "
@@ -131,7 +134,8 @@ def train(
         from coordinator_seeds.audit import AuditSettings
 
         run_training(TrainerSettings(manifest, tuple(peers), steps=steps, log_every=log_every, idle_wait=idle_wait,
-                                     key_path=key_path, host=host, audit=AuditSettings(rate=audit_rate)))
+                                     key_path=key_path, host=host, audit=AuditSettings(rate=audit_rate),
+                                     in_flight=in_flight))
     except (CoordinatorError, ManifestError, ValueError, OSError) as e:
         raise _fail(e)
     except KeyboardInterrupt:

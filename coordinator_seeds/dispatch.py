@@ -44,6 +44,7 @@ from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from coordinator_seeds.timeouts import CallTimeouts
 from volunteer.core.dht_calls import active_successors, expert_info, get_experts
 from volunteer.core.manifest import MoELayer
 
@@ -54,6 +55,12 @@ FORWARD, BACKWARD = 0, 1  # indices into BatchedRemoteMoE.answered's pairs
 
 # Seconds beyond an RPC's own timeout that we wait for the event loop itself before giving up on it.
 _LOOP_GRACE = 5.0
+
+# A server the p2p daemon cannot route to (``routing: not found``: not dialable, and no connection of its
+# own to us yet) fails at once, so retrying it costs a step nothing; a NATed volunteer dials the trainer
+# within seconds of joining, and a 30 s eviction would keep it idle that long after it did.
+UNROUTABLE_EVICTION = 5.0
+COUNTS_LOCK = threading.Lock()  # several micro-batches in flight record their answers at once
 
 
 # --- which experts are alive ---------------------------------------------------------------------
@@ -105,9 +112,9 @@ class LiveExperts:
             self._collect(wait=timeout)
             return self._alive()
 
-    def evict(self, expert: RemoteExpert) -> None:
+    def evict(self, expert: RemoteExpert, seconds: float | None = None) -> None:
         with self._lock:
-            self._evicted[expert.uid, str(expert.peer_id)] = self.clock() + self.evict_for
+            self._evicted[expert.uid, str(expert.peer_id)] = self.clock() + (seconds or self.evict_for)
 
     def _start_lookup(self) -> None:
         # A blocking get_experts in a thread of our own: hivemind's return_future=True path awaits an
@@ -150,15 +157,21 @@ _Rpc = Callable[[str, Sequence[torch.Tensor], Any, Any], Awaitable[list[torch.Te
 
 
 def call_experts(
-    requests: Sequence[tuple[RemoteExpert, Sequence[torch.Tensor]]], rpc: _Rpc, timeout: float
+    requests: Sequence[tuple[RemoteExpert, Sequence[torch.Tensor]]], rpc: _Rpc, timeout: float,
+    observe: Callable[[float], None] | None = None,
 ) -> list[list[torch.Tensor] | BaseException]:
     """Run ``rpc`` (``expert_forward`` or ``expert_backward``) for every request concurrently; each
-    result is the expert's tensors, or the exception (a ``TimeoutError`` after ``timeout`` seconds)."""
+    result is the expert's tensors, or the exception (a ``TimeoutError`` after ``timeout`` seconds).
+    ``observe`` is given the seconds each call that answered took."""
 
     async def one(expert: RemoteExpert, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        started = time.perf_counter()
         stub = get_server_stub(expert.p2p, expert.peer_id)
         serialized = [serialize_torch_tensor(t) for t in tensors]
-        return await asyncio.wait_for(rpc(expert.uid, tensors, serialized, stub), timeout)
+        result = await asyncio.wait_for(rpc(expert.uid, tensors, serialized, stub), timeout)
+        if observe is not None:
+            observe(time.perf_counter() - started)
+        return result
 
     async def everyone() -> list[Any]:
         return await asyncio.gather(*(one(e, t) for e, t in requests), return_exceptions=True)
@@ -237,7 +250,9 @@ class _BatchedRemoteCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, calls: list[ExpertCall], k: int, layer: BatchedRemoteMoE) -> Any:
         inputs = x.detach().cpu()
-        results = call_experts([(c.expert, [inputs[c.tokens]]) for c in calls], expert_forward, layer.forward_timeout)
+        timeouts = layer.timeouts[FORWARD]
+        results = call_experts([(c.expert, [inputs[c.tokens]]) for c in calls], expert_forward, timeouts.current(),
+                               timeouts.observe)
         outputs = torch.zeros(len(inputs), k, inputs.shape[1])
         answered = torch.zeros(len(inputs), k, dtype=torch.bool)
         ok = []
@@ -258,7 +273,8 @@ class _BatchedRemoteCall(torch.autograd.Function):
         (inputs,) = ctx.saved_tensors
         grads, calls, layer = grad_outputs.cpu().float(), ctx.calls, ctx.layer
         requests = [(c.expert, [inputs[c.tokens], grads[c.tokens, c.slots].contiguous()]) for c in calls]
-        results = call_experts(requests, expert_backward, layer.backward_timeout)
+        timeouts = layer.timeouts[BACKWARD]
+        results = call_experts(requests, expert_backward, timeouts.current(), timeouts.observe)
         grad_inputs = torch.zeros_like(inputs)
         for call, result in zip(calls, results):
             grad = checked_output(result, torch.Size((len(call.tokens), inputs.shape[1])))
@@ -295,6 +311,8 @@ class BatchedRemoteMoE(nn.Module):
         super().__init__()
         self.layer, self.k_best, self.max_batch_size = layer, k_best, max_batch_size
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
+        # by direction (FORWARD, BACKWARD): the configured timeouts are ceilings, the calls seen set the bound
+        self.timeouts = (CallTimeouts(forward_timeout), CallTimeouts(backward_timeout))
         self.live = LiveExperts(dht, layer.uids(), refresh_period=refresh_period, evict_for=evict_for)
         self.gate = nn.Linear(d_model, len(layer.uids()))
         self.calls_ok = self.calls_failed = self.last_live_count = 0
@@ -324,14 +342,16 @@ class BatchedRemoteMoE(nn.Module):
     def record(self, call: ExpertCall, ok: bool, result: Any, direction: int = FORWARD) -> bool:
         """Count one RPC and, if it answered, its samples; evict its expert if it failed. Returns ``ok``."""
         if ok:
-            self.calls_ok += 1
-            self.answered.setdefault(str(call.expert.peer_id), [0, 0])[direction] += len(call.tokens)
+            with COUNTS_LOCK:
+                self.calls_ok += 1
+                self.answered.setdefault(str(call.expert.peer_id), [0, 0])[direction] += len(call.tokens)
             return True
-        self.calls_failed += 1
+        with COUNTS_LOCK:
+            self.calls_failed += 1
         reason = result if isinstance(result, BaseException) else "a malformed or non-finite answer"
-        logger.warning("expert %s failed (%s); evicted for %.0f s", call.expert.uid, _describe(reason),
-                       self.live.evict_for)
-        self.live.evict(call.expert)
+        seconds = UNROUTABLE_EVICTION if unroutable(reason) else self.live.evict_for
+        logger.warning("expert %s failed (%s); evicted for %.0f s", call.expert.uid, _describe(reason), seconds)
+        self.live.evict(call.expert, seconds)
         return False
 
 
@@ -343,6 +363,12 @@ def renormalized_weights(chosen_logits: torch.Tensor, answered: torch.Tensor) ->
     anyone = answered.any(dim=-1, keepdim=True)
     masked = chosen_logits.masked_fill(~answered, -math.inf).masked_fill(~anyone, 0.0)
     return torch.softmax(masked, dim=-1) * anyone
+
+
+def unroutable(reason: BaseException | str) -> bool:
+    """Whether a call failed because the p2p daemon has no route to the server (hivemind's
+    ``P2PDaemonError: routing: not found``), not because the server failed or was slow."""
+    return "routing: not found" in str(reason)
 
 
 def _describe(reason: BaseException | str) -> str:
@@ -446,9 +472,9 @@ class LiveGrid:
                 self._experts.popitem(last=False)
         return self._experts[key]
 
-    def evict(self, expert: RemoteExpert) -> None:
+    def evict(self, expert: RemoteExpert, seconds: float | None = None) -> None:
         with self._lock:
-            self._evicted[expert.uid, str(expert.peer_id)] = self.clock() + self.evict_for
+            self._evicted[expert.uid, str(expert.peer_id)] = self.clock() + (seconds or self.evict_for)
 
     def _live(self, found: dict[int, tuple[str, str]], now: float) -> dict[int, tuple[str, str]]:
         return {c: e for c, e in found.items() if self._evicted.get(e, -math.inf) <= now}
@@ -493,6 +519,8 @@ class GridRemoteMoE(BatchedRemoteMoE):
         nn.Module.__init__(self)
         self.layer, self.k_best, self.max_batch_size = layer, k_best, max_batch_size
         self.forward_timeout, self.backward_timeout = forward_timeout, backward_timeout
+        # by direction (FORWARD, BACKWARD): the configured timeouts are ceilings, the calls seen set the bound
+        self.timeouts = (CallTimeouts(forward_timeout), CallTimeouts(backward_timeout))
         self.beam_size = beam_size or max(4, 2 * k_best)
         self.live = LiveGrid(dht, layer, refresh_period=refresh_period, evict_for=evict_for, max_prefixes=max_prefixes)
         self.gate = nn.ModuleList(nn.Linear(d_model, size) for size in layer.grid)

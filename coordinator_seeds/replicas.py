@@ -38,13 +38,16 @@ from torch.autograd.function import once_differentiable
 from coordinator_seeds.audit import AuditedCall, Auditor
 from coordinator_seeds.dispatch import (
     BACKWARD,
+    COUNTS_LOCK,
     FLAT_GATE_MAX_UIDS,
     FORWARD,
+    UNROUTABLE_EVICTION,
     BatchedRemoteMoE,
     GridRemoteMoE,
     LiveGrid,
     call_experts,
     renormalized_weights,
+    unroutable,
 )
 from volunteer.core.audit_check import (
     AUDITED_BACKWARD,
@@ -135,9 +138,9 @@ class SignedServers:
             self._collect(wait=timeout)
             return self._alive()
 
-    def evict(self, replica: Replica) -> None:
+    def evict(self, replica: Replica, seconds: float | None = None) -> None:
         with self._lock:
-            self._evicted[replica.record.uid, replica.peer_id] = self.clock() + self.evict_for
+            self._evicted[replica.record.uid, replica.peer_id] = self.clock() + (seconds or self.evict_for)
 
     def replicas(self, uid: str) -> list[Replica]:
         """The live servers of ``uid`` (for failover within a step)."""
@@ -261,8 +264,9 @@ class _ReplicatedCall(torch.autograd.Function):
         pending, tried = list(calls), {id(c): {c.replica} for c in calls}
         for round_ in range(FAILOVER_ROUNDS + 1):
             started = time.perf_counter()
+            timeouts = layer.timeouts[FORWARD]
             results = call_experts([(c.expert, [inputs[c.tokens]]) for c in pending], audited_rpc(AUDITED_FORWARD),
-                                   layer.forward_timeout)
+                                   timeouts.current(), timeouts.observe)
             seconds = time.perf_counter() - started
             retry = []
             for call, result in zip(pending, results):
@@ -294,7 +298,8 @@ class _ReplicatedCall(torch.autograd.Function):
         grads, calls, layer = grad_outputs.cpu().float(), ctx.calls, ctx.layer
         requests = [(c.expert, [inputs[c.tokens], grads[c.tokens, c.slots].contiguous()]) for c in calls]
         started = time.perf_counter()
-        results = call_experts(requests, audited_rpc(AUDITED_BACKWARD), layer.backward_timeout)
+        timeouts = layer.timeouts[BACKWARD]
+        results = call_experts(requests, audited_rpc(AUDITED_BACKWARD), timeouts.current(), timeouts.observe)
         seconds = time.perf_counter() - started
         grad_inputs = torch.zeros_like(inputs)
         for call, (_expert, (x, g)), result in zip(calls, requests, results):
@@ -324,16 +329,18 @@ class _ReplicaRouting:
 
     def record_replica(self, call: ReplicaCall, ok: bool, result: Any, direction: int, seconds: float) -> bool:
         peer = call.replica.peer_id
-        self.calls_by_peer[peer] = self.calls_by_peer.get(peer, 0) + 1
-        if ok:
-            call.replica.observe(len(call.tokens), seconds)
-            self.calls_ok += 1
-            self.answered.setdefault(peer, [0, 0])[direction] += len(call.tokens)
-            return True
-        self.calls_failed += 1
+        with COUNTS_LOCK:  # several micro-batches in flight record their answers at once
+            self.calls_by_peer[peer] = self.calls_by_peer.get(peer, 0) + 1
+            if ok:
+                call.replica.observe(len(call.tokens), seconds)
+                self.calls_ok += 1
+                self.answered.setdefault(peer, [0, 0])[direction] += len(call.tokens)
+                return True
+            self.calls_failed += 1
+        seconds = UNROUTABLE_EVICTION if isinstance(result, BaseException) and unroutable(result) else None
         logger.warning("server %s of %s failed; evicted for %.0f s", peer, call.replica.record.uid,
-                       self.live.evict_for)
-        self.live.evict(call.replica)
+                       seconds or self.live.evict_for)
+        self.live.evict(call.replica, seconds)
         return False
 
     def audit(self, call: ReplicaCall, kind: str, inputs: torch.Tensor, answer: torch.Tensor,
@@ -409,9 +416,9 @@ class SignedGrid(LiveGrid):
             return [r for r in self._replicas.get(uid, ()) if r.peer_id not in banned and r.record.key not in banned
                     and self._evicted.get((uid, r.peer_id), -math.inf) <= now]
 
-    def evict(self, replica: Replica) -> None:
+    def evict(self, replica: Replica, seconds: float | None = None) -> None:
         with self._lock:
-            self._evicted[replica.record.uid, replica.peer_id] = self.clock() + self.evict_for
+            self._evicted[replica.record.uid, replica.peer_id] = self.clock() + (seconds or self.evict_for)
 
     def first_coords(self) -> list[int]:
         """The rows the root names, and those where signed servers were seen: the root record is

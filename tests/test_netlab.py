@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import textwrap
@@ -85,17 +86,27 @@ class Lab:
             self.manifest = root / "lab-lm.toml"
             self.manifest.write_text(manifest)
             self.url = f"http://{self.seed_host.ip}:{SEED_HTTP}"
-            self.seed = self.procs.add(ChildProcess("seed", self.seed_host.argv(
-                sys.executable, "-m", "coordinator_seeds.cli", "run", "--host", self.seed_host.ip,
-                "--http-port", str(SEED_HTTP), "--dht-port", str(SEED_DHT), "--experiment", str(self.manifest),
-                "--data-dir", str(root / "seed"))))
-            self.seed.wait_for_line(r"seed HTTP on", timeout=90)
+            self.seed = self.start_seed()
         except BaseException:
             self.close()
             raise
 
+    def start_seed(self) -> ChildProcess:
+        """The seed, on its fixed ports with its identity in ``root/seed``: a restart is the same peer."""
+        seed = self.procs.add(ChildProcess("seed", self.seed_host.argv(
+            sys.executable, "-m", "coordinator_seeds.cli", "run", "--host", self.seed_host.ip,
+            "--http-port", str(SEED_HTTP), "--dht-port", str(SEED_DHT), "--experiment", str(self.manifest),
+            "--data-dir", str(self.root / "seed"))))
+        seed.wait_for_line(r"seed HTTP on", timeout=90)
+        return seed
+
     def close(self) -> None:
         try:
+            # every child told at once, the trainer first: each volunteer drains for seconds, one after the
+            # other they made the WAN module's teardown last half a minute
+            for child in reversed(self.procs.children):
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
             self.procs.stop_all()
         finally:
             self.net.close()

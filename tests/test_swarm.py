@@ -102,8 +102,9 @@ def test_plain_hivemind_client_calls_served_experts(swarm):
 
 
 def _train(swarm: Swarm, steps: int, stop: threading.Event | None = None):
+    # one micro-batch a step, as the loss bound was set for (micro-batches in flight: tests/test_trainer.py)
     settings = TrainerSettings(swarm.manifest, swarm.experiment.initial_peers, steps=steps, log_every=5,
-                               forward_timeout=5.0, backward_timeout=5.0)
+                               forward_timeout=5.0, backward_timeout=5.0, in_flight=1)
     return train(settings, stop=stop)
 
 

@@ -25,10 +25,20 @@ import pytest
 import torch
 from hivemind import DHT
 from hivemind.moe import ModuleBackend, Server, declare_experts
+from hivemind.moe.client.expert import RemoteExpert
+from hivemind.moe.expert_uid import ExpertInfo
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
-from coordinator_seeds.dispatch import BatchedRemoteMoE, shutdown_dht
+from coordinator_seeds.dispatch import (
+    UNROUTABLE_EVICTION,
+    BatchedRemoteMoE,
+    ExpertCall,
+    shutdown_dht,
+    unroutable,
+)
+from coordinator_seeds.timeouts import CallTimeouts
 from coordinator_seeds.trainer import StepReport, TrainerSettings, train
 from volunteer.core.manifest import Manifest, MoELayer
 from volunteer.core.records import join_dht, read_trainer_progress, visible_maddrs
@@ -316,6 +326,8 @@ def test_trainer_loss_falls_and_served_experts_learn(
 
     assert [r.step for r in reports] == list(range(1, 61))
     assert not any(r.skipped for r in reports)
+    # every step's micro-batches (the default in_flight, 4) were in flight together
+    assert all(r.together == TrainerSettings.in_flight == 4 for r in reports), [r.together for r in reports]
     assert all(r.experts_alive == 8 for r in reports)
     first, last = (sum(r.loss for r in part) / len(part) for part in (reports[:10], reports[-10:]))
     assert last < first - 0.3, f"loss fell only from {first:.2f} to {last:.2f}"
@@ -340,8 +352,9 @@ def test_trainer_survives_servers_dying(training_servers: list[ServerProcess], p
         elif report.step == 6:
             server_a.freeze()
 
+    # one step at a time: which step meets which failure is the point here
     reports = train(settings(peers, steps=10, forward_timeout=timeout, backward_timeout=timeout,
-                             publish_progress=False), on_step=on_step)
+                             publish_progress=False, in_flight=1), on_step=on_step)
 
     assert [r.step for r in reports] == list(range(1, 11))
     assert all(math.isfinite(r.loss) and not r.skipped for r in reports)
@@ -377,3 +390,37 @@ def test_with_no_expert_alive_the_trainer_waits_instead_of_stepping(
             stop.set()
             trainer.join(timeout=60)
     assert not trainer.is_alive(), "a stop did not end the wait for volunteers"
+
+
+# --- timeouts and eviction -------------------------------------------------------------------------
+
+
+def test_call_timeouts_follow_the_calls_seen() -> None:
+    timeouts = CallTimeouts(10.0, floor=2.0, factor=3.0, slack=1.0, window=8)
+    assert timeouts.current() == 10.0  # nothing seen yet: the ceiling
+    for seconds in (0.05, 0.04, 0.06, 0.05):
+        timeouts.observe(seconds)
+    assert timeouts.current() == 2.0  # loopback-fast calls: the floor, not 10 s
+    for _ in range(4):
+        timeouts.observe(1.5)  # 100 ms away, a 512 KiB call
+    assert timeouts.current() == pytest.approx(5.5)
+    timeouts.observe(60.0)
+    assert timeouts.current() == 10.0  # never above the ceiling
+    for _ in range(8):
+        timeouts.observe(0.05)
+    assert timeouts.current() == 2.0  # the slow calls left the window
+
+
+def test_an_unroutable_server_is_evicted_briefly(client_dht: DHT) -> None:
+    from hivemind.p2p import P2PDaemonError
+
+    assert unroutable(P2PDaemonError("routing: not found")) and not unroutable(TimeoutError())
+    moe = BatchedRemoteMoE(D_MODEL, FROZEN, client_dht, k_best=2, evict_for=30.0)
+    now = [100.0]
+    moe.live.clock = lambda: now[0]
+    expert = RemoteExpert(ExpertInfo(FROZEN.uids()[0], PeerID.from_base58(client_dht.peer_id.to_base58())), None)
+    call = ExpertCall(expert, torch.arange(3), torch.zeros(3, dtype=torch.long))
+    moe.record(call, False, P2PDaemonError("routing: not found"))
+    assert moe.live._evicted[expert.uid, str(expert.peer_id)] == 100.0 + UNROUTABLE_EVICTION
+    moe.record(call, False, TimeoutError())
+    assert moe.live._evicted[expert.uid, str(expert.peer_id)] == 130.0

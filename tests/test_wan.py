@@ -1,12 +1,16 @@
 """The swarm across a slow internet (tests/netlab.py with linkemu cables): every internet link 20 ms each
-way, so any two hosts are 40 ms apart (80 ms round trip); a home router's uplink unplugged for 30 s.
+way, so any two hosts are 40 ms apart (80 ms round trip); a home router's uplink unplugged for 30 s; the
+seed restarted while everyone runs.
 
-A seed, a trainer, one volunteer on a public "cloud" host and two behind two home routers with no port
-forward, six experts two by two. Root and ``ip netns`` are needed: elsewhere the module skips.
+One lab for the module: a seed, one volunteer on a public "cloud" host and two behind two home routers
+with no port forward, six experts two by two, and one trainer (micro-batches in flight, the default)
+that runs through every test; each test watches it and the volunteers. Root and ``ip netns`` are
+needed: elsewhere the module skips.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import statistics
@@ -28,6 +32,8 @@ LINK = Link(delay=0.020)  # each way, on every internet link
 SIX_EXPERTS = LAB_MANIFEST.replace("grid = [1, 4]", "grid = [1, 6]")
 STEP = re.compile(r"step (\d+) loss (\S+), experts alive (\d+) of (\d+), (\S+) steps/s")
 BACK_AFTER_UPLINK = 90.0  # seconds from a home's uplink coming back to its volunteer serving again
+STEPS = 15  # trainer steps (of 4 micro-batches each) over which the loss must fall
+BACK_AFTER_SEED = 60.0  # seconds from a restarted seed answering to every volunteer serving again
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +49,7 @@ def wan(tmp_path_factory) -> Iterator[Lab]:
             child = lab.volunteer(home, name=name, on=host, experts=2)
             child.wait_for_line(r'"event": "serving"', timeout=180)
             lab.volunteers.append(child)
+        lab.train = lab.trainer(homes[3], log_every=5)
         yield lab
     finally:
         prefix = lab.net.prefix
@@ -50,6 +57,18 @@ def wan(tmp_path_factory) -> Iterator[Lab]:
         for home in homes:
             shutil.rmtree(home, ignore_errors=True)
         assert not leftover_namespaces(prefix), "the lab left namespaces behind"
+
+
+def logged_steps(trainer) -> list[tuple[int, float, int, float]]:
+    """The trainer's log lines so far: (step, loss, experts alive, steps/s)."""
+    found = (STEP.search(line) for line in list(trainer.output))
+    return [(int(m[1]), float(m[2]), int(m[3]), float(m[5])) for m in found if m]
+
+
+def last_step(trainer) -> tuple[int, float, int, float]:
+    assert trainer.proc.poll() is None, f"the trainer stopped: {trainer.tail()}"
+    steps = logged_steps(trainer)
+    return steps[-1] if steps else (0, math.nan, 0, 0.0)
 
 
 def test_a_cable_gives_the_delay_asked_for():
@@ -78,14 +97,9 @@ def test_a_cable_gives_the_delay_asked_for():
 
 
 def test_a_swarm_across_40_ms_trains_and_every_volunteer_serves(wan):
-    trainer = wan.trainer(wan.homes[3], steps=40, log_every=5)
-    try:
-        trainer.wait_for_line(r"step 40 ", timeout=280)
-        reaches = {home.name: _status(home)["reach"]["reach"] for home in wan.homes[:3]}
-    finally:
-        trainer.stop()
-    steps = [STEP.search(line) for line in trainer.output]
-    steps = [(int(m[1]), float(m[2]), int(m[3]), float(m[5])) for m in steps if m]
+    wait_for(lambda: last_step(wan.train)[0] >= STEPS, 280, f"the trainer's step {STEPS}")
+    reaches = {home.name: _status(home)["reach"]["reach"] for home in wan.homes[:3]}
+    steps = [s for s in logged_steps(wan.train) if s[0] <= STEPS]
     first, last = steps[0], steps[-1]
     print(f"40 ms apart: loss {first[1]:.2f} -> {last[1]:.2f} over {last[0]} steps, "
           f"{statistics.median(s[3] for s in steps[1:]):.2f} steps/s, experts {last[2]}/6")
@@ -98,7 +112,6 @@ def test_a_swarm_across_40_ms_trains_and_every_volunteer_serves(wan):
 
 def test_a_home_uplink_down_for_30_s_then_back(wan):
     home = wan.homes[1]
-    trainer = wan.trainer(wan.homes[3], log_every=5)
     try:
         before = wait_for(lambda: _backward_samples(home), 90, "home1 serving before the outage")
         wan.routers[0].uplink(False)
@@ -107,13 +120,36 @@ def test_a_home_uplink_down_for_30_s_then_back(wan):
         assert during, "the volunteer stopped answering status during the outage"
         assert during["reach"]["reach"] == "unreachable" and "network connection" in during["reach"]["advice"], during
         wan.routers[0].uplink(True)
-        back_at = time.monotonic()
+        back_at, step = time.monotonic(), last_step(wan.train)[0]
         wait_for(lambda: _backward_samples(home) > during["session"]["backward_samples"], BACK_AFTER_UPLINK,
                  f"home1 serving again within {BACK_AFTER_UPLINK:.0f} s of its uplink's return")
         print(f"uplink back: served again after {time.monotonic() - back_at:.1f} s "
               f"(backward samples {before} before, {during['session']['backward_samples']} at the end of the outage)")
-        assert trainer.proc.poll() is None, f"the trainer stopped: {trainer.tail()}"
+        assert last_step(wan.train)[0] > step, "the trainer stopped stepping"
         assert wan.volunteers[1].proc.poll() is None
     finally:
         wan.routers[0].uplink(True)
-        trainer.stop()
+
+
+def test_a_seed_restarted_while_volunteers_run(wan):
+    """The seed (bootstrap peer, dial-back, leaderboard) goes away for a while and comes back on the same
+    identity and ports: the volunteers stay up and serve again, the trainer never stops."""
+    wait_for(lambda: last_step(wan.train)[2] == 6, 180, "the trainer training with every expert")
+    wan.seed.stop()
+    time.sleep(10)  # the seed being gone for a while is the point, not a condition to wait for
+    down = {home: _status(home) for home in wan.homes[:3]}
+    assert all(down.values()), "a volunteer stopped answering status while the seed was down"
+    wan.seed = wan.start_seed()
+    back_at, step = time.monotonic(), last_step(wan.train)[0]
+    served = {home: _backward_samples(home) for home in wan.homes[:3]}
+    wait_for(lambda: all(_backward_samples(home) > served[home] for home in served), BACK_AFTER_SEED,
+             f"every volunteer serving within {BACK_AFTER_SEED:.0f} s of the seed's return")
+    # the volunteers found the seed again: none says it cannot reach the network
+    reaches = wait_for(lambda: all(_status(h)["reach"]["reach"] != "unreachable" for h in served)
+                       and {h.name: _status(h)["reach"]["reach"] for h in served}, BACK_AFTER_SEED,
+                       "every volunteer reachable again")
+    wait_for(lambda: last_step(wan.train)[0] >= step + 5 and last_step(wan.train)[2] == 6, 120,
+             "five more trainer steps with every expert alive")
+    print(f"seed restarted: every volunteer served again {time.monotonic() - back_at:.1f} s after it was back; "
+          f"reached {reaches}; trainer at step {last_step(wan.train)[0]}")
+    assert all(child.proc.poll() is None for child in wan.volunteers)
