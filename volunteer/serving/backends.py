@@ -20,8 +20,10 @@ import multiprocessing as mp
 import threading
 import time
 import zlib
+from functools import partial
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from hivemind.moe import Server
 from hivemind.moe.server.dht_handler import DHTHandlerThread
@@ -29,10 +31,11 @@ from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.moe.server.runtime import Runtime
 from hivemind.moe.server.task_pool import TaskPool
 from hivemind.utils.mpfuture import MPFuture
-from hivemind.utils.nested import nested_flatten
+from hivemind.utils.nested import nested_flatten, nested_pack
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from volunteer.core.manifest import Manifest
+from volunteer.serving.activations import KeptForwards, Rows
 from volunteer.serving.checkpoints import CheckpointStore, ExpertCheckpoint
 from volunteer.serving.counters import ExpertCounters
 from volunteer.serving.experts import build_expert, build_optimizer, sample_input
@@ -80,9 +83,21 @@ def malformed(tensors: Sequence[torch.Tensor], schema: Sequence[BatchTensorDescr
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """One reduction instead of a mask as large as the tensor (it was ~6% of the lean path's CPU):
-    a NaN or infinity makes the sum non-finite; a finite tensor whose sum overflows is checked exactly."""
+    """One reduction instead of a mask as large as the tensor: a NaN or infinity makes the sum
+    non-finite; a finite tensor whose sum overflows is checked exactly.
+
+    On the CPU the sum is NumPy's, on the calling thread: this runs on the event loop, and torch's
+    reduction there started a second OpenMP team next to the device worker's, which on 2 busy cores
+    spun against it (12% of the lean volunteer's samples under load, for ~1% of its work)."""
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_FLOATS:
+        array = tensor.detach().numpy()
+        with np.errstate(all="ignore"):  # an overflowing or NaN sum is an answer here, not a warning
+            total = np.add.reduce(array, axis=None)
+        return bool(np.isfinite(total)) or bool(np.isfinite(array).all())
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
 
 
 class Paused(RuntimeError):
@@ -111,10 +126,15 @@ class CountingBackend(ModuleBackend):
                  duty_cycle: float = 1.0, pools: bool = True, **kwargs):
         super().__init__(name, module, **kwargs)
         self.max_batch_size = kwargs["max_batch_size"]
+        self.steps = 0  # optimizer steps taken by this backend: a kept forward is valid only at its step
+        self.inputs_count = len(tuple(nested_flatten(self.forward_schema)))
         if not pools:  # the lean path (serving.handler) batches in its device worker: no TaskPool processes
             self.forward_pool = self.backward_pool = None
+            # and keeps each forward's graph for its backward (hivemind's backward recomputes it)
+            self.kept: KeptForwards | None = KeptForwards(self.max_batch_size)
         else:
             self._checked_pools(name)
+            self.kept = None  # hivemind's Runtime calls forward and backward in any order: recompute
         self.expert_type, self.counters = expert_type, counters
         # the Runtime thread mutates weights in backward; checkpoints copy them under the same lock
         self.lock = threading.Lock()
@@ -129,11 +149,79 @@ class CountingBackend(ModuleBackend):
         self.backward_pool = CheckedTaskPool(self.backward, name=f"{name}_backward",
                                              schema=nested_flatten(self.backward_schema), **pool)
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._counted("forward", super().forward, inputs)
+    def forward(self, *inputs: torch.Tensor, parts: Sequence[Rows] | None = None) -> tuple[torch.Tensor, ...]:
+        """``parts``: the rows of each request the device worker batched together (for the kept graphs)."""
+        if self.kept is None:
+            return self._counted("forward", super().forward, inputs)
+        return self._counted("forward", partial(self._forward_kept, parts=parts), inputs)
 
-    def backward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._counted("backward", super().backward, inputs)
+    def backward(self, *inputs: torch.Tensor, parts: Sequence[Rows] | None = None) -> tuple[torch.Tensor, ...]:
+        if self.kept is None:
+            return self._counted("backward", super().backward, inputs)
+        return self._counted("backward", partial(self._backward_kept, parts=parts), inputs)
+
+    def _forward_kept(self, *inputs: torch.Tensor, parts: Sequence[Rows] | None) -> tuple[torch.Tensor, ...]:
+        """hivemind's forward, with autograd on: the graph is kept for the backward of the same inputs."""
+        if inputs[0].shape[0] == 0:
+            raise RuntimeError("Batch should contain more than 0 samples")
+        leaves, outputs = self._graph(inputs)
+        if all(output.requires_grad for output in outputs):
+            self.kept.keep(leaves, outputs, self.steps, parts)
+        return tuple(output.detach() for output in outputs)
+
+    def _graph(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """The module's forward with autograd on, from fresh leaves of ``inputs``: (leaves, flat outputs)."""
+        leaves = [t.detach().requires_grad_(True) if t.is_floating_point() else t.detach() for t in inputs]
+        args, kwargs = nested_pack(leaves, structure=self.forward_schema)
+        with torch.enable_grad():
+            return leaves, tuple(nested_flatten(self.module(*args, **kwargs)))
+
+    def _backward_kept(self, *inputs: torch.Tensor, parts: Sequence[Rows] | None) -> tuple[torch.Tensor, ...]:
+        """One optimizer step over the batch, as hivemind's backward, but each request's forward comes from
+        its kept graph where one matches; the rest are recomputed. No match at all: hivemind's own backward.
+
+        A kept graph may also hold requests whose backward is not in this batch: their rows get zero
+        gradients (nothing of theirs reaches the weights) and they recompute later, at the new weights."""
+        count, rows = self.inputs_count, inputs[0].shape[0]
+        args, grad_outputs = inputs[:count], inputs[count:]
+        parts = tuple(parts or ((0, rows),))
+        found = [self.kept.take([t[start:stop] for t in args], self.steps) for start, stop in parts]
+        if not any(found):
+            return super().backward(*inputs)
+        roots, root_grads = [], []  # what autograd starts from
+        sources: list[tuple[Sequence[torch.Tensor], int, int]] = [None] * len(parts)  # part -> (leaves, rows)
+        by_graph: dict[int, list[int]] = {}
+        for i, match in enumerate(found):
+            if match is not None:
+                by_graph.setdefault(id(match[0]), []).append(i)
+        for indices in by_graph.values():
+            kept = found[indices[0]][0]
+            roots.extend(kept.outputs)
+            root_grads.extend(_scatter(kept, [(found[i][1], parts[i]) for i in indices], grad_outputs))
+            for i in indices:
+                sources[i] = (kept.inputs, *found[i][1])
+        missing = [i for i, match in enumerate(found) if match is None]
+        if missing:  # recomputed together, as hivemind would, inside the same step
+            leaves, outputs = self._graph([_rows_of(t, [parts[i] for i in missing]) for t in args])
+            roots.extend(outputs)
+            root_grads.extend(_rows_of(g, [parts[i] for i in missing]) for g in grad_outputs)
+            offset = 0
+            for i in missing:
+                size = parts[i][1] - parts[i][0]
+                sources[i] = (leaves, offset, offset + size)
+                offset += size
+        if len(root_grads) != len(roots):  # the schema check makes this unreachable from the wire
+            raise ValueError(f"{self.name}: {len(root_grads)} output gradients for {len(roots)} outputs")
+        torch.autograd.backward(roots, grad_tensors=root_grads)
+        self.on_backward(rows)
+        grads = [[_grad(leaf)[start:stop] for leaf in leaves] for leaves, start, stop in sources]
+        return tuple(pieces[0] if len(pieces) == 1 else torch.cat(pieces) for pieces in zip(*grads))
+
+    def on_backward(self, batch_size: int) -> None:
+        super().on_backward(batch_size)
+        self.steps += 1
+        if self.kept is not None:  # every kept graph was computed with the old weights
+            self.kept.clear()
 
     def _counted(self, kind: str, compute, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if self.paused.is_set():  # fail fast: the owner wants the machine back now
@@ -155,6 +243,29 @@ class CountingBackend(ModuleBackend):
             # copied straight to host memory: a deepcopy on the GPU would need the optimizer state twice there
             optimizer = _to_cpu(self.optimizer.state_dict()) if self.optimizer is not None else None
         return ExpertCheckpoint(self.name, self.expert_type, module, optimizer, self.counters.snapshot().optimizer_steps)
+
+
+def _scatter(kept, spans, grad_outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of a kept graph's outputs: each request's rows from the batch's ``grad_outputs``
+    (``spans``: its rows in the graph, its rows in the batch), zero for the requests not in the batch."""
+    if len(spans) == 1 and spans[0][0] == (0, kept.rows) and len(kept.parts) == 1:
+        (_, (start, stop)), = spans
+        return [grad[start:stop] for grad in grad_outputs]
+    full = [torch.zeros_like(output) for output in kept.outputs]
+    for (to_start, to_stop), (start, stop) in spans:
+        for target, grad in zip(full, grad_outputs):
+            target[to_start:to_stop] = grad[start:stop]
+    return full
+
+
+def _rows_of(tensor: torch.Tensor, parts: Sequence[Rows]) -> torch.Tensor:
+    if len(parts) == 1:
+        return tensor[parts[0][0]:parts[0][1]]
+    return torch.cat([tensor[start:stop] for start, stop in parts])
+
+
+def _grad(leaf: torch.Tensor) -> torch.Tensor:
+    return leaf.grad if isinstance(leaf.grad, torch.Tensor) else torch.zeros_like(leaf)
 
 
 def _to_cpu(state):

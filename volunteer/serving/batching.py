@@ -15,6 +15,7 @@ trained, so the rate it gives includes everything a trainer waits for, not only 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -114,8 +115,9 @@ class DeviceWorker(threading.Thread):
             else:  # the checks on the event loop made every task's tensors fit the schema: cat cannot fail
                 inputs = [torch.cat(parts) for parts in zip(*(task.inputs for task in batch))]
             inputs = [tensor.to(self.device, non_blocking=True) for tensor in inputs]
-            outputs = [output.detach().cpu() for output in compute(*inputs)]
             rows = [task.rows for task in batch]
+            # each request's rows: a backward is matched to its own forward's kept graph (serving.activations)
+            outputs = [output.detach().cpu() for output in compute(*inputs, parts=_parts(rows))]
             split = [torch.split(output, rows) for output in outputs] if len(batch) > 1 else [[o] for o in outputs]
         except BaseException as e:  # a failed batch fails its callers; the worker goes on with the next
             if not isinstance(e, Paused):
@@ -130,6 +132,12 @@ class DeviceWorker(threading.Thread):
             return
         for i, task in enumerate(batch):
             task.deliver(tuple(parts[i] for parts in split))
+
+
+def _parts(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) of each request in the concatenated batch."""
+    ends = list(itertools.accumulate(rows))
+    return [(end - n, end) for n, end in zip(rows, ends)]
 
 
 class ServedClock:
