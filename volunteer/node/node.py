@@ -231,7 +231,7 @@ class VolunteerNode:
     def samples_per_second(self) -> float:
         """What this volunteer can serve, as announced and balanced on: the rate measured through the
         serving path once it has served enough (``served_rate``), else the local torch measurement."""
-        served = served_rate(self.server.served()) if isinstance(self.server, LeanServer) else None
+        served = served_rate(self.server.served())  # both paths time their requests (serving.served)
         return served if served is not None else self._measured_samples_per_second()
 
     def _measured_samples_per_second(self) -> float:

@@ -39,6 +39,7 @@ from volunteer.serving.activations import KeptForwards, Rows
 from volunteer.serving.checkpoints import CheckpointStore, ExpertCheckpoint
 from volunteer.serving.counters import ExpertCounters
 from volunteer.serving.experts import build_expert, build_optimizer, sample_input
+from volunteer.serving.served import ServedClock
 
 
 class CheckedTaskPool(TaskPool):
@@ -48,16 +49,25 @@ class CheckedTaskPool(TaskPool):
     ``torch.cat`` kill the pool's batching loop, so the expert hung until restart), an empty batch
     waited forever, and NaN gradients reached the optimizer and poisoned the weights."""
 
-    def __init__(self, process_func, *, schema, **kwargs):
+    def __init__(self, process_func, *, schema, trains: bool, **kwargs):
         super().__init__(process_func, **kwargs)
         self.schema = tuple(schema)
+        self.trains = trains  # a backward pool: its answered samples are training samples
+        self.clock: ServedClock | None = None  # its device's, set by VolunteerServer before the handlers fork
 
     def submit_task(self, *args: torch.Tensor):
         problem = malformed(args, self.schema)
-        if problem is None:
+        if problem is not None:
+            future = MPFuture()
+            future.set_exception(ValueError(f"{self.name}: {problem}"))
+            return future
+        if self.clock is None:
             return super().submit_task(*args)
-        future = MPFuture()
-        future.set_exception(ValueError(f"{self.name}: {problem}"))
+        # timed from here (the handler process, request read) to the answer: the path a trainer waits on
+        self.clock.begin()
+        future = super().submit_task(*args)
+        rows = args[0].shape[0] if self.trains else 0
+        future.add_done_callback(lambda done: self.clock.end(0 if done.cancelled() or done.exception() else rows))
         return future
 
 
@@ -144,9 +154,9 @@ class CountingBackend(ModuleBackend):
     def _checked_pools(self, name: str) -> None:
         pool = dict(min_batch_size=self.forward_pool.min_batch_size, max_batch_size=self.forward_pool.max_batch_size,
                     timeout=self.forward_pool.timeout)
-        self.forward_pool = CheckedTaskPool(self.forward, name=f"{name}_forward",
+        self.forward_pool = CheckedTaskPool(self.forward, name=f"{name}_forward", trains=False,
                                             schema=nested_flatten(self.forward_schema), **pool)
-        self.backward_pool = CheckedTaskPool(self.backward, name=f"{name}_backward",
+        self.backward_pool = CheckedTaskPool(self.backward, name=f"{name}_backward", trains=True,
                                              schema=nested_flatten(self.backward_schema), **pool)
 
     def forward(self, *inputs: torch.Tensor, parts: Sequence[Rows] | None = None) -> tuple[torch.Tensor, ...]:
@@ -378,6 +388,13 @@ class VolunteerServer(Server):
             self.runtime = DeviceRuntimes(
                 [(device, {uid: module_backends[uid] for uid in uids}) for device, uids in placed]
             )
+        # one served clock per device, in shared memory: the connection handlers, forked in run(), time
+        # each request from its arrival to its answer (what the node announces, as on the lean path)
+        self.clocks = [ServedClock.shared() for _ in placed]
+        for clock, (_, uids) in zip(self.clocks, placed):
+            for pool in (pool for uid in uids for pool in module_backends[uid].get_pools()):
+                if isinstance(pool, CheckedTaskPool):
+                    pool.clock = clock
 
     def run(self) -> None:
         if not self.dht.is_alive():
@@ -400,6 +417,10 @@ class VolunteerServer(Server):
                 raise ServerStartError("the expert server stopped while starting (its error is in the log)")
             if deadline is not None and time.monotonic() > deadline:
                 raise ServerStartError(f"the expert server was not ready after {timeout:.0f} s")
+
+    def served(self) -> list[tuple[int, float]]:
+        """Per device: (training samples answered, busy seconds of its serving path)."""
+        return [clock.reading() for clock in self.clocks]
 
     def failure(self) -> str | None:
         """What stopped working in hivemind's machinery, or None while it serves (the node's health check)."""
