@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from volunteer.core.manifest import loads
-from volunteer.serving.activations import KeptForwards
+from volunteer.serving.activations import MAX_STALENESS, KeptForwards
 from volunteer.serving.backends import _all_finite, build_backends, malformed
 from volunteer.serving.checkpoints import CheckpointStore
 
@@ -71,12 +71,12 @@ def test_a_backward_finds_the_forward_of_the_same_bytes_once():
     kept = KeptForwards(64)
     x = _x(4)
     kept.keep([x], [x * 2], step=0)
-    assert kept.take([x.clone()], step=1) is None  # the weights moved on since
-    assert kept.take([_x(4, seed=1)], step=0) is None  # other samples
-    assert kept.take([x[:3]], step=0) is None  # fewer samples
-    found, rows = kept.take([x.clone()], step=0)
+    assert kept.take([x.clone()], since=1) is None  # too stale
+    assert kept.take([_x(4, seed=1)], since=0) is None  # other samples
+    assert kept.take([x[:3]], since=0) is None  # fewer samples
+    found, rows = kept.take([x.clone()], since=0)
     assert rows == (0, 4) and torch.equal(found.outputs[0], x * 2)
-    assert kept.take([x], step=0) is None  # matched once
+    assert kept.take([x], since=0) is None  # matched once
     assert (kept.hits, kept.misses) == (1, 4)
 
 
@@ -84,17 +84,17 @@ def test_each_request_of_a_batched_forward_is_matched_to_its_rows():
     kept = KeptForwards(64)
     a, b = _x(2, 1), _x(3, 2)
     kept.keep([torch.cat([a, b])], [torch.cat([a, b])], step=0, parts=[(0, 2), (2, 5)])
-    assert kept.take([torch.cat([a, b])], step=0) is None  # the whole batch was two requests
-    assert kept.take([b], step=0)[1] == (2, 5)
-    assert kept.take([a], step=0)[1] == (0, 2)
+    assert kept.take([torch.cat([a, b])], since=0) is None  # the whole batch was two requests
+    assert kept.take([b], since=0)[1] == (2, 5)
+    assert kept.take([a], since=0)[1] == (0, 2)
 
 
 def test_bytes_decide_not_float_equality():
     kept = KeptForwards(64)
     zeros = torch.zeros(2, D)
     kept.keep([zeros], [zeros], step=0)
-    assert kept.take([-zeros], step=0) is None  # -0.0 == 0.0 as floats, not as bytes
-    assert kept.take([zeros.to(torch.float64)], step=0) is None
+    assert kept.take([-zeros], since=0) is None  # -0.0 == 0.0 as floats, not as bytes
+    assert kept.take([zeros.to(torch.float64)], since=0) is None
 
 
 def test_the_store_holds_at_most_max_rows_and_drops_the_oldest_and_the_expired():
@@ -104,14 +104,14 @@ def test_the_store_holds_at_most_max_rows_and_drops_the_oldest_and_the_expired()
     for x in (a, b, c):
         kept.keep([x], [x], step=0)
     assert kept.rows == 8 and len(kept) == 2  # a went to make room for c
-    assert kept.take([a], step=0) is None and kept.take([b], step=0) is not None
+    assert kept.take([a], since=0) is None and kept.take([b], since=0) is not None
     kept.clear()
     kept.keep([b], [b], step=0)
     kept.keep([_x(11)], [_x(11)], step=0)  # over the limit on its own: not kept, nothing dropped for it
     assert kept.rows == 4
     clock.now = 31.0
     kept.keep([a], [a], step=0)  # c expired meanwhile
-    assert kept.take([c], step=0) is None and kept.rows == 4
+    assert kept.take([c], since=0) is None and kept.rows == 4
     kept.clear()
     assert kept.rows == 0 and len(kept) == 0
 
@@ -140,29 +140,41 @@ def test_a_kept_backward_equals_hiveminds_recompute_and_trains_the_same(tmp_path
     assert lean.counters.snapshot().optimizer_steps == 3
 
 
-def test_a_backward_after_another_step_recomputes_with_todays_weights(tmp_path):
-    """Two callers interleaved: the second one's forward graph is stale after the first one's step, so its
-    backward recomputes (as hivemind's would) instead of using weights that are gone."""
+def test_callers_interleaved_get_the_gradient_of_the_weights_their_forward_used(tmp_path):
+    """Two callers interleaved: the first one's backward steps the weights before the second one's
+    backward. The second still uses its kept graph: the input gradient of the function it computed
+    (its forward's weights), and its weight gradient is applied to today's weights, as a delayed
+    gradient. Past ``MAX_STALENESS`` steps the graph is dropped and the backward recomputes."""
     [uid] = MANIFEST.all_uids()[:1]
     backends, _ = build_backends(MANIFEST, [uid], 64, CheckpointStore(tmp_path), pools=False)
     backend = backends[uid]
     a, b, grad = _x(3, 5), _x(3, 6), _x(3, 7)
+    at_forward = copy.deepcopy(backend.module)
     backend.forward(a)
     backend.forward(b)
-    backend.backward(a, grad)  # a step: b's kept graph is stale and dropped
-    assert len(backend.kept) == 0
-    reference = copy.deepcopy(backend.module)
+    backend.backward(a, grad)  # a step
+    want = b.clone().requires_grad_(True)
+    at_forward(want).backward(grad)
+    weights_before = [p.detach().clone() for p in backend.module.parameters()]
     [got] = backend.backward(b, grad)
+    torch.testing.assert_close(got, want.grad, rtol=1e-6, atol=1e-7)
+    assert (backend.kept.hits, backend.kept.misses) == (2, 0)
+    assert all(not torch.equal(p, q) for p, q in zip(backend.module.parameters(), weights_before))  # it trained
+    backend.forward(b)
+    for _ in range(MAX_STALENESS + 1):
+        backend.backward(a, grad)  # misses (a's graph was used), and steps
+    reference = copy.deepcopy(backend.module)
+    [got] = backend.backward(b, grad)  # b's graph is too stale: recomputed on today's weights
     want = b.clone().requires_grad_(True)
     reference(want).backward(grad)
     torch.testing.assert_close(got, want.grad, rtol=1e-6, atol=1e-7)
-    assert (backend.kept.hits, backend.kept.misses) == (1, 1)
+    assert backend.kept.hits == 2 and len(backend.kept) == 0
 
 
 def test_batched_requests_use_their_kept_graphs_and_recompute_only_the_rest(tmp_path):
     """The device worker batches requests: forwards of a, b, c in one batch, then d alone; the backward
     batch (c, d, e) finds c and d kept (a and b get zero gradients: not in this step), recomputes e, and
-    gives what hivemind's recompute of (c, d, e) gives, weights included."""
+    gives what hivemind's recompute of (c, d, e) gives, weights included; a and b then use their graph."""
     [uid] = MANIFEST.all_uids()[:1]
     backends, _ = build_backends(MANIFEST, [uid], 64, CheckpointStore(tmp_path), pools=False)
     backend = backends[uid]
@@ -172,7 +184,8 @@ def test_batched_requests_use_their_kept_graphs_and_recompute_only_the_rest(tmp_
     backend.forward(d)
     grads = _x(7, 6)
     [got] = backend.backward(torch.cat([c, d, e]), grads, parts=[(0, 4), (4, 5), (5, 7)])
-    assert (backend.kept.hits, backend.kept.misses) == (2, 1) and len(backend.kept) == 0
+    assert (backend.kept.hits, backend.kept.misses) == (2, 1)
+    assert len(backend.kept) == 1  # a and b still have theirs (one step stale now)
     want = torch.cat([c, d, e]).requires_grad_(True)
     optimizer = torch.optim.Adam(reference.parameters(), lr=MANIFEST.optimizer.lr)
     reference(want).backward(grads)
@@ -180,6 +193,17 @@ def test_batched_requests_use_their_kept_graphs_and_recompute_only_the_rest(tmp_
     torch.testing.assert_close(got, want.grad, rtol=1e-5, atol=1e-6)
     for mine, theirs in zip(backend.module.parameters(), reference.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    backend.backward(torch.cat([b, a]), _x(5, 7), parts=[(0, 3), (3, 5)])
+    assert (backend.kept.hits, backend.kept.misses) == (4, 1) and len(backend.kept) == 0
+
+
+def test_the_memory_plan_counts_the_weight_copies_the_kept_graphs_hold():
+    from volunteer.planning.memory import KEPT_WEIGHT_COPIES, expert_cost
+
+    assert KEPT_WEIGHT_COPIES == MAX_STALENESS + 1
+    expert_type = MANIFEST.expert_type("residual")
+    lean, pools = (expert_cost(MANIFEST, expert_type, 64, "cpu", task_pools=p) for p in (False, True))
+    assert lean.activations - pools.activations == KEPT_WEIGHT_COPIES * lean.weights
 
 
 def test_the_finite_check_finds_nan_and_infinity_and_accepts_a_sum_that_overflows():

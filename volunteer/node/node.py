@@ -225,7 +225,8 @@ class VolunteerNode:
         # measured on each device once and cached; it is what this volunteer announces it can serve
         return plan_volunteer(hardware, self.manifest, devices, swarm=seen, max_memory=self.settings.max_memory,
                               max_experts=self.settings.max_experts,
-                              measuring=Measuring(self.paths.cache_dir, self.settings.remeasure))
+                              measuring=Measuring(self.paths.cache_dir, self.settings.remeasure),
+                              task_pools=self.settings.serving == "hivemind")
 
     @property
     def samples_per_second(self) -> float:

@@ -10,17 +10,22 @@ a kept forward runs ``autograd.backward`` on that graph instead of recomputing i
 
 What makes it safe:
 
-- **Same weights**: a kept graph is only used while the expert's weights are those it was computed with
-  (the optimizer step count is part of each entry); the expert's first optimizer step after a forward
-  empties the store, since every graph in it is then stale (autograd would also refuse it: the step
-  changes the saved weights in place).
+- **Its own weights**: a kept graph is computed on a copy of the weights of its optimizer step (one copy
+  a step, shared by that step's forwards: ``CountingBackend._step_weights``), so the optimizer's
+  in-place steps leave it intact. With one caller per expert (a trainer: forward, then the backward of
+  the same samples) no step comes between and the backward is exactly hivemind's. With several callers
+  another's backward may step the weights between a forward and its backward: the kept graph then gives
+  the gradient of the function the caller actually computed (hivemind's recompute gives it at the new
+  weights instead; both are applied to today's weights, as any delayed gradient). Graphs more than
+  ``MAX_STALENESS`` steps old are dropped, and their backward recomputes, as hivemind's.
 - **Same samples**: matched on the inputs' bytes (dtype, shape, contents), not on a hash a hostile peer
   could collide. A peer that resends someone else's inputs only gets the gradient a recompute would
   have given it, and the owner's backward then recomputes.
-- **Bounded memory**: at most ``max_rows`` samples a expert (its max batch size), so the graphs held
+- **Bounded memory**: at most ``max_rows`` samples an expert (its max batch size), so the graphs held
   are at most one max batch of activations: the second set that the memory plan reserves for
-  hivemind's recompute (``planning.memory.expert_cost``, activations x2). Entries older than
-  ``max_age`` seconds (forward-only callers never send a backward) are dropped at the next forward.
+  hivemind's recompute (``planning.memory.expert_cost``, activations x2), plus at most
+  ``MAX_STALENESS + 1`` copies of the weights (planned too). Entries older than ``max_age`` seconds
+  (forward-only callers never send a backward) are dropped at the next forward.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 MAX_AGE = 30.0  # seconds; a trainer's backward comes within its step (its default timeout is 10 s)
+MAX_STALENESS = 3  # optimizer steps between a kept forward and its backward (4 concurrent callers)
 
 Rows = tuple[int, int]  # [start, stop) of one request's samples in a batch
 
@@ -48,6 +54,7 @@ class KeptForward:
     parts: tuple[Rows, ...]
     step: int  # the expert's optimizer steps when it was computed
     kept_at: float
+    weights: Mapping[str, torch.Tensor] | None = None  # the copy of the weights it was computed on
     taken: set[Rows] = field(default_factory=set)  # parts already matched by a backward
 
     @property
@@ -67,10 +74,11 @@ class KeptForwards:
         self.hits = self.misses = 0  # requests whose backward used a kept graph / recomputed
 
     def keep(self, inputs: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], step: int,
-             parts: Sequence[Rows] | None = None) -> None:
+             parts: Sequence[Rows] | None = None, weights: Mapping[str, torch.Tensor] | None = None) -> None:
         """Keep a forward computed at optimizer step ``step``; the oldest go to stay within ``max_rows``."""
         rows = inputs[0].shape[0]
-        entry = KeptForward(tuple(inputs), tuple(outputs), tuple(parts or ((0, rows),)), step, self._clock())
+        entry = KeptForward(tuple(inputs), tuple(outputs), tuple(parts or ((0, rows),)), step, self._clock(),
+                            weights)
         if rows > self.max_rows:
             return
         with self._lock:
@@ -80,27 +88,34 @@ class KeptForwards:
             self._kept.append(entry)
             self._rows += rows
 
-    def take(self, inputs: Sequence[torch.Tensor], step: int) -> tuple[KeptForward, Rows] | None:
-        """The kept forward holding one request of exactly these inputs at optimizer step ``step``, and
-        that request's rows in it; each kept request is matched once."""
+    def take(self, inputs: Sequence[torch.Tensor], since: int) -> tuple[KeptForward, Rows] | None:
+        """The kept forward holding one request of exactly these inputs, computed at optimizer step
+        ``since`` or later, and that request's rows in it; each kept request is matched once."""
         with self._lock:
             for entry in self._kept:
-                if entry.step != step:
+                if entry.step < since:
                     continue
                 for start, stop in entry.parts:
                     if (start, stop) not in entry.taken and stop - start == inputs[0].shape[0] and _same(
                             [t[start:stop] for t in entry.inputs], inputs):
                         entry.taken.add((start, stop))
+                        if len(entry.taken) == len(entry.parts):  # every request of it had its backward
+                            self._kept.remove(entry)
+                            self._rows -= entry.rows
                         self.hits += 1
                         return entry, (start, stop)
             self.misses += 1
             return None
 
     def clear(self) -> None:
-        """Drop every graph (the weights changed: none of them can be used any more)."""
+        """Drop every graph."""
+        self.drop_before(float("inf"))
+
+    def drop_before(self, step: float) -> None:
+        """Drop the graphs computed before optimizer step ``step`` (too stale to use)."""
         with self._lock:
-            self._kept.clear()
-            self._rows = 0
+            kept = deque(entry for entry in self._kept if entry.step >= step)
+            self._kept, self._rows = kept, sum(entry.rows for entry in kept)
 
     @property
     def rows(self) -> int:

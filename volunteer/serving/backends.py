@@ -35,7 +35,7 @@ from hivemind.utils.nested import nested_flatten, nested_pack
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from volunteer.core.manifest import Manifest
-from volunteer.serving.activations import KeptForwards, Rows
+from volunteer.serving.activations import MAX_STALENESS, KeptForwards, Rows
 from volunteer.serving.checkpoints import CheckpointStore, ExpertCheckpoint
 from volunteer.serving.counters import ExpertCounters
 from volunteer.serving.experts import build_expert, build_optimizer, sample_input
@@ -136,7 +136,8 @@ class CountingBackend(ModuleBackend):
                  duty_cycle: float = 1.0, pools: bool = True, **kwargs):
         super().__init__(name, module, **kwargs)
         self.max_batch_size = kwargs["max_batch_size"]
-        self.steps = 0  # optimizer steps taken by this backend: a kept forward is valid only at its step
+        self.steps = 0  # optimizer steps taken by this backend: how stale a kept forward is
+        self._weights: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, its copy): _step_weights
         self.inputs_count = len(tuple(nested_flatten(self.forward_schema)))
         if not pools:  # the lean path (serving.handler) batches in its device worker: no TaskPool processes
             self.forward_pool = self.backward_pool = None
@@ -174,17 +175,30 @@ class CountingBackend(ModuleBackend):
         """hivemind's forward, with autograd on: the graph is kept for the backward of the same inputs."""
         if inputs[0].shape[0] == 0:
             raise RuntimeError("Batch should contain more than 0 samples")
-        leaves, outputs = self._graph(inputs)
+        weights = self._step_weights()
+        leaves, outputs = self._graph(inputs, weights)
         if all(output.requires_grad for output in outputs):
-            self.kept.keep(leaves, outputs, self.steps, parts)
+            self.kept.keep(leaves, outputs, self.steps, parts, weights)
         return tuple(output.detach() for output in outputs)
 
-    def _graph(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
-        """The module's forward with autograd on, from fresh leaves of ``inputs``: (leaves, flat outputs)."""
+    def _step_weights(self) -> dict[str, torch.Tensor]:
+        """This step's weights as leaves of their own, copied once a step: the kept graphs hold them, so
+        the optimizer's in-place steps leave those graphs intact."""
+        if self._weights is None or self._weights[0] != self.steps:
+            self._weights = (self.steps, {name: p.detach().clone().requires_grad_(p.requires_grad)
+                                          for name, p in self.module.named_parameters()})
+        return self._weights[1]
+
+    def _graph(self, inputs: Sequence[torch.Tensor], weights: Mapping[str, torch.Tensor] | None = None
+               ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """The module's forward with autograd on (on ``weights`` if given, else the live ones), from fresh
+        leaves of ``inputs``: (leaves, flat outputs)."""
         leaves = [t.detach().requires_grad_(True) if t.is_floating_point() else t.detach() for t in inputs]
         args, kwargs = nested_pack(leaves, structure=self.forward_schema)
         with torch.enable_grad():
-            return leaves, tuple(nested_flatten(self.module(*args, **kwargs)))
+            if weights is None:
+                return leaves, tuple(nested_flatten(self.module(*args, **kwargs)))
+            return leaves, tuple(nested_flatten(torch.func.functional_call(self.module, weights, tuple(args), kwargs)))
 
     def _backward_kept(self, *inputs: torch.Tensor, parts: Sequence[Rows] | None) -> tuple[torch.Tensor, ...]:
         """One optimizer step over the batch, as hivemind's backward, but each request's forward comes from
@@ -195,7 +209,8 @@ class CountingBackend(ModuleBackend):
         count, rows = self.inputs_count, inputs[0].shape[0]
         args, grad_outputs = inputs[:count], inputs[count:]
         parts = tuple(parts or ((0, rows),))
-        found = [self.kept.take([t[start:stop] for t in args], self.steps) for start, stop in parts]
+        since = self.steps - MAX_STALENESS
+        found = [self.kept.take([t[start:stop] for t in args], since) for start, stop in parts]
         if not any(found):
             return super().backward(*inputs)
         roots, root_grads = [], []  # what autograd starts from
@@ -222,16 +237,32 @@ class CountingBackend(ModuleBackend):
                 offset += size
         if len(root_grads) != len(roots):  # the schema check makes this unreachable from the wire
             raise ValueError(f"{self.name}: {len(root_grads)} output gradients for {len(roots)} outputs")
-        torch.autograd.backward(roots, grad_tensors=root_grads)
+        used = {id(match[0]): match[0] for match in found if match is not None}.values()
+        for kept in used:  # fresh input gradients: a retained graph's earlier ones went to their callers
+            for leaf in kept.inputs:
+                leaf.grad = None
+        # a graph that still holds requests waiting for their backward must survive this one
+        retain = any(len(kept.taken) < len(kept.parts) for kept in used)
+        torch.autograd.backward(roots, grad_tensors=root_grads, retain_graph=retain)
+        self._gather_grads({id(kept.weights): kept.weights for kept in used})
         self.on_backward(rows)
         grads = [[_grad(leaf)[start:stop] for leaf in leaves] for leaves, start, stop in sources]
         return tuple(pieces[0] if len(pieces) == 1 else torch.cat(pieces) for pieces in zip(*grads))
 
+    def _gather_grads(self, copies: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Add the gradients that the kept graphs left on their weight copies to the live weights' (the
+        optimizer steps those), and reset the copies' for the next backward of their step."""
+        for weights in copies.values():
+            for name, param in self.module.named_parameters():
+                grad, weights[name].grad = weights[name].grad, None
+                if grad is not None:
+                    param.grad = grad if param.grad is None else param.grad + grad
+
     def on_backward(self, batch_size: int) -> None:
         super().on_backward(batch_size)
         self.steps += 1
-        if self.kept is not None:  # every kept graph was computed with the old weights
-            self.kept.clear()
+        if self.kept is not None:  # the graphs too stale to use, and their weight copies, go
+            self.kept.drop_before(self.steps - MAX_STALENESS)
 
     def _counted(self, kind: str, compute, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if self.paused.is_set():  # fail fast: the owner wants the machine back now
