@@ -94,16 +94,25 @@ def main() -> None:
                     for mode in (kept, None):  # untimed: first calls of each mode, allocator warm-up
                         measured(backend, mode, expert, batch, exp.d_model, args.seconds / 2, threads)
                     hits, misses = kept.hits, kept.misses
-                    on, off = [], []
+                    on, off, failed = [], [], 0
                     for _ in range(args.rounds):
-                        on.append(measured(backend, kept, expert, batch, exp.d_model, args.seconds, threads))
-                        off.append(measured(backend, None, expert, batch, exp.d_model, args.seconds, threads))
+                        try:  # a failed call fails its round pair, named in the table, not the whole run
+                            pair = [measured(backend, mode, expert, batch, exp.d_model, args.seconds, threads)
+                                    for mode in (kept, None)]
+                        except Exception as e:
+                            failed += 1
+                            print(f"{size} batch {batch} threads {threads}: a round failed: {type(e).__name__}: {e}")
+                            continue
+                        on.append(pair[0])
+                        off.append(pair[1])
+                    if not on:
+                        continue
                     ratios = sorted(a.per_second / b.per_second for (a, _), (b, _) in zip(on, off))
                     cpu_on, cpu_off = median(c for _, c in on), median(c for _, c in off)
                     rows.append([size, batch, threads, median(r.per_second for r, _ in on),
                                  median(r.per_second for r, _ in off), f"{median(ratios):.2f}",
                                  f"{ratios[0]:.2f}-{ratios[-1]:.2f}", f"{cpu_on:.2f}", f"{cpu_off:.2f}",
-                                 f"{cpu_on / cpu_off:.2f}", kept.hits - hits, kept.misses - misses])
+                                 f"{cpu_on / cpu_off:.2f}", kept.hits - hits, kept.misses - misses, failed])
                     figures[f"{size}_b{batch}_t{threads}"] = f"{median(ratios):.2f}"
                     figures[f"{size}_b{batch}_t{threads}_cpu"] = f"{cpu_on / cpu_off:.2f}"
         finally:
@@ -116,7 +125,7 @@ def main() -> None:
                 f"median of {args.rounds} alternating rounds of {args.seconds:.0f} s; server threads' CPU per call; "
                 f"torch threads {torch.get_num_threads()} (client and server share them)",
                 ["size", "batch", "client thr", "kept", "recompute", "kept/recompute", "min-max",
-                 "cpu ms kept", "cpu ms recompute", "cpu kept/recompute", "hits", "misses"], rows)
+                 "cpu ms kept", "cpu ms recompute", "cpu kept/recompute", "hits", "misses", "failed rounds"], rows)
     print_key("kept_forwards", figures)
 
 
