@@ -369,7 +369,7 @@ class VolunteerNode:
         try:
             self.checkpoint()
             if self.collector is not None:
-                self.collector.persist()
+                self.collector.persist(final=True)
         finally:
             server.shutdown()  # also shuts the DHT down
             server.join(timeout=30)
