@@ -205,7 +205,8 @@ class CountingBackend(ModuleBackend):
         its kept graph where one matches; the rest are recomputed. No match at all: hivemind's own backward.
 
         A kept graph may also hold requests whose backward is not in this batch: their rows get zero
-        gradients (nothing of theirs reaches the weights) and they recompute later, at the new weights."""
+        gradients here (nothing of theirs reaches the weights), and the graph is retained for their own
+        backward, within ``MAX_STALENESS`` steps."""
         count, rows = self.inputs_count, inputs[0].shape[0]
         args, grad_outputs = inputs[:count], inputs[count:]
         parts = tuple(parts or ((0, rows),))
