@@ -238,11 +238,15 @@ class Swarm:
         return self.root / name
 
     def start_volunteer(self, name: str, *extra: str, max_experts: int = 1,
-                        env: dict[str, str] | None = None) -> ChildProcess:
-        argv = [sys.executable, "-m", "volunteer.cli", "start", "--experiment", str(self.manifest_file),
+                        env: dict[str, str] | None = None, tree: Path | None = None) -> ChildProcess:
+        """``tree``: run the volunteer of another source tree (an older commit's ``git archive``), to
+        compare versions side by side; ``-P`` keeps the current directory's package off its path."""
+        python = [sys.executable, "-P"] if tree is not None else [sys.executable]
+        argv = [*python, "-m", "volunteer.cli", "start", "--experiment", str(self.manifest_file),
                 "--initial-peers", ",".join(self.initial_peers), "--host", HOST, "--device", "cpu",
                 "--max-experts", str(max_experts), *extra]
-        return self._spawn(name, argv, {"VOLUNTEER_HOME": str(self.home(name)), **(env or {})})
+        env = {"VOLUNTEER_HOME": str(self.home(name)), **({"PYTHONPATH": str(tree)} if tree else {}), **(env or {})}
+        return self._spawn(name, argv, env)
 
     def start_plain_server(self, name: str, uids: Sequence[str], max_batch_size: int) -> ChildProcess:
         argv = [sys.executable, "-m", "bench.plain_server", "--experiment", str(self.manifest_file),

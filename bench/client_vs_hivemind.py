@@ -12,7 +12,11 @@ load of the shared machine hits both alike, and the ratio is paired round by rou
 idle CPU of both trees over the same few seconds (nobody calling), and with each round the CPU time of
 each server's process tree per call: steadier than throughput on a shared box.
 
-    .venv/bin/python -m bench.client_vs_hivemind [--seconds 2.5] [--rounds 6] [--threads 4] [--profile]
+With ``--lean-before TREE`` (a source tree of an earlier commit, e.g. ``git archive <commit> | tar -x -C
+TREE``) a fourth server runs that tree's volunteer on the lean path, in the same alternating rounds:
+the lean path before and after a change, side by side.
+
+    .venv/bin/python -m bench.client_vs_hivemind [--seconds 2.5] [--rounds 6] [--threads 4] [--lean-before TREE] [--profile]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from functools import partial
+from pathlib import Path
 
 from bench._common import (
     BenchExperiment,
@@ -47,6 +52,7 @@ def main() -> None:
     parser.add_argument("--batches", default="", help="comma-separated batch sizes (default: planned/4, planned)")
     parser.add_argument("--idle-seconds", type=float, default=6.0)
     parser.add_argument("--profile", action="store_true", help="py-spy both servers under load afterwards")
+    parser.add_argument("--lean-before", type=Path, help="source tree of an earlier commit: its lean volunteer too")
     args = parser.parse_args()
     exp = BenchExperiment()
     print(machine_line())
@@ -62,6 +68,9 @@ def main() -> None:
         plain = swarm.wait_serving(swarm.start_plain_server("plain", [free[0]], planned))
         client = swarm.client()
         servers = {"volunteer": volunteer, "plain": plain, "before": before}
+        if args.lean_before is not None:
+            servers["lean_before"] = swarm.wait_serving(swarm.start_volunteer(
+                "volunteer-lean-before", max_experts=1, tree=args.lean_before.resolve()))
         experts = dict(zip(servers, wait_experts(client, [s.uids[0] for s in servers.values()])))
         print(f"volunteer (lean) serves {volunteer.uids[0]} (ready after {volunteer.ready_after:.1f} s), plain "
               f"hivemind serves {plain.uids[0]} (ready after {plain.ready_after:.1f} s), the volunteer with "
@@ -84,9 +93,16 @@ def main() -> None:
             key = paired_ratio(runs["volunteer"], runs["plain"])
             cpu = {n: median(r.cpu_ms_per_call("server") for r in runs[n]) for n in servers}
             over_before = paired_ratio(runs["volunteer"], runs["before"])
-            rows.append([batch, *(median(r.per_second for r in runs[n]) for n in servers), f"{key:.3f}",
+            if "lean_before" in servers:
+                figures[f"volunteer_over_lean_before_b{batch}"] = f"{paired_ratio(runs['volunteer'], runs['lean_before']):.3f}"
+                figures[f"cpu_per_call_over_lean_before_b{batch}"] = f"{cpu['volunteer'] / cpu['lean_before']:.2f}"
+                print(f"batch {batch}: lean now / lean before {paired_ratio(runs['volunteer'], runs['lean_before']):.3f} "
+                      f"(per round {' '.join(f'{r.per_second / p.per_second:.2f}' for r, p in zip(runs['volunteer'], runs['lean_before']))}), "
+                      f"samples/s {median(r.per_second for r in runs['lean_before']):.0f}, cpu ms/call {cpu['lean_before']:.1f}")
+            rows.append([batch, *(median(r.per_second for r in runs[n]) for n in ("volunteer", "plain", "before")),
+                         f"{key:.3f}",
                          " ".join(f"{r.per_second / p.per_second:.2f}" for r, p in zip(runs["volunteer"], runs["plain"])),
-                         f"{over_before:.3f}", *(f"{cpu[n]:.1f}" for n in servers),
+                         f"{over_before:.3f}", *(f"{cpu[n]:.1f}" for n in ("volunteer", "plain", "before")),
                          f"{cpu['volunteer'] / cpu['plain']:.2f}", f"{cpu['volunteer'] / cpu['before']:.2f}"])
             figures[f"volunteer_over_plain_b{batch}"] = f"{key:.3f}"
             figures[f"volunteer_over_before_b{batch}"] = f"{over_before:.3f}"

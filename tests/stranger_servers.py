@@ -37,16 +37,16 @@ RECORD_LIFE, ANNOUNCE_EVERY = 15.0, 5.0  # seconds
 class ZerosBackend(AuditedBackend):
     """Answers zeros of the right shape, committed like an honest answer."""
 
-    def _committed_forward(self, *inputs):
-        output, commits = super()._committed_forward(*inputs)
+    def _committed_forward(self, *inputs, parts=None):
+        output, commits = super()._committed_forward(*inputs, parts=parts)
         return torch.zeros_like(output), commits
 
 
 class RandomBackend(AuditedBackend):
     """Answers random values at the scale of an honest answer (never computes what it sends)."""
 
-    def _committed_forward(self, *inputs):
-        output, commits = super()._committed_forward(*inputs)
+    def _committed_forward(self, *inputs, parts=None):
+        output, commits = super()._committed_forward(*inputs, parts=parts)
         return torch.randn_like(output) * output.std() + output.mean(), commits
 
 
@@ -63,8 +63,8 @@ class WrongOneInTenBackend(AuditedBackend):
 
     calls = 0
 
-    def _committed_forward(self, *inputs):
-        output, commits = super()._committed_forward(*inputs)
+    def _committed_forward(self, *inputs, parts=None):
+        output, commits = super()._committed_forward(*inputs, parts=parts)
         self.calls += 1
         if self.calls % 10 == 0:
             output = torch.randn_like(output) * output.std()

@@ -100,10 +100,23 @@ def test_an_honest_lean_server_is_never_flagged_over_a_thousand_audited_calls() 
                 before, after = Commitment.of_row(rows[0, :FORWARD_COMMIT]), Commitment.of_row(rows[0, FORWARD_COMMIT:])
                 check_backward(SPEC, before, after, reveal(after.version), x, g, grad)
             audited += 4
+        # one forward, then another caller's step, then its backward: its kept graph is a version old, so
+        # it is recomputed at the version the backward commits to, and the audit holds
+        x1, x2 = torch.randn(8, SPEC.d_model), torch.randn(8, SPEC.d_model)
+        answers("forward", [[x1]]), answers("forward", [[x2]])
+        answers("backward", [[x1, torch.randn_like(x1)]])
+        misses = backend.kept.misses
+        g2 = torch.randn_like(x2)
+        ((grad, rows),) = answers("backward", [[x2, g2]])
+        before, after = Commitment.of_row(rows[0, :FORWARD_COMMIT]), Commitment.of_row(rows[0, FORWARD_COMMIT:])
+        check_backward(SPEC, before, after, reveal(after.version), x2, g2, grad)
+        assert backend.kept.misses == misses + 1
     finally:
         worker.stop()
         worker.join(10)
     assert audited >= 1000
+    # the backwards ran on their forward's kept graph (no optimizer step between): audits hold there too
+    assert backend.kept.hits >= 500, (backend.kept.hits, backend.kept.misses)
 
 
 @pytest.mark.parametrize("lie", ["zeros", "random", "identity", "small noise", "other weights"])

@@ -188,6 +188,7 @@ def test_volunteer_hardware_json_is_the_plan_a_node_would_make(monkeypatch: pyte
     shown = json.loads(result.stdout)
     manifest = default_manifest()
     # the real torch here decides which fake GPUs it "sees": the same answer for both sides
-    expected = plan_volunteer(fake, manifest, serving_devices(fake), max_memory=0.5, max_experts=9)
+    # the default serving path is the lean one: no TaskPool processes to plan for
+    expected = plan_volunteer(fake, manifest, serving_devices(fake), max_memory=0.5, max_experts=9, task_pools=False)
     assert shown == {"hardware": fake.to_dict(), "experiment": manifest.name, **expected.to_dict()}
     assert Placement.from_dict(shown) == expected

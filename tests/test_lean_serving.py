@@ -3,7 +3,7 @@
 A ``LeanServer`` serves one expert of every allowlisted block on 127.0.0.1; a separate client peer finds
 them with hivemind's ``get_experts`` and calls them through ``RemoteExpert`` (forward, autograd
 backward, the streaming forms for large tensors). Answers must match local torch on the same initial
-weights, the experts must train, a pause must refuse, and a dead worker must show in ``failure()``.
+weights (the backward running on its forward's kept graph), the experts must train, a pause must refuse, and a dead worker must show in ``failure()``.
 """
 
 from __future__ import annotations
@@ -128,12 +128,15 @@ def test_a_plain_hivemind_client_gets_what_local_torch_computes(swarm: Swarm, ui
     torch.manual_seed(0)
     x, grad = torch.randn(17, D), torch.randn(17, D)
     want_out, want_grad = _local(swarm.fresh[uid], x, grad)
+    kept = swarm.server.module_backends[uid].kept
+    hits = kept.hits
     remote = x.clone().requires_grad_(True)
     out = swarm.experts[uid](remote)
     out.backward(grad)
     torch.testing.assert_close(out.detach(), want_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(remote.grad, want_grad, rtol=1e-4, atol=1e-5)
     assert swarm.server.module_backends[uid].counters.snapshot().optimizer_steps >= 1
+    assert kept.hits == hits + 1  # the backward used its forward's graph: no recompute
 
 
 @pytest.mark.integration

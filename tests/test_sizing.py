@@ -36,6 +36,7 @@ from volunteer.planning.memory import (
     CPU_EXPERT_OVERHEAD,
     CUDA_CONTEXT_RESERVE,
     GPU_EXPERT_OVERHEAD,
+    LEAN_CPU_EXPERT_OVERHEAD,
     SizingError,
     expert_cost,
     memory_budget,
@@ -210,6 +211,22 @@ def test_cheap_served_uids_are_taken_when_unserved_ones_do_not_fit() -> None:
     plan = plan_experts(cpu, BIG, counts, max_memory=CPU_BASE_OVERHEAD + 2 * small)
     assert plan.expert_types == ("small", "small")
     check_plan(BIG, plan, counts)
+
+
+def test_the_lean_path_reserves_no_task_pool_processes() -> None:
+    """On the CPU the lean path (no TaskPool processes) plans less per expert, so more experts fit the same
+    budget; on a GPU the overhead is the allocator's either way."""
+    small = DEFAULT.expert_type("small")
+    pools, lean = (expert_cost(DEFAULT, small, 1024, "cpu", task_pools=p) for p in (True, False))
+    assert lean.overhead == LEAN_CPU_EXPERT_OVERHEAD < pools.overhead == CPU_EXPERT_OVERHEAD
+    assert lean.total < pools.total  # the weight copies of its kept forwards cost less than the pools
+    assert expert_cost(DEFAULT, small, 1024, "cuda", task_pools=False).overhead == GPU_EXPERT_OVERHEAD
+    cpu = MACHINES["cpu-2-cores-4GB"]
+    budget = CPU_BASE_OVERHEAD + 2 * pools.total
+    with_pools = plan_experts(cpu, DEFAULT, {}, max_memory=budget, max_experts=8, device="cpu")
+    without = plan_experts(cpu, DEFAULT, {}, max_memory=budget, max_experts=8, device="cpu", task_pools=False)
+    assert len(without.uids) > len(with_pools.uids) >= 1
+    assert without.planned_bytes <= budget
 
 
 def test_batch_is_halved_until_one_expert_fits() -> None:

@@ -75,6 +75,32 @@ def test_collector_lifetime_adds_the_session_and_never_goes_backwards(tmp_path: 
     assert StatsSnapshot.from_dict(json.loads(json.dumps(snapshot.to_dict()))) == snapshot
 
 
+def test_an_idle_collector_rewrites_its_totals_only_now_and_then(tmp_path: Path):
+    from volunteer.node.stats import IDLE_SAVE_PERIOD
+
+    path = tmp_path / "lifetime.json"
+    store = LifetimeStore(path)
+    counters = ExpertCounters("l.0", "small", params=10)
+    collector = StatsCollector("exp", "peer", "cpu", [counters], store)
+    collector.persist()
+    written = path.read_text()  # the first one always writes
+    collector.persist()
+    assert path.read_text() == written  # nothing done, hardly any uptime: no write
+    counters.record("backward", 3, 0.1)
+    collector.persist()
+    assert json.loads(path.read_text())["backward_samples"] == 3  # work: written at once
+    written = path.read_text()
+    collector.persist()
+    assert path.read_text() == written  # idle again
+    collector.started -= IDLE_SAVE_PERIOD + 1
+    collector.persist()
+    assert json.loads(path.read_text())["uptime_seconds"] > IDLE_SAVE_PERIOD  # the uptime, now and then
+    written = path.read_text()
+    collector.started -= 1  # one more second of uptime, and no work
+    collector.persist(final=True)
+    assert path.read_text() != written  # at stop, always
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["forward", "backward"]), st.integers(1, 512)), max_size=30))
 def test_session_totals_are_the_sum_of_what_was_recorded(records):

@@ -248,7 +248,7 @@ def hardware(
         # what a node would serve here, before it joins: the swarm is unknown, so empty
         placement = plan_volunteer(profile, manifest, serving_devices(profile, settings.device, settings.gpus),
                                    max_memory=settings.max_memory, max_experts=settings.max_experts,
-                                   measuring=measuring)
+                                   measuring=measuring, task_pools=settings.serving == "hivemind")
     except BaseException as e:
         raise _exit_for(e)
     if as_json:

@@ -231,13 +231,14 @@ class VolunteerNode:
         # measured on each device once and cached; it is what this volunteer announces it can serve
         return plan_volunteer(hardware, self.manifest, devices, swarm=seen, max_memory=self.settings.max_memory,
                               max_experts=self.settings.max_experts,
-                              measuring=Measuring(self.paths.cache_dir, self.settings.remeasure))
+                              measuring=Measuring(self.paths.cache_dir, self.settings.remeasure),
+                              task_pools=self.settings.serving == "hivemind")
 
     @property
     def samples_per_second(self) -> float:
         """What this volunteer can serve, as announced and balanced on: the rate measured through the
         serving path once it has served enough (``served_rate``), else the local torch measurement."""
-        served = served_rate(self.server.served()) if isinstance(self.server, LeanServer) else None
+        served = served_rate(self.server.served())  # both paths time their requests (serving.served)
         return served if served is not None else self._measured_samples_per_second()
 
     def _measured_samples_per_second(self) -> float:
@@ -398,7 +399,7 @@ class VolunteerNode:
         try:
             self.checkpoint()
             if self.collector is not None:
-                self.collector.persist()
+                self.collector.persist(final=True)
         finally:
             if self.reveals is not None:
                 self.reveals.shutdown()

@@ -94,6 +94,7 @@ def plan_experts(
     served_throughput: Mapping[str, float] | None = None,
     dtype: str = "float32",
     exclude: Collection[str] = (),
+    task_pools: bool = True,
 ) -> Plan:
     """Choose the uids to serve; ``server_counts`` says how many servers each uid has now.
 
@@ -107,7 +108,7 @@ def plan_experts(
     device = pick_device(hardware, device)
     room, budget_reason = budget(hardware, device, max_memory)
     reserve, reserve_reason = device_reserve(device)
-    batch, costs = _fit_batch(manifest, device, room - reserve, budget_reason, reserve, dtype)
+    batch, costs = _fit_batch(manifest, device, room - reserve, budget_reason, reserve, dtype, task_pools)
     cap, cap_reason = _count_cap(hardware, device, max_experts)
     served = served_throughput or {}
     picks, spent = _choose(manifest, server_counts, served, costs, room - reserve, cap, seed, frozenset(exclude))
@@ -140,13 +141,13 @@ def plan_experts(
 
 
 def _fit_batch(
-    manifest: Manifest, device: Device, room: int, budget_reason: str, reserve: int, dtype: str
+    manifest: Manifest, device: Device, room: int, budget_reason: str, reserve: int, dtype: str, task_pools: bool
 ) -> tuple[int, dict[str, ExpertCost]]:
     """Halve the manifest's max batch size until one expert of the cheapest used type fits in ``room``."""
     used = [manifest.expert_type(name) for name in dict.fromkeys(layer.expert_type for layer in manifest.layers)]
     batch = manifest.max_batch_size
     while True:
-        costs = {t.name: expert_cost(manifest, t, batch, device.kind, dtype) for t in used}
+        costs = {t.name: expert_cost(manifest, t, batch, device.kind, dtype, task_pools=task_pools) for t in used}
         cheapest = min(costs.values(), key=lambda c: c.total)
         if cheapest.total <= room:
             return batch, costs

@@ -28,6 +28,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # hivemind runs two TaskPool processes (forward and backward) per expert on top of the runtime; each
 # one's interpreter pages and shared-memory batch buffers cost far more on CPU than the weights do.
 CPU_EXPERT_OVERHEAD = 96 * MiB
+# The lean path (serving.handler, the default) runs no process per expert: what is left is the
+# allocator's slack around its batches and the expert's Python objects.
+LEAN_CPU_EXPERT_OVERHEAD = 16 * MiB
+# The lean path's kept forwards hold a copy of the weights of each optimizer step they come from:
+# serving.activations.MAX_STALENESS + 1 copies at most (tests/test_kept_forwards.py checks the two agree).
+KEPT_WEIGHT_COPIES = 4
 # On GPU the pools still exist but their buffers live in host RAM; what lands on the device per expert
 # is the caching allocator's rounding and fragmentation.
 GPU_EXPERT_OVERHEAD = 32 * MiB
@@ -82,9 +88,11 @@ def optimizer_states(optimizer: Optimizer) -> int:
 
 
 def expert_cost(
-    manifest: Manifest, expert_type: ExpertType, batch_size: int, device_kind: str, dtype: str = "float32"
+    manifest: Manifest, expert_type: ExpertType, batch_size: int, device_kind: str, dtype: str = "float32",
+    *, task_pools: bool = True,
 ) -> ExpertCost:
-    """``device_kind`` is ``cpu`` or ``cuda`` (a ``Device``'s kind)."""
+    """``device_kind`` is ``cpu`` or ``cuda`` (a ``Device``'s kind); ``task_pools``: whether the serving
+    path runs hivemind's TaskPool processes (``serving = "hivemind"``; the lean path does not)."""
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     size = DTYPE_BYTES[dtype]
@@ -96,9 +104,12 @@ def expert_cost(
         weights=params * size,
         grads=params * size,
         optimizer=optimizer_states(manifest.optimizer) * params * size,
-        # x2: hivemind's backward recomputes the forward pass, so both sets of activations coexist
-        activations=per_sample * batch_size * size * 2,
-        overhead=GPU_EXPERT_OVERHEAD if device_kind == "cuda" else CPU_EXPERT_OVERHEAD,
+        # x2: hivemind's backward recomputes the forward pass, so both sets of activations coexist; on
+        # the lean path the second set is the kept forwards (serving.activations: one max batch at most),
+        # which also hold the copies of the weights they were computed on
+        activations=per_sample * batch_size * size * 2 + (0 if task_pools else KEPT_WEIGHT_COPIES * params * size),
+        overhead=(GPU_EXPERT_OVERHEAD if device_kind == "cuda"
+                  else CPU_EXPERT_OVERHEAD if task_pools else LEAN_CPU_EXPERT_OVERHEAD),
         batch_size=batch_size,
         dtype=dtype,
         audit=0 if device_kind == "cuda" else audit_bytes(params, optimizer_states(manifest.optimizer),

@@ -87,12 +87,13 @@ def plan_volunteer(
     max_memory: float | None = None,
     max_experts: int | None = None,
     measuring: Measuring | None = None,
+    task_pools: bool = True,
 ) -> Placement:
     """What this volunteer serves on each of ``devices``: placed, measured if asked, with every note
     on the devices left out (those torch cannot see first). Raises ``SizingError`` if nothing fits."""
     placement = place_experts(
         hardware, manifest, swarm.server_counts, devices=devices.devices, max_memory=max_memory,
-        max_experts=max_experts, seed=swarm.seed, served_throughput=swarm.served_throughput,
+        max_experts=max_experts, seed=swarm.seed, served_throughput=swarm.served_throughput, task_pools=task_pools,
     )
     if measuring is not None:
         placement = replace(placement, plans=tuple(
@@ -113,6 +114,7 @@ def place_experts(
     max_experts: int | None = None,
     seed: int = 0,
     served_throughput: Mapping[str, float] | None = None,
+    task_pools: bool = True,
 ) -> Placement:
     """Plan each device in turn over the uids the ones before it did not take.
 
@@ -135,7 +137,8 @@ def place_experts(
             continue
         try:
             plan = plan_experts(hardware, manifest, server_counts, device=device, max_memory=max_memory,
-                                max_experts=left, seed=seed, served_throughput=served_throughput, exclude=taken)
+                                max_experts=left, seed=seed, served_throughput=served_throughput, exclude=taken,
+                                task_pools=task_pools)
         except SizingError as e:
             if len(devices) == 1:
                 raise

@@ -20,8 +20,10 @@ import multiprocessing as mp
 import threading
 import time
 import zlib
+from functools import partial
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from hivemind.moe import Server
 from hivemind.moe.server.dht_handler import DHTHandlerThread
@@ -29,13 +31,15 @@ from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.moe.server.runtime import Runtime
 from hivemind.moe.server.task_pool import TaskPool
 from hivemind.utils.mpfuture import MPFuture
-from hivemind.utils.nested import nested_flatten
+from hivemind.utils.nested import nested_flatten, nested_pack
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from volunteer.core.manifest import Manifest
+from volunteer.serving.activations import MAX_STALENESS, KeptForwards, Rows
 from volunteer.serving.checkpoints import CheckpointStore, ExpertCheckpoint
 from volunteer.serving.counters import ExpertCounters
 from volunteer.serving.experts import build_expert, build_optimizer, sample_input
+from volunteer.serving.served import ServedClock
 
 
 class CheckedTaskPool(TaskPool):
@@ -45,16 +49,25 @@ class CheckedTaskPool(TaskPool):
     ``torch.cat`` kill the pool's batching loop, so the expert hung until restart), an empty batch
     waited forever, and NaN gradients reached the optimizer and poisoned the weights."""
 
-    def __init__(self, process_func, *, schema, **kwargs):
+    def __init__(self, process_func, *, schema, trains: bool, **kwargs):
         super().__init__(process_func, **kwargs)
         self.schema = tuple(schema)
+        self.trains = trains  # a backward pool: its answered samples are training samples
+        self.clock: ServedClock | None = None  # its device's, set by VolunteerServer before the handlers fork
 
     def submit_task(self, *args: torch.Tensor):
         problem = malformed(args, self.schema)
-        if problem is None:
+        if problem is not None:
+            future = MPFuture()
+            future.set_exception(ValueError(f"{self.name}: {problem}"))
+            return future
+        if self.clock is None:
             return super().submit_task(*args)
-        future = MPFuture()
-        future.set_exception(ValueError(f"{self.name}: {problem}"))
+        # timed from here (the handler process, request read) to the answer: the path a trainer waits on
+        self.clock.begin()
+        future = super().submit_task(*args)
+        rows = args[0].shape[0] if self.trains else 0
+        future.add_done_callback(lambda done: self.clock.end(0 if done.cancelled() or done.exception() else rows))
         return future
 
 
@@ -80,9 +93,21 @@ def malformed(tensors: Sequence[torch.Tensor], schema: Sequence[BatchTensorDescr
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """One reduction instead of a mask as large as the tensor (it was ~6% of the lean path's CPU):
-    a NaN or infinity makes the sum non-finite; a finite tensor whose sum overflows is checked exactly."""
+    """One reduction instead of a mask as large as the tensor: a NaN or infinity makes the sum
+    non-finite; a finite tensor whose sum overflows is checked exactly.
+
+    On the CPU the sum is NumPy's, on the calling thread: this runs on the event loop, and torch's
+    reduction there started a second OpenMP team next to the device worker's, which on 2 busy cores
+    spun against it (12% of the lean volunteer's samples under load, for ~1% of its work)."""
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_FLOATS:
+        array = tensor.detach().numpy()
+        with np.errstate(all="ignore"):  # an overflowing or NaN sum is an answer here, not a warning
+            total = np.add.reduce(array, axis=None)
+        return bool(np.isfinite(total)) or bool(np.isfinite(array).all())
     return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
 
 
 class Paused(RuntimeError):
@@ -111,10 +136,17 @@ class CountingBackend(ModuleBackend):
                  duty_cycle: float = 1.0, pools: bool = True, **kwargs):
         super().__init__(name, module, **kwargs)
         self.max_batch_size = kwargs["max_batch_size"]
+        self.steps = 0  # optimizer steps taken by this backend: how stale a kept forward is
+        self.max_staleness = MAX_STALENESS  # optimizer steps a kept forward may be behind its backward
+        self._weights: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, its copy): _step_weights
+        self.inputs_count = len(tuple(nested_flatten(self.forward_schema)))
         if not pools:  # the lean path (serving.handler) batches in its device worker: no TaskPool processes
             self.forward_pool = self.backward_pool = None
+            # and keeps each forward's graph for its backward (hivemind's backward recomputes it)
+            self.kept: KeptForwards | None = KeptForwards(self.max_batch_size)
         else:
             self._checked_pools(name)
+            self.kept = None  # hivemind's Runtime calls forward and backward in any order: recompute
         self.expert_type, self.counters = expert_type, counters
         # the Runtime thread mutates weights in backward; checkpoints copy them under the same lock
         self.lock = threading.Lock()
@@ -124,16 +156,115 @@ class CountingBackend(ModuleBackend):
     def _checked_pools(self, name: str) -> None:
         pool = dict(min_batch_size=self.forward_pool.min_batch_size, max_batch_size=self.forward_pool.max_batch_size,
                     timeout=self.forward_pool.timeout)
-        self.forward_pool = CheckedTaskPool(self.forward, name=f"{name}_forward",
+        self.forward_pool = CheckedTaskPool(self.forward, name=f"{name}_forward", trains=False,
                                             schema=nested_flatten(self.forward_schema), **pool)
-        self.backward_pool = CheckedTaskPool(self.backward, name=f"{name}_backward",
+        self.backward_pool = CheckedTaskPool(self.backward, name=f"{name}_backward", trains=True,
                                              schema=nested_flatten(self.backward_schema), **pool)
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._counted("forward", super().forward, inputs)
+    def forward(self, *inputs: torch.Tensor, parts: Sequence[Rows] | None = None) -> tuple[torch.Tensor, ...]:
+        """``parts``: the rows of each request the device worker batched together (for the kept graphs)."""
+        if self.kept is None:
+            return self._counted("forward", super().forward, inputs)
+        return self._counted("forward", partial(self._forward_kept, parts=parts), inputs)
 
-    def backward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._counted("backward", super().backward, inputs)
+    def backward(self, *inputs: torch.Tensor, parts: Sequence[Rows] | None = None) -> tuple[torch.Tensor, ...]:
+        if self.kept is None:
+            return self._counted("backward", super().backward, inputs)
+        return self._counted("backward", partial(self._backward_kept, parts=parts), inputs)
+
+    def _forward_kept(self, *inputs: torch.Tensor, parts: Sequence[Rows] | None) -> tuple[torch.Tensor, ...]:
+        """hivemind's forward, with autograd on: the graph is kept for the backward of the same inputs."""
+        if inputs[0].shape[0] == 0:
+            raise RuntimeError("Batch should contain more than 0 samples")
+        weights = self._step_weights()
+        leaves, outputs = self._graph(inputs, weights)
+        if all(output.requires_grad for output in outputs):
+            self.kept.keep(leaves, outputs, self.steps, parts, weights)
+        return tuple(output.detach() for output in outputs)
+
+    def _step_weights(self) -> dict[str, torch.Tensor]:
+        """This step's weights as leaves of their own, copied once a step: the kept graphs hold them, so
+        the optimizer's in-place steps leave those graphs intact."""
+        if self._weights is None or self._weights[0] != self.steps:
+            self._weights = (self.steps, {name: p.detach().clone().requires_grad_(p.requires_grad)
+                                          for name, p in self.module.named_parameters()})
+        return self._weights[1]
+
+    def _graph(self, inputs: Sequence[torch.Tensor], weights: Mapping[str, torch.Tensor] | None = None
+               ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """The module's forward with autograd on (on ``weights`` if given, else the live ones), from fresh
+        leaves of ``inputs``: (leaves, flat outputs)."""
+        leaves = [t.detach().requires_grad_(True) if t.is_floating_point() else t.detach() for t in inputs]
+        args, kwargs = nested_pack(leaves, structure=self.forward_schema)
+        with torch.enable_grad():
+            if weights is None:
+                return leaves, tuple(nested_flatten(self.module(*args, **kwargs)))
+            return leaves, tuple(nested_flatten(torch.func.functional_call(self.module, weights, tuple(args), kwargs)))
+
+    def _backward_kept(self, *inputs: torch.Tensor, parts: Sequence[Rows] | None) -> tuple[torch.Tensor, ...]:
+        """One optimizer step over the batch, as hivemind's backward, but each request's forward comes from
+        its kept graph where one matches; the rest are recomputed. No match at all: hivemind's own backward.
+
+        A kept graph may also hold requests whose backward is not in this batch: their rows get zero
+        gradients here (nothing of theirs reaches the weights), and the graph is retained for their own
+        backward, within ``MAX_STALENESS`` steps."""
+        count, rows = self.inputs_count, inputs[0].shape[0]
+        args, grad_outputs = inputs[:count], inputs[count:]
+        parts = tuple(parts or ((0, rows),))
+        since = self.steps - self.max_staleness
+        found = [self.kept.take([t[start:stop] for t in args], since) for start, stop in parts]
+        if not any(found):
+            return super().backward(*inputs)
+        roots, root_grads = [], []  # what autograd starts from
+        sources: list[tuple[Sequence[torch.Tensor], int, int]] = [None] * len(parts)  # part -> (leaves, rows)
+        by_graph: dict[int, list[int]] = {}
+        for i, match in enumerate(found):
+            if match is not None:
+                by_graph.setdefault(id(match[0]), []).append(i)
+        for indices in by_graph.values():
+            kept = found[indices[0]][0]
+            roots.extend(kept.outputs)
+            root_grads.extend(_scatter(kept, [(found[i][1], parts[i]) for i in indices], grad_outputs))
+            for i in indices:
+                sources[i] = (kept.inputs, *found[i][1])
+        missing = [i for i, match in enumerate(found) if match is None]
+        if missing:  # recomputed together, as hivemind would, inside the same step
+            leaves, outputs = self._graph([_rows_of(t, [parts[i] for i in missing]) for t in args])
+            roots.extend(outputs)
+            root_grads.extend(_rows_of(g, [parts[i] for i in missing]) for g in grad_outputs)
+            offset = 0
+            for i in missing:
+                size = parts[i][1] - parts[i][0]
+                sources[i] = (leaves, offset, offset + size)
+                offset += size
+        if len(root_grads) != len(roots):  # the schema check makes this unreachable from the wire
+            raise ValueError(f"{self.name}: {len(root_grads)} output gradients for {len(roots)} outputs")
+        used = {id(match[0]): match[0] for match in found if match is not None}.values()
+        for kept in used:  # fresh input gradients: a retained graph's earlier ones went to their callers
+            for leaf in kept.inputs:
+                leaf.grad = None
+        # a graph that still holds requests waiting for their backward must survive this one
+        retain = any(len(kept.taken) < len(kept.parts) for kept in used)
+        torch.autograd.backward(roots, grad_tensors=root_grads, retain_graph=retain)
+        self._gather_grads({id(kept.weights): kept.weights for kept in used})
+        self.on_backward(rows)
+        grads = [[_grad(leaf)[start:stop] for leaf in leaves] for leaves, start, stop in sources]
+        return tuple(pieces[0] if len(pieces) == 1 else torch.cat(pieces) for pieces in zip(*grads))
+
+    def _gather_grads(self, copies: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Add the gradients that the kept graphs left on their weight copies to the live weights' (the
+        optimizer steps those), and reset the copies' for the next backward of their step."""
+        for weights in copies.values():
+            for name, param in self.module.named_parameters():
+                grad, weights[name].grad = weights[name].grad, None
+                if grad is not None:
+                    param.grad = grad if param.grad is None else param.grad + grad
+
+    def on_backward(self, batch_size: int) -> None:
+        super().on_backward(batch_size)
+        self.steps += 1
+        if self.kept is not None:  # the graphs too stale to use, and their weight copies, go
+            self.kept.drop_before(self.steps - self.max_staleness)
 
     def _counted(self, kind: str, compute, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if self.paused.is_set():  # fail fast: the owner wants the machine back now
@@ -155,6 +286,29 @@ class CountingBackend(ModuleBackend):
             # copied straight to host memory: a deepcopy on the GPU would need the optimizer state twice there
             optimizer = _to_cpu(self.optimizer.state_dict()) if self.optimizer is not None else None
         return ExpertCheckpoint(self.name, self.expert_type, module, optimizer, self.counters.snapshot().optimizer_steps)
+
+
+def _scatter(kept, spans, grad_outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of a kept graph's outputs: each request's rows from the batch's ``grad_outputs``
+    (``spans``: its rows in the graph, its rows in the batch), zero for the requests not in the batch."""
+    if len(spans) == 1 and spans[0][0] == (0, kept.rows) and len(kept.parts) == 1:
+        (_, (start, stop)), = spans
+        return [grad[start:stop] for grad in grad_outputs]
+    full = [torch.zeros_like(output) for output in kept.outputs]
+    for (to_start, to_stop), (start, stop) in spans:
+        for target, grad in zip(full, grad_outputs):
+            target[to_start:to_stop] = grad[start:stop]
+    return full
+
+
+def _rows_of(tensor: torch.Tensor, parts: Sequence[Rows]) -> torch.Tensor:
+    if len(parts) == 1:
+        return tensor[parts[0][0]:parts[0][1]]
+    return torch.cat([tensor[start:stop] for start, stop in parts])
+
+
+def _grad(leaf: torch.Tensor) -> torch.Tensor:
+    return leaf.grad if isinstance(leaf.grad, torch.Tensor) else torch.zeros_like(leaf)
 
 
 def _to_cpu(state):
@@ -268,6 +422,13 @@ class VolunteerServer(Server):
             self.runtime = DeviceRuntimes(
                 [(device, {uid: module_backends[uid] for uid in uids}) for device, uids in placed]
             )
+        # one served clock per device, in shared memory: the connection handlers, forked in run(), time
+        # each request from its arrival to its answer (what the node announces, as on the lean path)
+        self.clocks = [ServedClock.shared() for _ in placed]
+        for clock, (_, uids) in zip(self.clocks, placed):
+            for pool in (pool for uid in uids for pool in module_backends[uid].get_pools()):
+                if isinstance(pool, CheckedTaskPool):
+                    pool.clock = clock
 
     def run(self) -> None:
         if not self.dht.is_alive():
@@ -290,6 +451,10 @@ class VolunteerServer(Server):
                 raise ServerStartError("the expert server stopped while starting (its error is in the log)")
             if deadline is not None and time.monotonic() > deadline:
                 raise ServerStartError(f"the expert server was not ready after {timeout:.0f} s")
+
+    def served(self) -> list[tuple[int, float]]:
+        """Per device: (training samples answered, busy seconds of its serving path)."""
+        return [clock.reading() for clock in self.clocks]
 
     def failure(self) -> str | None:
         """What stopped working in hivemind's machinery, or None while it serves (the node's health check)."""

@@ -8,13 +8,13 @@ and sleeps for the power duty cycle), splits the results by task and hands each 
 Everything stays in this process: tensors are never copied into shared memory, no pipe carries a
 future. With one worker per device the GPUs compute at once (torch releases the GIL in kernels).
 
-``ServedClock`` is what makes the announced throughput honest: it counts the time at least one request
-of the device was in the serving path (deserialised, queued, computed, answered) and the samples
-trained, so the rate it gives includes everything a trainer waits for, not only torch's share.
+Each worker has the ``served.ServedClock`` of its device: the handler starts and stops it around each
+request, so the announced rate includes everything a trainer waits for, not only torch's share.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 from volunteer.serving.backends import CountingBackend, Paused
+from volunteer.serving.served import ServedClock, served_rate
+
+__all__ = ["DeviceWorker", "ServedClock", "Task", "WorkerStopped", "served_rate"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +117,9 @@ class DeviceWorker(threading.Thread):
             else:  # the checks on the event loop made every task's tensors fit the schema: cat cannot fail
                 inputs = [torch.cat(parts) for parts in zip(*(task.inputs for task in batch))]
             inputs = [tensor.to(self.device, non_blocking=True) for tensor in inputs]
-            outputs = [output.detach().cpu() for output in compute(*inputs)]
             rows = [task.rows for task in batch]
+            # each request's rows: a backward is matched to its own forward's kept graph (serving.activations)
+            outputs = [output.detach().cpu() for output in compute(*inputs, parts=_parts(rows))]
             split = [torch.split(output, rows) for output in outputs] if len(batch) > 1 else [[o] for o in outputs]
         except BaseException as e:  # a failed batch fails its callers; the worker goes on with the next
             if not isinstance(e, Paused):
@@ -132,48 +136,7 @@ class DeviceWorker(threading.Thread):
             task.deliver(tuple(parts[i] for parts in split))
 
 
-class ServedClock:
-    """Busy time of a device's serving path (any request in flight) and the training samples it answered.
-
-    Called from the event loop at a request's arrival and answer; read by the node when it announces."""
-
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._in_flight = 0
-        self._since = 0.0
-        self._busy = 0.0
-        self._samples = 0
-
-    def begin(self) -> None:
-        with self._lock:
-            if self._in_flight == 0:
-                self._since = self._clock()
-            self._in_flight += 1
-
-    def end(self, trained_samples: int = 0) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._busy += self._clock() - self._since
-            self._samples += trained_samples
-
-    def reading(self) -> tuple[int, float]:
-        """(samples trained, busy seconds) so far, the request in flight counted up to now."""
-        with self._lock:
-            busy = self._busy + (self._clock() - self._since if self._in_flight else 0.0)
-            return self._samples, busy
-
-
-# Below this much serving the figure is mostly noise (a cold first batch, one lone request):
-# the node then announces its local torch measurement instead.
-MIN_SERVED_SECONDS = 2.0
-MIN_SERVED_SAMPLES = 256
-
-
-def served_rate(readings: Sequence[tuple[int, float]]) -> float | None:
-    """Training samples/s through the serving path, the devices' rates added up (they compute at once);
-    None until every device has served ``MIN_SERVED_SAMPLES`` in ``MIN_SERVED_SECONDS`` of busy time."""
-    if not readings or any(s < MIN_SERVED_SAMPLES or t < MIN_SERVED_SECONDS for s, t in readings):
-        return None
-    return sum(samples / seconds for samples, seconds in readings)
+def _parts(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) of each request in the concatenated batch."""
+    ends = list(itertools.accumulate(rows))
+    return [(end - n, end) for n, end in zip(rows, ends)]

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from functools import partial
 from typing import Callable, Mapping
 
 import torch
@@ -165,26 +166,38 @@ class AuditedBackend(CountingBackend):
         # list, so plain hivemind clients get the answer alone; ``RevealService`` answers the project's
         # trainers with the commitment too (AUDITED_FORWARD / AUDITED_BACKWARD)
         self.versions = VersionStore(keep, keep_for)
+        # A kept forward (lean path, ``serving.activations``) is used only if no optimizer step came
+        # between it and its backward: then the weights it ran on are the version the backward commits
+        # to as "before", and an audit's recomputation at that version is the same computation. An older
+        # one is recomputed at the current version, as hivemind's backward does.
+        self.max_staleness = 0
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._counted("forward", self._committed_forward, inputs)
+    def forward(self, *inputs: torch.Tensor, parts=None) -> tuple[torch.Tensor, ...]:
+        return self._counted("forward", partial(self._committed_forward, parts=parts), inputs)
 
-    def backward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self._counted("backward", self._committed_backward, inputs)
+    def backward(self, *inputs: torch.Tensor, parts=None) -> tuple[torch.Tensor, ...]:
+        return self._counted("backward", partial(self._committed_backward, parts=parts), inputs)
 
-    def _committed_forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        (output,) = ModuleBackend.forward(self, *inputs)
+    def _committed_forward(self, *inputs: torch.Tensor, parts=None) -> tuple[torch.Tensor, ...]:
+        if self.kept is not None:
+            (output,) = self._forward_kept(*inputs, parts=parts)
+        else:
+            (output,) = ModuleBackend.forward(self, *inputs)
         commit = self.versions.current(self.module, self.optimizer)
         return output, _rows(commit.row(), len(output))
 
-    def _committed_backward(self, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _committed_backward(self, x: torch.Tensor, grad: torch.Tensor, parts=None) -> tuple[torch.Tensor, ...]:
         before = self.versions.current(self.module, self.optimizer)
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            self.module(x_in).backward(grad.to(x.device, x.dtype))
-        self.on_backward(len(x))
+        if self.kept is not None:  # one optimizer step, on the kept graphs of this version where they match
+            (grad_in,) = self._backward_kept(x, grad, parts=parts)
+        else:
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                self.module(x_in).backward(grad.to(x.device, x.dtype))
+            self.on_backward(len(x))
+            grad_in = x_in.grad
         after = self.versions.advance(self.module, self.optimizer, before, x, grad)
-        return x_in.grad, _rows(before.row() + after.row(), len(x))
+        return grad_in, _rows(before.row() + after.row(), len(x))
 
     def reveal(self, version: int) -> Reveal | None:
         return self.versions.reveal(version)
