@@ -8,8 +8,11 @@ trainer's own failed audits) and servers evicted after a failure.
 ``ReplicatedRemoteMoE`` is a ``BatchedRemoteMoE`` whose chosen experts may each have several servers:
 the tokens of a uid are split over its servers in proportion to their rate (``split_tokens``; the
 rate is the one a server's record declares until the trainer has measured it, then the lower of the
-two, so a server cannot buy traffic by declaring more than it serves). A call that fails is sent
-again, within the same step, to the uid's other servers (``FAILOVER_ROUNDS``). Answers carry
+two, so a server cannot buy traffic by declaring more than it serves). Direct servers come first: when
+a uid has a live server whose record says ``reachable`` (dialable, issue 12), its tokens go to those only;
+servers reached over their own outbound connections or a relay get tokens when no direct one is alive,
+and are tried last in failover. A call that fails is sent again, within the same step, to the uid's other
+servers (``FAILOVER_ROUNDS``). Answers carry
 commitments (``volunteer.core.audit_check``); an ``Auditor`` samples some after they are back.
 """
 
@@ -101,6 +104,22 @@ def split_tokens(n: int, rates: Sequence[float]) -> list[int]:
     for i in sorted(range(len(rates)), key=lambda i: exact[i] - counts[i], reverse=True)[: n - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def preferred(replicas: Sequence[Replica]) -> list[Replica]:
+    """The servers of a uid that share its tokens: the direct ones if any is alive, else all of them. An
+    indirect path holds only while the volunteer's connection to this trainer does, and a relay cuts large
+    calls, so it costs failed calls (and a step's failover) that a dialable server does not."""
+    direct = [r for r in replicas if r.record.reachable]
+    return direct or list(replicas)
+
+
+def next_replica(replicas: Sequence[Replica], tried: Collection[Replica]) -> Replica | None:
+    """The server to send a failed call to: one of a peer not yet tried, direct before indirect, then the
+    fastest."""
+    peers = {t.peer_id for t in tried}
+    left = [r for r in replicas if r not in tried and r.peer_id not in peers]
+    return max(left, key=lambda r: (r.record.reachable, r.rate), default=None)
 
 
 class SignedServers:
@@ -213,11 +232,12 @@ class ReplicaCall:
 
 def plan_replica_calls(chosen: torch.Tensor, servers: dict[int, list[Replica]], max_batch_size: int
                        ) -> list[ReplicaCall]:
-    """Group tokens by chosen uid, split each group over the uid's servers by rate, then by batch limit."""
+    """Group tokens by chosen uid, split each group over the uid's preferred servers by rate, then by
+    batch limit."""
     calls = []
     for index in chosen.unique().tolist():
         tokens, slots = (chosen == index).nonzero(as_tuple=True)
-        replicas = servers[index]
+        replicas = preferred(servers[index])
         start = 0
         for replica, count in zip(replicas, split_tokens(len(tokens), [r.rate for r in replicas])):
             for part_start in range(start, start + count, max_batch_size):
@@ -322,10 +342,8 @@ class _ReplicaRouting:
     calls_by_peer: dict[str, int]
 
     def other_replica(self, call: ReplicaCall, tried: set[Replica]) -> Replica | None:
-        """The fastest server of the call's uid not yet tried this step, or None."""
-        peers = {t.peer_id for t in tried}
-        left = [r for r in self.live.replicas(call.replica.record.uid) if r not in tried and r.peer_id not in peers]
-        return max(left, key=lambda r: r.rate, default=None)
+        """The next server of the call's uid not yet tried this step (``next_replica``), or None."""
+        return next_replica(self.live.replicas(call.replica.record.uid), tried)
 
     def record_replica(self, call: ReplicaCall, ok: bool, result: Any, direction: int, seconds: float) -> bool:
         peer = call.replica.peer_id

@@ -157,6 +157,41 @@ def _events(child: ChildProcess, name: str) -> list[dict]:
     return [e for e in (json.loads(line) for line in child.output if line.startswith("{")) if e.get("event") == name]
 
 
+# Reads, as a trainer does (a client DHT on host ``argv[2]``), the ``reachable`` flags that the volunteer
+# ``argv[3]`` signs in its server records, until they are ``[argv[4]]`` or ``argv[5]`` seconds have passed;
+# prints the flags last seen. One process polls: starting a DHT costs seconds.
+READ_SIGNED_FLAG = textwrap.dedent(
+    """
+    import sys, tempfile, time
+    from pathlib import Path
+    from volunteer.core.expert_records import read_servers
+    from volunteer.core.records import join_dht
+    from volunteer.core.seed_client import fetch_experiment
+    url, host, peer_id, want = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "True"
+    deadline = time.monotonic() + float(sys.argv[5])
+    experiment = fetch_experiment(url, Path(tempfile.mkdtemp()))
+    dht = join_dht(experiment.manifest.dht_prefix, experiment.initial_peers, host=host, client_mode=True)
+    while True:
+        found = read_servers(dht, experiment.manifest.dht_prefix, experiment.manifest.all_uids())
+        flags = sorted({r.reachable for rs in found.values() for r in rs if r.peer_id == peer_id})
+        if flags == [want] or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    print(flags)
+    dht.shutdown()
+    """
+)
+
+
+def _signed_reachable(lab: Lab, home: Path, want: bool, within: float = 20.0) -> list[bool]:
+    """The volunteer's signed ``reachable`` flags, read from the trainer's host once they are ``[want]``
+    (the volunteer announces every 5 s) or ``within`` seconds have passed."""
+    peer_id = _status(home)["peer_id"]
+    result = lab.trainer_host.run(sys.executable, "-c", READ_SIGNED_FLAG, lab.url, lab.trainer_host.ip, peer_id,
+                                  str(want), str(within), timeout=within + 60)
+    return json.loads(result.stdout.strip().splitlines()[-1].lower())
+
+
 def test_the_router_drops_inbound_until_a_port_is_forwarded(lab):
     listener = lab.procs.add(ChildProcess("listener", lab.pc.argv(
         sys.executable, "-c", "import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 5555)); s.listen();"
@@ -203,6 +238,9 @@ def test_a_natted_volunteer_dials_the_trainer_and_is_called_back(lab, homes):
     forward = _status(home)["session"]["forward_samples"]
     assert forward > 0
     print(f"behind NAT, no forward: backward samples {took:.1f} s after serving; {CALL_BYTES // 1024} KiB calls")
+    started = time.monotonic()
+    assert _signed_reachable(lab, home, False) == [False]  # trainers prefer direct servers over it
+    print(f"its signed server records say reachable=False (read in {time.monotonic() - started:.1f} s)")
     trainer.stop()
     volunteer.stop()
     assert any(e["reach"] == "outbound" for e in _events(volunteer, "reachability"))
@@ -217,6 +255,9 @@ def test_with_a_port_forward_and_announce_host_it_is_direct(lab, homes):
     reach = wait_for(lambda: (_status(home).get("reach") or {}).get("reach") == "direct" and _status(home)["reach"],
                      30, "reach: direct")
     assert reach["observed_host"] == lab.home.ip and reach["port"] == port
+    started = time.monotonic()
+    assert _signed_reachable(lab, home, True) == [True]  # announced after the reading: direct servers are preferred
+    print(f"its signed server records say reachable=True (read in {time.monotonic() - started:.1f} s)")
     trainer = lab.trainer(trainer_home)
     wait_for(lambda: _backward_samples(home) > 0, SERVED_BOUND, "backward samples with a port forward")
     trainer.stop()

@@ -108,6 +108,7 @@ def test_a_natted_volunteer_reports_outbound_once_it_holds_a_trainer(monkeypatch
     assert asked == [[40123]]  # the dial-back is asked once, not at every tick
     assert [fields["reach"] for event, fields in node.events.lines if event == "reachability"] == [
         "unreachable", "outbound"]  # an event on a change only
+    assert node.reach is Reach.OUTBOUND and not node.reach.announced_direct  # what its server records sign
 
 
 def test_a_forwarded_port_is_direct(monkeypatch):
@@ -115,6 +116,7 @@ def test_a_forwarded_port_is_direct(monkeypatch):
     node = _node()
     watch = ReachWatch(node, FakeLinks((0, 0)), check=lambda url, ports: DialBack("192.0.0.131", tuple(ports)))
     assert watch().reach == "direct"
+    assert node.reach is Reach.DIRECT and node.reach.announced_direct
 
 
 def test_a_seed_that_cannot_dial_back_is_not_fatal(monkeypatch):

@@ -50,7 +50,7 @@ _OWNER = re.compile(rb"^\[owner:(.+?)\]$", re.DOTALL)
 class ServerGroupSchema(pydantic.BaseModel):
     peer_id: pydantic.constr(strict=True, min_length=1, max_length=128)
     device: pydantic.constr(strict=True, max_length=64)
-    reachable: pydantic.StrictBool  # a placeholder until reachability is measured (issue 12): True
+    reachable: pydantic.StrictBool  # dialable directly (or not measured yet): trainers prefer such servers
     paused: pydantic.StrictBool
     audit: pydantic.conint(strict=True, ge=0, le=100)
     # uid -> samples/s this server serves it with
@@ -82,7 +82,7 @@ class ServerRecord:
     peer_id: str
     device: str
     samples_per_second: float
-    reachable: bool = True
+    reachable: bool = True  # False: reached only over its own outbound connections or a relay
     paused: bool = False
     audit: int = AUDIT_PROTOCOL
 
@@ -104,14 +104,16 @@ def row_group_keys(dht_prefix: str, row_prefix: str, width: int) -> list[str]:
 
 
 def publish_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], *, peer_id: str, device: str,
-                    samples_per_second: float, paused: bool = False, ttl: float = RECORD_TTL) -> dict[str, bool]:
+                    samples_per_second: float, reachable: bool = True, paused: bool = False,
+                    ttl: float = RECORD_TTL) -> dict[str, bool]:
     """Sign and store our record in each group of the uids we serve (``samples_per_second`` each), at
-    most ``MAX_KEYS_PER_CALL`` groups a DHT call."""
+    most ``MAX_KEYS_PER_CALL`` groups a DHT call. ``reachable``: whether trainers can dial us directly."""
     groups: dict[str, list[str]] = defaultdict(list)
     for uid in uids:
         groups[group_key(dht_prefix, uid)].append(uid)
-    values = {key: dict(peer_id=peer_id, device=device, reachable=True, paused=bool(paused), audit=AUDIT_PROTOCOL,
-                        uids={uid: float(samples_per_second) for uid in part}) for key, part in groups.items()}
+    values = {key: dict(peer_id=peer_id, device=device, reachable=bool(reachable), paused=bool(paused),
+                        audit=AUDIT_PROTOCOL, uids={uid: float(samples_per_second) for uid in part})
+              for key, part in groups.items()}
     subkey, expiration = owner_subkey(dht), get_dht_time() + ttl
     stored: dict[str, bool] = {}
     for keys in batches(list(values)):

@@ -38,6 +38,7 @@ from volunteer.core.seed_client import (
 from volunteer.host.hardware import HardwareProfile, detect_hardware
 from volunteer.node import swarm
 from volunteer.node.limits import limits_of
+from volunteer.node.reachability import Reach
 from volunteer.node.stats import LifetimeStore, NodeState, StatsCollector, StatsSnapshot
 from volunteer.planning.devices import (
     Device,
@@ -122,6 +123,7 @@ class VolunteerNode:
         self.torch_devices: dict[Device, str] = {}  # plan device (NVML numbering) -> torch device
         self.reveals: RevealService | None = None
         self._trusted: tuple[str, ...] | None = None
+        self.reach = Reach.CHECKING  # how trainers reach us, as ``ReachWatch`` last read it
 
     def start(self, hardware: HardwareProfile | None = None, torch_devices: dict[Device, str] | None = None
               ) -> NodeInfo:
@@ -316,7 +318,7 @@ class VolunteerNode:
         share = self.samples_per_second / max(1, len(self.info.uids))
         expert_records.publish_servers(self.dht, self.manifest.dht_prefix, self.info.uids, peer_id=self.info.peer_id,
                                        device=self.info.device, samples_per_second=share,
-                                       ttl=expert_records.ANNOUNCE_TTL)
+                                       reachable=self.reach.announced_direct, ttl=expert_records.ANNOUNCE_TTL)
 
     def checkpoint(self) -> int:
         for backend in list(self.backends.values()):

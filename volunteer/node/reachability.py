@@ -44,6 +44,12 @@ class Reach(str, enum.Enum):
     RELAYED = "relayed"  # reachable only through a circuit relay (small calls only: 128 KiB a stream)
     UNREACHABLE = "unreachable"  # not dialable and no trainer connected: no trainer can call us
 
+    @property
+    def announced_direct(self) -> bool:
+        """The ``reachable`` flag of our signed server records: trainers send a uid's tokens to its direct
+        servers when it has any. Not known yet counts as direct, as before reachability was measured."""
+        return self in (Reach.CHECKING, Reach.DIRECT)
+
 
 @dataclass(frozen=True)
 class ReachView:
@@ -175,6 +181,7 @@ class ReachWatch:
         trainers, connected = self.links.tick() if self.links is not None and not offline else (0, 0)
         relayed = any("/p2p-circuit" in m for m in node.info.maddrs)
         reach = classify(self.dialled_back, trainers, connected, relayed, offline)
+        node.reach = reach  # what the node's next server announcement says (``Reach.announced_direct``)
         view = ReachView(reach.value, advice(reach, self.observed_host, self.port, trainers, connected, offline),
                          self.observed_host, self.port, trainers, connected, answering)
         if self.view is None or (view.reach, view.connected, view.trainers) != (
