@@ -3,11 +3,13 @@ reveal the committed version, recompute, and ban a server whose answer does not 
 
 A call is audited with probability ``rate`` (``AuditSettings``), drawn after the answer arrived, so a
 server cannot tell which of its answers will be checked. The checks run on one worker thread, off the
-training step (``volunteer.core.audit_check`` says what they compare). A failed check, a reveal that
-does not come within ``reveal_timeout``, or a version no longer kept is a failed audit: the key and the
-peer are banned for this trainer at once (``banned``), the peer's credit for the run is voided (the
-trainer publishes contributions only of ``credited`` peers), and the verdict goes into a signed
-``<prefix>_audits`` record that the seed reads.
+training step (``volunteer.core.audit_check`` says what they compare). A failed check or a version no
+longer kept is a failed audit: the key and the peer are banned for this trainer at once (``banned``), the
+peer's credit for the run is voided (the trainer publishes contributions only of ``credited`` peers), and
+the verdict goes into a signed ``<prefix>_audits`` record that the seed reads. A reveal that does not
+come (within ``reveal_timeout``, or the connection failed) voids the run's credit and excludes the peer
+for a time that doubles with each unanswered reveal in a row (``UNANSWERED_EXCLUSION``), unpublished:
+a home uplink that went down looks the same.
 
 Odds: a server that answers a share ``w`` of its calls wrongly is caught at each call with probability
 ``rate * w``; within ``n`` calls with ``1 - (1 - rate * w) ** n`` (``calls_to_catch``).
@@ -21,6 +23,7 @@ import logging
 import math
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,13 +44,17 @@ from volunteer.core.audit_check import (
 )
 
 logger = logging.getLogger("coordinator_seeds.audit")
-WITHHELD = "unanswered"  # a verdict starting so: the server's connection failed, not its answer
+WITHHELD = "unanswered"  # a verdict starting so: no reveal came (the connection failed, or it timed out)
+# An unanswered reveal cannot be told from a network fault (a home uplink down, a saturated link), so it
+# is not a published ban: the peer earns no credit in this run and gets no calls for a while, twice as
+# long at each unanswered reveal in a row (30 s, 60 s, 120 s...), until one is answered.
+UNANSWERED_EXCLUSION = 30.0
 
 
 @dataclass(frozen=True)
 class AuditSettings:
     rate: float = 0.02  # share of calls audited, forward and backward alike
-    reveal_timeout: float = 10.0
+    reveal_timeout: float = 40.0  # a reveal is two versions of the state: seconds on a slow, busy home link
     tolerance: Tolerance = field(default_factory=Tolerance)
     max_pending: int = 64  # audits waiting for the worker beyond this are skipped (never a verdict)
     seed: int | None = None  # the draw's seed, for tests; None draws from the OS
@@ -98,7 +105,8 @@ class Auditor:
         self.audited: dict[str, list[int]] = {}  # peer -> [audited, passed]
         self.failed_keys: set[str] = set()
         self.failed_peers: set[str] = set()
-        self.withheld: set[str] = set()  # peers whose connection failed while revealing
+        self.withheld: dict[str, tuple[int, float]] = {}  # peer -> (unanswered reveals in a row, excluded until)
+        self.clock = time.monotonic
         self.failures: list[str] = []  # one line per failed audit, for logs and tests
         self.skipped = 0
 
@@ -119,7 +127,9 @@ class Auditor:
     def banned(self) -> frozenset[str]:
         """Keys and peers this trainer routes to no more: failed audits, and servers gone mid-audit."""
         with self._lock:
-            return frozenset(self.failed_keys | self.failed_peers | self.withheld)
+            now = self.clock()
+            excluded = {peer for peer, (_, until) in self.withheld.items() if until > now}
+            return frozenset(self.failed_keys | self.failed_peers | excluded)
 
     def credited(self, peer_id: str) -> bool:
         """Whether a peer's answers may be credited by this trainer: at least one audit passed, none failed."""
@@ -166,7 +176,7 @@ class Auditor:
         try:
             return self._reveal(call, self.settings.reveal_timeout)
         except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
-            return f"no reveal of version {version} within {self.settings.reveal_timeout:.0f} s"
+            return f"{WITHHELD}: no reveal of version {version} within {self.settings.reveal_timeout:.0f} s"
         except (P2PDaemonError, P2PHandlerError, ConnectionError, EOFError) as e:
             return f"{WITHHELD}: the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
         except Exception as e:
@@ -190,13 +200,16 @@ class Auditor:
             counts[0] += 1
             if verdict is None:
                 counts[1] += 1
+                if call.peer_id in self.withheld:  # answered again: the next unanswered one starts at 30 s
+                    self.withheld[call.peer_id] = (0, self.withheld[call.peer_id][1])
                 return
             if verdict.startswith(WITHHELD):
-                # the server went away before revealing (a crash, or a cheater hanging up): no credit and
-                # no calls from this trainer any more, but no published ban, which would be for good
-                self.withheld.add(call.peer_id)
+                strikes = self.withheld.get(call.peer_id, (0, 0.0))[0] + 1
+                seconds = UNANSWERED_EXCLUSION * 2 ** (strikes - 1)
+                self.withheld[call.peer_id] = (strikes, self.clock() + seconds)
                 self.failures.append(f"{call.kind} of {call.uid} by {call.peer_id}: {verdict}")
-                logger.warning("audit unanswered: %s; no more calls or credit for it in this run", self.failures[-1])
+                logger.warning("audit unanswered: %s; no calls to it for %.0f s, no credit in this run",
+                               self.failures[-1], seconds)
                 return
             self.failed_keys.add(call.key)
             self.failed_peers.add(call.peer_id)

@@ -11,7 +11,13 @@ import pytest
 import torch
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
-from coordinator_seeds.audit import calls_to_catch
+from coordinator_seeds.audit import (
+    UNANSWERED_EXCLUSION,
+    AuditedCall,
+    Auditor,
+    AuditSettings,
+    calls_to_catch,
+)
 from coordinator_seeds.replicas import split_tokens
 from volunteer.core.audit_check import (
     FORWARD_COMMIT,
@@ -198,3 +204,29 @@ def test_only_signed_well_formed_records_of_the_group_are_read() -> None:
     assert parse_group(key, items, banned={found[0].key}) == []
     assert parse_group(key, items, banned={"QmA"}) == []
     assert [r.owner for r in parse_group(key, items, include_paused=True)] == [b"[owner:AAAA]", b"[owner:CCCC]"]
+
+
+def test_an_unanswered_reveal_excludes_for_a_doubling_while_and_is_never_a_published_ban() -> None:
+    """A reveal that does not come (a home uplink down looks the same as a cheater hanging up): no credit
+    for the run and no calls for 30 s, then 60 s at the next in a row; no key is banned for good."""
+    now = [1000.0]
+
+    def hang_up(call: AuditedCall, timeout: float) -> Reveal:
+        raise ConnectionError("connection reset")
+
+    auditor = Auditor({"u.0": SPEC}, AuditSettings(rate=1.0, seed=1), reveal=hang_up)
+    auditor.clock = lambda: now[0]
+    x = torch.randn(4, SPEC.d_model)
+    call = AuditedCall("u.0", "QmPeer", "key1", None, "forward", x, x, (Commitment(3, (0, 0, 0, 0)),))
+    try:
+        for excluded_for in (UNANSWERED_EXCLUSION, 2 * UNANSWERED_EXCLUSION):
+            assert auditor.sample(lambda: call)
+            assert auditor.wait_idle(10)
+            assert "QmPeer" in auditor.banned() and not auditor.credited("QmPeer")
+            assert auditor.failed() == (frozenset(), frozenset()), "unanswered is not a published ban"
+            now[0] += excluded_for - 1
+            assert "QmPeer" in auditor.banned()
+            now[0] += 2
+            assert "QmPeer" not in auditor.banned(), "the exclusion ends"
+    finally:
+        auditor.shutdown()

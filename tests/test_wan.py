@@ -65,6 +65,12 @@ def logged_steps(trainer) -> list[tuple[int, float, int, float]]:
     return [(int(m[1]), float(m[2]), int(m[3]), float(m[5])) for m in found if m]
 
 
+def _warnings(trainer, most: int = 12) -> str:
+    """What the trainer said besides its step lines (evictions, audits), for a failure's message."""
+    said = [line.strip() for line in list(trainer.output) if not STEP.search(line) and line.strip()]
+    return " | ".join(said[-most:]) or "nothing"
+
+
 def last_step(trainer) -> tuple[int, float, int, float]:
     assert trainer.proc.poll() is None, f"the trainer stopped: {trainer.tail()}"
     steps = logged_steps(trainer)
@@ -104,7 +110,7 @@ def test_a_swarm_across_40_ms_trains_and_every_volunteer_serves(wan):
     print(f"40 ms apart: loss {first[1]:.2f} -> {last[1]:.2f} over {last[0]} steps, "
           f"{statistics.median(s[3] for s in steps[1:]):.2f} steps/s, experts {last[2]}/6")
     assert last[1] < first[1] - 0.5, f"the loss did not fall: {steps}"
-    assert last[2] == 6, f"not every expert alive at the end: {steps}"
+    assert last[2] == 6, f"not every expert alive at the end: {steps}; the trainer said: {_warnings(wan.train)}"
     served = {home.name: _backward_samples(home) for home in wan.homes[:3]}
     assert all(served.values()), f"a volunteer served no backward call: {served}"
     assert reaches[wan.homes[0].name] == "direct" and {reaches[h.name] for h in wan.homes[1:3]} == {"outbound"}, reaches
