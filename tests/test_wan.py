@@ -49,7 +49,10 @@ def wan(tmp_path_factory) -> Iterator[Lab]:
             child = lab.volunteer(home, name=name, on=host, experts=2)
             child.wait_for_line(r'"event": "serving"', timeout=180)
             lab.volunteers.append(child)
-        lab.train = lab.trainer(homes[3], log_every=5)
+        # No audits across this lab (a known gap, README "Not done yet"): a reveal carries two versions of
+        # an expert's state, and over these 40 ms links, next to the training traffic, reveals from honest
+        # NATed volunteers took over 40 s or came back reset, which excluded every expert in turn.
+        lab.train = lab.trainer(homes[3], 100000, 5, "--audit-rate", "0")
         yield lab
     finally:
         prefix = lab.net.prefix
@@ -127,8 +130,11 @@ def test_a_home_uplink_down_for_30_s_then_back(wan):
         assert during["reach"]["reach"] == "unreachable" and "network connection" in during["reach"]["advice"], during
         wan.routers[0].uplink(True)
         back_at, step = time.monotonic(), last_step(wan.train)[0]
-        wait_for(lambda: _backward_samples(home) > during["session"]["backward_samples"], BACK_AFTER_UPLINK,
-                 f"home1 serving again within {BACK_AFTER_UPLINK:.0f} s of its uplink's return")
+        try:
+            wait_for(lambda: _backward_samples(home) > during["session"]["backward_samples"], BACK_AFTER_UPLINK,
+                     f"home1 serving again within {BACK_AFTER_UPLINK:.0f} s of its uplink's return")
+        except pytest.fail.Exception as e:
+            pytest.fail(f"{e}; the trainer said: {_warnings(wan.train, 20)}")
         print(f"uplink back: served again after {time.monotonic() - back_at:.1f} s "
               f"(backward samples {before} before, {during['session']['backward_samples']} at the end of the outage)")
         assert last_step(wan.train)[0] > step, "the trainer stopped stepping"
