@@ -33,7 +33,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from coordinator_seeds.dispatch import shutdown_dht
-from volunteer.core.harness import ChildProcess
+from volunteer.core.harness import ChildProcess, stop_together
 from volunteer.core.logs import setup_logging
 from volunteer.core.manifest import Manifest, loads
 from volunteer.core.procgroup import die_with_parent
@@ -298,20 +298,11 @@ class Swarm:
 
     def stop(self, *children: ChildProcess, timeout: float = 30.0) -> None:
         """SIGTERM all at once, wait (bounded), then SIGKILL each whole process group."""
+        started = time.monotonic()
+        stop_together(children, timeout)
+        if time.monotonic() - started >= timeout:
+            print(f"warning: a child ignored SIGTERM for {timeout:.0f} s; killed", file=sys.stderr)
         for child in children:
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for child in children:
-            try:
-                child.proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                print(f"warning: {child.name} ignored SIGTERM for {timeout:.0f} s; killing it", file=sys.stderr)
-            try:
-                os.killpg(child.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            child.proc.wait(timeout=10)
             if child in self.children:
                 self.children.remove(child)
 
