@@ -7,9 +7,16 @@ training step (``volunteer.core.audit_check`` says what they compare). A failed 
 longer kept is a failed audit: the key and the peer are banned for this trainer at once (``banned``), the
 peer's credit for the run is voided (the trainer publishes contributions only of ``credited`` peers), and
 the verdict goes into a signed ``<prefix>_audits`` record that the seed reads. A reveal that does not
-come (within ``reveal_timeout``, or the connection failed) voids the run's credit and excludes the peer
-for a time that doubles with each unanswered reveal in a row (``UNANSWERED_EXCLUSION``), unpublished:
-a home uplink that went down looks the same.
+come in time, or whose connection failed, voids the run's credit and excludes the peer for a time that
+doubles with each unanswered reveal in a row (``UNANSWERED_EXCLUSION``), unpublished: a home uplink that
+went down looks the same.
+
+A reveal's time follows its size and the link (``reveal_seconds``): the server streams the reveal's
+structure first, which says how many bytes follow; the reveal then has ``reveal_floor`` seconds plus
+``reveal_slack`` times what those bytes take at the throughput measured to that peer (its last reveals,
+else the audited call's own bytes over its round trip, which counts the server's compute too and so errs
+long), never more than ``reveal_ceiling``. Receiving is bounded: no message, and no reveal, beyond what
+the structure announced or ``MAX_REVEAL_BYTES`` (``read_bounded``).
 
 Odds: a server that answers a share ``w`` of its calls wrongly is caught at each call with probability
 ``rate * w``; within ``n`` calls with ``1 - (1 - rate * w) ** n`` (``calls_to_catch``).
@@ -29,18 +36,26 @@ from typing import Callable
 
 import torch
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
-from hivemind.p2p import P2PDaemonError, P2PHandlerError
+from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming
 
 from volunteer.core.audit_check import (
+    MAX_HEADER_BYTES,
+    MAX_REVEAL_BYTES,
     REVEAL_RPC,
     AuditFailed,
     Commitment,
     ExpertSpec,
     Reveal,
+    RevealRequest,
     Tolerance,
     check_backward,
     check_forward,
+    decode_reveal,
+    rows_digest,
 )
 
 logger = logging.getLogger("coordinator_seeds.audit")
@@ -54,10 +69,19 @@ UNANSWERED_EXCLUSION = 30.0
 @dataclass(frozen=True)
 class AuditSettings:
     rate: float = 0.02  # share of calls audited, forward and backward alike
-    reveal_timeout: float = 40.0  # a reveal is two versions of the state: seconds on a slow, busy home link
+    reveal_floor: float = 15.0  # seconds for a reveal's structure to come, and the least any reveal gets
+    reveal_slack: float = 4.0  # times the seconds its bytes take at the peer's measured throughput
+    reveal_ceiling: float = 300.0
+    assumed_rate: float = 2**17  # bytes/s to a peer nothing was measured of (a 1 Mbit/s home uplink)
     tolerance: Tolerance = field(default_factory=Tolerance)
     max_pending: int = 64  # audits waiting for the worker beyond this are skipped (never a verdict)
     seed: int | None = None  # the draw's seed, for tests; None draws from the OS
+
+
+def reveal_seconds(nbytes: int, rate: float, settings: AuditSettings) -> float:
+    """How long a reveal of ``nbytes`` may take over a link measured at ``rate`` bytes/s."""
+    seconds = settings.reveal_floor + settings.reveal_slack * nbytes / max(rate, 1.0)
+    return min(settings.reveal_ceiling, seconds)
 
 
 def calls_to_catch(rate: float, wrong_share: float, confidence: float = 0.95) -> int:
@@ -83,13 +107,14 @@ class AuditedCall:
     answer: torch.Tensor
     commits: tuple[Commitment, ...]  # forward: (version,); backward: (before, after)
     grads: torch.Tensor | None = None
+    link_rate: float | None = None  # bytes/s the call moved over its round trip (None: not measured)
 
 
 class Auditor:
     """Samples calls, checks them in the background, keeps the verdicts per peer and the bans."""
 
     def __init__(self, specs: dict[str, ExpertSpec], settings: AuditSettings = AuditSettings(),
-                 reveal: Callable[[AuditedCall, float], Reveal | None] | None = None):
+                 reveal: Callable[[AuditedCall, Callable[[int], float]], Reveal | None] | None = None):
         self.specs, self.settings = specs, settings
         self._reveal = reveal or reveal_over_p2p
         self._random = random.Random(settings.seed) if settings.seed is not None else random.SystemRandom()
@@ -109,6 +134,8 @@ class Auditor:
         self.clock = time.monotonic
         self.failures: list[str] = []  # one line per failed audit, for logs and tests
         self.skipped = 0
+        self.link_rates: dict[str, float] = {}  # peer -> bytes/s its reveals came at (smoothed)
+        self.reveals: list[tuple[int, float]] = []  # (bytes, seconds) of each reveal received, for the logs
 
     # --- sampling: called from the training step ---
 
@@ -173,14 +200,50 @@ class Auditor:
         if call.uid not in self.specs:
             return "error"  # not an expert of ours: no verdict either way
         version = call.commits[-1].version
+        rate = self.link_rates.get(call.peer_id) or call.link_rate or self.settings.assumed_rate
+        allowed = [self.settings.reveal_floor]
+
+        def seconds_for(nbytes: int) -> float:
+            allowed[0] = reveal_seconds(nbytes, rate, self.settings)
+            return allowed[0]
+
+        started = time.perf_counter()
         try:
-            return self._reveal(call, self.settings.reveal_timeout)
+            reveal = self._reveal(call, seconds_for)
         except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
-            return f"{WITHHELD}: no reveal of version {version} within {self.settings.reveal_timeout:.0f} s"
-        except (P2PDaemonError, P2PHandlerError, ConnectionError, EOFError) as e:
+            return f"{WITHHELD}: no reveal of version {version} within {allowed[0]:.0f} s"
+        except (P2PDaemonError, P2PHandlerError, ConnectionError, EOFError, asyncio.IncompleteReadError) as e:
             return f"{WITHHELD}: the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
         except Exception as e:
             return f"the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
+        if reveal is not None:
+            self._measured(call.peer_id, reveal.wire_bytes or reveal_bytes(reveal), time.perf_counter() - started)
+        return reveal
+
+    def _measured(self, peer: str, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.reveals.append((nbytes, seconds))
+            del self.reveals[:-256]
+            if nbytes >= 2**16:  # a small reveal's time is its latency, not the link's throughput
+                rate = nbytes / max(seconds, 1e-3)
+                old = self.link_rates.get(peer)
+                self.link_rates[peer] = rate if old is None else 0.7 * old + 0.3 * rate
+        logger.debug("a reveal of %d bytes from %s came in %.2f s", nbytes, peer, seconds)
+
+    def summary(self) -> str:
+        """One line for the trainer's log: audits so far and the reveals' sizes and times."""
+        with self._lock:
+            audited = sum(a for a, _ in self.audited.values())
+            passed = sum(p for _, p in self.audited.values())
+            unanswered = sum(1 for f in self.failures if WITHHELD in f)
+            reveals = sorted(self.reveals)
+            times = sorted(t for _, t in self.reveals)
+        line = (f"audits: {passed} passed of {audited}, {len(self.failed_keys)} keys failed, "
+                f"{unanswered} unanswered")
+        if reveals:
+            line += (f"; reveals: {len(reveals)}, median {reveals[len(reveals) // 2][0] / 1e6:.2f} MB, "
+                     f"median {times[len(times) // 2]:.2f} s, slowest {times[-1]:.2f} s")
+        return line
 
     def _check(self, call: AuditedCall, revealed: Reveal | str | None) -> None:
         try:
@@ -232,17 +295,91 @@ class Auditor:
         return None
 
 
-def reveal_over_p2p(call: AuditedCall, timeout: float) -> Reveal | None:
-    """Ask the call's server for the version its answer committed to (``REVEAL_RPC``)."""
+def reveal_bytes(reveal: Reveal) -> int:
+    """The tensor bytes a reveal carried."""
+    tensors = [*reveal.module.values(), reveal.inputs, reveal.grads]
+    if reveal.optimizer is not None:
+        tensors += [v for entries in reveal.optimizer["state"].values() for v in entries.values()]
+    size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return size + (reveal_bytes(reveal.parent) if reveal.parent is not None else 0)
+
+
+def reveal_over_p2p(call: AuditedCall, seconds_for: Callable[[int], float]) -> Reveal | None:
+    """Ask the call's server for what the audit needs of the version its answer committed to (``REVEAL_RPC``,
+    a stream): the structure within ``seconds_for(0)``, the rest within ``seconds_for(its bytes)``."""
     expert = call.expert
-    request = runtime_pb2.ExpertRequest(uid=call.uid, metadata=str(call.commits[-1].version).encode())
+    own = (call.inputs, call.grads) if call.kind == "backward" and call.grads is not None else None
+    asked = RevealRequest(call.commits[-1].version, call.kind, len(call.inputs) if own else 0,
+                          rows_digest(*own) if own else b"")
+    request = runtime_pb2.ExpertRequest(uid=call.uid, metadata=asked.to_bytes())
+    ceiling = seconds_for(MAX_REVEAL_BYTES)
 
-    async def ask() -> runtime_pb2.ExpertResponse:
-        return await asyncio.wait_for(
-            expert.p2p.call_protobuf_handler(expert.peer_id, REVEAL_RPC, request, runtime_pb2.ExpertResponse),
-            timeout)
+    async def ask() -> tuple[bytes, list[runtime_pb2.Tensor]] | None:
+        _, reader, writer = await expert.p2p.call_binary_stream_handler(expert.peer_id, REVEAL_RPC)
+        try:
+            await P2P.send_protobuf(request, writer)
+            await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+            first = await asyncio.wait_for(read_bounded(reader, MAX_HEADER_BYTES), seconds_for(0))
+            if first is None or not first.metadata:
+                return None
+            announced = _announced(first.metadata)
+            budget = [announced + 2**16]  # the tensors' bytes and their parts' framing
+            parts: list[runtime_pb2.Tensor] = []
 
-    response = RemoteExpertWorker.run_coroutine(ask(), return_future=True).result(timeout=timeout + 5.0)
-    if not response.metadata:
+            async def rest() -> None:
+                while (message := await read_bounded(reader, budget[0])) is not None:
+                    budget[0] -= message.ByteSize() + 1 + P2P.HEADER_LEN
+                    parts.extend(message.tensors)
+
+            await asyncio.wait_for(rest(), seconds_for(announced))
+            return first.metadata, _combined(parts)
+        finally:
+            writer.close()
+
+    received = RemoteExpertWorker.run_coroutine(ask(), return_future=True).result(timeout=ceiling + 5.0)
+    if received is None:
         return None
-    return Reveal.from_bytes(response.metadata)
+    return decode_reveal(*received, own=own)
+
+
+async def read_bounded(reader: asyncio.StreamReader, limit: int) -> runtime_pb2.ExpertResponse | None:
+    """The next message of a protobuf stream in hivemind's framing (``P2P.receive_protobuf``), refusing
+    one longer than ``limit`` before reading it: hivemind's own reader takes any length a peer announces.
+    None at the end of the stream; a handler's error raises ``P2PHandlerError``."""
+    try:
+        marker = await reader.readexactly(1)
+        length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    except asyncio.IncompleteReadError:
+        return None
+    if length > max(limit, 0):
+        raise ValueError(f"a reveal's message of {length} bytes is over what was announced")
+    data = await reader.readexactly(length)
+    if marker == P2P.ERROR_MARKER:
+        raise P2PHandlerError(f"the reveal failed on the server: {RPCError.FromString(data).message[:200]}")
+    if marker != P2P.MESSAGE_MARKER:
+        raise ValueError("a reveal's message is not in hivemind's framing")
+    return runtime_pb2.ExpertResponse.FromString(data)
+
+
+def _announced(header: bytes) -> int:
+    """The tensor bytes a reveal's structure announces, within ``MAX_REVEAL_BYTES``."""
+    try:
+        announced = MSGPackSerializer.loads(header).get("bytes")
+    except Exception:
+        announced = None
+    if type(announced) is not int or not 0 <= announced <= MAX_REVEAL_BYTES:
+        raise ValueError(f"a reveal announced {announced!r} bytes (at most {MAX_REVEAL_BYTES})")
+    return announced
+
+
+def _combined(parts: list[runtime_pb2.Tensor]) -> list[runtime_pb2.Tensor]:
+    """The parts of streamed tensors put back together (a part with a dtype starts the next tensor)."""
+    tensors, current = [], []
+    for part in parts:
+        if part.dtype and current:
+            tensors.append(combine_from_streaming(current))
+            current = []
+        current.append(part)
+    if current:
+        tensors.append(combine_from_streaming(current))
+    return tensors

@@ -28,14 +28,20 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 from hivemind import DHT
-from hivemind.compression import deserialize_torch_tensor
+from hivemind.compression import deserialize_tensor_stream, deserialize_torch_tensor
 from hivemind.moe.client.expert import (
     RemoteExpert,
     create_remote_experts,
 )
 from hivemind.moe.expert_uid import ExpertInfo
 from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.control import (
+    DEFAULT_MAX_MSG_SIZE,
+    MAX_UNARY_PAYLOAD_SIZE,
+)
 from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import iter_as_aiter
+from hivemind.utils.streaming import split_for_streaming
 from torch.autograd.function import once_differentiable
 
 from coordinator_seeds.audit import AuditedCall, Auditor
@@ -54,7 +60,9 @@ from coordinator_seeds.dispatch import (
 )
 from volunteer.core.audit_check import (
     AUDITED_BACKWARD,
+    AUDITED_BACKWARD_STREAM,
     AUDITED_FORWARD,
+    AUDITED_FORWARD_STREAM,
     BACKWARD_COMMIT,
     FORWARD_COMMIT,
     Commitment,
@@ -262,12 +270,21 @@ def committed_answer(result: Any, shape: torch.Size, width: int) -> tuple[torch.
 
 def audited_rpc(name: str):
     """An RPC for ``dispatch.call_experts``: hivemind's request to the server's audited handler, whose
-    answer carries the commitment (unary: an answer must fit one message; streaming is not done)."""
+    answer carries the commitment; streamed above hivemind's unary payload size, as hivemind's own
+    client does (``expert_forward``), so a call of any batch size goes through."""
+    stream_name = {AUDITED_FORWARD: AUDITED_FORWARD_STREAM, AUDITED_BACKWARD: AUDITED_BACKWARD_STREAM}[name]
 
-    async def rpc(uid: str, _tensors: Any, serialized: Sequence[runtime_pb2.Tensor], stub: Any) -> list[torch.Tensor]:
-        request = runtime_pb2.ExpertRequest(uid=uid, tensors=serialized)
-        response = await stub._p2p.call_protobuf_handler(stub._peer, name, request, runtime_pb2.ExpertResponse)
-        return [deserialize_torch_tensor(t) for t in response.tensors]
+    async def rpc(uid: str, tensors: Sequence[torch.Tensor], serialized: Sequence[runtime_pb2.Tensor], stub: Any
+                  ) -> list[torch.Tensor]:
+        if sum(t.element_size() * t.nelement() for t in tensors) <= MAX_UNARY_PAYLOAD_SIZE:
+            request = runtime_pb2.ExpertRequest(uid=uid, tensors=serialized)
+            response = await stub._p2p.call_protobuf_handler(stub._peer, name, request, runtime_pb2.ExpertResponse)
+            return [deserialize_torch_tensor(t) for t in response.tensors]
+        parts = (part for tensor in serialized for part in split_for_streaming(tensor, DEFAULT_MAX_MSG_SIZE))
+        requests = iter_as_aiter(runtime_pb2.ExpertRequest(uid=uid, tensors=[part]) for part in parts)
+        responses = await stub._p2p.iterate_protobuf_handler(stub._peer, stream_name, requests,
+                                                             runtime_pb2.ExpertResponse)
+        return await deserialize_tensor_stream(response.tensors async for response in responses)
 
     return rpc
 
@@ -297,7 +314,7 @@ class _ReplicatedCall(torch.autograd.Function):
                     answered[call.tokens, call.slots] = True
                     commit = Commitment.of_row(row)
                     ok.append((call, commit))
-                    layer.audit(call, "forward", inputs[call.tokens], output, (commit,))
+                    layer.audit(call, "forward", inputs[call.tokens], output, (commit,), seconds=seconds)
                 elif round_ < FAILOVER_ROUNDS and (other := layer.other_replica(call, tried[id(call)])) is not None:
                     moved = ReplicaCall(other, call.tokens, call.slots)
                     tried[id(moved)] = tried[id(call)] | {other}
@@ -328,7 +345,7 @@ class _ReplicatedCall(torch.autograd.Function):
                 grad, row = answer
                 grad_inputs.index_add_(0, call.tokens, grad)
                 commits = (Commitment.of_row(row[:FORWARD_COMMIT]), Commitment.of_row(row[FORWARD_COMMIT:]))
-                layer.audit(call, "backward", x, grad, commits, grads=g)
+                layer.audit(call, "backward", x, grad, commits, grads=g, seconds=seconds)
         return grad_inputs.to(grad_outputs.device, grad_outputs.dtype), None, None, None
 
 
@@ -362,13 +379,15 @@ class _ReplicaRouting:
         return False
 
     def audit(self, call: ReplicaCall, kind: str, inputs: torch.Tensor, answer: torch.Tensor,
-              commits: tuple[Commitment, ...], grads: torch.Tensor | None = None) -> None:
+              commits: tuple[Commitment, ...], grads: torch.Tensor | None = None, seconds: float = 0.0) -> None:
         if self.auditor is None:
             return
         record = call.replica.record
+        moved = sum(t.numel() * t.element_size() for t in (inputs, answer, grads) if t is not None)
+        link_rate = moved / seconds if seconds > 0 else None  # with the server's compute: errs slow
         self.auditor.sample(lambda: AuditedCall(record.uid, record.peer_id, record.key, call.expert, kind,
                                                 inputs.clone(), answer.clone(), commits,
-                                                None if grads is None else grads.clone()))
+                                                None if grads is None else grads.clone(), link_rate))
 
     def _routing(self, auditor: Auditor | None, banned: Callable[[], Collection[str]]) -> Callable[[], frozenset]:
         self.auditor, self.failovers, self.calls_by_peer = auditor, 0, {}

@@ -446,6 +446,9 @@ def _log(settings: TrainerSettings, dht: DHT, model: MoELanguageModel, window: l
     tokens = settings.manifest.trainer.batch_size * settings.manifest.trainer.seq_len * max(1, settings.in_flight)
     logger.info("step %d loss %.2f, experts alive %d of %d, %.2f steps/s, %.0f tokens/s", last.step, loss,
                 last.experts_alive, model.grid_size(), rate, rate * tokens)
+    auditor = getattr(getattr(model, "trust", None), "auditor", None)
+    if auditor is not None and auditor.audited:  # what the audits found, and what reveals cost on this link
+        logger.info("%s", auditor.summary())
     if settings.publish_progress and losses:
         publisher.put(partial(_publish_progress, settings, dht, last.step, loss))
     if settings.publish_progress:

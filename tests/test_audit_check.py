@@ -9,6 +9,9 @@ from typing import Iterator
 
 import pytest
 import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.utils import MSGPackSerializer
+from hivemind.utils.streaming import split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from coordinator_seeds.audit import (
@@ -16,7 +19,9 @@ from coordinator_seeds.audit import (
     AuditedCall,
     Auditor,
     AuditSettings,
+    _combined,
     calls_to_catch,
+    reveal_seconds,
 )
 from coordinator_seeds.replicas import split_tokens
 from volunteer.core.audit_check import (
@@ -27,6 +32,10 @@ from volunteer.core.audit_check import (
     Reveal,
     check_backward,
     check_forward,
+    decode_reveal,
+    encode_reveal,
+    find_own_rows,
+    rows_digest,
 )
 from volunteer.core.expert_modules import build_expert, build_optimizer
 from volunteer.core.expert_records import group_key, parse_group, row_group_keys
@@ -69,8 +78,19 @@ class Expert:
         self.optimizer.zero_grad()
         return x.grad, before, self.versions.advance(self.module, self.optimizer, before, x.detach(), g)
 
-    def reveal(self, version: int) -> Reveal:
-        return Reveal.from_bytes(self.versions.reveal(version).to_bytes())  # through the wire format
+    def reveal(self, version: int, kind: str = "forward", own: tuple | None = None) -> Reveal:
+        return through_the_wire(self.versions.reveal(version), kind, own)
+
+
+def through_the_wire(kept: Reveal, kind: str, own: tuple[torch.Tensor, torch.Tensor] | None = None) -> Reveal:
+    """What the trainer decodes of a kept version: opened for ``kind`` by the server, encoded, streamed in
+    small parts and put back together, the trainer's own rows ``own`` left out and spliced back."""
+    opened = kept.opened(kind)
+    own_at = find_own_rows(opened.inputs, opened.grads, len(own[0]), rows_digest(*own)) \
+        if own is not None and opened.inputs is not None else None
+    header, tensors = encode_reveal(opened, own_at, len(own[0]) if own_at is not None else 0)
+    parts = [part for tensor in tensors for part in split_for_streaming(tensor, 2**12)]
+    return decode_reveal(header, _combined(parts), own)
 
 
 def test_an_honest_lean_server_is_never_flagged_over_a_thousand_audited_calls() -> None:
@@ -91,8 +111,8 @@ def test_an_honest_lean_server_is_never_flagged_over_a_thousand_audited_calls() 
             worker.submit(Task("u.0", kind, inputs, deliver=lambda outcome, f=future: f.set_result(outcome)))
         return [future.result(timeout=30) for future in futures]
 
-    def reveal(version: int) -> Reveal:
-        return Reveal.from_bytes(backend.reveal(version).to_bytes())  # through the wire format
+    def reveal(version: int, kind: str = "forward", own: tuple | None = None) -> Reveal:
+        return through_the_wire(backend.reveal(version), kind, own)
 
     audited = 0
     try:
@@ -104,7 +124,7 @@ def test_an_honest_lean_server_is_never_flagged_over_a_thousand_audited_calls() 
             gs = [torch.randn_like(x) * 10 ** float(torch.empty(()).uniform_(-4, 1)) for x in xs]  # every scale
             for x, g, (grad, rows) in zip(xs, gs, answers("backward", [[x, g] for x, g in zip(xs, gs)])):
                 before, after = Commitment.of_row(rows[0, :FORWARD_COMMIT]), Commitment.of_row(rows[0, FORWARD_COMMIT:])
-                check_backward(SPEC, before, after, reveal(after.version), x, g, grad)
+                check_backward(SPEC, before, after, reveal(after.version, "backward", (x, g)), x, g, grad)
             audited += 4
         # one forward, then another caller's step, then its backward: its kept graph is a version old, so
         # it is recomputed at the version the backward commits to, and the audit holds
@@ -115,7 +135,7 @@ def test_an_honest_lean_server_is_never_flagged_over_a_thousand_audited_calls() 
         g2 = torch.randn_like(x2)
         ((grad, rows),) = answers("backward", [[x2, g2]])
         before, after = Commitment.of_row(rows[0, :FORWARD_COMMIT]), Commitment.of_row(rows[0, FORWARD_COMMIT:])
-        check_backward(SPEC, before, after, reveal(after.version), x2, g2, grad)
+        check_backward(SPEC, before, after, reveal(after.version, "backward", (x2, g2)), x2, g2, grad)
         assert backend.kept.misses == misses + 1
     finally:
         worker.stop()
@@ -142,7 +162,7 @@ def test_a_frozen_copy_is_caught_at_its_backward_calls() -> None:
     x, g = torch.randn(16, SPEC.d_model), torch.randn(16, SPEC.d_model)
     grad, before, after = expert.backward(x, g, train=False)
     with pytest.raises(AuditFailed, match="optimizer step"):
-        check_backward(SPEC, before, after, expert.reveal(after.version), x, g, grad)
+        check_backward(SPEC, before, after, expert.reveal(after.version, "backward", (x, g)), x, g, grad)
 
 
 def test_a_reveal_that_is_not_the_committed_state_is_caught() -> None:
@@ -160,7 +180,7 @@ def test_a_backward_step_on_a_batch_without_the_trainers_rows_is_caught() -> Non
     x, g = torch.randn(16, SPEC.d_model), torch.randn(16, SPEC.d_model)
     grad, before, after = expert.backward(torch.randn_like(x), g)  # trained on other inputs
     with pytest.raises(AuditFailed, match="does not contain"):
-        check_backward(SPEC, before, after, expert.reveal(after.version), x, g, grad)
+        check_backward(SPEC, before, after, expert.reveal(after.version, "backward", (x, g)), x, g, grad)
 
 
 def test_versions_are_kept_for_a_bounded_count() -> None:
@@ -230,3 +250,117 @@ def test_an_unanswered_reveal_excludes_for_a_doubling_while_and_is_never_a_publi
             assert "QmPeer" not in auditor.banned(), "the exclusion ends"
     finally:
         auditor.shutdown()
+
+
+def test_a_frozen_copy_that_claims_a_learning_rate_of_zero_is_caught() -> None:
+    """Its empty step would be the right one at lr 0: the revealed hyperparameters must be the experiment's."""
+    expert = Expert()
+    for group in expert.optimizer.param_groups:
+        group["lr"] = 0.0
+    x, g = torch.randn(16, SPEC.d_model), torch.randn(16, SPEC.d_model)
+    grad, before, after = expert.backward(x, g)
+    with pytest.raises(AuditFailed, match="hyperparameters"):
+        check_backward(SPEC, before, after, expert.reveal(after.version, "backward", (x, g)), x, g, grad)
+
+
+def test_a_reveal_carries_only_what_its_audit_needs() -> None:
+    """Forward: the weights and the optimizer state's digest. Backward: the before state in full, the after
+    weights, and none of the trainer's own rows; each still checks against the commitment."""
+    expert = Expert()
+    weights = sum(p.numel() * 4 for p in expert.module.parameters())
+    x, g = torch.randn(16, SPEC.d_model), torch.randn(16, SPEC.d_model)
+    expert.backward(torch.randn_like(x), torch.randn_like(g))  # the before state then has Adam's moments
+    grad, before, after = expert.backward(x, g)
+    kept = expert.versions.reveal(after.version)
+    optimizer = sum(v.numel() * v.element_size() for s in kept.parent.optimizer["state"].values() for v in s.values())
+    forward = encode_reveal(kept.opened("forward"))
+    assert MSGPackSerializer.loads(forward[0])["bytes"] == weights
+    own_at = find_own_rows(kept.inputs, kept.grads, len(x), rows_digest(x, g))
+    assert own_at == 0
+    backward = encode_reveal(kept.opened("backward"), own_at, len(x))
+    assert MSGPackSerializer.loads(backward[0])["bytes"] == 2 * weights + optimizer
+    old = 2 * (weights + optimizer) + 2 * x.numel() * 4  # two full states and the whole batch, as before
+    print(f"reveal bytes of a {SPEC.block} {SPEC.d_model}/{SPEC.d_hidden} expert: forward {weights} "
+          f"(was {weights + optimizer}), backward {2 * weights + optimizer} (was {old})")
+    check_backward(SPEC, before, after, expert.reveal(after.version, "backward", (x, g)), x, g, grad)
+    # a batch the server merged with another caller's rows: only the others' rows are sent
+    xo, go = torch.randn(3, SPEC.d_model), torch.randn(3, SPEC.d_model)
+    grad, before, after = expert.backward(torch.cat([xo, x]), torch.cat([go, g]))
+    revealed = expert.reveal(after.version, "backward", (x, g))
+    assert torch.equal(revealed.inputs, torch.cat([xo, x])) and torch.equal(revealed.grads, torch.cat([go, g]))
+    check_backward(SPEC, before, after, revealed, x, g, grad[3:])
+
+
+def _encoded(kind: str = "backward") -> tuple[dict, list]:
+    expert = Expert()
+    x, g = torch.randn(4, SPEC.d_model), torch.randn(4, SPEC.d_model)
+    _, _, after = expert.backward(x, g)
+    header, tensors = encode_reveal(expert.versions.reveal(after.version).opened(kind))
+    return MSGPackSerializer.loads(header), tensors
+
+
+def _compressed(tensors: list) -> list:
+    from hivemind.proto import runtime_pb2
+
+    return [serialize_torch_tensor(deserialize_torch_tensor(tensors[0]), runtime_pb2.CompressionType.FLOAT16),
+            *tensors[1:]]
+
+
+MALFORMED = [  # id, change of (header, tensors)
+    ("one-tensor-missing", lambda h, t: (h, t[:-1])),
+    ("one-tensor-more", lambda h, t: (h, t + t[:1])),
+    ("bytes-announced-differ", lambda h, t: ({**h, "bytes": h["bytes"] + 4}, t)),
+    ("a-compressed-tensor", lambda h, t: ({**h, "bytes": h["bytes"] - len(t[0].buffer) + len(_compressed(t)[0].buffer)},
+                                          _compressed(t))),
+    ("a-parent-of-a-parent", lambda h, t: ({**h, "parent": {**h["parent"], "parent": h["parent"]}}, t)),
+    ("version-not-an-int", lambda h, t: ({**h, "version": "7"}, t)),
+    ("weight-names-repeated", lambda h, t: ({**h, "weights": h["weights"][:1] * len(h["weights"])}, t)),
+    ("optimizer-and-its-digest", lambda h, t: ({**h, "optimizer_digest": b"x" * 32,
+                                                "parent": {**h["parent"], "optimizer_digest": b"x" * 32}}, t)),
+    ("rows-to-splice-without-own", lambda h, t: ({**h, "batch": {"own_at": 0}}, t)),
+    ("not-a-dict", lambda h, t: ([1, 2, 3], t)),
+]
+
+
+@pytest.mark.parametrize("change", [pytest.param(c, id=i) for i, c in MALFORMED])
+def test_a_malformed_reveal_is_refused_in_one_line(change) -> None:
+    header, tensors = change(*_encoded())
+    with pytest.raises(ValueError, match="reveal"):
+        decode_reveal(MSGPackSerializer.dumps(header), tensors)
+    with pytest.raises(ValueError, match="msgpack"):
+        decode_reveal(b"\xc1 not msgpack", tensors)
+
+
+def test_a_reveal_has_time_for_its_bytes_at_the_measured_rate() -> None:
+    settings = AuditSettings()
+    assert reveal_seconds(0, 1e6, settings) == settings.reveal_floor
+    two_mb = reveal_seconds(2 * 10**6, 10**6, settings)
+    assert two_mb == settings.reveal_floor + settings.reveal_slack * 2
+    assert reveal_seconds(4 * 10**6, 10**6, settings) > two_mb > reveal_seconds(2 * 10**6, 10**7, settings)
+    assert reveal_seconds(10**12, 1.0, settings) == settings.reveal_ceiling
+
+
+@pytest.mark.parametrize("announced, sent, refused", [(100, 100, False), (100, 101, True), (2**40, 10, True)])
+def test_a_reveal_message_longer_than_announced_is_refused_before_it_is_read(announced, sent, refused) -> None:
+    """The stream's framing is hivemind's; the length a peer announces is checked before any byte is read."""
+    import asyncio
+
+    from hivemind.p2p import P2P
+    from hivemind.proto import runtime_pb2
+
+    from coordinator_seeds.audit import read_bounded
+
+    message = runtime_pb2.ExpertResponse(metadata=b"m" * 90).SerializeToString()
+
+    async def read() -> object:
+        reader = asyncio.StreamReader()
+        length = announced if announced > 2**20 else len(message) + sent - 100
+        reader.feed_data(P2P.MESSAGE_MARKER + length.to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + message + b"\0" * 8)
+        reader.feed_eof()
+        return await read_bounded(reader, len(message))
+
+    if refused:
+        with pytest.raises(ValueError, match="over what was announced"):
+            asyncio.run(read())
+    else:
+        assert asyncio.run(read()).metadata == b"m" * 90

@@ -127,6 +127,7 @@ def _proto(size: list[int], dtype: str, buffer: bytes):
 
 
 D = MANIFEST.d_model
+STREAMED = 2**21 // (4 * D) + 1  # rows of a request above hivemind's unary payload size (2 MiB)
 
 # id, rpc, tensors(max_batch_size) -> list, uid override
 REJECTED = [
@@ -155,6 +156,10 @@ REJECTED = [
     ("audited-backward-grad-batch-differs", "audited backward",
      lambda m: [torch.randn(3, D), torch.randn(4, D)], None),
     ("audited-backward-no-grad", "audited backward", lambda m: [torch.randn(3, D)], None),
+    # above hivemind's unary payload size: the streaming forms (VolunteerAudit.rpc_*_stream), same checks
+    ("audited-forward-streamed-over-max-batch-size", "audited forward", lambda m: [torch.randn(STREAMED, D)], None),
+    ("audited-backward-streamed-last-dim-31", "audited backward",
+     lambda m: [torch.randn(STREAMED, D - 1), torch.randn(STREAMED, D - 1)], None),
 ]
 
 
@@ -190,21 +195,30 @@ def test_malformed_request_is_rejected(served: Served, rpc: str, make, uid: str 
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("uid, version", [(UID, b"not a number"), (UID, b"\xff\xfe"), (UID, b"-1"), (UID, b"99999"),
-                                          ("testlm_ffn9.9.9", b"0")])
-def test_a_reveal_of_what_is_not_kept_answers_nothing(served: Served, uid: str, version: bytes):
+@pytest.mark.parametrize("uid, asked", [(UID, b"not msgpack \xc1"), (UID, b"\xff\xfe"), (UID, b"-1"),
+                                        (UID, "request:99999"), (UID, "request:-1"), (UID, "kind:sideways"),
+                                        ("testlm_ffn9.9.9", "request:0")])
+def test_a_reveal_of_what_is_not_kept_answers_nothing(served: Served, uid: str, asked):
     from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
     from hivemind.proto import runtime_pb2
+    from hivemind.utils import MSGPackSerializer
 
-    from volunteer.core.audit_check import REVEAL_RPC
+    from volunteer.core.audit_check import REVEAL_RPC, RevealRequest
 
+    if asked == "kind:sideways":
+        asked = MSGPackSerializer.dumps([0, "sideways", 0, b""])
+    elif isinstance(asked, str):
+        asked = RevealRequest(int(asked.split(":")[1])).to_bytes()
     stub = served.expert.stub
-    request = runtime_pb2.ExpertRequest(uid=uid, metadata=version)
-    future = RemoteExpertWorker.run_coroutine(
-        stub._p2p.call_protobuf_handler(stub._peer, REVEAL_RPC, request, runtime_pb2.ExpertResponse),
-        return_future=True)
+    request = runtime_pb2.ExpertRequest(uid=uid, metadata=asked)
+
+    async def ask() -> list:
+        stream = await stub._p2p.iterate_protobuf_handler(stub._peer, REVEAL_RPC, request, runtime_pb2.ExpertResponse)
+        return [message async for message in stream]
+
+    future = RemoteExpertWorker.run_coroutine(ask(), return_future=True)
     try:
-        assert future.result(15.0).metadata == b""
+        assert [m.metadata for m in future.result(15.0)] == [b""]
     finally:
         future.cancel()
     assert served.child.proc.poll() is None, served.child.tail(20)

@@ -1,19 +1,45 @@
 """Commit, then reveal: what a server's answer commits to, and how a trainer checks a revealed version.
 
 Every answer of an audited server carries, next to its tensor, the **commitment** of the expert's state
-that produced it: the version number and the SHA-256 of that state (weights *and* optimizer state,
-``state_digest``). A forward answer carries one (``FORWARD_COMMIT``: version, digest); a backward
-answer two, the state it computed with and the state its optimizer step produced (``BACKWARD_COMMIT``).
-The server keeps recent versions for a bounded time (``volunteer.serving.versions``). After an answer
-came back, a trainer picks a few calls at random and asks for the version they committed to
-(``Reveal``); it checks the revealed state against the digest, then recomputes:
+that produced it: the version number and the digest of that state (``state_digest``: a two-leaf tree,
+the SHA-256 of the weights and the SHA-256 of the optimizer state, hashed together). A forward answer
+carries one (``FORWARD_COMMIT``: version, digest); a backward answer two, the state it computed with and
+the state its optimizer step produced (``BACKWARD_COMMIT``). The server keeps recent versions for a
+bounded time (``volunteer.serving.versions``). After an answer came back, a trainer picks a few calls at
+random and asks for the version they committed to (``Reveal``); it checks the revealed state against the
+digest, then recomputes:
 
 - a forward call (``check_forward``): the expert on the revealed weights, on the inputs it sent,
   against the answer it got;
 - a backward call (``check_backward``): from the revealed *before* state, the gradient w.r.t. the inputs
   it sent and the optimizer step on the batch the server says it trained on (which must contain the
-  trainer's rows), against the gradient it got and the revealed *after* state. A frozen copy that never
-  trains fails here: its after state is its before state, and the recomputed step moves the weights.
+  trainer's rows), against the gradient it got and the revealed *after* weights. A frozen copy that never
+  trains fails here: its after weights are its before weights, and the recomputed step moves them. The
+  optimizer's hyperparameters must be the experiment's (a state claiming ``lr = 0`` would otherwise make
+  a frozen copy's empty step the right one).
+
+**What a reveal carries, and why each part** (``opened``; ``RevealRequest`` says which kind):
+
+- forward: the weights of the version (the recomputation runs on them) and only the *digest* of its
+  optimizer state (the commitment covers it, the forward never reads it): a third of the bytes with Adam;
+- backward, *before* state: weights and optimizer state in full, since the step is recomputed from both
+  (Adam's moments decide the update as much as the gradient does);
+- backward, the step's batch: only the rows the trainer did not send. The server may have merged other
+  callers' rows into the step and the recomputation needs all of them, but the trainer's own inputs and
+  gradients are spliced back in where the server says (``own_at``): sending them back proves nothing the
+  splice does not;
+- backward, *after* state: the weights (the recomputed update is compared with theirs) and the digest of
+  the optimizer state, which nothing recomputes bit for bit (a GPU's or another thread count's step
+  differs in the last bits, so the after state is checked within a tolerance, not by its digest).
+
+For the lab's expert (residual_ffn 256/256 with Adam, calls of 512 tokens) a backward reveal went from
+two full states and the whole batch (4.2 MB, more than the p2p daemon's unary message limit) to 2.1 MB,
+and a forward reveal from 1.6 to 0.5 MB.
+
+**On the wire** (``encode_reveal``/``decode_reveal``): the structure (names, version numbers, optimizer
+hyperparameters, where the trainer's rows go) is msgpack (hivemind's ``MSGPackSerializer``), each tensor
+hivemind's ``serialize_torch_tensor`` with no compression, so the digest sees the server's exact bytes.
+Nothing received is unpickled. The server streams it (``volunteer.serving.versions.RevealService``).
 
 The server cannot tell an audited call from any other: the choice is made after the answer is back.
 Tolerances are relative (``Tolerance``), measured CPU against CPU; a GPU's TF32 answers against the
@@ -24,21 +50,29 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Sequence
 
 import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from hivemind.utils import MSGPackSerializer
 
 from volunteer.core.expert_modules import build_expert, build_optimizer
 
 DIGEST_WORDS = 4  # a SHA-256 as four int64 words
 FORWARD_COMMIT = 1 + DIGEST_WORDS  # [version, digest...] per answered row
 BACKWARD_COMMIT = 2 * FORWARD_COMMIT  # [before version, before digest..., after version, after digest...]
-MAX_REVEAL_BYTES = 64 * 2**20
-REVEAL_RPC = "VolunteerAudit.rpc_reveal"  # request: uid, metadata = the version as text
+MAX_REVEAL_BYTES = 64 * 2**20  # what a trainer receives of one reveal at most, structure and tensors
+MAX_HEADER_BYTES = 2**20  # the msgpack structure of a reveal
+REVEAL_RPC = "VolunteerAudit.rpc_reveal"  # request: uid, metadata = RevealRequest; answer: a stream
 AUDITED_FORWARD = "VolunteerAudit.rpc_forward"  # hivemind's ExpertRequest; the answer carries the commitment
 AUDITED_BACKWARD = "VolunteerAudit.rpc_backward"
+AUDITED_FORWARD_STREAM = "VolunteerAudit.rpc_forward_stream"  # the same, streamed, above the unary size
+AUDITED_BACKWARD_STREAM = "VolunteerAudit.rpc_backward_stream"
+NONE = runtime_pb2.CompressionType.NONE
+# optimizer settings that say how torch runs the step, not what it computes: not compared with the manifest
+_HOW_IT_RUNS = frozenset({"params", "foreach", "fused", "capturable", "differentiable"})
 
 
 @dataclass(frozen=True)
@@ -56,20 +90,36 @@ class Commitment:
 
 
 def state_digest(module_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any] | None) -> tuple[int, ...]:
-    """SHA-256 of an expert's weights and optimizer state, as ``DIGEST_WORDS`` int64 words.
+    """The commitment's digest of an expert's weights and optimizer state, as ``DIGEST_WORDS`` int64 words:
+    a tree of two leaves, so a reveal can open the weights and show only the optimizer state's digest."""
+    return combined_digest(weights_digest(module_state), optimizer_digest(optimizer_state))
 
-    Canonical: tensors in name order, bytes of their CPU copy; the optimizer's per-parameter state in
-    index order (its hyperparameters too, so a changed learning rate is a different state)."""
+
+def weights_digest(module_state: Mapping[str, torch.Tensor]) -> bytes:
+    """SHA-256 of the weights: tensors in name order, bytes of their CPU copy."""
     h = hashlib.sha256()
     for name in sorted(module_state):
         _feed(h, name, module_state[name])
+    return h.digest()
+
+
+def optimizer_digest(optimizer_state: Mapping[str, Any] | None) -> bytes:
+    """SHA-256 of the optimizer's per-parameter state in index order, and of its hyperparameters (a changed
+    learning rate is a different state)."""
+    h = hashlib.sha256()
     if optimizer_state is not None:
         for index in sorted(optimizer_state.get("state", {})):
             for name in sorted(optimizer_state["state"][index]):
                 _feed(h, f"{index}.{name}", optimizer_state["state"][index][name])
         for i, group in enumerate(optimizer_state.get("param_groups", [])):
             h.update(repr(sorted((k, v) for k, v in group.items() if k != "params")).encode() + str(i).encode())
-    raw = h.digest()
+    else:
+        h.update(b"no optimizer")
+    return h.digest()
+
+
+def combined_digest(weights: bytes, optimizer: bytes) -> tuple[int, ...]:
+    raw = hashlib.sha256(b"weights\0" + weights + b"optimizer\0" + optimizer).digest()
     return tuple(int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, 8 * DIGEST_WORDS, 8))
 
 
@@ -89,7 +139,8 @@ def _feed(h: Any, name: str, value: Any) -> None:
 @dataclass(frozen=True)
 class Reveal:
     """One version of an expert as its server kept it; for a version made by an optimizer step, the
-    state before that step and the batch it trained on."""
+    state before that step and the batch it trained on. ``optimizer_digest`` stands for an optimizer
+    state that is not sent (``optimizer`` is then None)."""
 
     version: int
     module: dict[str, torch.Tensor]
@@ -97,32 +148,183 @@ class Reveal:
     parent: Reveal | None = None  # the state the step started from
     inputs: torch.Tensor | None = None  # the batch of that step (all tasks the server merged)
     grads: torch.Tensor | None = None
+    optimizer_digest: bytes | None = None
+    wire_bytes: int = 0  # the tensor bytes it came in (``decode_reveal``); 0 if it did not cross a wire
 
     def digest(self) -> tuple[int, ...]:
-        return state_digest(self.module, self.optimizer)
+        opt = self.optimizer_digest if self.optimizer_digest is not None else optimizer_digest(self.optimizer)
+        return combined_digest(weights_digest(self.module), opt)
+
+    def opened(self, kind: str) -> Reveal:
+        """What a ``kind`` ("forward"/"backward") audit needs of this version (the module docstring says why)."""
+        shown = replace(self, optimizer=None, optimizer_digest=optimizer_digest(self.optimizer), parent=None,
+                        inputs=None, grads=None)
+        if kind != "backward" or self.parent is None:
+            return shown
+        return replace(shown, parent=replace(self.parent, parent=None, inputs=None, grads=None),
+                       inputs=self.inputs, grads=self.grads)
+
+
+@dataclass(frozen=True)
+class RevealRequest:
+    """What a trainer asks for: a version, for which kind of audit, and for a backward one the call's
+    rows (their count and SHA-256), so the server can leave them out of the batch it sends back."""
+
+    version: int
+    kind: str = "forward"
+    rows: int = 0
+    rows_digest: bytes = b""
 
     def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        torch.save(self._to_dict(), buffer)
-        return buffer.getvalue()
-
-    def _to_dict(self) -> dict:
-        return dict(version=self.version, module=self.module, optimizer=self.optimizer,
-                    parent=self.parent._to_dict() if self.parent is not None else None,
-                    inputs=self.inputs, grads=self.grads)
+        return MSGPackSerializer.dumps([self.version, self.kind, self.rows, self.rows_digest])
 
     @staticmethod
-    def from_bytes(data: bytes) -> Reveal:
-        if len(data) > MAX_REVEAL_BYTES:
-            raise ValueError(f"a reveal of {len(data)} bytes is over the limit")
-        return Reveal._from_dict(torch.load(io.BytesIO(data), weights_only=True))  # tensors, no code
+    def from_bytes(data: bytes) -> RevealRequest:
+        """Raises ValueError on anything but the four fields of their types."""
+        try:
+            version, kind, rows, digest = MSGPackSerializer.loads(data)
+        except Exception as e:
+            raise ValueError(f"not a reveal request: {type(e).__name__}") from None
+        if not (type(version) is int and kind in ("forward", "backward") and type(rows) is int and rows >= 0
+                and isinstance(digest, bytes) and len(digest) in (0, 32)):
+            raise ValueError("not a reveal request")
+        return RevealRequest(version, kind, rows, digest)
 
-    @staticmethod
-    def _from_dict(d: Any) -> Reveal:
-        if not isinstance(d, dict) or not isinstance(d.get("module"), dict):
-            raise ValueError("not a reveal")
-        parent = Reveal._from_dict(d["parent"]) if d.get("parent") is not None else None
-        return Reveal(int(d["version"]), d["module"], d.get("optimizer"), parent, d.get("inputs"), d.get("grads"))
+
+def rows_digest(inputs: torch.Tensor, grads: torch.Tensor) -> bytes:
+    """SHA-256 of a call's rows, inputs and gradients, as the server kept them (fp32, row-major)."""
+    h = hashlib.sha256()
+    for t in (inputs, grads):
+        h.update(t.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+def find_own_rows(inputs: torch.Tensor, grads: torch.Tensor, rows: int, digest: bytes) -> int | None:
+    """Where a call of ``rows`` rows with this ``digest`` starts in a step's batch, if it is there."""
+    if rows <= 0 or rows > len(inputs) or len(digest) != 32:
+        return None
+    for start in range(len(inputs) - rows + 1):
+        if rows_digest(inputs[start:start + rows], grads[start:start + rows]) == digest:
+            return start
+    return None
+
+
+def encode_reveal(reveal: Reveal, own_at: int | None = None, own_rows: int = 0
+                  ) -> tuple[bytes, list[runtime_pb2.Tensor]]:
+    """The structure as msgpack and the tensors as hivemind serializes them (no compression). With
+    ``own_at``, the ``own_rows`` rows from there are left out of the batch (the trainer has them)."""
+    tensors: list[torch.Tensor] = []
+    header = _header(reveal, tensors, own_at, own_rows)
+    serialized = [serialize_torch_tensor(t.detach().cpu(), NONE) for t in tensors]
+    header["bytes"] = sum(len(t.buffer) for t in serialized)
+    return MSGPackSerializer.dumps(header), serialized
+
+
+def _header(reveal: Reveal, tensors: list[torch.Tensor], own_at: int | None, own_rows: int) -> dict:
+    names = sorted(reveal.module)
+    tensors.extend(reveal.module[n] for n in names)
+    optimizer = None
+    if reveal.optimizer is not None:
+        state = []
+        for index in sorted(reveal.optimizer.get("state", {})):
+            entries = []
+            for name, value in sorted(reveal.optimizer["state"][index].items()):
+                if isinstance(value, torch.Tensor):
+                    entries.append([name, True, None])
+                    tensors.append(value)
+                else:
+                    entries.append([name, False, value])
+            state.append([index, entries])
+        optimizer = {"state": state, "groups": list(reveal.optimizer.get("param_groups", []))}
+    batch = None
+    if reveal.inputs is not None and reveal.grads is not None:
+        x, g = reveal.inputs, reveal.grads
+        if own_at is not None:
+            x = torch.cat([x[:own_at], x[own_at + own_rows:]])
+            g = torch.cat([g[:own_at], g[own_at + own_rows:]])
+        batch = {"own_at": own_at}
+        tensors.extend((x, g))
+    parent = _header(reveal.parent, tensors, None, 0) if reveal.parent is not None else None
+    return {"version": reveal.version, "weights": names, "optimizer": optimizer,
+            "optimizer_digest": reveal.optimizer_digest, "batch": batch, "parent": parent}
+
+
+def decode_reveal(header_bytes: bytes, tensors: Sequence[runtime_pb2.Tensor],
+                  own: tuple[torch.Tensor, torch.Tensor] | None = None) -> Reveal:
+    """A reveal from ``encode_reveal``'s two parts, the trainer's own rows ``own`` spliced back into the
+    batch. Raises ValueError on anything malformed; nothing is unpickled."""
+    try:
+        header = MSGPackSerializer.loads(header_bytes)
+    except Exception as e:
+        raise ValueError(f"the reveal's structure is not msgpack: {type(e).__name__}") from None
+    if not isinstance(header, dict) or type(header.get("bytes")) is not int:
+        raise ValueError("the reveal's structure is malformed")
+    if sum(len(t.buffer) for t in tensors) != header["bytes"]:
+        raise ValueError("the reveal's tensors are not the size its structure announced")
+    queue = list(tensors)
+    reveal = _from_header(header, queue, own, depth=0)
+    if queue:
+        raise ValueError(f"the reveal has {len(queue)} tensors more than its structure names")
+    return replace(reveal, wire_bytes=header["bytes"])
+
+
+def _from_header(h: Any, queue: list[runtime_pb2.Tensor], own: tuple[torch.Tensor, torch.Tensor] | None,
+                 depth: int) -> Reveal:
+    _expect(isinstance(h, dict) and type(h.get("version")) is int and isinstance(h.get("weights"), list)
+            and all(isinstance(n, str) for n in h["weights"]) and len(set(h["weights"])) == len(h["weights"]),
+            "its version or weight names")
+    module = {name: _tensor(queue) for name in h["weights"]}
+    optimizer = _optimizer(h.get("optimizer"), queue)
+    digest = h.get("optimizer_digest")
+    _expect(digest is None or (isinstance(digest, bytes) and len(digest) == 32), "the optimizer's digest")
+    _expect((optimizer is None) != (digest is None), "an optimizer state and its digest both or neither")
+    inputs = grads = None
+    if h.get("batch") is not None:
+        own_at = h["batch"].get("own_at") if isinstance(h["batch"], dict) else "?"
+        inputs, grads = _tensor(queue), _tensor(queue)
+        _expect(inputs.dim() == 2 and grads.shape == inputs.shape, "its batch's shapes")
+        if own_at is not None:
+            _expect(type(own_at) is int and 0 <= own_at <= len(inputs) and own is not None, "where its rows go")
+            inputs = torch.cat([inputs[:own_at], own[0].to(inputs.dtype), inputs[own_at:]])
+            grads = torch.cat([grads[:own_at], own[1].to(grads.dtype), grads[own_at:]])
+    parent = None
+    if h.get("parent") is not None:
+        _expect(depth == 0, "a parent of a parent")
+        parent = _from_header(h["parent"], queue, None, depth + 1)
+    return Reveal(h["version"], module, optimizer, parent, inputs, grads, digest)
+
+
+def _optimizer(o: Any, queue: list[runtime_pb2.Tensor]) -> dict | None:
+    if o is None:
+        return None
+    _expect(isinstance(o, dict) and isinstance(o.get("state"), list) and isinstance(o.get("groups"), list)
+            and all(isinstance(g, dict) and all(isinstance(k, str) for k in g) for g in o["groups"]),
+            "its optimizer state")
+    state: dict[int, dict[str, Any]] = {}
+    for item in o["state"]:
+        _expect(isinstance(item, list) and len(item) == 2 and type(item[0]) is int and item[0] not in state
+                and isinstance(item[1], list), "an optimizer state entry")
+        entries = state[item[0]] = {}
+        for entry in item[1]:
+            _expect(isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                    and entry[0] not in entries, "an optimizer state entry")
+            entries[entry[0]] = _tensor(queue) if entry[1] is True else entry[2]
+    return {"state": state, "param_groups": o["groups"]}
+
+
+def _tensor(queue: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    _expect(bool(queue), "fewer tensors than its structure names")
+    part = queue.pop(0)
+    _expect(part.compression == NONE, "a compressed tensor (its exact bytes are committed)")
+    try:
+        return deserialize_torch_tensor(part)
+    except Exception as e:
+        raise ValueError(f"a revealed tensor does not deserialize: {type(e).__name__}: {str(e)[:80]}") from None
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise ValueError(f"the reveal is malformed: {what}")
 
 
 # --- the checks ------------------------------------------------------------------------------------
@@ -171,22 +373,37 @@ def check_backward(spec: ExpertSpec, before: Commitment, after: Commitment, reve
     if parent is None or reveal.inputs is None or reveal.grads is None:
         raise AuditFailed("the reveal of a trained version lacks its parent state or batch")
     _check_commitment(before, parent, "before")
+    if parent.optimizer is None:
+        raise AuditFailed("the reveal of a trained version lacks the optimizer state its step started from")
     rows = _find_rows(reveal.inputs, reveal.grads, inputs, grads)
     module = _module(spec, parent)
     optimizer = build_optimizer(spec.optimizer, module.parameters(), lr=spec.lr)
-    if parent.optimizer is not None:
+    _check_hyperparameters(optimizer, parent.optimizer)
+    try:  # whatever a server put in its state, a failure to recompute from it is the server's
         optimizer.load_state_dict(parent.optimizer)
-    x = reveal.inputs.float().detach().requires_grad_(True)
-    module(x).backward(reveal.grads.float())
-    _close(answer, x.grad[rows], tolerance, "input gradient")
-    before_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    optimizer.step()
-    expected = {k: v - before_weights[k] for k, v in module.state_dict().items()}
-    revealed = {k: reveal.module[k].float() - parent.module[k].float() for k in expected}
-    num = sum(float((revealed[k] - expected[k]).pow(2).sum()) for k in expected) ** 0.5
-    den = sum(float(expected[k].pow(2).sum()) for k in expected) ** 0.5
+        x = reveal.inputs.float().detach().requires_grad_(True)
+        module(x).backward(reveal.grads.float())
+        _close(answer, x.grad[rows], tolerance, "input gradient")
+        before_weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        optimizer.step()
+        expected = {k: v - before_weights[k] for k, v in module.state_dict().items()}
+        revealed = {k: reveal.module[k].float() - parent.module[k].float() for k in expected}
+        num = sum(float((revealed[k] - expected[k]).pow(2).sum()) for k in expected) ** 0.5
+        den = sum(float(expected[k].pow(2).sum()) for k in expected) ** 0.5
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise AuditFailed(f"the revealed step cannot be recomputed: {type(e).__name__}: {str(e)[:120]}") from None
     if not num <= tolerance.update_rtol * den + tolerance.atol:
         raise AuditFailed(f"the revealed optimizer step is off by {num / max(den, 1e-30):.1%} of the recomputed one")
+
+
+def _check_hyperparameters(optimizer: torch.optim.Optimizer, revealed: Mapping[str, Any]) -> None:
+    """The revealed optimizer's hyperparameters are the experiment's: a server that claims another
+    learning rate (0: a frozen copy's step is then the right one) or other betas fails."""
+    ours = [{k: v for k, v in g.items() if k not in _HOW_IT_RUNS} for g in optimizer.state_dict()["param_groups"]]
+    groups = revealed.get("param_groups") if isinstance(revealed, Mapping) else None
+    theirs = [{k: v for k, v in g.items() if k not in _HOW_IT_RUNS} for g in groups or () if isinstance(g, Mapping)]
+    if theirs != ours:
+        raise AuditFailed(f"the revealed optimizer's hyperparameters {str(theirs)[:160]} are not the experiment's")
 
 
 def _check_commitment(commit: Commitment, reveal: Reveal, what: str) -> None:

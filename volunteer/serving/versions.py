@@ -11,7 +11,11 @@ and get both, computed where plain calls are: hivemind's TaskPools, or on the le
 by where they run. ``VersionStore`` keeps
 the last ``keep`` versions (at most ``keep_for`` seconds old); its memory is ``keep`` copies of the
 weights and optimizer state plus the batches of the steps that made them (``memory_bytes``), counted in
-the bench's figure. ``RevealService`` answers ``VolunteerAudit.rpc_reveal`` on the server's P2P.
+the bench's figure. ``RevealService`` answers ``VolunteerAudit.rpc_reveal`` on the server's P2P with a
+stream: the reveal's structure (msgpack) first, then its tensors in parts of ``REVEAL_PART_BYTES``, as
+hivemind streams its own large answers (``split_for_streaming``); only what the audit's kind needs
+(``Reveal.opened``). The audited calls have streaming forms too (``AUDITED_FORWARD_STREAM``/``_BACKWARD_``),
+for requests above hivemind's unary size, which the trainer uses exactly where hivemind's client would.
 """
 
 from __future__ import annotations
@@ -30,18 +34,24 @@ from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils import nested_flatten
+from hivemind.utils.streaming import split_for_streaming
 
 from volunteer.core.audit_check import (
     AUDITED_BACKWARD,
+    AUDITED_BACKWARD_STREAM,
     AUDITED_FORWARD,
+    AUDITED_FORWARD_STREAM,
     REVEAL_RPC,
     Commitment,
     Reveal,
+    RevealRequest,
+    encode_reveal,
+    find_own_rows,
     state_digest,
 )
 from volunteer.serving.backends import CountingBackend, Paused, malformed
 from volunteer.serving.batching import DeviceWorker, Task
-from volunteer.serving.handler import _deliverer
+from volunteer.serving.handler import _deliverer, _gather, _stream_parts
 
 logger = logging.getLogger(__name__)
 KEEP_VERSIONS = 16
@@ -50,6 +60,7 @@ KEEP_FOR = 60.0  # seconds; a trainer asks within a step or two of the answer
 # copy of its weights and optimizer state), never fewer than a trained version and its parent.
 AUDIT_MEMORY_CAP = 256 * 2**20
 MIN_VERSIONS = 2
+REVEAL_PART_BYTES = 2**18  # one message of a streamed reveal: small enough to show progress on a slow link
 
 
 def version_bytes(params: int, optimizer_states: int, batch_size: int, d_model: int) -> int:
@@ -244,9 +255,13 @@ class RevealService:
 
         self._stop = asyncio.Event()
         p2p = await P2P.replicate(self.dht.run_coroutine(DHT._get_p2p_daemon_listen_maddr))
-        await p2p.add_protobuf_handler(REVEAL_RPC, self._reveal, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(REVEAL_RPC, self._reveal, runtime_pb2.ExpertRequest, stream_output=True)
         await p2p.add_protobuf_handler(AUDITED_FORWARD, self._forward, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(AUDITED_BACKWARD, self._backward, runtime_pb2.ExpertRequest)
+        await p2p.add_protobuf_handler(AUDITED_FORWARD_STREAM, self._forward_stream, runtime_pb2.ExpertRequest,
+                                       stream_input=True, stream_output=True)
+        await p2p.add_protobuf_handler(AUDITED_BACKWARD_STREAM, self._backward_stream, runtime_pb2.ExpertRequest,
+                                       stream_input=True, stream_output=True)
         self.ready.set()
         try:
             await self._stop.wait()
@@ -254,22 +269,32 @@ class RevealService:
             await p2p.shutdown()
 
     async def _forward(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._call(request, "forward")
+        return runtime_pb2.ExpertResponse(tensors=await self._call(request.uid, request.tensors, "forward"))
 
     async def _backward(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
-        return await self._call(request, "backward")
+        return runtime_pb2.ExpertResponse(tensors=await self._call(request.uid, request.tensors, "backward"))
 
-    async def _call(self, request: runtime_pb2.ExpertRequest, kind: str) -> runtime_pb2.ExpertResponse:
+    async def _forward_stream(self, requests, _context: P2PContext):
+        uid, inputs = await _gather(requests)
+        for part in _stream_parts(await self._call(uid, inputs, "forward")):
+            yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def _backward_stream(self, requests, _context: P2PContext):
+        uid, inputs = await _gather(requests)
+        for part in _stream_parts(await self._call(uid, inputs, "backward")):
+            yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    async def _call(self, uid: str, tensors, kind: str) -> list[runtime_pb2.Tensor]:
         """All outputs of the call (answer and commitment), computed where hivemind's calls are."""
-        backend = self.backends.get(request.uid)
+        backend = self.backends.get(uid)
         if backend is None:
-            raise KeyError(f"no expert {request.uid!r} is served here")
-        inputs = [deserialize_torch_tensor(t) for t in request.tensors]
+            raise KeyError(f"no expert {uid!r} is served here")
+        inputs = [t if isinstance(t, torch.Tensor) else deserialize_torch_tensor(t) for t in tensors]
         if self.workers is None:  # hivemind's path: the same TaskPool as its handler (checked there)
             outputs = await getattr(backend, f"{kind}_pool").submit_task(*inputs)
         else:
-            outputs = await self._on_worker(request.uid, kind, inputs)
-        return runtime_pb2.ExpertResponse(tensors=[serialize_torch_tensor(t) for t in outputs])
+            outputs = await self._on_worker(uid, kind, inputs)
+        return [serialize_torch_tensor(t) for t in outputs]
 
     async def _on_worker(self, uid: str, kind: str, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The lean path's request, as ``handler.ExpertHandler`` runs it: checked, queued on the device's
@@ -293,15 +318,31 @@ class RevealService:
         finally:
             worker.clock.end(trained)
 
-    async def _reveal(self, request: runtime_pb2.ExpertRequest, _context: P2PContext) -> runtime_pb2.ExpertResponse:
+    async def _reveal(self, request: runtime_pb2.ExpertRequest, _context: P2PContext):
+        """A stream: the structure first (empty metadata: no such version is kept), then the tensors' parts."""
+        self.revealed += 1
+        encoded = await asyncio.get_running_loop().run_in_executor(None, self._encoded, request)
+        if encoded is None:
+            yield runtime_pb2.ExpertResponse(metadata=b"")
+            return
+        header, tensors = encoded
+        yield runtime_pb2.ExpertResponse(metadata=header)
+        for tensor in tensors:
+            for part in split_for_streaming(tensor, REVEAL_PART_BYTES):
+                yield runtime_pb2.ExpertResponse(tensors=[part])
+
+    def _encoded(self, request: runtime_pb2.ExpertRequest) -> tuple[bytes, list[runtime_pb2.Tensor]] | None:
+        """What the request's audit needs of the version, encoded; None if it is not kept (or not asked well)."""
         backend = self.backends.get(request.uid)
         try:
-            version = int(request.metadata.decode())
+            asked = RevealRequest.from_bytes(request.metadata)
         except ValueError:
-            version = -1
-        reveal = backend.reveal(version) if backend is not None else None
-        self.revealed += 1
+            return None
+        reveal = backend.reveal(asked.version) if backend is not None else None
         if reveal is None:
-            return runtime_pb2.ExpertResponse(metadata=b"")
-        data = await asyncio.get_running_loop().run_in_executor(None, reveal.to_bytes)
-        return runtime_pb2.ExpertResponse(metadata=data)
+            return None
+        opened = reveal.opened(asked.kind)
+        own_at = None
+        if opened.inputs is not None and asked.rows:
+            own_at = find_own_rows(opened.inputs, opened.grads, asked.rows, asked.rows_digest)
+        return encode_reveal(opened, own_at, asked.rows if own_at is not None else 0)
