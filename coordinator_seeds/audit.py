@@ -267,7 +267,11 @@ class Auditor:
                     self.withheld[call.peer_id] = (0, self.withheld[call.peer_id][1])
                 return
             if verdict.startswith(WITHHELD):
-                strikes = self.withheld.get(call.peer_id, (0, 0.0))[0] + 1
+                strikes, until = self.withheld.get(call.peer_id, (0, 0.0))
+                if until > self.clock():  # asked before the exclusion began (one outage fails them all): no
+                    self.failures.append(f"{call.kind} of {call.uid} by {call.peer_id}: {verdict}")  # new strike
+                    return
+                strikes += 1
                 seconds = UNANSWERED_EXCLUSION * 2 ** (strikes - 1)
                 self.withheld[call.peer_id] = (strikes, self.clock() + seconds)
                 self.failures.append(f"{call.kind} of {call.uid} by {call.peer_id}: {verdict}")

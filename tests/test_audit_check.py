@@ -231,7 +231,7 @@ def test_an_unanswered_reveal_excludes_for_a_doubling_while_and_is_never_a_publi
     for the run and no calls for 30 s, then 60 s at the next in a row; no key is banned for good."""
     now = [1000.0]
 
-    def hang_up(call: AuditedCall, timeout: float) -> Reveal:
+    def hang_up(call: AuditedCall, seconds_for) -> Reveal:
         raise ConnectionError("connection reset")
 
     auditor = Auditor({"u.0": SPEC}, AuditSettings(rate=1.0, seed=1), reveal=hang_up)
@@ -248,6 +248,15 @@ def test_an_unanswered_reveal_excludes_for_a_doubling_while_and_is_never_a_publi
             assert "QmPeer" in auditor.banned()
             now[0] += 2
             assert "QmPeer" not in auditor.banned(), "the exclusion ends"
+        # reveals that were in flight together (one outage fails them all) count as one strike: the third
+        # exclusion is 120 s, whatever fails while it lasts
+        for _ in range(3):
+            assert auditor.sample(lambda: call)
+        assert auditor.wait_idle(10)
+        now[0] += 4 * UNANSWERED_EXCLUSION - 1
+        assert "QmPeer" in auditor.banned()
+        now[0] += 2
+        assert "QmPeer" not in auditor.banned(), "strikes in flight together were counted one by one"
     finally:
         auditor.shutdown()
 

@@ -34,6 +34,8 @@ STEP = re.compile(r"step (\d+) loss (\S+), experts alive (\d+) of (\d+), (\S+) s
 BACK_AFTER_UPLINK = 90.0  # seconds from a home's uplink coming back to its volunteer serving again
 STEPS = 15  # trainer steps (of 4 micro-batches each) over which the loss must fall
 BACK_AFTER_SEED = 60.0  # seconds from a restarted seed answering to every volunteer serving again
+AUDIT_RATE = 0.05
+AUDITS = re.compile(r"audits: (\d+) passed of (\d+), (\d+) keys failed, (\d+) unanswered(.*)")
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +51,9 @@ def wan(tmp_path_factory) -> Iterator[Lab]:
             child = lab.volunteer(home, name=name, on=host, experts=2)
             child.wait_for_line(r'"event": "serving"', timeout=180)
             lab.volunteers.append(child)
-        # No audits across this lab (a known gap, README "Not done yet"): a reveal carries two versions of
-        # an expert's state, and over these 40 ms links, next to the training traffic, reveals from honest
-        # NATed volunteers took over 40 s or came back reset, which excluded every expert in turn.
-        lab.train = lab.trainer(homes[3], 100000, 5, "--audit-rate", "0")
+        # audits on, at a rate that makes a few reveals a step (about 48 calls a step): streamed reveals
+        # sized to what each check needs, with deadlines that follow the link, hold up across this lab
+        lab.train = lab.trainer(homes[3], 100000, 5, "--audit-rate", str(AUDIT_RATE))
         yield lab
     finally:
         prefix = lab.net.prefix
@@ -72,6 +73,13 @@ def _warnings(trainer, most: int = 12) -> str:
     """What the trainer said besides its step lines (evictions, audits), for a failure's message."""
     said = [line.strip() for line in list(trainer.output) if not STEP.search(line) and line.strip()]
     return " | ".join(said[-most:]) or "nothing"
+
+
+def audits(trainer) -> tuple[int, int, int, int, str]:
+    """The trainer's latest audit line: (passed, audited, keys failed, unanswered, what reveals took)."""
+    found = [m for m in (AUDITS.search(line) for line in list(trainer.output)) if m]
+    return (int(found[-1][1]), int(found[-1][2]), int(found[-1][3]), int(found[-1][4]), found[-1][5]) if found \
+        else (0, 0, 0, 0, "")
 
 
 def last_step(trainer) -> tuple[int, float, int, float]:
@@ -117,6 +125,18 @@ def test_a_swarm_across_40_ms_trains_and_every_volunteer_serves(wan):
     served = {home.name: _backward_samples(home) for home in wan.homes[:3]}
     assert all(served.values()), f"a volunteer served no backward call: {served}"
     assert reaches[wan.homes[0].name] == "direct" and {reaches[h.name] for h in wan.homes[1:3]} == {"outbound"}, reaches
+    # audited all along, the NATed volunteers too: every audit passed, none unanswered, none excluded; each
+    # volunteer's own status (its leaderboard line, read every 30 s) shows audits, all passed, no ban
+    passed, audited, failed, unanswered, reveals = audits(wan.train)
+    print(f"audits at rate {AUDIT_RATE} across 40 ms: {passed} passed of {audited}{reveals}")
+    assert audited > 0 and passed == audited and failed == unanswered == 0, _warnings(wan.train, 20)
+    verified = wait_for(lambda: all(_verified(h)["audited"] for h in wan.homes[:3])
+                        and {h.name: _verified(h) for h in wan.homes[:3]}, 120, "every volunteer's audits shown")
+    assert all(v["passed"] == v["audited"] and not v["banned"] for v in verified.values()), verified
+
+
+def _verified(home: Path) -> dict:
+    return _status(home).get("verified") or {"audited": 0}
 
 
 def test_a_home_uplink_down_for_30_s_then_back(wan):
