@@ -10,9 +10,12 @@ then (at every delay) one behind a home router, each serving the lab experiment'
 256: 512 KiB a call each way). Against each volunteer the trainer runs once per in-flight setting,
 alternated; once a logged step saw all 4 experts alive and ``--warmup`` steps later, the next
 ``--steps`` are timed from its log; the volunteer's own counters give samples/s over the same window.
+With ``--audit-rates 0,0.05 --rounds N`` each setting also runs at each audit rate, alternated round
+by round, and the on/off ratio of tokens/s is printed per round (issue 14: audits across the WAN).
 Ends with one ``KEY wan_lab ...`` line.
 
     .venv/bin/python -m bench.wan_lab [--steps 20] [--delays 0,40,100] [--in-flight 1,4]
+                                      [--audit-rates 0.02] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -61,11 +64,11 @@ def served(home: Path) -> int:
     return session.get("forward_samples", 0) + session.get("backward_samples", 0)
 
 
-def time_trainer(lab, volunteer_home: Path, in_flight: int, warmup: int, steps: int) -> dict:
+def time_trainer(lab, volunteer_home: Path, in_flight: int, warmup: int, steps: int, audit_rate: float) -> dict:
     """One trainer run against the volunteer serving from ``volunteer_home``: steps/s over ``steps``
     steps after the first logged step with every expert alive and ``warmup`` more."""
     home = Path(tempfile.mkdtemp(prefix="wanb-"))
-    trainer = lab.trainer(home, 100000, LOG_EVERY, "--in-flight", str(in_flight))
+    trainer = lab.trainer(home, 100000, LOG_EVERY, "--in-flight", str(in_flight), "--audit-rate", str(audit_rate))
     try:
         first = int(trainer.wait_for_line(ALL_ALIVE, timeout=300)[1])
         trainer.wait_for_line(rf"step {first + warmup} ", timeout=300)
@@ -73,13 +76,16 @@ def time_trainer(lab, volunteer_home: Path, in_flight: int, warmup: int, steps: 
         last = trainer.wait_for_line(rf"step {first + warmup + steps} loss \S+, experts alive (\d+)", timeout=600)
         seconds = time.monotonic() - started
         done = served(volunteer_home) - samples
-        return dict(steps_per_s=steps / seconds, samples_per_s=done / seconds, alive=int(last[1]), first=first)
+        audits = [line.strip() for line in list(trainer.output) if "audits: " in line]
+        return dict(steps_per_s=steps / seconds, samples_per_s=done / seconds, alive=int(last[1]), first=first,
+                    audits=audits[-1].split("audits: ", 1)[1] if audits else "none")
     finally:
         trainer.stop()
         shutil.rmtree(home, ignore_errors=True)
 
 
-def run_lab(delay_ms: float, in_flights: list[int], warmup: int, steps: int, tokens_per_step: int) -> list[dict]:
+def run_lab(delay_ms: float, in_flights: list[int], warmup: int, steps: int, tokens_per_step: int,
+            audit_rates: list[float], rounds: int) -> list[dict]:
     from tests.test_netlab import Lab
 
     link = Link(delay=delay_ms / 2000)  # two cables between any two hosts: each takes half
@@ -95,14 +101,16 @@ def run_lab(delay_ms: float, in_flights: list[int], warmup: int, steps: int, tok
             volunteer = lab.volunteer(home, on=host)
             try:
                 volunteer.wait_for_line(r'"event": "serving"', timeout=180)
-                for in_flight in in_flights:
-                    row = time_trainer(lab, home, in_flight, warmup, steps)
-                    row.update(delay_ms=delay_ms, reach=reach, in_flight=in_flight, link_mbit=mbit,
-                               tokens_per_s=row["steps_per_s"] * tokens_per_step * in_flight)
+                for round_, in_flight, audit_rate in [(r, i, a) for r in range(rounds) for i in in_flights
+                                                      for a in audit_rates]:
+                    row = time_trainer(lab, home, in_flight, warmup, steps, audit_rate)
+                    row.update(delay_ms=delay_ms, reach=reach, in_flight=in_flight, link_mbit=mbit, round=round_,
+                               audit_rate=audit_rate, tokens_per_s=row["steps_per_s"] * tokens_per_step * in_flight)
                     rows.append(row)
-                    print(f"{reach:9} {delay_ms:4.0f} ms, {in_flight} in flight: {row['steps_per_s']:5.2f} steps/s, "
-                          f"{row['tokens_per_s']:6.0f} tokens/s, {row['samples_per_s']:6.0f} served samples/s, "
-                          f"{row['alive']}/4 experts alive (all 4 from step {row['first']})", flush=True)
+                    print(f"{reach:9} {delay_ms:4.0f} ms, {in_flight} in flight, audits {audit_rate:g}: "
+                          f"{row['steps_per_s']:5.2f} steps/s, {row['tokens_per_s']:6.0f} tokens/s, "
+                          f"{row['samples_per_s']:6.0f} served samples/s, {row['alive']}/4 experts alive "
+                          f"(all 4 from step {row['first']}); audits: {row['audits']}", flush=True)
             finally:
                 volunteer.stop()
                 shutil.rmtree(home, ignore_errors=True)
@@ -121,6 +129,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--delays", default="0,40,100", help="one-way ms between trainer and volunteer")
     parser.add_argument("--in-flight", default="1,4", help="the trainer's --in-flight values to compare")
+    parser.add_argument("--audit-rates", default="0.02", help="the trainer's --audit-rate values to compare")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every setting, alternated")
     args = parser.parse_args()
     if why := NetLab.available():
         sys.exit(f"no network lab here: {why}")
@@ -131,8 +141,12 @@ def main() -> None:
     tokens_per_step = spec.batch_size * spec.seq_len
     mbit_per_step = CROSSINGS * tokens_per_step * spec.k_best * manifest.d_model * 4 * 8 / 1e6 * len(manifest.layers)
     in_flights = [int(n) for n in args.in_flight.split(",")]
+    audit_rates = [float(a) for a in args.audit_rates.split(",")]
     rows = [row for d in args.delays.split(",") if d.strip()
-            for row in run_lab(float(d), in_flights, args.warmup, args.steps, tokens_per_step)]
+            for row in run_lab(float(d), in_flights, args.warmup, args.steps, tokens_per_step, audit_rates,
+                               args.rounds)]
+    if len(audit_rates) > 1:
+        compare_audits(rows, audit_rates)
     print(f"\ntrainer tokens/s behind NAT ({tokens_per_step} tokens a micro-batch), by one-way delay:")
     for in_flight in in_flights:
         cells = [f"{r['delay_ms']:.0f} ms {r['tokens_per_s']:.0f}" for r in rows
@@ -141,7 +155,8 @@ def main() -> None:
     for r in rows:
         if r["reach"] == "outbound" and r["in_flight"] != in_flights[0]:
             base = next(b for b in rows if b["reach"] == "outbound" and b["delay_ms"] == r["delay_ms"]
-                        and b["in_flight"] == in_flights[0])
+                        and b["in_flight"] == in_flights[0] and b["round"] == r["round"]
+                        and b["audit_rate"] == r["audit_rate"])
             print(f"  {r['delay_ms']:.0f} ms: tokens/s with {r['in_flight']} in flight / {in_flights[0]}: "
                   f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
     print(f"  a micro-batch moves {mbit_per_step:.0f} Mbit through the cables: at the measured link rate the "
@@ -153,9 +168,22 @@ def main() -> None:
     if direct and nat:
         print(f"served samples/s at 0 ms, behind NAT / direct: {statistics.mean(nat) / statistics.mean(direct):.2f}x "
               f"(runs: NAT {', '.join(f'{x:.0f}' for x in nat)}; direct {', '.join(f'{x:.0f}' for x in direct)})")
-    key = " ".join(f"{r['reach']}{r['delay_ms']:.0f}ms_x{r['in_flight']}_tokens={r['tokens_per_s']:.0f} "
-                   f"{r['reach']}{r['delay_ms']:.0f}ms_x{r['in_flight']}_samples={r['samples_per_s']:.0f}" for r in rows)
+    key = " ".join(f"{r['reach']}{r['delay_ms']:.0f}ms_x{r['in_flight']}_a{r['audit_rate']:g}_r{r['round']}_tokens="
+                   f"{r['tokens_per_s']:.0f} {r['reach']}{r['delay_ms']:.0f}ms_x{r['in_flight']}_a{r['audit_rate']:g}"
+                   f"_r{r['round']}_samples={r['samples_per_s']:.0f}" for r in rows)
     print(f"KEY wan_lab {key}")
+
+
+def compare_audits(rows: list[dict], audit_rates: list[float]) -> None:
+    """Tokens/s with audits on / off, paired by round (runs next to each other), per setting."""
+    off = audit_rates[0]
+    for r in rows:
+        if r["audit_rate"] != off:
+            base = next(b for b in rows if b["audit_rate"] == off and b["round"] == r["round"]
+                        and (b["reach"], b["delay_ms"], b["in_flight"]) == (r["reach"], r["delay_ms"], r["in_flight"]))
+            print(f"  {r['reach']} {r['delay_ms']:.0f} ms, {r['in_flight']} in flight, round {r['round']}: tokens/s "
+                  f"with audits {r['audit_rate']:g} / {off:g}: {r['tokens_per_s']:.0f} / {base['tokens_per_s']:.0f} = "
+                  f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ class Auditor:
         self.failures: list[str] = []  # one line per failed audit, for logs and tests
         self.skipped = 0
         self.link_rates: dict[str, float] = {}  # peer -> bytes/s its reveals came at (smoothed)
-        self.reveals: list[tuple[int, float]] = []  # (bytes, seconds) of each reveal received, for the logs
+        self.reveals: list[tuple[str, int, float]] = []  # (kind, bytes, seconds) of the last reveals, for logs
 
     # --- sampling: called from the training step ---
 
@@ -217,12 +217,13 @@ class Auditor:
         except Exception as e:
             return f"the reveal of version {version} failed: {type(e).__name__}: {str(e)[:120]}"
         if reveal is not None:
-            self._measured(call.peer_id, reveal.wire_bytes or reveal_bytes(reveal), time.perf_counter() - started)
+            self._measured(call, reveal.wire_bytes or reveal_bytes(reveal), time.perf_counter() - started)
         return reveal
 
-    def _measured(self, peer: str, nbytes: int, seconds: float) -> None:
+    def _measured(self, call: AuditedCall, nbytes: int, seconds: float) -> None:
+        peer = call.peer_id
         with self._lock:
-            self.reveals.append((nbytes, seconds))
+            self.reveals.append((call.kind, nbytes, seconds))
             del self.reveals[:-256]
             if nbytes >= 2**16:  # a small reveal's time is its latency, not the link's throughput
                 rate = nbytes / max(seconds, 1e-3)
@@ -236,13 +237,15 @@ class Auditor:
             audited = sum(a for a, _ in self.audited.values())
             passed = sum(p for _, p in self.audited.values())
             unanswered = sum(1 for f in self.failures if WITHHELD in f)
-            reveals = sorted(self.reveals)
-            times = sorted(t for _, t in self.reveals)
+            reveals = list(self.reveals)
         line = (f"audits: {passed} passed of {audited}, {len(self.failed_keys)} keys failed, "
                 f"{unanswered} unanswered")
-        if reveals:
-            line += (f"; reveals: {len(reveals)}, median {reveals[len(reveals) // 2][0] / 1e6:.2f} MB, "
-                     f"median {times[len(times) // 2]:.2f} s, slowest {times[-1]:.2f} s")
+        for kind in ("forward", "backward"):
+            sizes = sorted(b for k, b, _ in reveals if k == kind)
+            times = sorted(t for k, _, t in reveals if k == kind)
+            if sizes:
+                line += (f"; {kind} reveals: {len(sizes)}, median {sizes[len(sizes) // 2] / 1e6:.2f} MB "
+                         f"in {times[len(times) // 2]:.2f} s, slowest {times[-1]:.2f} s")
         return line
 
     def _check(self, call: AuditedCall, revealed: Reveal | str | None) -> None:
@@ -316,7 +319,7 @@ def reveal_over_p2p(call: AuditedCall, seconds_for: Callable[[int], float]) -> R
     asked = RevealRequest(call.commits[-1].version, call.kind, len(call.inputs) if own else 0,
                           rows_digest(*own) if own else b"")
     request = runtime_pb2.ExpertRequest(uid=call.uid, metadata=asked.to_bytes())
-    ceiling = seconds_for(MAX_REVEAL_BYTES)
+    given_up = seconds_for(0) + seconds_for(MAX_REVEAL_BYTES) + 5.0  # the structure and the largest reveal
 
     async def ask() -> tuple[bytes, list[runtime_pb2.Tensor]] | None:
         _, reader, writer = await expert.p2p.call_binary_stream_handler(expert.peer_id, REVEAL_RPC)
@@ -340,7 +343,11 @@ def reveal_over_p2p(call: AuditedCall, seconds_for: Callable[[int], float]) -> R
         finally:
             writer.close()
 
-    received = RemoteExpertWorker.run_coroutine(ask(), return_future=True).result(timeout=ceiling + 5.0)
+    future = RemoteExpertWorker.run_coroutine(ask(), return_future=True)
+    try:
+        received = future.result(timeout=given_up)
+    finally:
+        future.cancel()  # a reveal given up on must not go on reading
     if received is None:
         return None
     return decode_reveal(*received, own=own)

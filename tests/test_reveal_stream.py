@@ -88,7 +88,7 @@ def test_audited_calls_above_the_unary_size_stream_and_their_reveals_check_out(s
                                                   g))
         assert auditor.wait_idle(120)
         assert auditor.verdicts() == {"QmServer": (2, 2)}, auditor.failures
-        sizes = sorted(size for size, _ in auditor.reveals)
+        sizes = sorted(size for _, size, _ in auditor.reveals)
         print(f"streamed reveals on loopback: {auditor.summary()}; bytes {sizes}")
         weights = sum(p.numel() * 4 for p in build_expert(SPEC.block, SPEC.d_model, SPEC.d_hidden).parameters())
         # forward: the weights alone; backward: the before state (weights, Adam's two moments and step
