@@ -61,3 +61,16 @@ def test_product_code_never_unpickles_or_executes_data():
     assert len(files) > 10
     found = [hit for path in files for hit in unsafe_calls(path.read_text(), str(path.relative_to(REPO)))]
     assert not found, "\n".join(found)
+
+
+# what serves or reads the p2p network: not even torch's restricted unpickler (weights_only) runs there
+NETWORK_MODULES = ("volunteer/core/audit_check.py", "volunteer/serving/versions.py", "volunteer/serving/handler.py",
+                   "coordinator_seeds/audit.py", "coordinator_seeds/replicas.py", "coordinator_seeds/dispatch.py")
+
+
+def test_code_that_reads_the_network_never_calls_torch_load():
+    for name in NETWORK_MODULES:
+        calls = [node for node in ast.walk(ast.parse((REPO / name).read_text()))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+                 and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"]
+        assert not calls, f"{name}:{calls[0].lineno} calls torch.load"
