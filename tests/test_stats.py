@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,39 @@ def test_the_pauser_pauses_while_a_reason_holds_and_not_after_the_drain():
     pauser.freeze()
     pauser.set("user", "paused by the user")
     assert node.state is NodeState.DRAINING and node.calls[-1] == "resume"
+
+
+def test_headless_telemetry_is_read_once_a_stats_line_unless_a_limit_needs_it():
+    """Idle CPU (issue 16): nobody watching and no GPU limit, the readings only go into the stats lines."""
+    from types import SimpleNamespace
+
+    from volunteer.node.supervisor import TELEMETRY_PERIOD, _telemetry_period
+
+    quiet = SimpleNamespace(max_temp=None, pause_on_gpu_use=False, log_interval=10.0)
+    assert _telemetry_period(quiet, watched=False) == 10.0
+    assert _telemetry_period(quiet, watched=True) == TELEMETRY_PERIOD  # the dashboard shows them live
+    for limit in (dict(max_temp=80.0), dict(pause_on_gpu_use=True)):  # heat and games are checked on them
+        assert _telemetry_period(SimpleNamespace(**{**vars(quiet), **limit}), watched=False) == TELEMETRY_PERIOD
+
+
+def test_an_inline_poll_runs_on_the_loop_thread():
+    import threading
+
+    import trio
+
+    from volunteer.node.pollers import every
+
+    threads: list[int] = []
+
+    async def main() -> None:
+        with trio.move_on_after(10):  # a bound, not a timing: three polls take ~20 ms
+            async with trio.open_nursery() as nursery:
+                def poll() -> None:
+                    threads.append(threading.get_ident())
+                    if len(threads) == 3:
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(partial(every, 0.01, poll, first=0, inline=True))
+
+    trio.run(main)
+    assert threads == [threading.get_ident()] * 3

@@ -284,15 +284,16 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: Dash
         async with trio.open_nursery() as work:
             fold = collector.fold  # what the pollers return goes in here, and only here
             if settings.stats:  # off: counters only (benchmarks measure what the rest costs)
-                work.start_soon(partial(every, SAMPLE_PERIOD, collector.sample, first=0))
+                # a few counter reads: on the loop, not a worker thread's round trip every second
+                work.start_soon(partial(every, SAMPLE_PERIOD, collector.sample, first=0, inline=True))
                 swarm_period = SWARM_PERIOD if dashboard is not None else HEADLESS_SWARM_PERIOD
                 work.start_soon(partial(every, swarm_period, SwarmPoller(node), first=1, abandon=True, fold=fold))
                 if settings.coordinator:
                     work.start_soon(partial(every, VERIFIED_PERIOD, partial(read_verified, node), first=5, fold=fold))
             if settings.stats or settings.max_temp is not None or settings.pause_on_gpu_use:  # limits need it
                 reader = TelemetryReader()
-                work.start_soon(partial(every, TELEMETRY_PERIOD, partial(read_telemetry, node, reader), first=0,
-                                        fold=fold))
+                work.start_soon(partial(every, _telemetry_period(settings, dashboard is not None),
+                                        partial(read_telemetry, node, reader), first=0, fold=fold))
             work.start_soon(partial(every, TELEMETRY_PERIOD, lambda: pauser.check_limits(collector.readings.telemetry),
                                     first=0.5))
             work.start_soon(every, LIFETIME_SAVE_PERIOD, collector.persist)
@@ -327,6 +328,14 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: Dash
         return Outcome()
     return Outcome(tuple([uid for uid in node.info.uids if uid not in moves.drop] + list(moves.take)),
                    pause_reasons=pauser.reasons)
+
+
+def _telemetry_period(settings, watched: bool) -> float:
+    """Every ``TELEMETRY_PERIOD`` for the dashboard and the GPU limits (heat, games); headless without
+    them the readings only go into the stats lines, so once a line is enough (idle CPU, issue 16)."""
+    if watched or settings.max_temp is not None or settings.pause_on_gpu_use:
+        return TELEMETRY_PERIOD
+    return max(TELEMETRY_PERIOD, settings.log_interval)
 
 
 def _serving_gpus(node: VolunteerNode) -> set[int]:
