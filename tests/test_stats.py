@@ -196,6 +196,15 @@ def test_headless_telemetry_is_read_once_a_stats_line_unless_a_limit_needs_it():
         assert _telemetry_period(SimpleNamespace(**{**vars(quiet), **limit}), watched=False) == TELEMETRY_PERIOD
 
 
+def test_the_limits_poll_runs_only_when_a_limit_is_set():
+    """Idle CPU (issue 16): with no limit set no automatic reason can come up (test above), so no poll."""
+    from volunteer.node.supervisor import _has_limits
+
+    assert not _has_limits(Settings())
+    for limit in (dict(run_hours="22-08"), dict(max_temp=80), dict(pause_on_gpu_use=True)):
+        assert _has_limits(Settings(**limit))
+
+
 def test_an_inline_poll_runs_on_the_loop_thread():
     import threading
 

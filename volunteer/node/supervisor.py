@@ -294,8 +294,9 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: Dash
                 reader = TelemetryReader()
                 work.start_soon(partial(every, _telemetry_period(settings, dashboard is not None),
                                         partial(read_telemetry, node, reader), first=0, fold=fold))
-            work.start_soon(partial(every, TELEMETRY_PERIOD, lambda: pauser.check_limits(collector.readings.telemetry),
-                                    first=0.5))
+            if _has_limits(settings):  # none set: no reason can ever come up, nothing to wake up for
+                work.start_soon(partial(every, TELEMETRY_PERIOD,
+                                        lambda: pauser.check_limits(collector.readings.telemetry), first=0.5))
             work.start_soon(every, LIFETIME_SAVE_PERIOD, collector.persist)
             work.start_soon(every, settings.checkpoint_interval, node.checkpoint)
             work.start_soon(partial(every, settings.announce_interval, node.announce, abandon=True))
@@ -328,6 +329,11 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: Dash
         return Outcome()
     return Outcome(tuple([uid for uid in node.info.uids if uid not in moves.drop] + list(moves.take)),
                    pause_reasons=pauser.reasons)
+
+
+def _has_limits(settings) -> bool:
+    """Whether any of the owner's automatic pause reasons (``limits.automatic_pause_reasons``) is set."""
+    return settings.hours is not None or settings.max_temp is not None or settings.pause_on_gpu_use
 
 
 def _telemetry_period(settings, watched: bool) -> float:
