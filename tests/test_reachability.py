@@ -141,7 +141,8 @@ def test_a_seed_that_cannot_dial_back_is_not_fatal(monkeypatch):
 
 def test_a_settled_watch_reads_the_dht_every_settled_period_and_wakes_up_on_a_change(monkeypatch):
     """Idle CPU (issue 16): a view that stays the same is read again every 20 s, not every 5 s tick."""
-    monkeypatch.setattr("volunteer.core.records.publish_reach", lambda *a, **k: True)
+    published: list[float] = []
+    monkeypatch.setattr("volunteer.core.records.publish_reach", lambda *a, **k: published.append(now[0]) or True)
     now = [0.0]
     links = FakeLinks(*[(1, 1)] * (SETTLED_TICKS + 1), (2, 1), (2, 2))
     watch = ReachWatch(_node(), links, check=lambda url, ports: DialBack("192.0.0.131", ()), clock=lambda: now[0])
@@ -153,6 +154,7 @@ def test_a_settled_watch_reads_the_dht_every_settled_period_and_wakes_up_on_a_ch
     assert watch().connected == 1 and links.calls == SETTLED_TICKS  # settled: no DHT read this tick
     now[0] += 10.0
     assert watch().connected == 1 and links.calls == SETTLED_TICKS + 1  # its period is up: read again
+    assert published[-1] == now[0]  # and the reach record (60 s to live) is renewed at each settled read
     now[0] += SETTLED_PERIOD
     assert watch().trainers == 2 and links.calls == SETTLED_TICKS + 2  # a new trainer: a change
     now[0] += 5.0

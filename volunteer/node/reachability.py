@@ -42,6 +42,7 @@ DIAL_BACK_PERIOD = 300.0  # a router's port forward can be added (or lost) while
 # their experts up every 15 s anyway.
 SETTLED_TICKS = 3
 SETTLED_PERIOD = 20.0
+REPUBLISH_PERIOD = 15.0  # our reach record lives RECORD_TTL (60 s): below SETTLED_PERIOD, so every settled tick renews it
 
 
 class Reach(str, enum.Enum):
@@ -200,7 +201,7 @@ class ReachWatch:
         if changed:
             node.events.emit("reachability", f"reachability: {view.reach} ({view.advice})", **view.to_dict())
         self._same = 1 if changed or view.seeds_answering != self.view.seeds_answering else self._same + 1
-        if self.view is None or view.reach != self.view.reach or self.clock() - self._published_at > 20:
+        if self.view is None or view.reach != self.view.reach or self.clock() - self._published_at >= REPUBLISH_PERIOD:
             self._publish(view)
         self.view = view
         return view
