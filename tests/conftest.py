@@ -28,10 +28,22 @@ from volunteer.core.harness import ChildProcess, start_seed, stop_together
 from volunteer.core.seed_client import fetch_experiment
 
 
-def grid_manifest(name: str, grids: list[tuple[int, ...]], *, d_model: int = 32, d_hidden: int = 64) -> str:
-    """A one-expert-type experiment named ``name`` with one layer ``<name>_ffn<i>`` per grid."""
+def grid_manifest(name: str, grids: list[tuple[int, ...]], *, d_model: int = 32, d_hidden: int = 64,
+                  expert_types: dict[str, tuple[str, int]] | None = None, max_batch_size: int = 2048,
+                  lr: float = 0.003) -> str:
+    """An experiment named ``name`` with one layer ``<name>_ffn<i>`` per grid.
+
+    ``expert_types`` maps each type's name to its ``(block, d_hidden)``, layer ``i`` taking the ``i``-th
+    type (cycling); by default one type, ``small``: a ``residual_ffn`` of ``d_hidden``. ``lr`` is the
+    volunteers' optimizer's."""
+    types = expert_types or {"small": ("residual_ffn", d_hidden)}
+    names = list(types)
+    type_tables = "".join(
+        f'\n[[expert_types]]\nname = "{type_name}"\nblock = "{block}"\nd_hidden = {hidden}\n'
+        for type_name, (block, hidden) in types.items()
+    )
     layers = "".join(
-        f'\n[[layers]]\nuid_prefix = "{name}_ffn{i}"\ngrid = {list(grid)}\nexpert_type = "small"\n'
+        f'\n[[layers]]\nuid_prefix = "{name}_ffn{i}"\ngrid = {list(grid)}\nexpert_type = "{names[i % len(names)]}"\n'
         for i, grid in enumerate(grids)
     )
     return textwrap.dedent(f"""
@@ -39,23 +51,18 @@ def grid_manifest(name: str, grids: list[tuple[int, ...]], *, d_model: int = 32,
         name = "{name}"
         dht_prefix = "{name}"
         d_model = {d_model}
-        max_batch_size = 2048
+        max_batch_size = {max_batch_size}
 
         [optimizer]
         name = "adam"
-        lr = 0.003
-
-        [[expert_types]]
-        name = "small"
-        block = "residual_ffn"
-        d_hidden = {d_hidden}
+        lr = {lr}
 
         [trainer]
         seq_len = 32
         batch_size = 8
         k_best = 2
         lr = 0.003
-        """) + layers
+        """) + type_tables + layers
 
 
 # Small enough for a 2-core CI box, big enough that each volunteer hosts several experts.
