@@ -8,6 +8,7 @@ while hivemind's background threads are still alive.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -26,6 +27,32 @@ from coordinator_seeds.dispatch import shutdown_dht
 from volunteer.core import records
 from volunteer.core.harness import ChildProcess, start_seed, stop_together
 from volunteer.core.seed_client import fetch_experiment
+
+# The files that take longest, longest first (seconds, from CI's durations on the 2-core box). `make test`
+# hands whole files to its two workers in collection order (--dist loadfile --no-loadscope-reorder),
+# so these start first and the many short files fill in around them. xdist's default order (most tests
+# first) queued these few-test, minutes-long files last: test_wan alone ran for minutes on one worker
+# while the other had nothing left to do.
+SLOWEST_FILES_FIRST = (
+    "tests/test_wan.py",  # ~230 s: a network lab with 40 ms links, volunteers and a trainer
+    "tests/test_guest.py",  # ~190 s: volunteers killed and drained under a trainer's load
+    "tests/test_strangers.py",  # ~120 s: eight server processes, then audits
+    "tests/test_scale.py",  # ~100 s: three seeds, grids of 1,024 to 4,096 uids
+    "tests/test_netlab.py",  # ~90 s: NATed volunteers in a network lab
+    "tests/test_live.py",  # ~70 s
+    "tests/test_swarm.py",  # ~60 s
+    "tests/test_first_hour.py",  # ~60 s: the demo end to end
+    "tests/test_trainer.py",  # ~60 s
+    "tests/test_cli.py",  # ~60 s
+    "tests/test_balance.py",  # ~40 s: four volunteers one after another
+    "tests/test_leaderboard.py",  # ~40 s
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest files first (``SLOWEST_FILES_FIRST``), every other file after them in its usual order."""
+    rank = {path: i for i, path in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: files stay whole
 
 
 def grid_manifest(name: str, grids: list[tuple[int, ...]], *, d_model: int = 32, d_hidden: int = 64,
@@ -82,6 +109,17 @@ def manifest_file(tmp_path: Path) -> Path:
     path = tmp_path / "test-lm.toml"
     path.write_text(TEST_MANIFEST)
     return path
+
+
+def server_context() -> multiprocessing.context.BaseContext:
+    """How tests start hivemind servers in child processes of their own: a fork server that imported
+    torch and hivemind once, so each child forks from it ready instead of importing them anew (2.8 s of
+    CPU each; test_strangers' eight servers were ready 2.7-3.8x sooner than with spawn, side by side on
+    the shared box). Never a plain fork of the test process, which is full of hivemind's threads; the
+    fork server has only imported modules, as hivemind's own processes fork from theirs."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "hivemind"])  # read once, when the fork server starts
+    return context
 
 
 class Processes:
