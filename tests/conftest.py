@@ -8,7 +8,6 @@ while hivemind's background threads are still alive.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -37,7 +36,7 @@ SLOWEST_FILES_FIRST = (
     "tests/test_wan.py",  # ~230 s: a network lab with 40 ms links, volunteers and a trainer
     "tests/test_guest.py",  # ~190 s: volunteers killed and drained under a trainer's load
     "tests/test_strangers.py",  # ~120 s: eight server processes, then audits
-    "tests/test_scale.py",  # ~100 s: three seeds, grids of 1,024 to 4,096 uids
+    "tests/test_scale.py",  # ~75 s: three seeds, grids of up to 4,096 uids
     "tests/test_netlab.py",  # ~90 s: NATed volunteers in a network lab
     "tests/test_live.py",  # ~70 s
     "tests/test_swarm.py",  # ~60 s
@@ -109,17 +108,6 @@ def manifest_file(tmp_path: Path) -> Path:
     path = tmp_path / "test-lm.toml"
     path.write_text(TEST_MANIFEST)
     return path
-
-
-def server_context() -> multiprocessing.context.BaseContext:
-    """How tests start hivemind servers in child processes of their own: a fork server that imported
-    torch and hivemind once, so each child forks from it ready instead of importing them anew (2.8 s of
-    CPU each; test_strangers' eight servers were ready 2.7-3.8x sooner than with spawn, side by side on
-    the shared box). Never a plain fork of the test process, which is full of hivemind's threads; the
-    fork server has only imported modules, as hivemind's own processes fork from theirs."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "hivemind"])  # read once, when the fork server starts
-    return context
 
 
 class Processes:

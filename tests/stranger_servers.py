@@ -20,7 +20,7 @@ from hivemind.moe import ModuleBackend, Server, declare_experts
 from hivemind.utils import get_dht_time
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
-from tests.conftest import server_context
+from tests.forkserver import server_context
 from volunteer.core import records
 from volunteer.core.expert_modules import build_expert, build_optimizer
 from volunteer.core.expert_records import publish_servers, withdraw_servers

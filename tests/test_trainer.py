@@ -39,7 +39,7 @@ from coordinator_seeds.dispatch import (
 )
 from coordinator_seeds.timeouts import CallTimeouts
 from coordinator_seeds.trainer import StepReport, TrainerSettings, train
-from tests.conftest import server_context
+from tests.forkserver import server_context
 from volunteer.core.manifest import Manifest, MoELayer
 from volunteer.core.records import join_dht, read_trainer_progress, visible_maddrs
 from volunteer.serving.experts import build_expert, sample_input
