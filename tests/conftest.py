@@ -32,6 +32,7 @@ from volunteer.core.seed_client import fetch_experiment
 # so these start first and the many short files fill in around them. xdist's default order (most tests
 # first) queued these few-test, minutes-long files last: test_wan alone ran for minutes on one worker
 # while the other had nothing left to do.
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: node ids are relative to it
 SLOWEST_FILES_FIRST = (
     "tests/test_wan.py",  # ~230 s: a network lab with 40 ms links, volunteers and a trainer
     "tests/test_guest.py",  # ~190 s: volunteers killed and drained under a trainer's load

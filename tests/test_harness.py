@@ -1,4 +1,5 @@
-"""``volunteer.core.harness``: stopping children together says which ones ignored SIGTERM (about 1.5 s)."""
+"""``volunteer.core.harness``: stopping children together says which ones ignored SIGTERM; and the order
+the suite runs its files in (``tests/conftest.py``). About 2 s."""
 
 from __future__ import annotations
 
@@ -55,3 +56,21 @@ def test_stop_returns_the_exit_code_of_a_graceful_exit(processes: Processes):
     child = processes.add(ChildProcess("drains", [sys.executable, "-c", DRAINS]))
     child.wait_for_line("^ready", timeout=30)
     assert child.stop(timeout=10) == 3
+
+
+# --- the suite's own order ---------------------------------------------------------------------------
+
+
+def test_the_slowest_files_listed_exist_and_come_first_each_whole():
+    """A renamed file would silently fall back to xdist's queue order: every listed path must exist."""
+    from types import SimpleNamespace
+
+    from tests.conftest import ROOT, SLOWEST_FILES_FIRST, pytest_collection_modifyitems
+
+    assert all((ROOT / path).is_file() for path in SLOWEST_FILES_FIRST), SLOWEST_FILES_FIRST
+    first, second = SLOWEST_FILES_FIRST[:2]
+    names = ["tests/test_a.py::x", f"{second}::y", "tests/test_b.py::z", f"{first}::u", f"{second}::v", f"{first}::w"]
+    items = [SimpleNamespace(nodeid=name) for name in names]
+    pytest_collection_modifyitems(items)
+    assert [item.nodeid for item in items] == [f"{first}::u", f"{first}::w", f"{second}::y", f"{second}::v",
+                                               "tests/test_a.py::x", "tests/test_b.py::z"]
