@@ -44,13 +44,11 @@ from coordinator_seeds.dispatch import (
     COUNTS_LOCK,
     FLAT_GATE_MAX_UIDS,
     FORWARD,
-    UNROUTABLE_EVICTION,
     BatchedRemoteMoE,
     GridRemoteMoE,
     LiveGrid,
     call_experts,
     renormalized_weights,
-    unroutable,
 )
 from volunteer.core.audit_check import (
     AUDITED_BACKWARD,
@@ -346,20 +344,15 @@ class _ReplicaRouting:
         return next_replica(self.live.replicas(call.replica.record.uid), tried)
 
     def record_replica(self, call: ReplicaCall, ok: bool, result: Any, direction: int, seconds: float) -> bool:
+        """``record_outcome`` for one server of a uid, which also counts RPCs per peer and, on an answer,
+        the server's measured rate. Returns ``ok``."""
         peer = call.replica.peer_id
         with COUNTS_LOCK:  # several micro-batches in flight record their answers at once
             self.calls_by_peer[peer] = self.calls_by_peer.get(peer, 0) + 1
             if ok:
                 call.replica.observe(len(call.tokens), seconds)
-                self.calls_ok += 1
-                self.answered.setdefault(peer, [0, 0])[direction] += len(call.tokens)
-                return True
-            self.calls_failed += 1
-        seconds = UNROUTABLE_EVICTION if isinstance(result, BaseException) and unroutable(result) else None
-        logger.warning("server %s of %s failed; evicted for %.0f s", peer, call.replica.record.uid,
-                       seconds or self.live.evict_for)
-        self.live.evict(call.replica, seconds)
-        return False
+        return self.record_outcome(peer, len(call.tokens), ok, result, direction, evicted=call.replica,
+                                   what=f"server {peer} of {call.replica.record.uid}")
 
     def audit(self, call: ReplicaCall, kind: str, inputs: torch.Tensor, answer: torch.Tensor,
               commits: tuple[Commitment, ...], grads: torch.Tensor | None = None) -> None:

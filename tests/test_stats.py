@@ -17,11 +17,15 @@ from volunteer.node.limits import automatic_pause_reasons
 from volunteer.node.stats import (
     LifetimeStore,
     NodeState,
+    PlanView,
     RateMeter,
     StatsCollector,
     StatsSnapshot,
     Totals,
 )
+from volunteer.planning.choice import Plan
+from volunteer.planning.devices import Device
+from volunteer.planning.memory import PlanCheck
 from volunteer.serving.counters import ExpertCounters
 
 
@@ -146,6 +150,27 @@ def test_a_snapshot_keeps_the_state_strings_and_refuses_bad_totals_in_one_line(t
         with pytest.raises(ValueError) as refused:
             StatsSnapshot.from_dict(bad)
         assert "\n" not in str(refused.value)
+
+
+def test_a_snapshots_plans_are_flat_objects_in_json_and_typed_again_when_read(tmp_path: Path):
+    """Each plan is the plan's own fields, plus the measured peak and the check once telemetry has read the
+    device: the status JSON's shape; ``from_dict`` makes typed ``PlanView``s of it again, and refuses a broken one."""
+    plan = Plan(device=Device.parse("cuda:1"), budget_bytes=8 << 30, max_batch_size=64, uids=("l.0", "l.1"),
+                expert_types=("small", "small"), planned_bytes=3 << 30, reasons=("fits",), reserve_bytes=1 << 30)
+    checked = PlanView(plan, PlanCheck.of(plan, 5 << 30))
+    collector = StatsCollector("exp", "peer", "cuda:1", [], LifetimeStore(tmp_path / "l.json"), [PlanView(plan)])
+    for views in ((PlanView(plan),), (checked,)):
+        collector.fold(plans=views)
+        snapshot = collector.snapshot(NodeState.SERVING)
+        data = json.loads(json.dumps(snapshot.to_dict()))
+        [flat] = data["plans"]
+        check = {"measured_peak_bytes": 5 << 30, "plan_check": checked.check.to_dict()} if views[0].check else {}
+        assert flat == {**plan.to_dict(), **check}
+        assert StatsSnapshot.from_dict(data) == snapshot
+    assert StatsSnapshot.from_dict(data).plans[0].measured_peak_bytes == 5 << 30
+    with pytest.raises(ValueError) as refused:
+        StatsSnapshot.from_dict({**data, "plans": [{**flat, "budget_bytes": "lots"}]})
+    assert refused.value.args[0].startswith("plans.0")
 
 
 class _FakeNode:

@@ -15,7 +15,7 @@ from volunteer.core.seed_client import CoordinatorError, Verified, fetch_verifie
 from volunteer.host.telemetry import Telemetry, TelemetryReader
 from volunteer.node import swarm
 from volunteer.node.node import VolunteerNode
-from volunteer.node.stats import StatsSnapshot, SwarmView
+from volunteer.node.stats import PlanView, StatsSnapshot, SwarmView
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ def read_verified(node: VolunteerNode) -> dict[str, Verified]:
 def read_telemetry(node: VolunteerNode, reader: TelemetryReader) -> dict[str, Any]:
     """The machine's readings, and each plan next to the memory measured on its device."""
     telemetry: Telemetry = reader.read()
-    plans = tuple({**plan.to_dict(), "measured_peak_bytes": check.measured_bytes, "plan_check": check.to_dict()}
-                  for plan, check in zip(node.info.placement.plans, node.check_plans()))
+    plans = tuple(PlanView(plan, check) for plan, check in zip(node.info.placement.plans, node.check_plans()))
     return dict(telemetry=telemetry, plans=plans)
 
 
