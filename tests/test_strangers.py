@@ -19,6 +19,7 @@ from hivemind import DHT
 from hivemind.moe.client.expert import create_remote_experts
 from hivemind.moe.expert_uid import ExpertInfo
 from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
 from stranger_servers import D_MODEL, PREFIX, StrangerServer, running
 
 from coordinator_seeds.audit import Auditor, AuditSettings, calls_to_catch
@@ -232,6 +233,24 @@ def test_a_large_grid_is_routed_over_signed_rows_and_audited(swarm: dict[str, St
         assert audited == passed >= 8 and auditor.credited(honest.peer_id), auditor.failures
     finally:
         auditor.shutdown()
+
+
+def test_rows_the_unsigned_grid_root_hides_are_still_found(swarm: dict[str, StrangerServer], client: DHT) -> None:
+    """A stranger writes the grid's root record (hivemind's format, unsigned: anyone can) naming only
+    row 7, where nobody serves, so a beam search that trusted it would never look at the honest
+    server's rows 3 and 20. The trainer reads the rows the root does not name, 16 a refresh period
+    in the background (``SignedGrid.first_coords``), and finds all three uids. (After the large-grid
+    test: the record outlives this test.)"""
+    honest = swarm["honest"]
+    assert client.store(f"{BIG.uid_prefix}.", (f"{BIG.uid_prefix}.7.0", honest.peer_id), get_dht_time() + 600,
+                        subkey=7)
+    moe = layer(client, BIG)
+    wait_until(lambda: moe.live.successors([moe.live.root])[moe.live.root].keys() == {7}, 30,
+               "the forged root to be read")
+    assert moe.live.first_coords() == [7]  # the attack is live: the root names no row the honest server has
+    wait_until(lambda: set(moe.live.refresh()) == set(BIG_UIDS), 30, "the three signed uids behind the forged root")
+    step(moe)
+    assert set(moe.calls_by_peer) == {honest.peer_id} and moe.calls_failed == 0
 
 
 def test_the_seeds_ban_list_is_followed_and_anyone_elses_ignored(swarm: dict[str, StrangerServer], peers: list[str],
