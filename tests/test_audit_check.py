@@ -210,8 +210,15 @@ def test_the_audits_recompute_at_the_lowest_cpu_priority() -> None:
 
 
 def test_odds_of_catching() -> None:
-    assert calls_to_catch(0.02, 1.0) == 149
-    assert calls_to_catch(0.02, 0.1) == 1497
+    """The README's figures ("Odds"): n with 1 - (1 - r*p)^n >= confidence, at r = 2 %."""
+    assert calls_to_catch(0.02, 1.0) == 149 and calls_to_catch(0.02, 1.0, confidence=0.999) == 342
+    assert calls_to_catch(0.02, 0.5) == 299
+    assert calls_to_catch(0.02, 0.1) == 1497 and calls_to_catch(0.02, 0.1, confidence=0.999) == 3451
+    assert calls_to_catch(0.02, 0.01) == 14978
+    assert 149_000 < calls_to_catch(0.02, 0.001) < 151_000
+    for p in (1.0, 0.5, 0.1, 0.01):  # the least such n: one call fewer falls short
+        n = calls_to_catch(0.02, p)
+        assert 1 - (1 - 0.02 * p) ** n >= 0.95 > 1 - (1 - 0.02 * p) ** (n - 1)
     assert calls_to_catch(0.0, 1.0) == math.inf
 
 
