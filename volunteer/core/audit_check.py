@@ -22,11 +22,13 @@ trainer's CPU recomputation were not measured (no GPU was lent).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import io
+import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -55,32 +57,84 @@ class Commitment:
         return Commitment(values[0], tuple(values[1:FORWARD_COMMIT]))
 
 
-def state_digest(module_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any] | None) -> tuple[int, ...]:
+def state_digest(module_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any] | None, *,
+                 threads: int | None = None) -> tuple[int, ...]:
     """SHA-256 of an expert's weights and optimizer state, as ``DIGEST_WORDS`` int64 words.
 
-    Canonical: tensors in name order, bytes of their CPU copy; the optimizer's per-parameter state in
-    index order (its hyperparameters too, so a changed learning rate is a different state)."""
-    h = hashlib.sha256()
-    for name in sorted(module_state):
-        _feed(h, name, module_state[name])
+    Canonical: tensors in name order, the optimizer's per-parameter state in index order (its
+    hyperparameters too, so a changed learning rate is a different state). A server computes one at
+    every optimizer step, before its answer can go out, so a large state is hashed on several cores:
+    the state's bytes, each segment headed by its name, dtype, shape, offset and length
+    (``_segments``), are cut into pieces of about ``DIGEST_PIECE`` bytes, each piece is hashed, and the
+    digest is the SHA-256 of the pieces' digests in order. The pieces are fixed by the state alone, so
+    the digest does not depend on how many threads computed it (``threads``: up to 4 by default, fewer on
+    fewer cores); a small state is one piece."""
+    pieces: list[list[tuple[bytes, memoryview | bytes]]] = [[]]
+    size = filled = 0
+    for segment in _segments(module_state, optimizer_state):
+        if filled >= DIGEST_PIECE:
+            pieces.append([])
+            filled = 0
+        pieces[-1].append(segment)
+        filled += len(segment[1])
+        size += len(segment[1])
+    threads = _digest_threads() if threads is None else threads
+    if size >= PARALLEL_DIGEST_FROM and threads > 1:
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="state-digest") as pool:
+            digests = list(pool.map(_piece_digest, pieces))
+    else:
+        digests = [_piece_digest(piece) for piece in pieces]
+    h = hashlib.sha256(b"".join(digests))
     if optimizer_state is not None:
-        for index in sorted(optimizer_state.get("state", {})):
-            for name in sorted(optimizer_state["state"][index]):
-                _feed(h, f"{index}.{name}", optimizer_state["state"][index][name])
         for i, group in enumerate(optimizer_state.get("param_groups", [])):
             h.update(repr(sorted((k, v) for k, v in group.items() if k != "params")).encode() + str(i).encode())
     raw = h.digest()
     return tuple(int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, 8 * DIGEST_WORDS, 8))
 
 
-def _feed(h: Any, name: str, value: Any) -> None:
-    h.update(name.encode() + b"\0")
-    if isinstance(value, torch.Tensor):
-        tensor = value.detach().to("cpu").contiguous().reshape(-1)
-        h.update(str(tensor.dtype).encode() + str(tuple(value.shape)).encode())
-        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    else:
-        h.update(repr(value).encode())
+DIGEST_PIECE = 2**20  # bytes of state hashed as one piece (one thread's share)
+PARALLEL_DIGEST_FROM = 8 * 2**20  # below this, a thread pool's hand-offs cost more than they save
+
+
+def _segments(module_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any] | None
+              ) -> Iterator[tuple[bytes, memoryview | bytes]]:
+    """(header, bytes) of the state in canonical order, a tensor cut at ``DIGEST_PIECE``; views, no copies."""
+    for name in sorted(module_state):
+        yield from _tensor_segments(name, module_state[name])
+    if optimizer_state is not None:
+        for index in sorted(optimizer_state.get("state", {})):
+            for name in sorted(optimizer_state["state"][index]):
+                yield from _tensor_segments(f"{index}.{name}", optimizer_state["state"][index][name])
+
+
+def _tensor_segments(name: str, value: Any) -> Iterator[tuple[bytes, memoryview | bytes]]:
+    if not isinstance(value, torch.Tensor):
+        yield _header(f"{name}\0{value!r}", 0), b""
+        return
+    tensor = value.detach().to("cpu").contiguous().reshape(-1)
+    raw = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
+    label = f"{name}\0{tensor.dtype}\0{tuple(value.shape)}\0"
+    for start in range(0, max(1, len(raw)), DIGEST_PIECE):
+        data = memoryview(raw[start:start + DIGEST_PIECE])
+        yield _header(f"{label}{start}", len(data)), data
+
+
+def _header(label: str, length: int) -> bytes:
+    """A segment's header, prefixed by its own length and naming the data's: no two states hash alike."""
+    text = f"{label}\0{length}".encode()
+    return len(text).to_bytes(4, "little") + text
+
+
+def _piece_digest(piece: list[tuple[bytes, memoryview | bytes]]) -> bytes:
+    h = hashlib.sha256()
+    for header, data in piece:
+        h.update(header)
+        h.update(data)  # hashlib lets other threads run while it hashes more than 2 KiB
+    return h.digest()
+
+
+def _digest_threads() -> int:
+    return min(4, os.cpu_count() or 1)
 
 
 # --- what a server reveals -------------------------------------------------------------------------
