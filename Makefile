@@ -24,10 +24,12 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/volunteer demo $(ARGS)
 
 # TEST_JOBS workers (pytest-xdist), each taking whole files (--dist loadfile: a file's module-scoped
-# seed and lab stay on one worker). TEST_JOBS=0 runs the suite in this process, one test at a time.
+# seed and lab stay on one worker), in collection order (--no-loadscope-reorder): tests/conftest.py puts
+# the slowest files first, where xdist's own order (most tests first) left them for last.
+# TEST_JOBS=0 runs the suite in this process, one test at a time.
 TEST_JOBS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile) $(ARGS)
+	$(PY) -m pytest $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder) $(ARGS)
 
 # The release artifact: dist/hivemind_volunteer-<version>-py3-none-any.whl, without dependencies
 # (torch is chosen where it is installed; see the README's "Install").

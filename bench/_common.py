@@ -298,10 +298,8 @@ class Swarm:
 
     def stop(self, *children: ChildProcess, timeout: float = 30.0) -> None:
         """SIGTERM all at once, wait (bounded), then SIGKILL each whole process group."""
-        started = time.monotonic()
-        stop_together(children, timeout)
-        if time.monotonic() - started >= timeout:
-            print(f"warning: a child ignored SIGTERM for {timeout:.0f} s; killed", file=sys.stderr)
+        for child in stop_together(children, timeout):
+            print(f"warning: {child.name} ignored SIGTERM for {timeout:.0f} s; killed", file=sys.stderr)
         for child in children:
             if child in self.children:
                 self.children.remove(child)

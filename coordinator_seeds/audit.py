@@ -3,7 +3,8 @@ reveal the committed version, recompute, and ban a server whose answer does not 
 
 A call is audited with probability ``rate`` (``AuditSettings``), drawn after the answer arrived, so a
 server cannot tell which of its answers will be checked. The checks run on one worker thread, off the
-training step (``volunteer.core.audit_check`` says what they compare). A failed check or a version no
+training step and at the lowest CPU priority (``background_priority``; ``volunteer.core.audit_check``
+says what they compare). A failed check or a version no
 longer kept is a failed audit: the key and the peer are banned for this trainer at once (``banned``), the
 peer's credit for the run is voided (the trainer publishes contributions only of ``credited`` peers), and
 the verdict goes into a signed ``<prefix>_audits`` record that the seed reads. A reveal that does not
@@ -26,9 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import math
+import os
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,6 +68,7 @@ WITHHELD = "unanswered"  # a verdict starting so: no reveal came (the connection
 # is not a published ban: the peer earns no credit in this run and gets no calls for a while, twice as
 # long at each unanswered reveal in a row (30 s, 60 s, 120 s...), until one is answered.
 UNANSWERED_EXCLUSION = 30.0
+AUDIT_NICE = 19  # the recomputing thread's niceness: the lowest priority
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,16 @@ def reveal_seconds(nbytes: int, rate: float, settings: AuditSettings) -> float:
     """How long a reveal of ``nbytes`` may take over a link measured at ``rate`` bytes/s."""
     seconds = settings.reveal_floor + settings.reveal_slack * nbytes / max(rate, 1.0)
     return min(settings.reveal_ceiling, seconds)
+
+
+def background_priority() -> None:
+    """Lower the calling thread's CPU priority (``AUDIT_NICE``): the recomputation is never urgent (a
+    verdict a few steps late bans as well), so it takes the cores only when the training step and any
+    server on the same machine leave them idle. Linux only, where a thread has a priority of its own;
+    torch's intra-op threads keep theirs (an expert's check is small; the step's ops use them too)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), AUDIT_NICE)
 
 
 def calls_to_catch(rate: float, wrong_share: float, confidence: float = 0.95) -> int:
@@ -123,7 +138,8 @@ class Auditor:
         # reveal queued behind other audits' recomputations asked for versions already dropped: honest
         # servers failed), then the recomputation runs on one thread, off the training step.
         self._fetchers = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="audit-reveal")
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit",
+                                                           initializer=background_priority)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending = 0

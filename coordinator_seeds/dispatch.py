@@ -341,17 +341,24 @@ class BatchedRemoteMoE(nn.Module):
 
     def record(self, call: ExpertCall, ok: bool, result: Any, direction: int = FORWARD) -> bool:
         """Count one RPC and, if it answered, its samples; evict its expert if it failed. Returns ``ok``."""
-        if ok:
-            with COUNTS_LOCK:
-                self.calls_ok += 1
-                self.answered.setdefault(str(call.expert.peer_id), [0, 0])[direction] += len(call.tokens)
-            return True
+        return self.record_outcome(str(call.expert.peer_id), len(call.tokens), ok, result, direction,
+                                   evicted=call.expert, what=f"expert {call.expert.uid}")
+
+    def record_outcome(self, peer: str, samples: int, ok: bool, result: Any, direction: int, *, evicted: Any,
+                       what: str) -> bool:
+        """Count one RPC to ``peer`` and, if it answered, its ``samples`` in ``answered``; if it failed,
+        ``self.live.evict(evicted)``: briefly when the daemon had no route, else for ``evict_for``.
+        Returns ``ok``. Shared by every layer whose ``live`` evicts what it is given (experts, replicas)."""
         with COUNTS_LOCK:
+            if ok:
+                self.calls_ok += 1
+                self.answered.setdefault(peer, [0, 0])[direction] += samples
+                return True
             self.calls_failed += 1
         reason = result if isinstance(result, BaseException) else "a malformed or non-finite answer"
         seconds = UNROUTABLE_EVICTION if unroutable(reason) else self.live.evict_for
-        logger.warning("expert %s failed (%s); evicted for %.0f s", call.expert.uid, _describe(reason), seconds)
-        self.live.evict(call.expert, seconds)
+        logger.warning("%s failed (%s); evicted for %.0f s", what, _describe(reason), seconds)
+        self.live.evict(evicted, seconds)
         return False
 
 

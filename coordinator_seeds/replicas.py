@@ -50,13 +50,11 @@ from coordinator_seeds.dispatch import (
     COUNTS_LOCK,
     FLAT_GATE_MAX_UIDS,
     FORWARD,
-    UNROUTABLE_EVICTION,
     BatchedRemoteMoE,
     GridRemoteMoE,
     LiveGrid,
     call_experts,
     renormalized_weights,
-    unroutable,
 )
 from volunteer.core.audit_check import (
     AUDITED_BACKWARD,
@@ -363,20 +361,15 @@ class _ReplicaRouting:
         return next_replica(self.live.replicas(call.replica.record.uid), tried)
 
     def record_replica(self, call: ReplicaCall, ok: bool, result: Any, direction: int, seconds: float) -> bool:
+        """``record_outcome`` for one server of a uid, which also counts RPCs per peer and, on an answer,
+        the server's measured rate. Returns ``ok``."""
         peer = call.replica.peer_id
         with COUNTS_LOCK:  # several micro-batches in flight record their answers at once
             self.calls_by_peer[peer] = self.calls_by_peer.get(peer, 0) + 1
             if ok:
                 call.replica.observe(len(call.tokens), seconds)
-                self.calls_ok += 1
-                self.answered.setdefault(peer, [0, 0])[direction] += len(call.tokens)
-                return True
-            self.calls_failed += 1
-        seconds = UNROUTABLE_EVICTION if isinstance(result, BaseException) and unroutable(result) else None
-        logger.warning("server %s of %s failed; evicted for %.0f s", peer, call.replica.record.uid,
-                       seconds or self.live.evict_for)
-        self.live.evict(call.replica, seconds)
-        return False
+        return self.record_outcome(peer, len(call.tokens), ok, result, direction, evicted=call.replica,
+                                   what=f"server {peer} of {call.replica.record.uid}")
 
     def audit(self, call: ReplicaCall, kind: str, inputs: torch.Tensor, answer: torch.Tensor,
               commits: tuple[Commitment, ...], grads: torch.Tensor | None = None, seconds: float = 0.0) -> None:
@@ -431,6 +424,7 @@ class ReplicatedRemoteMoE(_ReplicaRouting, BatchedRemoteMoE):
 # --- large grids: the beam search of dispatch.GridRemoteMoE over signed rows -------------------------
 
 SIGNED = "signed"  # a row entry's server field: its servers are the signed records (SignedGrid.replicas)
+PROBE_ROWS = 16  # rows the root does not name, read per refresh period (SignedGrid.first_coords)
 
 
 class SignedGrid(LiveGrid):
@@ -445,6 +439,8 @@ class SignedGrid(LiveGrid):
         super().__init__(dht, layer, **kwargs)
         self.dht_prefix, self.banned = dht_prefix, banned
         self._replicas: dict[str, list[Replica]] = {}  # uid -> its servers, as the rows last read said
+        self._probing: threading.Thread | None = None  # a read of rows the root does not name (first_coords)
+        self._probed_at, self._probe_cursor = -math.inf, 0
 
     def replicas(self, uid: str) -> list[Replica]:
         banned = frozenset(self.banned())
@@ -458,14 +454,38 @@ class SignedGrid(LiveGrid):
             self._evicted[replica.record.uid, replica.peer_id] = self.clock() + (seconds or self.evict_for)
 
     def first_coords(self) -> list[int]:
-        """The rows the root names, and those where signed servers were seen: the root record is
-        hivemind's format, unsigned, so a stranger could blank a row's entry there; a row we read
-        signed servers in stays searched while it is cached."""
+        """The rows the root names, and those where signed servers were seen. The root record is
+        hivemind's format, unsigned: a stranger can name rows nobody serves (each costs one bounded read
+        of its row's signed keys, which then lists no uid) or blank a row's entry (a later expiration
+        wins) to steer the beam search away from it. So it is only a hint: every refresh period the rows
+        it does not name are read ``PROBE_ROWS`` at a time, in turn, in the background, and a row found
+        with signed servers stays searched while it is cached; a hidden row of an R-row grid is found
+        within R / ``PROBE_ROWS`` refresh periods."""
         depth = len(self.layer.grid)
+        named = set(super().first_coords())
         with self._lock:
             seen = {int(row.rsplit(".", 2)[1]) for row, (_, found) in self._cache.items()
                     if row.count(".") == depth == 2 and found}
-        return sorted(set(super().first_coords()) | seen)
+        if depth == 2:
+            self._probe([c for c in range(self.layer.grid[0]) if c not in named | seen])
+        return sorted(named | seen)
+
+    def _probe(self, unnamed: list[int]) -> None:
+        """Read the next ``PROBE_ROWS`` of the rows the root does not name, off the training step, at
+        most once a refresh period."""
+        with self._lock:
+            now = self.clock()
+            busy = self._probing is not None and self._probing.is_alive()
+            if not unnamed or busy or now - self._probed_at < self.refresh_period:
+                return
+            self._probed_at = now
+            start = self._probe_cursor % len(unnamed)
+            window = (unnamed[start:] + unnamed[:start])[:PROBE_ROWS]
+            self._probe_cursor = start + len(window)
+            rows = [f"{self.root}{c}." for c in window]
+            self._probing = threading.Thread(target=self._read_rows, args=(rows,), daemon=True,
+                                             name=f"probe {self.layer.uid_prefix}")
+            self._probing.start()
 
     def _live(self, found: dict[int, tuple[str, str]], now: float) -> dict[int, tuple[str, str]]:
         banned = frozenset(self.banned())

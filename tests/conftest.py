@@ -27,11 +27,50 @@ from volunteer.core import records
 from volunteer.core.harness import ChildProcess, start_seed, stop_together
 from volunteer.core.seed_client import fetch_experiment
 
+# The files that take longest, longest first (seconds, from CI's durations on the 2-core box). `make test`
+# hands whole files to its two workers in collection order (--dist loadfile --no-loadscope-reorder),
+# so these start first and the many short files fill in around them. xdist's default order (most tests
+# first) queued these few-test, minutes-long files last: test_wan alone ran for minutes on one worker
+# while the other had nothing left to do.
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: node ids are relative to it
+SLOWEST_FILES_FIRST = (
+    "tests/test_wan.py",  # ~230 s: a network lab with 40 ms links, volunteers and a trainer
+    "tests/test_guest.py",  # ~190 s: volunteers killed and drained under a trainer's load
+    "tests/test_strangers.py",  # ~120 s: eight server processes, then audits
+    "tests/test_scale.py",  # ~75 s: three seeds, grids of up to 4,096 uids
+    "tests/test_netlab.py",  # ~90 s: NATed volunteers in a network lab
+    "tests/test_live.py",  # ~70 s
+    "tests/test_swarm.py",  # ~60 s
+    "tests/test_first_hour.py",  # ~60 s: the demo end to end
+    "tests/test_trainer.py",  # ~60 s
+    "tests/test_cli.py",  # ~60 s
+    "tests/test_balance.py",  # ~40 s: four volunteers one after another
+    "tests/test_leaderboard.py",  # ~40 s
+)
 
-def grid_manifest(name: str, grids: list[tuple[int, ...]], *, d_model: int = 32, d_hidden: int = 64) -> str:
-    """A one-expert-type experiment named ``name`` with one layer ``<name>_ffn<i>`` per grid."""
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest files first (``SLOWEST_FILES_FIRST``), every other file after them in its usual order."""
+    rank = {path: i for i, path in enumerate(SLOWEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: files stay whole
+
+
+def grid_manifest(name: str, grids: list[tuple[int, ...]], *, d_model: int = 32, d_hidden: int = 64,
+                  expert_types: dict[str, tuple[str, int]] | None = None, max_batch_size: int = 2048,
+                  lr: float = 0.003) -> str:
+    """An experiment named ``name`` with one layer ``<name>_ffn<i>`` per grid.
+
+    ``expert_types`` maps each type's name to its ``(block, d_hidden)``, layer ``i`` taking the ``i``-th
+    type (cycling); by default one type, ``small``: a ``residual_ffn`` of ``d_hidden``. ``lr`` is the
+    volunteers' optimizer's."""
+    types = expert_types or {"small": ("residual_ffn", d_hidden)}
+    names = list(types)
+    type_tables = "".join(
+        f'\n[[expert_types]]\nname = "{type_name}"\nblock = "{block}"\nd_hidden = {hidden}\n'
+        for type_name, (block, hidden) in types.items()
+    )
     layers = "".join(
-        f'\n[[layers]]\nuid_prefix = "{name}_ffn{i}"\ngrid = {list(grid)}\nexpert_type = "small"\n'
+        f'\n[[layers]]\nuid_prefix = "{name}_ffn{i}"\ngrid = {list(grid)}\nexpert_type = "{names[i % len(names)]}"\n'
         for i, grid in enumerate(grids)
     )
     return textwrap.dedent(f"""
@@ -39,23 +78,18 @@ def grid_manifest(name: str, grids: list[tuple[int, ...]], *, d_model: int = 32,
         name = "{name}"
         dht_prefix = "{name}"
         d_model = {d_model}
-        max_batch_size = 2048
+        max_batch_size = {max_batch_size}
 
         [optimizer]
         name = "adam"
-        lr = 0.003
-
-        [[expert_types]]
-        name = "small"
-        block = "residual_ffn"
-        d_hidden = {d_hidden}
+        lr = {lr}
 
         [trainer]
         seq_len = 32
         batch_size = 8
         k_best = 2
         lr = 0.003
-        """) + layers
+        """) + type_tables + layers
 
 
 # Small enough for a 2-core CI box, big enough that each volunteer hosts several experts.

@@ -8,7 +8,6 @@ unless ``serving="hivemind"`` (hivemind's ``Server`` and TaskPools); the hijacke
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import signal
 import time
@@ -21,6 +20,7 @@ from hivemind.moe import ModuleBackend, Server, declare_experts
 from hivemind.utils import get_dht_time
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
+from tests.forkserver import server_context
 from volunteer.core import records
 from volunteer.core.expert_modules import build_expert, build_optimizer
 from volunteer.core.expert_records import publish_servers, withdraw_servers
@@ -143,7 +143,7 @@ def _serve(conn: Connection, initial_peers: list[str], uids: list[str], kind: st
 class StrangerServer:
     def __init__(self, initial_peers: list[str], uids: list[str], kind: str, key_path: Path,
                  samples_per_second: float = 100.0, serving: str = "lean"):
-        context = multiprocessing.get_context("spawn")
+        context = server_context()
         self.uids, self.kind = uids, kind
         self._conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, initial_peers, uids, kind, str(key_path),

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import os
+import sys
+import threading
 from typing import Iterator
 
 import pytest
@@ -15,6 +18,7 @@ from hivemind.utils.streaming import split_for_streaming
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from coordinator_seeds.audit import (
+    AUDIT_NICE,
     UNANSWERED_EXCLUSION,
     AuditedCall,
     Auditor,
@@ -25,7 +29,9 @@ from coordinator_seeds.audit import (
 )
 from coordinator_seeds.replicas import split_tokens
 from volunteer.core.audit_check import (
+    DIGEST_PIECE,
     FORWARD_COMMIT,
+    PARALLEL_DIGEST_FROM,
     AuditFailed,
     Commitment,
     ExpertSpec,
@@ -36,6 +42,7 @@ from volunteer.core.audit_check import (
     encode_reveal,
     find_own_rows,
     rows_digest,
+    state_digest,
 )
 from volunteer.core.expert_modules import build_expert, build_optimizer
 from volunteer.core.expert_records import group_key, parse_group, row_group_keys
@@ -194,9 +201,44 @@ def test_versions_are_kept_for_a_bounded_count() -> None:
     assert expert.versions.memory_bytes() <= 4 * (3 * params * 4 + 2 * 2 * SPEC.d_model * 4 + 64)
 
 
+def test_the_state_digest_binds_every_byte_and_name_on_any_number_of_threads() -> None:
+    """A state above ``PARALLEL_DIGEST_FROM`` is hashed in pieces on several threads: the digest is the
+    same on one thread, and moves with a flipped last byte, bytes moved from one tensor to the next, a
+    renamed tensor or a changed learning rate. (~0.2 s: 4 digests of 9 MiB.)"""
+    x = torch.randn((PARALLEL_DIGEST_FROM + DIGEST_PIECE) // 4)
+    cut = len(x) // 3
+    optimizer = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": x[:8]}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
+    digest = state_digest({"a": x[:cut], "b": x[cut:]}, optimizer, threads=4)
+    assert digest == state_digest({"a": x[:cut], "b": x[cut:]}, optimizer, threads=1)
+    flipped = x.clone()
+    flipped.view(torch.uint8)[-1] ^= 1
+    assert state_digest({"a": flipped[:cut], "b": flipped[cut:]}, optimizer) != digest
+    assert state_digest({"a": x[:cut + 1], "b": x[cut + 1:]}, optimizer) != digest
+    assert state_digest({"a": x[:cut], "c": x[cut:]}, optimizer) != digest
+    assert state_digest({"a": x[:cut], "b": x[cut:]}, {**optimizer, "param_groups": [{"lr": 2e-3, "params": [0]}]}) != digest
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own priority is Linux's")
+def test_the_audits_recompute_at_the_lowest_cpu_priority() -> None:
+    auditor = Auditor({"u.0": SPEC}, AuditSettings(rate=1.0))
+    try:
+        niceness = auditor._pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        assert niceness.result(timeout=10) == AUDIT_NICE
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < AUDIT_NICE  # this thread's own stays
+    finally:
+        auditor.shutdown()
+
+
 def test_odds_of_catching() -> None:
-    assert calls_to_catch(0.02, 1.0) == 149
-    assert calls_to_catch(0.02, 0.1) == 1497
+    """The README's figures ("Odds"): n with 1 - (1 - r*p)^n >= confidence, at r = 2 %."""
+    assert calls_to_catch(0.02, 1.0) == 149 and calls_to_catch(0.02, 1.0, confidence=0.999) == 342
+    assert calls_to_catch(0.02, 0.5) == 299
+    assert calls_to_catch(0.02, 0.1) == 1497 and calls_to_catch(0.02, 0.1, confidence=0.999) == 3451
+    assert calls_to_catch(0.02, 0.01) == 14978
+    assert 149_000 < calls_to_catch(0.02, 0.001) < 151_000
+    for p in (1.0, 0.5, 0.1, 0.01):  # the least such n: one call fewer falls short
+        n = calls_to_catch(0.02, p)
+        assert 1 - (1 - 0.02 * p) ** n >= 0.95 > 1 - (1 - 0.02 * p) ** (n - 1)
     assert calls_to_catch(0.0, 1.0) == math.inf
 
 

@@ -34,13 +34,15 @@ from volunteer.node.stats import (
     ExpertView,
     LifetimeStore,
     NodeState,
+    PlanView,
     StatsCollector,
     StatsSnapshot,
     SwarmView,
     Totals,
 )
 from volunteer.planning.choice import Plan
-from volunteer.planning.memory import GiB, MiB
+from volunteer.planning.devices import Device
+from volunteer.planning.memory import GiB, MiB, PlanCheck
 from volunteer.serving.backends import build_backends
 from volunteer.serving.checkpoints import CheckpointStore
 from volunteer.views.dashboard import (
@@ -136,9 +138,9 @@ def snapshot(tmp_path_factory) -> StatsSnapshot:
     backends, _ = build_backends(manifest, UIDS, 64, CheckpointStore(tmp / "checkpoints"))
     store = LifetimeStore(tmp / "state" / "lifetime.json")
     store.save(EARLIER)  # a previous session's totals
-    plan = Plan(device="cpu", budget_bytes=4 * GiB, max_batch_size=64, uids=UIDS, expert_types=("small",) * len(UIDS),
-                planned_bytes=1536 * MiB, reasons=("fits",)).to_dict()
-    collector = StatsCollector(manifest.name, PEER_ID, "cpu", [b.counters for b in backends.values()], store, [plan])
+    plan = Plan(device=Device.parse("cpu"), budget_bytes=4 * GiB, max_batch_size=64, uids=UIDS, expert_types=("small",) * len(UIDS),
+                planned_bytes=1536 * MiB, reasons=("fits",))
+    collector = StatsCollector(manifest.name, PEER_ID, "cpu", [b.counters for b in backends.values()], store, [PlanView(plan)])
     reader = TelemetryReader()
     reader.read()  # CPU shares are measured between two reads
     # the sampling clock is given (on a loaded CI box two passes can take seconds): three samples
@@ -215,10 +217,15 @@ def test_render_before_anything_is_known(width: int, height: int):
         assert expected in text, expected
 
 
+def _checked(plan: Plan, peak: int) -> PlanView:
+    """``plan`` as the telemetry poller reports it once it measured ``peak`` bytes on its device."""
+    return PlanView(plan, PlanCheck.of(plan, peak))
+
+
 def test_render_gpus_and_a_measured_peak(snapshot: StatsSnapshot):
     gpu = GpuReading(0, "NVIDIA H100", 87.0, 30 * GiB, 80 * GiB, 65.0, 250.0)
     with_gpu = dataclasses.replace(snapshot, telemetry=Telemetry(snapshot.telemetry.cpu, (gpu,)),
-                                   plans=({**snapshot.plans[0], "measured_peak_bytes": 2 * GiB},))
+                                   plans=(_checked(snapshot.plans[0].plan, 2 * GiB),))
     for width, height in SIZES:
         text = screen(with_gpu, width, height)
         for expected in ("GPU0", "87% 65°C 250 W", "30.0/80.0 GiB", "peak", "2.0/4.0 GiB"):
@@ -240,8 +247,8 @@ def test_render_and_summary_show_the_verified_contribution(snapshot: StatsSnapsh
 
 def test_render_has_a_memory_row_per_gpu(snapshot: StatsSnapshot):
     gpus = tuple(GpuReading(i, "NVIDIA H100", 50.0, 30 * GiB, 80 * GiB, 60.0, 200.0) for i in range(2))
-    plans = tuple({**snapshot.plans[0], "device": f"cuda:{i}", "budget_bytes": 64 * GiB,
-                   "measured_peak_bytes": (i + 1) * 8 * GiB} for i in range(2))
+    plans = tuple(_checked(dataclasses.replace(snapshot.plans[0].plan, device=Device.parse(f"cuda:{i}"),
+                                               budget_bytes=64 * GiB), (i + 1) * 8 * GiB) for i in range(2))
     two = dataclasses.replace(snapshot, device="cuda:0,cuda:1", plans=plans,
                               telemetry=Telemetry(snapshot.telemetry.cpu, gpus))
     text = screen(two, 160, 48)

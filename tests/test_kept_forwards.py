@@ -4,54 +4,19 @@ uses a kept graph gives exactly what hivemind's recompute gives. In-process, no 
 from __future__ import annotations
 
 import copy
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 
+from tests.conftest import grid_manifest
 from volunteer.core.manifest import loads
 from volunteer.serving.activations import MAX_STALENESS, KeptForwards
 from volunteer.serving.backends import _all_finite, build_backends, malformed
 from volunteer.serving.checkpoints import CheckpointStore
 
-MANIFEST = loads(textwrap.dedent("""
-    schema_version = 1
-    name = "kept-test"
-    dht_prefix = "kepttest"
-    d_model = 16
-    max_batch_size = 64
-
-    [optimizer]
-    name = "adam"
-    lr = 0.01
-
-    [[expert_types]]
-    name = "residual"
-    block = "residual_ffn"
-    d_hidden = 32
-
-    [[expert_types]]
-    name = "gated"
-    block = "swiglu_ffn"
-    d_hidden = 24
-
-    [[layers]]
-    uid_prefix = "kepttest_a"
-    grid = [1, 1]
-    expert_type = "residual"
-
-    [[layers]]
-    uid_prefix = "kepttest_b"
-    grid = [1, 1]
-    expert_type = "gated"
-
-    [trainer]
-    seq_len = 8
-    batch_size = 2
-    k_best = 1
-    lr = 0.003
-"""), fmt="toml")
+MANIFEST = loads(grid_manifest("kepttest", [(1, 1), (1, 1)], d_model=16, max_batch_size=64, lr=0.01,
+                                expert_types={"residual": ("residual_ffn", 32), "gated": ("swiglu_ffn", 24)}), fmt="toml")
 D = MANIFEST.d_model
 
 

@@ -9,7 +9,6 @@ weights (the backward running on its forward's kept graph), the experts must tra
 from __future__ import annotations
 
 import copy
-import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import wait_for
+from tests.conftest import grid_manifest, wait_for
 from volunteer.core import records
 from volunteer.core.manifest import loads
 from volunteer.serving.backends import build_backends
@@ -25,53 +24,8 @@ from volunteer.serving.batching import served_rate
 from volunteer.serving.checkpoints import CheckpointStore
 from volunteer.serving.handler import LeanServer
 
-MANIFEST = loads(textwrap.dedent("""
-    schema_version = 1
-    name = "lean-test"
-    dht_prefix = "leantest"
-    d_model = 32
-    max_batch_size = 4096
-
-    [optimizer]
-    name = "adam"
-    lr = 0.01
-
-    [[expert_types]]
-    name = "plain"
-    block = "ffn"
-    d_hidden = 128
-
-    [[expert_types]]
-    name = "residual"
-    block = "residual_ffn"
-    d_hidden = 64
-
-    [[expert_types]]
-    name = "gated"
-    block = "swiglu_ffn"
-    d_hidden = 48
-
-    [[layers]]
-    uid_prefix = "leantest_a"
-    grid = [1, 1]
-    expert_type = "plain"
-
-    [[layers]]
-    uid_prefix = "leantest_b"
-    grid = [1, 1]
-    expert_type = "residual"
-
-    [[layers]]
-    uid_prefix = "leantest_c"
-    grid = [1, 1]
-    expert_type = "gated"
-
-    [trainer]
-    seq_len = 32
-    batch_size = 8
-    k_best = 1
-    lr = 0.003
-"""), fmt="toml")
+MANIFEST = loads(grid_manifest("leantest", [(1, 1)] * 3, d_model=32, max_batch_size=4096, lr=0.01, expert_types={
+    "plain": ("ffn", 128), "residual": ("residual_ffn", 64), "gated": ("swiglu_ffn", 48)}), fmt="toml")
 UIDS = MANIFEST.all_uids()
 MAX_BATCH = 20000
 D = MANIFEST.d_model

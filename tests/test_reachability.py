@@ -10,7 +10,14 @@ import httpx
 import pytest
 
 from volunteer.core.seed_client import CoordinatorError, DialBack, dial_back
-from volunteer.node.reachability import Reach, ReachWatch, advice, classify
+from volunteer.node.reachability import (
+    SETTLED_PERIOD,
+    SETTLED_TICKS,
+    Reach,
+    ReachWatch,
+    advice,
+    classify,
+)
 
 
 @pytest.mark.parametrize("dialled_back, trainers, connected, relayed, expected", [
@@ -80,8 +87,10 @@ class FakeEvents:
 class FakeLinks:
     def __init__(self, *ticks: tuple[int, int]):
         self.ticks = list(ticks)
+        self.calls = 0
 
     def tick(self) -> tuple[int, int]:
+        self.calls += 1
         return self.ticks.pop(0) if len(self.ticks) > 1 else self.ticks[0]
 
 
@@ -128,6 +137,28 @@ def test_a_seed_that_cannot_dial_back_is_not_fatal(monkeypatch):
     watch = ReachWatch(_node(), FakeLinks((1, 1)), check=broken)
     assert watch().reach == "outbound"
     assert ReachWatch(_node(coordinator=None), FakeLinks((0, 0))).__call__().reach == "outbound"
+
+
+def test_a_settled_watch_reads_the_dht_every_settled_period_and_wakes_up_on_a_change(monkeypatch):
+    """Idle CPU (issue 16): a view that stays the same is read again every 20 s, not every 5 s tick."""
+    published: list[float] = []
+    monkeypatch.setattr("volunteer.core.records.publish_reach", lambda *a, **k: published.append(now[0]) or True)
+    now = [0.0]
+    links = FakeLinks(*[(1, 1)] * (SETTLED_TICKS + 1), (2, 1), (2, 2))
+    watch = ReachWatch(_node(), links, check=lambda url, ports: DialBack("192.0.0.131", ()), clock=lambda: now[0])
+    for _ in range(SETTLED_TICKS):  # the same view, tick after tick
+        assert watch().reach == "outbound"
+        now[0] += 5.0
+    assert links.calls == SETTLED_TICKS
+    now[0] += SETTLED_PERIOD - 15.0
+    assert watch().connected == 1 and links.calls == SETTLED_TICKS  # settled: no DHT read this tick
+    now[0] += 10.0
+    assert watch().connected == 1 and links.calls == SETTLED_TICKS + 1  # its period is up: read again
+    assert published[-1] == now[0]  # and the reach record (60 s to live) is renewed at each settled read
+    now[0] += SETTLED_PERIOD
+    assert watch().trainers == 2 and links.calls == SETTLED_TICKS + 2  # a new trainer: a change
+    now[0] += 5.0
+    assert watch().connected == 2 and links.calls == SETTLED_TICKS + 3  # ... so the next tick reads again
 
 
 def test_status_and_dashboard_show_how_the_volunteer_is_reached():

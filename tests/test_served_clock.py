@@ -7,46 +7,20 @@ reading. ~6 s (one hivemind ``Server`` on 127.0.0.1)."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import wait_for
+from tests.conftest import grid_manifest, wait_for
 from volunteer.core import records
 from volunteer.core.manifest import loads
 from volunteer.serving.backends import VolunteerServer, build_backends
 from volunteer.serving.checkpoints import CheckpointStore
 from volunteer.serving.served import ServedClock
 
-MANIFEST = loads(textwrap.dedent("""
-    schema_version = 1
-    name = "clock-test"
-    dht_prefix = "clocktest"
-    d_model = 16
-    max_batch_size = 256
-
-    [optimizer]
-    name = "adam"
-    lr = 0.01
-
-    [[expert_types]]
-    name = "residual"
-    block = "residual_ffn"
-    d_hidden = 32
-
-    [[layers]]
-    uid_prefix = "clocktest_a"
-    grid = [1, 1]
-    expert_type = "residual"
-
-    [trainer]
-    seq_len = 8
-    batch_size = 2
-    k_best = 1
-    lr = 0.003
-"""), fmt="toml")
+MANIFEST = loads(grid_manifest("clocktest", [(1, 1)], d_model=16, max_batch_size=256, lr=0.01,
+                                expert_types={"residual": ("residual_ffn", 32)}), fmt="toml")
 
 
 class Clock:

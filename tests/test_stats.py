@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,15 @@ from volunteer.node.limits import automatic_pause_reasons
 from volunteer.node.stats import (
     LifetimeStore,
     NodeState,
+    PlanView,
     RateMeter,
     StatsCollector,
     StatsSnapshot,
     Totals,
 )
+from volunteer.planning.choice import Plan
+from volunteer.planning.devices import Device
+from volunteer.planning.memory import PlanCheck
 from volunteer.serving.counters import ExpertCounters
 
 
@@ -147,6 +152,27 @@ def test_a_snapshot_keeps_the_state_strings_and_refuses_bad_totals_in_one_line(t
         assert "\n" not in str(refused.value)
 
 
+def test_a_snapshots_plans_are_flat_objects_in_json_and_typed_again_when_read(tmp_path: Path):
+    """Each plan is the plan's own fields, plus the measured peak and the check once telemetry has read the
+    device: the status JSON's shape; ``from_dict`` makes typed ``PlanView``s of it again, and refuses a broken one."""
+    plan = Plan(device=Device.parse("cuda:1"), budget_bytes=8 << 30, max_batch_size=64, uids=("l.0", "l.1"),
+                expert_types=("small", "small"), planned_bytes=3 << 30, reasons=("fits",), reserve_bytes=1 << 30)
+    checked = PlanView(plan, PlanCheck.of(plan, 5 << 30))
+    collector = StatsCollector("exp", "peer", "cuda:1", [], LifetimeStore(tmp_path / "l.json"), [PlanView(plan)])
+    for views in ((PlanView(plan),), (checked,)):
+        collector.fold(plans=views)
+        snapshot = collector.snapshot(NodeState.SERVING)
+        data = json.loads(json.dumps(snapshot.to_dict()))
+        [flat] = data["plans"]
+        check = {"measured_peak_bytes": 5 << 30, "plan_check": checked.check.to_dict()} if views[0].check else {}
+        assert flat == {**plan.to_dict(), **check}
+        assert StatsSnapshot.from_dict(data) == snapshot
+    assert StatsSnapshot.from_dict(data).plans[0].measured_peak_bytes == 5 << 30
+    with pytest.raises(ValueError) as refused:
+        StatsSnapshot.from_dict({**data, "plans": [{**flat, "budget_bytes": "lots"}]})
+    assert refused.value.args[0].startswith("plans.0")
+
+
 class _FakeNode:
     """What ``Pauser`` drives (``limits.Pausable``), recording the calls."""
 
@@ -180,3 +206,48 @@ def test_the_pauser_pauses_while_a_reason_holds_and_not_after_the_drain():
     pauser.freeze()
     pauser.set("user", "paused by the user")
     assert node.state is NodeState.DRAINING and node.calls[-1] == "resume"
+
+
+def test_headless_telemetry_is_read_once_a_stats_line_unless_a_limit_needs_it():
+    """Idle CPU (issue 16): nobody watching and no GPU limit, the readings only go into the stats lines."""
+    from types import SimpleNamespace
+
+    from volunteer.node.supervisor import TELEMETRY_PERIOD, _telemetry_period
+
+    quiet = SimpleNamespace(max_temp=None, pause_on_gpu_use=False, log_interval=10.0)
+    assert _telemetry_period(quiet, watched=False) == 10.0
+    assert _telemetry_period(quiet, watched=True) == TELEMETRY_PERIOD  # the dashboard shows them live
+    for limit in (dict(max_temp=80.0), dict(pause_on_gpu_use=True)):  # heat and games are checked on them
+        assert _telemetry_period(SimpleNamespace(**{**vars(quiet), **limit}), watched=False) == TELEMETRY_PERIOD
+
+
+def test_the_limits_poll_runs_only_when_a_limit_is_set():
+    """Idle CPU (issue 16): with no limit set no automatic reason can come up (test above), so no poll."""
+    from volunteer.node.supervisor import _has_limits
+
+    assert not _has_limits(Settings())
+    for limit in (dict(run_hours="22-08"), dict(max_temp=80), dict(pause_on_gpu_use=True)):
+        assert _has_limits(Settings(**limit))
+
+
+def test_an_inline_poll_runs_on_the_loop_thread():
+    import threading
+
+    import trio
+
+    from volunteer.node.pollers import every
+
+    threads: list[int] = []
+
+    async def main() -> None:
+        with trio.move_on_after(10):  # a bound, not a timing: three polls take ~20 ms
+            async with trio.open_nursery() as nursery:
+                def poll() -> None:
+                    threads.append(threading.get_ident())
+                    if len(threads) == 3:
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(partial(every, 0.01, poll, first=0, inline=True))
+
+    trio.run(main)
+    assert threads == [threading.get_ident()] * 3

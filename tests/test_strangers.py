@@ -19,6 +19,7 @@ from hivemind import DHT
 from hivemind.moe.client.expert import create_remote_experts
 from hivemind.moe.expert_uid import ExpertInfo
 from hivemind.p2p import PeerID
+from hivemind.utils import get_dht_time
 from stranger_servers import D_MODEL, PREFIX, StrangerServer, running
 
 from coordinator_seeds.audit import Auditor, AuditSettings, calls_to_catch
@@ -119,6 +120,39 @@ def test_a_hijacker_of_unsigned_records_gets_no_call(swarm: dict[str, StrangerSe
     assert signed.answered[honest.peer_id][0] > 0 and signed.calls_failed == 0
 
 
+HONEST_AUDITS = 1000
+
+
+def test_honest_servers_are_never_flagged_over_a_thousand_audited_calls(swarm: dict[str, StrangerServer],
+                                                                         client: DHT) -> None:
+    """Every call audited (rate 1) until the honest server processes have passed 1,000 audits in all:
+    the lean honest volunteer alone on the first two uids of the layer (a 1 x 2 layer over them: the
+    cheaters' uids are not routed to), and the two replicas of ``REPLICATED``, one on hivemind's Server
+    and TaskPools, one lean, sharing calls by rate. None is flagged; all are credited. (Before the
+    replicas test, which kills one of them.)"""
+    honest = (swarm["honest"], swarm["slow"], swarm["fast"])
+    auditor = Auditor(expert_specs(MANIFEST), AuditSettings(rate=1.0, seed=3))
+    lean_only = MoELayer(uid_prefix=LAYER.uid_prefix, grid=(1, 2), expert_type=LAYER.expert_type)
+    try:
+        layers = [layer(client, lean_only, auditor=auditor), layer(client, REPLICATED, auditor=auditor)]
+        wait_until(lambda: len(layers[0].live.refresh()) == 2, 30, "the honest volunteer's two uids")
+        wait_until(lambda: sum(map(len, layers[1].live.refresh().values())) == 8, 30, "both servers of four uids")
+        for _ in range(400):  # ~14 audited calls a round; bounded in rounds, each wait bounded
+            for moe in layers:
+                step(moe, tokens=16)
+            assert auditor.wait_idle(60.0), "audits still pending after 60 s"
+            if sum(audited for audited, _ in auditor.verdicts().values()) >= HONEST_AUDITS:
+                break
+        verdicts = auditor.verdicts()
+        assert sum(audited for audited, _ in verdicts.values()) >= HONEST_AUDITS, verdicts
+        assert not auditor.failures and not auditor.banned() and auditor.skipped == 0, auditor.failures
+        for server in honest:
+            audited, passed = verdicts[server.peer_id]
+            assert audited == passed >= 100 and auditor.credited(server.peer_id), (server.kind, audited, passed)
+    finally:
+        auditor.shutdown()
+
+
 def test_replicas_share_calls_by_rate_and_fail_over_within_the_step(swarm: dict[str, StrangerServer],
                                                                     client: DHT) -> None:
     """Shares follow the throughputs the servers' records declare: within a factor 1.25 of 1:3."""
@@ -199,6 +233,24 @@ def test_a_large_grid_is_routed_over_signed_rows_and_audited(swarm: dict[str, St
         assert audited == passed >= 8 and auditor.credited(honest.peer_id), auditor.failures
     finally:
         auditor.shutdown()
+
+
+def test_rows_the_unsigned_grid_root_hides_are_still_found(swarm: dict[str, StrangerServer], client: DHT) -> None:
+    """A stranger writes the grid's root record (hivemind's format, unsigned: anyone can) naming only
+    row 7, where nobody serves, so a beam search that trusted it would never look at the honest
+    server's rows 3 and 20. The trainer reads the rows the root does not name, 16 a refresh period
+    in the background (``SignedGrid.first_coords``), and finds all three uids. (After the large-grid
+    test: the record outlives this test.)"""
+    honest = swarm["honest"]
+    assert client.store(f"{BIG.uid_prefix}.", (f"{BIG.uid_prefix}.7.0", honest.peer_id), get_dht_time() + 600,
+                        subkey=7)
+    moe = layer(client, BIG)
+    wait_until(lambda: moe.live.successors([moe.live.root])[moe.live.root].keys() == {7}, 30,
+               "the forged root to be read")
+    assert moe.live.first_coords() == [7]  # the attack is live: the root names no row the honest server has
+    wait_until(lambda: set(moe.live.refresh()) == set(BIG_UIDS), 30, "the three signed uids behind the forged root")
+    step(moe)
+    assert set(moe.calls_by_peer) == {honest.peer_id} and moe.calls_failed == 0
 
 
 def test_the_seeds_ban_list_is_followed_and_anyone_elses_ignored(swarm: dict[str, StrangerServer], peers: list[str],

@@ -12,7 +12,6 @@ import contextlib
 import io
 import logging
 import math
-import multiprocessing
 import os
 import signal
 import threading
@@ -40,6 +39,7 @@ from coordinator_seeds.dispatch import (
 )
 from coordinator_seeds.timeouts import CallTimeouts
 from coordinator_seeds.trainer import StepReport, TrainerSettings, train
+from tests.forkserver import server_context
 from volunteer.core.manifest import Manifest, MoELayer
 from volunteer.core.records import join_dht, read_trainer_progress, visible_maddrs
 from volunteer.serving.experts import build_expert, sample_input
@@ -108,7 +108,7 @@ class ServerProcess:
     """
 
     def __init__(self, initial_peers: list[str], uids: list[str], lr: float):
-        context = multiprocessing.get_context("spawn")  # no fork of a process full of threads
+        context = server_context()
         self.uids = uids
         self._conn, child_conn = context.Pipe()
         self.process = context.Process(target=_serve, args=(child_conn, initial_peers, uids, lr))

@@ -48,10 +48,12 @@ trainer's CPU recomputation were not measured (no GPU was lent).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
+import os
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -89,33 +91,57 @@ class Commitment:
         return Commitment(values[0], tuple(values[1:FORWARD_COMMIT]))
 
 
-def state_digest(module_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any] | None) -> tuple[int, ...]:
+def state_digest(module_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any] | None, *,
+                 threads: int | None = None) -> tuple[int, ...]:
     """The commitment's digest of an expert's weights and optimizer state, as ``DIGEST_WORDS`` int64 words:
-    a tree of two leaves, so a reveal can open the weights and show only the optimizer state's digest."""
-    return combined_digest(weights_digest(module_state), optimizer_digest(optimizer_state))
+    a tree of two leaves, the weights' digest and the optimizer state's, so a reveal can open the weights
+    and show only the optimizer state's digest (``Reveal.opened``).
+
+    Each leaf is canonical: tensors in name order, the optimizer's per-parameter state in index order
+    (its hyperparameters too, so a changed learning rate is a different state). A server computes one at
+    every optimizer step, before its answer can go out, so a large state is hashed on several cores:
+    a leaf's bytes, each segment headed by its name, dtype, shape, offset and length (``_segments``), are
+    cut into pieces of about ``DIGEST_PIECE`` bytes, each piece is hashed, and the leaf is the SHA-256 of
+    the pieces' digests in order (``_pieces_digest``). The pieces are fixed by the state alone, so the
+    digest does not depend on how many threads computed it (``threads``: up to 4 by default, fewer on
+    fewer cores); a small state is one piece."""
+    return combined_digest(weights_digest(module_state, threads=threads),
+                           optimizer_digest(optimizer_state, threads=threads))
 
 
-def weights_digest(module_state: Mapping[str, torch.Tensor]) -> bytes:
-    """SHA-256 of the weights: tensors in name order, bytes of their CPU copy."""
-    h = hashlib.sha256()
-    for name in sorted(module_state):
-        _feed(h, name, module_state[name])
+def weights_digest(module_state: Mapping[str, torch.Tensor], *, threads: int | None = None) -> bytes:
+    """The weights' leaf: their tensors in name order, hashed in pieces."""
+    return _pieces_digest(_segments(module_state, None), threads)
+
+
+def optimizer_digest(optimizer_state: Mapping[str, Any] | None, *, threads: int | None = None) -> bytes:
+    """The optimizer state's leaf: its per-parameter state in index order, hashed in pieces, then its
+    hyperparameters (a changed learning rate is a different state)."""
+    if optimizer_state is None:
+        return hashlib.sha256(b"no optimizer").digest()
+    h = hashlib.sha256(_pieces_digest(_segments({}, optimizer_state), threads))
+    for i, group in enumerate(optimizer_state.get("param_groups", [])):
+        h.update(repr(sorted((k, v) for k, v in group.items() if k != "params")).encode() + str(i).encode())
     return h.digest()
 
 
-def optimizer_digest(optimizer_state: Mapping[str, Any] | None) -> bytes:
-    """SHA-256 of the optimizer's per-parameter state in index order, and of its hyperparameters (a changed
-    learning rate is a different state)."""
-    h = hashlib.sha256()
-    if optimizer_state is not None:
-        for index in sorted(optimizer_state.get("state", {})):
-            for name in sorted(optimizer_state["state"][index]):
-                _feed(h, f"{index}.{name}", optimizer_state["state"][index][name])
-        for i, group in enumerate(optimizer_state.get("param_groups", [])):
-            h.update(repr(sorted((k, v) for k, v in group.items() if k != "params")).encode() + str(i).encode())
+def _pieces_digest(segments: Iterator[tuple[bytes, memoryview | bytes]], threads: int | None) -> bytes:
+    pieces: list[list[tuple[bytes, memoryview | bytes]]] = [[]]
+    size = filled = 0
+    for segment in segments:
+        if filled >= DIGEST_PIECE:
+            pieces.append([])
+            filled = 0
+        pieces[-1].append(segment)
+        filled += len(segment[1])
+        size += len(segment[1])
+    threads = _digest_threads() if threads is None else threads
+    if size >= PARALLEL_DIGEST_FROM and threads > 1:
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="state-digest") as pool:
+            digests = list(pool.map(_piece_digest, pieces))
     else:
-        h.update(b"no optimizer")
-    return h.digest()
+        digests = [_piece_digest(piece) for piece in pieces]
+    return hashlib.sha256(b"".join(digests)).digest()
 
 
 def combined_digest(weights: bytes, optimizer: bytes) -> tuple[int, ...]:
@@ -123,14 +149,49 @@ def combined_digest(weights: bytes, optimizer: bytes) -> tuple[int, ...]:
     return tuple(int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, 8 * DIGEST_WORDS, 8))
 
 
-def _feed(h: Any, name: str, value: Any) -> None:
-    h.update(name.encode() + b"\0")
-    if isinstance(value, torch.Tensor):
-        tensor = value.detach().to("cpu").contiguous().reshape(-1)
-        h.update(str(tensor.dtype).encode() + str(tuple(value.shape)).encode())
-        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    else:
-        h.update(repr(value).encode())
+DIGEST_PIECE = 2**20  # bytes of state hashed as one piece (one thread's share)
+PARALLEL_DIGEST_FROM = 8 * 2**20  # below this, a thread pool's hand-offs cost more than they save
+
+
+def _segments(module_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any] | None
+              ) -> Iterator[tuple[bytes, memoryview | bytes]]:
+    """(header, bytes) of the state in canonical order, a tensor cut at ``DIGEST_PIECE``; views, no copies."""
+    for name in sorted(module_state):
+        yield from _tensor_segments(name, module_state[name])
+    if optimizer_state is not None:
+        for index in sorted(optimizer_state.get("state", {})):
+            for name in sorted(optimizer_state["state"][index]):
+                yield from _tensor_segments(f"{index}.{name}", optimizer_state["state"][index][name])
+
+
+def _tensor_segments(name: str, value: Any) -> Iterator[tuple[bytes, memoryview | bytes]]:
+    if not isinstance(value, torch.Tensor):
+        yield _header(f"{name}\0{value!r}", 0), b""
+        return
+    tensor = value.detach().to("cpu").contiguous().reshape(-1)
+    raw = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
+    label = f"{name}\0{tensor.dtype}\0{tuple(value.shape)}\0"
+    for start in range(0, max(1, len(raw)), DIGEST_PIECE):
+        data = memoryview(raw[start:start + DIGEST_PIECE])
+        yield _header(f"{label}{start}", len(data)), data
+
+
+def _header(label: str, length: int) -> bytes:
+    """A segment's header, prefixed by its own length and naming the data's: no two states hash alike."""
+    text = f"{label}\0{length}".encode()
+    return len(text).to_bytes(4, "little") + text
+
+
+def _piece_digest(piece: list[tuple[bytes, memoryview | bytes]]) -> bytes:
+    h = hashlib.sha256()
+    for header, data in piece:
+        h.update(header)
+        h.update(data)  # hashlib lets other threads run while it hashes more than 2 KiB
+    return h.digest()
+
+
+def _digest_threads() -> int:
+    return min(4, os.cpu_count() or 1)
 
 
 # --- what a server reveals -------------------------------------------------------------------------
@@ -214,13 +275,13 @@ def encode_reveal(reveal: Reveal, own_at: int | None = None, own_rows: int = 0
     """The structure as msgpack and the tensors as hivemind serializes them (no compression). With
     ``own_at``, the ``own_rows`` rows from there are left out of the batch (the trainer has them)."""
     tensors: list[torch.Tensor] = []
-    header = _header(reveal, tensors, own_at, own_rows)
+    header = _structure(reveal, tensors, own_at, own_rows)
     serialized = [serialize_torch_tensor(t.detach().cpu(), NONE) for t in tensors]
     header["bytes"] = sum(len(t.buffer) for t in serialized)
     return MSGPackSerializer.dumps(header), serialized
 
 
-def _header(reveal: Reveal, tensors: list[torch.Tensor], own_at: int | None, own_rows: int) -> dict:
+def _structure(reveal: Reveal, tensors: list[torch.Tensor], own_at: int | None, own_rows: int) -> dict:
     names = sorted(reveal.module)
     tensors.extend(reveal.module[n] for n in names)
     optimizer = None
@@ -244,7 +305,7 @@ def _header(reveal: Reveal, tensors: list[torch.Tensor], own_at: int | None, own
             g = torch.cat([g[:own_at], g[own_at + own_rows:]])
         batch = {"own_at": own_at}
         tensors.extend((x, g))
-    parent = _header(reveal.parent, tensors, None, 0) if reveal.parent is not None else None
+    parent = _structure(reveal.parent, tensors, None, 0) if reveal.parent is not None else None
     return {"version": reveal.version, "weights": names, "optimizer": optimizer,
             "optimizer_digest": reveal.optimizer_digest, "batch": batch, "parent": parent}
 

@@ -59,15 +59,18 @@ class ChildProcess:
         return " | ".join(line.strip() for line in self.output[-lines:])
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, wait, then SIGKILL the whole process group: nothing of the child is left behind."""
-        return stop_together([self], timeout)
+        """SIGTERM, wait, then SIGKILL the whole process group: nothing of the child is left behind.
+        Returns its exit code (negative: the signal that ended it)."""
+        stop_together([self], timeout)
+        return self.proc.returncode
 
 
-def stop_together(children: Sequence[ChildProcess], timeout: float = 30.0) -> int:
+def stop_together(children: Sequence[ChildProcess], timeout: float = 30.0) -> list[ChildProcess]:
     """Stop every child at once: one SIGTERM each (a second would make a volunteer skip its drain), one
     shared deadline for their graceful exits, then SIGKILL each whole process group. Stopping them one
     after another cost the sum of their drains (a test's teardown of three volunteers took 20 s).
-    Returns the first child's exit code."""
+    Returns the children that were still running at the deadline, so had to be killed (every group is
+    killed anyway, for what a child left behind)."""
     for child in children:
         if child.proc.poll() is None:
             child.proc.send_signal(signal.SIGTERM)
@@ -77,14 +80,14 @@ def stop_together(children: Sequence[ChildProcess], timeout: float = 30.0) -> in
             child.proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-    codes = []
+    killed = [child for child in children if child.proc.poll() is None]
     for child in children:
         try:
             os.killpg(child.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        codes.append(child.proc.wait(timeout=10))
-    return codes[0] if codes else 0
+        child.proc.wait(timeout=10)
+    return killed
 
 
 def free_port(host: str = "127.0.0.1") -> int:

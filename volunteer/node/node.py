@@ -39,7 +39,13 @@ from volunteer.host.hardware import HardwareProfile, detect_hardware
 from volunteer.node import swarm
 from volunteer.node.limits import limits_of
 from volunteer.node.reachability import Reach
-from volunteer.node.stats import LifetimeStore, NodeState, StatsCollector, StatsSnapshot
+from volunteer.node.stats import (
+    LifetimeStore,
+    NodeState,
+    PlanView,
+    StatsCollector,
+    StatsSnapshot,
+)
 from volunteer.planning.devices import (
     Device,
     ServingDevices,
@@ -174,7 +180,7 @@ class VolunteerNode:
         self.info = NodeInfo(self.manifest.name, peer_id, maddrs, placement, tuple(restored))
         self.collector = StatsCollector(
             self.manifest.name, peer_id, placement.device, [b.counters for b in self.backends.values()],
-            LifetimeStore(self.paths.state_dir / "lifetime.json"), plans=[plan.to_dict() for plan in placement.plans],
+            LifetimeStore(self.paths.state_dir / "lifetime.json"), plans=[PlanView(plan) for plan in placement.plans],
             limits=limits_of(self.settings),
         )
         self.announce()

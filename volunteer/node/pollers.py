@@ -15,7 +15,7 @@ from volunteer.core.seed_client import CoordinatorError, Verified, fetch_verifie
 from volunteer.host.telemetry import Telemetry, TelemetryReader
 from volunteer.node import swarm
 from volunteer.node.node import VolunteerNode
-from volunteer.node.stats import StatsSnapshot, SwarmView
+from volunteer.node.stats import PlanView, StatsSnapshot, SwarmView
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ def read_verified(node: VolunteerNode) -> dict[str, Verified]:
 def read_telemetry(node: VolunteerNode, reader: TelemetryReader) -> dict[str, Any]:
     """The machine's readings, and each plan next to the memory measured on its device."""
     telemetry: Telemetry = reader.read()
-    plans = tuple({**plan.to_dict(), "measured_peak_bytes": check.measured_bytes, "plan_check": check.to_dict()}
-                  for plan, check in zip(node.info.placement.plans, node.check_plans()))
+    plans = tuple(PlanView(plan, check) for plan, check in zip(node.info.placement.plans, node.check_plans()))
     return dict(telemetry=telemetry, plans=plans)
 
 
@@ -65,16 +64,17 @@ def stats_line(snapshot: StatsSnapshot) -> dict[str, Any]:
 
 
 async def every(period: float, action: Callable[[], object], *, first: float | None = None,
-                abandon: bool = False, fold: Callable[..., None] | None = None) -> None:
+                abandon: bool = False, fold: Callable[..., None] | None = None, inline: bool = False) -> None:
     """Run ``action`` in a worker thread every ``period`` seconds, the first time after ``first``;
     ``fold``: what to do with what it returns (a dict of ``stats.Readings`` fields).
 
     ``abandon``: on cancel, stop waiting for a call in flight. For DHT reads and writes, which block
-    for ever once the DHT process is dead: the drain must not wait for them."""
+    for ever once the DHT process is dead: the drain must not wait for them. ``inline``: run it on the
+    loop itself, for actions of microseconds that never block (no thread hand-off and wake-up)."""
     await trio.sleep(period if first is None else first)
     while True:
         try:
-            value = await trio.to_thread.run_sync(action, abandon_on_cancel=abandon)
+            value = action() if inline else await trio.to_thread.run_sync(action, abandon_on_cancel=abandon)
             if fold is not None and value:
                 fold(**value)
         except Exception as e:  # one failed poll, save or announce must not stop serving

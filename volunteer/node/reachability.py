@@ -35,6 +35,14 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # one dial of a trainer; NATed volunteers redial at every tick anyway
 DIAL_BACK_PERIOD = 300.0  # a router's port forward can be added (or lost) while the volunteer runs
+# Each tick asks the DHT process twice (a ping of the seeds, the trainers' record): with the swarm panel's
+# reads, most of an idle volunteer's CPU (issue 16). Once the same view came back ``SETTLED_TICKS`` ticks in
+# a row, ticks do the work every ``SETTLED_PERIOD`` only; any change goes back to every tick. So a new
+# trainer is dialled, or an outage seen, within 20 s instead of 5 s while nothing moves: trainers look
+# their experts up every 15 s anyway.
+SETTLED_TICKS = 3
+SETTLED_PERIOD = 20.0
+REPUBLISH_PERIOD = 15.0  # our reach record lives RECORD_TTL (60 s): below SETTLED_PERIOD, so every settled tick renews it
 
 
 class Reach(str, enum.Enum):
@@ -163,14 +171,18 @@ class ReachWatch:
         self.links = links
         self.dialled_back: bool | None = None
         self.observed_host: str | None = None
-        self._checked_at = self._published_at = -float("inf")
+        self._checked_at = self._published_at = self._ticked_at = -float("inf")
         self.view: ReachView | None = None
+        self._same = 0  # full ticks in a row that gave the same view (``SETTLED_TICKS``)
 
     @property
     def port(self) -> int | None:
         return _tcp_port(self.node.info.maddrs)
 
     def __call__(self) -> ReachView:
+        if self._same >= SETTLED_TICKS and self.clock() - self._ticked_at < SETTLED_PERIOD:
+            return self.view
+        self._ticked_at = self.clock()
         node = self.node
         if self.links is None and node.settings.dial_trainers:
             self.links = OutboundLinks(node.dht, node.manifest.dht_prefix)
@@ -184,10 +196,12 @@ class ReachWatch:
         node.reach = reach  # what the node's next server announcement says (``Reach.announced_direct``)
         view = ReachView(reach.value, advice(reach, self.observed_host, self.port, trainers, connected, offline),
                          self.observed_host, self.port, trainers, connected, answering)
-        if self.view is None or (view.reach, view.connected, view.trainers) != (
-                self.view.reach, self.view.connected, self.view.trainers):
+        changed = self.view is None or (view.reach, view.connected, view.trainers) != (
+            self.view.reach, self.view.connected, self.view.trainers)
+        if changed:
             node.events.emit("reachability", f"reachability: {view.reach} ({view.advice})", **view.to_dict())
-        if self.view is None or view.reach != self.view.reach or self.clock() - self._published_at > 20:
+        self._same = 1 if changed or view.seeds_answering != self.view.seeds_answering else self._same + 1
+        if self.view is None or view.reach != self.view.reach or self.clock() - self._published_at >= REPUBLISH_PERIOD:
             self._publish(view)
         self.view = view
         return view

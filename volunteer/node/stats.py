@@ -28,6 +28,8 @@ from volunteer.core.files import DurableJSON
 from volunteer.core.seed_client import Verified
 from volunteer.host.telemetry import Telemetry
 from volunteer.node.limits import Limits
+from volunteer.planning.choice import Plan
+from volunteer.planning.memory import PLAN_CHECK_JSON, PlanCheck
 from volunteer.serving.counters import ExpertCounters, ExpertStats
 
 logger = logging.getLogger(__name__)
@@ -138,13 +140,48 @@ class SwarmView:
 
 
 @dataclass(frozen=True)
+class PlanView:
+    """One serving device's memory plan and, once the telemetry poller has measured that device, its
+    check (``memory.PlanCheck``). In JSON one flat object, as it always was: the plan's fields, plus
+    ``measured_peak_bytes`` and ``plan_check`` once checked."""
+
+    plan: Plan
+    check: PlanCheck | None = None
+
+    @property
+    def measured_peak_bytes(self) -> int | None:
+        return None if self.check is None else self.check.measured_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.plan.to_dict()
+        if self.check is not None:
+            data.update(measured_peak_bytes=self.check.measured_bytes, plan_check=self.check.to_dict())
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PlanView:
+        """What ``to_dict`` wrote; pydantic's errors for anything else."""
+        if isinstance(data, PlanView):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError("a plan must be an object")
+        plan = Plan.from_dict({k: v for k, v in data.items() if k not in ("measured_peak_bytes", "plan_check")})
+        check = data.get("plan_check")
+        return cls(plan, None if check is None else PLAN_CHECK_JSON.validate_python(check))
+
+
+# a snapshot's plans cross the control socket flat (``PlanView.to_dict``), not as nested dataclasses
+FlatPlanView = Annotated[PlanView, BeforeValidator(PlanView.from_dict)]
+
+
+@dataclass(frozen=True)
 class Readings:
     """What the pollers read last; ``StatsCollector.fold`` replaces it whole, so a snapshot never
     sees half of one poll."""
 
     telemetry: Telemetry | None = None
     swarm: SwarmView | None = None
-    plans: tuple[dict[str, Any], ...] = ()  # one memory plan per serving device (sizing.Plan.to_dict)
+    plans: tuple[PlanView, ...] = ()  # one memory plan per serving device
     verified: Verified | None = None
     reach: dict[str, Any] | None = None  # reachability.ReachView.to_dict
 
@@ -164,7 +201,7 @@ class StatsSnapshot:
     history: tuple[float, ...] = ()  # samples/s per HISTORY_BUCKET, oldest first
     telemetry: Telemetry | None = None
     swarm: SwarmView | None = None
-    plans: tuple[dict[str, Any], ...] = ()  # one memory plan per serving device (sizing.Plan.to_dict)
+    plans: tuple[FlatPlanView, ...] = ()  # one memory plan per serving device
     verified: Verified | None = None  # its coordinator leaderboard line
     events: tuple[str, ...] = ()  # the latest notable events, oldest first, "HH:MM:SS message"
     pause_reasons: tuple[str, ...] = ()  # why the volunteer is paused ("paused by the user", "outside 22-08")
@@ -178,6 +215,7 @@ class StatsSnapshot:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["state"] = self.state.value
+        data["plans"] = tuple(plan.to_dict() for plan in self.plans)
         data["uptime"] = self.uptime
         return data
 
@@ -239,7 +277,7 @@ class StatsCollector:
     """The counters' rates and totals, plus what the pollers read last; views read snapshots."""
 
     def __init__(self, experiment: str, peer_id: str, device: str, counters: Iterable[ExpertCounters],
-                 lifetime: LifetimeStore, plans: Iterable[dict[str, Any]] = (), limits: Limits | None = None):
+                 lifetime: LifetimeStore, plans: Iterable[PlanView] = (), limits: Limits | None = None):
         self.experiment, self.peer_id, self.device = experiment, peer_id, device
         self.counters = list(counters)
         self.store = lifetime

@@ -61,7 +61,10 @@ DashboardRunner = Callable[..., Awaitable[str | None]]
 logger = logging.getLogger(__name__)
 SAMPLE_PERIOD = 1.0
 TELEMETRY_PERIOD = 2.0
-SWARM_PERIOD = 10.0
+SWARM_PERIOD = 10.0  # the dashboard's swarm panel
+# headless, the swarm view only feeds the stats lines: each read is ~5 calls into the DHT process (about a
+# third of an idle volunteer's CPU at 10 s, issue 16), so nobody watching reads it 3x less often
+HEADLESS_SWARM_PERIOD = 30.0
 VERIFIED_PERIOD = 30.0  # the coordinator's leaderboard line: every volunteer asks, so not too often
 LIFETIME_SAVE_PERIOD = 5.0  # what a kill -9 can lose of the lifetime totals
 REACH_PERIOD = 5.0  # how soon a NATed volunteer dials a trainer that has just published its address
@@ -281,16 +284,19 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: Dash
         async with trio.open_nursery() as work:
             fold = collector.fold  # what the pollers return goes in here, and only here
             if settings.stats:  # off: counters only (benchmarks measure what the rest costs)
-                work.start_soon(partial(every, SAMPLE_PERIOD, collector.sample, first=0))
-                work.start_soon(partial(every, SWARM_PERIOD, SwarmPoller(node), first=1, abandon=True, fold=fold))
+                # a few counter reads: on the loop, not a worker thread's round trip every second
+                work.start_soon(partial(every, SAMPLE_PERIOD, collector.sample, first=0, inline=True))
+                swarm_period = SWARM_PERIOD if dashboard is not None else HEADLESS_SWARM_PERIOD
+                work.start_soon(partial(every, swarm_period, SwarmPoller(node), first=1, abandon=True, fold=fold))
                 if settings.coordinator:
                     work.start_soon(partial(every, VERIFIED_PERIOD, partial(read_verified, node), first=5, fold=fold))
             if settings.stats or settings.max_temp is not None or settings.pause_on_gpu_use:  # limits need it
                 reader = TelemetryReader()
-                work.start_soon(partial(every, TELEMETRY_PERIOD, partial(read_telemetry, node, reader), first=0,
-                                        fold=fold))
-            work.start_soon(partial(every, TELEMETRY_PERIOD, lambda: pauser.check_limits(collector.readings.telemetry),
-                                    first=0.5))
+                work.start_soon(partial(every, _telemetry_period(settings, dashboard is not None),
+                                        partial(read_telemetry, node, reader), first=0, fold=fold))
+            if _has_limits(settings):  # none set: no reason can ever come up, nothing to wake up for
+                work.start_soon(partial(every, TELEMETRY_PERIOD,
+                                        lambda: pauser.check_limits(collector.readings.telemetry), first=0.5))
             work.start_soon(every, LIFETIME_SAVE_PERIOD, collector.persist)
             work.start_soon(every, settings.checkpoint_interval, node.checkpoint)
             work.start_soon(partial(every, settings.announce_interval, node.announce, abandon=True))
@@ -323,6 +329,19 @@ async def supervise(node: VolunteerNode, control: ControlServer, dashboard: Dash
         return Outcome()
     return Outcome(tuple([uid for uid in node.info.uids if uid not in moves.drop] + list(moves.take)),
                    pause_reasons=pauser.reasons)
+
+
+def _has_limits(settings) -> bool:
+    """Whether any of the owner's automatic pause reasons (``limits.automatic_pause_reasons``) is set."""
+    return settings.hours is not None or settings.max_temp is not None or settings.pause_on_gpu_use
+
+
+def _telemetry_period(settings, watched: bool) -> float:
+    """Every ``TELEMETRY_PERIOD`` for the dashboard and the GPU limits (heat, games); headless without
+    them the readings only go into the stats lines, so once a line is enough (idle CPU, issue 16)."""
+    if watched or settings.max_temp is not None or settings.pause_on_gpu_use:
+        return TELEMETRY_PERIOD
+    return max(TELEMETRY_PERIOD, settings.log_interval)
 
 
 def _serving_gpus(node: VolunteerNode) -> set[int]:

@@ -33,7 +33,7 @@ from volunteer.core.procgroup import forget_on_exit_now, on_exit_now
 from volunteer.core.seed_client import Verified
 from volunteer.host.telemetry import Telemetry
 from volunteer.node.limits import Limits
-from volunteer.node.stats import StatsSnapshot, Totals
+from volunteer.node.stats import PlanView, StatsSnapshot, Totals
 from volunteer.planning.devices import Device
 
 STATE_STYLES = {"joining": "yellow", "serving": "green", "paused": "cyan", "draining": "magenta", "restarting": "yellow"}
@@ -136,7 +136,7 @@ def _ratio(part: float, whole: float) -> float | None:
     return part / whole if whole else None
 
 
-def _hardware(t: Telemetry | None, plans: tuple[dict, ...]) -> RenderableType:
+def _hardware(t: Telemetry | None, plans: tuple[PlanView, ...]) -> RenderableType:
     if t is None:
         return Text("no reading yet", style="dim")
     grid = _grid(bars=True)
@@ -151,24 +151,20 @@ def _hardware(t: Telemetry | None, plans: tuple[dict, ...]) -> RenderableType:
     grid.add_row("RAM", _bar(_ratio(c.memory_used, c.memory_total)), format_used(c.memory_used, c.memory_total))
     grid.add_row("ours", _bar(c.volunteer_cpu_percent / (100 * max(c.cores, 1))),
                  f"{c.volunteer_cpu_percent:.0f}% {format_bytes(c.volunteer_memory)}")
-    for plan in plans:  # one row per serving device: "peak" alone, "peak0", "peak1"... with several
-        budget, planned, peak = plan.get("budget_bytes"), plan.get("planned_bytes"), plan.get("measured_peak_bytes")
-        if not budget or planned is None:
+    for view in plans:  # one row per serving device: "peak" alone, "peak0", "peak1"... with several
+        budget, peak = view.plan.budget_bytes, view.measured_peak_bytes
+        if not budget:
             continue
-        label, used = ("peak", peak) if peak is not None else ("plan", planned)
-        suffix = _device_suffix(plan.get("device", "")) if len(plans) > 1 else ""
+        label, used = ("peak", peak) if peak is not None else ("plan", view.plan.planned_bytes)
+        suffix = _device_suffix(view.plan.device) if len(plans) > 1 else ""
         grid.add_row(label + suffix, _bar(_ratio(used, budget)), format_used(used, budget))
     if not plans:
         grid.add_row("plan", "", Text("not made yet", style="dim"))
     return grid
 
 
-def _device_suffix(name: object) -> str:
-    """"0" for cuda:0: the GPU's number after a row's label; any other device as it was written."""
-    try:
-        device = Device.parse(name)  # type: ignore[arg-type]  # a status of another version may hold anything
-    except ValueError:
-        return str(name)
+def _device_suffix(device: Device) -> str:
+    """"0" for cuda:0: the GPU's number after a row's label; the CPU as it is written."""
     return str(device.index) if device.is_gpu else str(device)
 
 
@@ -225,7 +221,7 @@ def verified_text(verified: Verified) -> str:
 
 def _experts(s: StatsSnapshot, height: int) -> RenderableType:
     if not s.experts:
-        planned = sum(len(plan.get("uids", ())) for plan in s.plans)
+        planned = sum(len(view.plan.uids) for view in s.plans)
         return Text(f"none serving yet ({planned} planned)" if planned else "none serving yet", style="dim")
     table = Table(box=None, expand=True, header_style="bold", pad_edge=False)
     for name in ("uid", "type", "samples", "fwd/s", "bwd/s", "steps", "srv", "last"):
