@@ -20,6 +20,7 @@ volunteer's own counters give samples/s over the same window. Ends with one ``KE
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import statistics
 import sys
@@ -131,7 +132,7 @@ def lab_manifest(wire: str) -> str:
     """The lab's experiment with ``wire`` as its wire dtype (a top-level key: before the first table)."""
     from tests.test_netlab import LAB_MANIFEST
 
-    return LAB_MANIFEST.replace("max_batch_size = 4096\n", f"max_batch_size = 4096\nwire_dtype = \"{wire}\"\n", 1)
+    return re.sub(r'(?m)^wire_dtype = .*$', f'wire_dtype = "{wire}"', LAB_MANIFEST, count=1)
 
 
 def wire_bytes(d_model: int, wire: str) -> int:
