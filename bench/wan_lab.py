@@ -3,24 +3,24 @@ tokens/s with the trainer and its volunteer 0 / 40 / 100 ms apart (one way), one
 (``--in-flight 1``, before issue 12's item 4) and several in flight at once (after; a step then trains
 that many micro-batches, so tokens/s is the figure to compare),
 and served samples/s of the same volunteer reached directly (public address) and from behind a home
-router with no port forward (it dials the trainer, which calls back over that connection).
+router with no port forward (it dials the trainer, which calls back over that connection); and the
+experiment's wire dtype (the manifest's ``wire_dtype``: float32, or float16 = half the bytes a call).
 
-One lab per delay: a seed and a trainer on public hosts; at 0 ms a volunteer on a public host first,
-then (at every delay) one behind a home router, each serving the lab experiment's 4 experts (d_model
-256: 512 KiB a call each way). Against each volunteer the trainer runs once per in-flight setting,
-alternated; once a logged step saw all 4 experts alive and ``--warmup`` steps later, the next
-``--steps`` are timed from its log; the volunteer's own counters give samples/s over the same window.
-With ``--audit-rates 0,0.05 --rounds N`` each setting also runs at each audit rate, alternated round
-by round, and the on/off ratio of tokens/s is printed per round (issue 14: audits across the WAN).
-Ends with one ``KEY wan_lab ...`` line.
+One lab per delay and wire dtype (the wire dtypes alternate which goes first from one delay to the
+next): a seed and a trainer on public hosts; at 0 ms a volunteer on a public host first (unless
+``--no-direct``), then (at every delay) one behind a home router, each serving the lab experiment's 4
+experts (d_model 256: 512 KiB a call each way in float32). Against each volunteer the trainer runs once
+per in-flight setting; once a logged step saw all 4 experts alive and ``--warmup`` steps later, the next
+``--steps`` are timed from its log, every logged step (5) an interval whose rates give the spread; the
+volunteer's own counters give samples/s over the same window. Ends with one ``KEY wan_lab ...`` line.
 
-    .venv/bin/python -m bench.wan_lab [--steps 20] [--delays 0,40,100] [--in-flight 1,4]
-                                      [--audit-rates 0.02] [--rounds 1]
+    .venv/bin/python -m bench.wan_lab [--steps 20] [--delays 0,40,100] [--in-flight 1,4] [--wire float32,float16]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import statistics
 import sys
@@ -64,53 +64,64 @@ def served(home: Path) -> int:
     return session.get("forward_samples", 0) + session.get("backward_samples", 0)
 
 
-def time_trainer(lab, volunteer_home: Path, in_flight: int, warmup: int, steps: int, audit_rate: float) -> dict:
+AUDIT_RATE = ["0"]  # the trainer's --audit-rate, from the command line
+
+
+def time_trainer(lab, volunteer_home: Path, in_flight: int, warmup: int, steps: int) -> dict:
     """One trainer run against the volunteer serving from ``volunteer_home``: steps/s over ``steps``
-    steps after the first logged step with every expert alive and ``warmup`` more."""
+    steps after the first logged step with every expert alive and ``warmup`` more, and the slowest and
+    fastest logged interval's."""
     home = Path(tempfile.mkdtemp(prefix="wanb-"))
-    trainer = lab.trainer(home, 100000, LOG_EVERY, "--in-flight", str(in_flight), "--audit-rate", str(audit_rate))
+    # audits off unless --audit-rate says otherwise: this bench times the wire; audits' own cost across the
+    # lab was measured side by side with the pre-merge script (bench/README.md, "Audits across the WAN")
+    trainer = lab.trainer(home, 100000, LOG_EVERY, "--in-flight", str(in_flight), "--audit-rate", AUDIT_RATE[0])
     try:
         first = int(trainer.wait_for_line(ALL_ALIVE, timeout=300)[1])
         trainer.wait_for_line(rf"step {first + warmup} ", timeout=300)
         started, samples = time.monotonic(), served(volunteer_home)
-        last = trainer.wait_for_line(rf"step {first + warmup + steps} loss \S+, experts alive (\d+)", timeout=600)
-        seconds = time.monotonic() - started
+        marks = [started]
+        for step in range(first + warmup + LOG_EVERY, first + warmup + steps + 1, LOG_EVERY):
+            last = trainer.wait_for_line(rf"step {step} loss \S+, experts alive (\d+)", timeout=600)
+            marks.append(time.monotonic())
+        seconds = marks[-1] - started
         done = served(volunteer_home) - samples
-        audits = [line.strip() for line in list(trainer.output) if "audits: " in line]
+        rates = [LOG_EVERY / (b - a) for a, b in zip(marks, marks[1:])]
         return dict(steps_per_s=steps / seconds, samples_per_s=done / seconds, alive=int(last[1]), first=first,
-                    audits=audits[-1].split("audits: ", 1)[1] if audits else "none")
+                    low=min(rates), high=max(rates))
     finally:
         trainer.stop()
         shutil.rmtree(home, ignore_errors=True)
 
 
-def run_lab(delay_ms: float, in_flights: list[int], warmup: int, steps: int, tokens_per_step: int,
-            audit_rates: list[float], rounds: int) -> list[dict]:
+def run_lab(delay_ms: float, wire: str, in_flights: list[int], warmup: int, steps: int, tokens_per_step: int,
+            direct: bool) -> list[dict]:
     from tests.test_netlab import Lab
 
     link = Link(delay=delay_ms / 2000)  # two cables between any two hosts: each takes half
     root = Path(tempfile.mkdtemp(prefix="wanb-"))
-    lab = Lab(root, link=link, cloud=delay_ms == 0)
+    direct = direct and delay_ms == 0
+    lab = Lab(root, manifest=lab_manifest(wire), link=link, cloud=direct)
     rows = []
     try:
         mbit = link_mbit(lab)
-        print(f"{delay_ms:4.0f} ms: the cables carry {mbit:.0f} Mbit/s trainer -> home pc", flush=True)
-        places = [("direct", lab.cloud)] if delay_ms == 0 else []
+        print(f"{delay_ms:4.0f} ms, {wire} on the wire: the cables carry {mbit:.0f} Mbit/s trainer -> home pc", flush=True)
+        places = [("direct", lab.cloud)] if direct else []
         for reach, host in [*places, ("outbound", lab.pc)]:
             home = Path(tempfile.mkdtemp(prefix="wanb-"))
             volunteer = lab.volunteer(home, on=host)
             try:
                 volunteer.wait_for_line(r'"event": "serving"', timeout=180)
-                for round_, in_flight, audit_rate in [(r, i, a) for r in range(rounds) for i in in_flights
-                                                      for a in audit_rates]:
-                    row = time_trainer(lab, home, in_flight, warmup, steps, audit_rate)
-                    row.update(delay_ms=delay_ms, reach=reach, in_flight=in_flight, link_mbit=mbit, round=round_,
-                               audit_rate=audit_rate, tokens_per_s=row["steps_per_s"] * tokens_per_step * in_flight)
+                for in_flight in in_flights:
+                    row = time_trainer(lab, home, in_flight, warmup, steps)
+                    tokens = tokens_per_step * in_flight
+                    row.update(delay_ms=delay_ms, wire=wire, reach=reach, in_flight=in_flight, link_mbit=mbit,
+                               tokens_per_s=row["steps_per_s"] * tokens, tokens_low=row["low"] * tokens,
+                               tokens_high=row["high"] * tokens)
                     rows.append(row)
-                    print(f"{reach:9} {delay_ms:4.0f} ms, {in_flight} in flight, audits {audit_rate:g}: "
-                          f"{row['steps_per_s']:5.2f} steps/s, {row['tokens_per_s']:6.0f} tokens/s, "
-                          f"{row['samples_per_s']:6.0f} served samples/s, {row['alive']}/4 experts alive "
-                          f"(all 4 from step {row['first']}); audits: {row['audits']}", flush=True)
+                    print(f"{reach:9} {delay_ms:4.0f} ms, {wire}, {in_flight} in flight: {row['steps_per_s']:5.2f} "
+                          f"steps/s, {row['tokens_per_s']:6.0f} tokens/s ({row['tokens_low']:.0f}-"
+                          f"{row['tokens_high']:.0f} by interval), {row['samples_per_s']:6.0f} served samples/s, "
+                          f"{row['alive']}/4 experts alive (all 4 from step {row['first']})", flush=True)
             finally:
                 volunteer.stop()
                 shutil.rmtree(home, ignore_errors=True)
@@ -120,70 +131,95 @@ def run_lab(delay_ms: float, in_flights: list[int], warmup: int, steps: int, tok
     return rows
 
 
+def lab_manifest(wire: str) -> str:
+    """The lab's experiment with ``wire`` as its wire dtype (a top-level key: before the first table)."""
+    from tests.test_netlab import LAB_MANIFEST
+
+    return re.sub(r'(?m)^wire_dtype = .*$', f'wire_dtype = "{wire}"', LAB_MANIFEST, count=1)
+
+
+def wire_bytes(d_model: int, wire: str) -> int:
+    """Bytes of one row of activations or gradients on the wire (float16: hivemind's MEANSTD_16BIT, two
+    bytes a value and a float32 mean and deviation a row)."""
+    return d_model * 4 if wire == "float32" else d_model * 2 + 8
+
+
+def report(rows: list[dict], in_flights: list[int], wires: list[str], tokens_per_step: int, rows_per_step: int,
+           d_model: int) -> None:
+    outbound = [r for r in rows if r["reach"] == "outbound"]
+
+    def find(delay: float, wire: str, in_flight: int) -> dict | None:
+        return next((r for r in outbound if (r["delay_ms"], r["wire"], r["in_flight"]) == (delay, wire, in_flight)), None)
+
+    print(f"\ntrainer tokens/s behind NAT ({tokens_per_step} tokens a micro-batch; the slowest-fastest logged "
+          "interval in brackets; % of the same setting's 0 ms):")
+    for wire in wires:
+        for in_flight in in_flights:
+            cells = []
+            for r in (r for r in outbound if (r["wire"], r["in_flight"]) == (wire, in_flight)):
+                base = find(0.0, wire, in_flight)
+                share = f", {r['tokens_per_s'] / base['tokens_per_s']:.0%}" if base else ""
+                cells.append(f"{r['delay_ms']:.0f} ms {r['tokens_per_s']:.0f} ({r['tokens_low']:.0f}-"
+                             f"{r['tokens_high']:.0f}{share})")
+            print(f"  {wire}, {in_flight} in flight: " + "; ".join(cells))
+    for r in outbound:
+        if r["wire"] != wires[0] and (base := find(r["delay_ms"], wires[0], r["in_flight"])) is not None:
+            print(f"  {r['delay_ms']:.0f} ms, {r['in_flight']} in flight: tokens/s with {r['wire']} / {wires[0]}: "
+                  f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+        if r["in_flight"] != in_flights[0] and (base := find(r["delay_ms"], r["wire"], in_flights[0])) is not None:
+            print(f"  {r['delay_ms']:.0f} ms, {r['wire']}: tokens/s with {r['in_flight']} in flight / "
+                  f"{in_flights[0]}: {r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+    for wire in wires:
+        mbit = CROSSINGS * rows_per_step * wire_bytes(d_model, wire) * 8 / 1e6
+        ceilings = [f"{r['delay_ms']:.0f} ms {r['link_mbit'] / mbit * tokens_per_step:.0f}"
+                    for r in outbound if r["wire"] == wire and r["in_flight"] == in_flights[0]]
+        print(f"  {wire}: a micro-batch moves {mbit:.0f} Mbit through the cables; at the measured one-stream rate "
+              f"that is {', '.join(ceilings)} tokens/s")
+    direct = [r["samples_per_s"] for r in rows if r["reach"] == "direct"]
+    nat = [r["samples_per_s"] for r in outbound if r["delay_ms"] == 0]
+    if direct and nat:
+        print(f"served samples/s at 0 ms, behind NAT / direct: {statistics.mean(nat) / statistics.mean(direct):.2f}x "
+              f"(runs: NAT {', '.join(f'{x:.0f}' for x in nat)}; direct {', '.join(f'{x:.0f}' for x in direct)})")
+    key = " ".join(f"{r['reach']}{r['delay_ms']:.0f}ms_{r['wire']}_x{r['in_flight']}_tokens={r['tokens_per_s']:.0f} "
+                   f"{r['reach']}{r['delay_ms']:.0f}ms_{r['wire']}_x{r['in_flight']}_samples={r['samples_per_s']:.0f}"
+                   for r in rows)
+    print(f"KEY wan_lab {key}")
+
+
 def main() -> None:
     from tests.test_netlab import LAB_MANIFEST
-    from volunteer.core.manifest import loads
+    from volunteer.core.manifest import WIRE_DTYPES, loads
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps a run (a multiple of 5)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--delays", default="0,40,100", help="one-way ms between trainer and volunteer")
     parser.add_argument("--in-flight", default="1,4", help="the trainer's --in-flight values to compare")
-    parser.add_argument("--audit-rates", default="0.02", help="the trainer's --audit-rate values to compare")
-    parser.add_argument("--rounds", type=int, default=1, help="runs of every setting, alternated")
+    parser.add_argument("--wire", default="float32,float16", help="the experiment's wire dtypes to compare")
+    parser.add_argument("--audit-rate", default="0", help="the trainer's --audit-rate (0: no audits)")
+    parser.add_argument("--no-direct", dest="direct", action="store_false",
+                        help="skip the volunteer on a public host at 0 ms (NAT vs direct)")
     args = parser.parse_args()
+    AUDIT_RATE[0] = str(float(args.audit_rate))
     if why := NetLab.available():
         sys.exit(f"no network lab here: {why}")
     if args.steps % LOG_EVERY or args.warmup % LOG_EVERY:
         sys.exit(f"--steps and --warmup must be multiples of {LOG_EVERY} (the trainer's log interval)")
+    wires = [w.strip() for w in args.wire.split(",") if w.strip()]
+    if not wires or set(wires) - set(WIRE_DTYPES):
+        sys.exit(f"--wire takes a list of {', '.join(WIRE_DTYPES)}")
     manifest = loads(LAB_MANIFEST, fmt="toml")
     spec = manifest.trainer
     tokens_per_step = spec.batch_size * spec.seq_len
-    mbit_per_step = CROSSINGS * tokens_per_step * spec.k_best * manifest.d_model * 4 * 8 / 1e6 * len(manifest.layers)
+    rows_per_step = tokens_per_step * spec.k_best * len(manifest.layers)
     in_flights = [int(n) for n in args.in_flight.split(",")]
-    audit_rates = [float(a) for a in args.audit_rates.split(",")]
-    rows = [row for d in args.delays.split(",") if d.strip()
-            for row in run_lab(float(d), in_flights, args.warmup, args.steps, tokens_per_step, audit_rates,
-                               args.rounds)]
-    if len(audit_rates) > 1:
-        compare_audits(rows, audit_rates)
-    print(f"\ntrainer tokens/s behind NAT ({tokens_per_step} tokens a micro-batch), by one-way delay:")
-    for in_flight in in_flights:
-        cells = [f"{r['delay_ms']:.0f} ms {r['tokens_per_s']:.0f}" for r in rows
-                 if r["in_flight"] == in_flight and r["reach"] == "outbound"]
-        print(f"  {in_flight} in flight: " + ", ".join(cells))
-    for r in rows:
-        if r["reach"] == "outbound" and r["in_flight"] != in_flights[0]:
-            base = next(b for b in rows if b["reach"] == "outbound" and b["delay_ms"] == r["delay_ms"]
-                        and b["in_flight"] == in_flights[0] and b["round"] == r["round"]
-                        and b["audit_rate"] == r["audit_rate"])
-            print(f"  {r['delay_ms']:.0f} ms: tokens/s with {r['in_flight']} in flight / {in_flights[0]}: "
-                  f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
-    print(f"  a micro-batch moves {mbit_per_step:.0f} Mbit through the cables: at the measured link rate the "
-          "ceiling is " + ", ".join(f"{r['delay_ms']:.0f} ms {r['link_mbit'] / mbit_per_step * tokens_per_step:.0f}"
-                                    " tokens/s" for r in rows
-                                    if r["reach"] == "outbound" and r["in_flight"] == in_flights[0]))
-    direct = [r["samples_per_s"] for r in rows if r["reach"] == "direct"]
-    nat = [r["samples_per_s"] for r in rows if r["reach"] == "outbound" and r["delay_ms"] == 0]
-    if direct and nat:
-        print(f"served samples/s at 0 ms, behind NAT / direct: {statistics.mean(nat) / statistics.mean(direct):.2f}x "
-              f"(runs: NAT {', '.join(f'{x:.0f}' for x in nat)}; direct {', '.join(f'{x:.0f}' for x in direct)})")
-    key = " ".join(f"{r['reach']}{r['delay_ms']:.0f}ms_x{r['in_flight']}_a{r['audit_rate']:g}_r{r['round']}_tokens="
-                   f"{r['tokens_per_s']:.0f} {r['reach']}{r['delay_ms']:.0f}ms_x{r['in_flight']}_a{r['audit_rate']:g}"
-                   f"_r{r['round']}_samples={r['samples_per_s']:.0f}" for r in rows)
-    print(f"KEY wan_lab {key}")
-
-
-def compare_audits(rows: list[dict], audit_rates: list[float]) -> None:
-    """Tokens/s with audits on / off, paired by round (runs next to each other), per setting."""
-    off = audit_rates[0]
-    for r in rows:
-        if r["audit_rate"] != off:
-            base = next(b for b in rows if b["audit_rate"] == off and b["round"] == r["round"]
-                        and (b["reach"], b["delay_ms"], b["in_flight"]) == (r["reach"], r["delay_ms"], r["in_flight"]))
-            print(f"  {r['reach']} {r['delay_ms']:.0f} ms, {r['in_flight']} in flight, round {r['round']}: tokens/s "
-                  f"with audits {r['audit_rate']:g} / {off:g}: {r['tokens_per_s']:.0f} / {base['tokens_per_s']:.0f} = "
-                  f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
+    delays = [float(d) for d in args.delays.split(",") if d.strip()]
+    rows = []
+    for i, delay in enumerate(delays):
+        for wire in (wires if i % 2 == 0 else wires[::-1]):  # which goes first alternates: drift spreads evenly
+            rows += run_lab(delay, wire, in_flights, args.warmup, args.steps, tokens_per_step, args.direct)
+    rows.sort(key=lambda r: (r["reach"], r["delay_ms"], wires.index(r["wire"]), r["in_flight"]))
+    report(rows, in_flights, wires, tokens_per_step, rows_per_step, manifest.d_model)
 
 
 if __name__ == "__main__":

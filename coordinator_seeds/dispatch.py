@@ -32,7 +32,6 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 from hivemind import DHT
-from hivemind.compression import serialize_torch_tensor
 from hivemind.moe.client.expert import (
     RemoteExpert,
     create_remote_experts,
@@ -41,12 +40,14 @@ from hivemind.moe.client.expert import (
     get_server_stub,
 )
 from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+from hivemind.proto import runtime_pb2
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from coordinator_seeds.timeouts import CallTimeouts
 from volunteer.core.dht_calls import active_successors, expert_info, get_experts
 from volunteer.core.manifest import MoELayer
+from volunteer.core.wire import NONE, Sent, serialize
 
 LATEST = float("inf")  # get_experts: search the DHT for the newest record instead of trusting the cache
 logger = logging.getLogger("coordinator_seeds.dispatch")
@@ -157,24 +158,30 @@ _Rpc = Callable[[str, Sequence[torch.Tensor], Any, Any], Awaitable[list[torch.Te
 
 
 def call_experts(
-    requests: Sequence[tuple[RemoteExpert, Sequence[torch.Tensor]]], rpc: _Rpc, timeout: float,
-    observe: Callable[[float], None] | None = None,
+    requests: Sequence[tuple[RemoteExpert, Sequence[Sent]]], rpc: _Rpc, timeout: float,
+    observe: Callable[[float], None] | None = None, wire: int = NONE,
 ) -> list[list[torch.Tensor] | BaseException]:
     """Run ``rpc`` (``expert_forward`` or ``expert_backward``) for every request concurrently; each
     result is the expert's tensors, or the exception (a ``TimeoutError`` after ``timeout`` seconds).
+    Tensors are serialized with ``wire`` (the experiment's compression); a request may hold tensors
+    serialized already (``wire.serialize``: a caller that keeps what the server reads, for audits).
     ``observe`` is given the seconds each call that answered took."""
 
-    async def one(expert: RemoteExpert, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    async def one(expert: RemoteExpert, tensors: Sequence[Sent], serialized: list[runtime_pb2.Tensor]
+                  ) -> list[torch.Tensor]:
         started = time.perf_counter()
         stub = get_server_stub(expert.p2p, expert.peer_id)
-        serialized = [serialize_torch_tensor(t) for t in tensors]
         result = await asyncio.wait_for(rpc(expert.uid, tensors, serialized, stub), timeout)
         if observe is not None:
             observe(time.perf_counter() - started)
         return result
 
+    # serialized here, in the caller's thread: the event loop is one thread for every micro-batch in flight
+    prepared = [(expert, tensors, [serialize(t, wire) if isinstance(t, torch.Tensor) else t for t in tensors])
+                for expert, tensors in requests]
+
     async def everyone() -> list[Any]:
-        return await asyncio.gather(*(one(e, t) for e, t in requests), return_exceptions=True)
+        return await asyncio.gather(*(one(*request) for request in prepared), return_exceptions=True)
 
     if not requests:
         return []
@@ -252,7 +259,7 @@ class _BatchedRemoteCall(torch.autograd.Function):
         inputs = x.detach().cpu()
         timeouts = layer.timeouts[FORWARD]
         results = call_experts([(c.expert, [inputs[c.tokens]]) for c in calls], expert_forward, timeouts.current(),
-                               timeouts.observe)
+                               timeouts.observe, layer.wire)
         outputs = torch.zeros(len(inputs), k, inputs.shape[1])
         answered = torch.zeros(len(inputs), k, dtype=torch.bool)
         ok = []
@@ -274,7 +281,7 @@ class _BatchedRemoteCall(torch.autograd.Function):
         grads, calls, layer = grad_outputs.cpu().float(), ctx.calls, ctx.layer
         requests = [(c.expert, [inputs[c.tokens], grads[c.tokens, c.slots].contiguous()]) for c in calls]
         timeouts = layer.timeouts[BACKWARD]
-        results = call_experts(requests, expert_backward, timeouts.current(), timeouts.observe)
+        results = call_experts(requests, expert_backward, timeouts.current(), timeouts.observe, layer.wire)
         grad_inputs = torch.zeros_like(inputs)
         for call, result in zip(calls, results):
             grad = checked_output(result, torch.Size((len(call.tokens), inputs.shape[1])))
@@ -294,6 +301,10 @@ class BatchedRemoteMoE(nn.Module):
     ``answered`` is the work each server did for us, as we saw it: peer id -> [forward samples,
     backward samples] of well-formed answers (the leaderboard's verified contributions).
     """
+
+    # how its calls serialize activations and gradients (``volunteer.core.wire``): the manifest's wire
+    # dtype, set by the model that owns the layer, as the volunteers' schemas declare it
+    wire: int = NONE
 
     def __init__(
         self,

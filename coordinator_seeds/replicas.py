@@ -72,6 +72,7 @@ from volunteer.core.expert_records import (
     row_group_keys,
 )
 from volunteer.core.manifest import MoELayer
+from volunteer.core.wire import Sent, as_received, serialize
 
 logger = logging.getLogger("coordinator_seeds.replicas")
 FAILOVER_ROUNDS = 2  # a failed call is retried on up to this many other servers of its uid, same step
@@ -272,9 +273,9 @@ def audited_rpc(name: str):
     client does (``expert_forward``), so a call of any batch size goes through."""
     stream_name = {AUDITED_FORWARD: AUDITED_FORWARD_STREAM, AUDITED_BACKWARD: AUDITED_BACKWARD_STREAM}[name]
 
-    async def rpc(uid: str, tensors: Sequence[torch.Tensor], serialized: Sequence[runtime_pb2.Tensor], stub: Any
+    async def rpc(uid: str, _tensors: Any, serialized: Sequence[runtime_pb2.Tensor], stub: Any
                   ) -> list[torch.Tensor]:
-        if sum(t.element_size() * t.nelement() for t in tensors) <= MAX_UNARY_PAYLOAD_SIZE:
+        if sum(len(t.buffer) for t in serialized) <= MAX_UNARY_PAYLOAD_SIZE:  # what goes out, compressed
             request = runtime_pb2.ExpertRequest(uid=uid, tensors=serialized)
             response = await stub._p2p.call_protobuf_handler(stub._peer, name, request, runtime_pb2.ExpertResponse)
             return [deserialize_torch_tensor(t) for t in response.tensors]
@@ -300,11 +301,12 @@ class _ReplicatedCall(torch.autograd.Function):
         for round_ in range(FAILOVER_ROUNDS + 1):
             started = time.perf_counter()
             timeouts = layer.timeouts[FORWARD]
-            results = call_experts([(c.expert, [inputs[c.tokens]]) for c in pending], audited_rpc(AUDITED_FORWARD),
+            sent = [serialize(inputs[c.tokens], layer.wire) for c in pending]
+            results = call_experts([(c.expert, [part]) for c, part in zip(pending, sent)], audited_rpc(AUDITED_FORWARD),
                                    timeouts.current(), timeouts.observe)
             seconds = time.perf_counter() - started
             retry = []
-            for call, result in zip(pending, results):
+            for call, part, result in zip(pending, sent, results):
                 answer = committed_answer(result, torch.Size((len(call.tokens), inputs.shape[1])), FORWARD_COMMIT)
                 if layer.record_replica(call, answer is not None, result, FORWARD, seconds):
                     output, row = answer
@@ -312,7 +314,7 @@ class _ReplicatedCall(torch.autograd.Function):
                     answered[call.tokens, call.slots] = True
                     commit = Commitment.of_row(row)
                     ok.append((call, commit))
-                    layer.audit(call, "forward", inputs[call.tokens], output, (commit,), seconds=seconds)
+                    layer.audit(call, "forward", part, output, (commit,), seconds=seconds)
                 elif round_ < FAILOVER_ROUNDS and (other := layer.other_replica(call, tried[id(call)])) is not None:
                     moved = ReplicaCall(other, call.tokens, call.slots)
                     tried[id(moved)] = tried[id(call)] | {other}
@@ -331,7 +333,8 @@ class _ReplicatedCall(torch.autograd.Function):
     def backward(ctx: Any, grad_outputs: torch.Tensor, _grad_answered: Any) -> Any:
         (inputs,) = ctx.saved_tensors
         grads, calls, layer = grad_outputs.cpu().float(), ctx.calls, ctx.layer
-        requests = [(c.expert, [inputs[c.tokens], grads[c.tokens, c.slots].contiguous()]) for c in calls]
+        requests = [(c.expert, [serialize(inputs[c.tokens], layer.wire),
+                                serialize(grads[c.tokens, c.slots].contiguous(), layer.wire)]) for c in calls]
         started = time.perf_counter()
         timeouts = layer.timeouts[BACKWARD]
         results = call_experts(requests, audited_rpc(AUDITED_BACKWARD), timeouts.current(), timeouts.observe)
@@ -371,16 +374,20 @@ class _ReplicaRouting:
         return self.record_outcome(peer, len(call.tokens), ok, result, direction, evicted=call.replica,
                                    what=f"server {peer} of {call.replica.record.uid}")
 
-    def audit(self, call: ReplicaCall, kind: str, inputs: torch.Tensor, answer: torch.Tensor,
-              commits: tuple[Commitment, ...], grads: torch.Tensor | None = None, seconds: float = 0.0) -> None:
+    def audit(self, call: ReplicaCall, kind: str, inputs: Sent, answer: torch.Tensor,
+              commits: tuple[Commitment, ...], grads: Sent | None = None, seconds: float = 0.0) -> None:
+        """Offer a call to the auditor; ``inputs`` and ``grads`` as sent (a serialized tensor is decoded
+        only if the call is drawn: the audit recomputes from what the server read, rounding and all)."""
         if self.auditor is None:
             return
         record = call.replica.record
-        moved = sum(t.numel() * t.element_size() for t in (inputs, answer, grads) if t is not None)
+        moved = sum(len(t.buffer) if isinstance(t, runtime_pb2.Tensor) else t.numel() * t.element_size()
+                    for t in (inputs, answer, grads) if t is not None)
         link_rate = moved / seconds if seconds > 0 else None  # with the server's compute: errs slow
         self.auditor.sample(lambda: AuditedCall(record.uid, record.peer_id, record.key, call.expert, kind,
-                                                inputs.clone(), answer.clone(), commits,
-                                                None if grads is None else grads.clone(), link_rate))
+                                                as_received(inputs).clone(), answer.clone(), commits,
+                                                None if grads is None else as_received(grads).clone(),
+                                                link_rate))
 
     def _routing(self, auditor: Auditor | None, banned: Callable[[], Collection[str]]) -> Callable[[], frozenset]:
         self.auditor, self.failovers, self.calls_by_peer = auditor, 0, {}

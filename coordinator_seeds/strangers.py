@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Collection
 
 from hivemind import DHT
@@ -22,6 +23,7 @@ from volunteer.core.audit_check import ExpertSpec
 from volunteer.core.expert_records import NOBODY, Banned, publish_audits, read_banned
 from volunteer.core.manifest import Manifest, MoELayer
 from volunteer.core.records import owner_subkey
+from volunteer.core.wire import rounding_rtol
 
 logger = logging.getLogger("coordinator_seeds.strangers")
 BANS_PERIOD = 15.0  # seconds between reads of the seed's ban list
@@ -37,13 +39,20 @@ def expert_specs(manifest: Manifest) -> dict[str, ExpertSpec]:
     return specs
 
 
+def wire_tolerance(audit: AuditSettings, manifest: Manifest) -> AuditSettings:
+    """``audit`` with its tolerance widened by the wire's rounding: an honest answer comes back rounded
+    to the experiment's wire dtype, and the recomputation it is checked against is not."""
+    tolerance = audit.tolerance
+    return replace(audit, tolerance=replace(tolerance, rtol=tolerance.rtol + rounding_rtol(manifest.wire_dtype)))
+
+
 class TrustedSwarm:
     """One trainer's view of who may serve it and who earned credit."""
 
     def __init__(self, manifest: Manifest, dht: DHT, audit: AuditSettings | None,
                  trusted_ban_keys: Collection[bytes | str] = ()):
         self.manifest, self.dht = manifest, dht
-        self.auditor = Auditor(expert_specs(manifest), audit) if audit is not None else None
+        self.auditor = Auditor(expert_specs(manifest), wire_tolerance(audit, manifest)) if audit is not None else None
         self.trusted = frozenset(trusted_ban_keys) | {owner_subkey(dht)}
         self._bans: Banned = NOBODY
         self._bans_read = -float("inf")

@@ -48,6 +48,7 @@ from volunteer.core.records import (
     visible_maddrs,
     withdraw_caller,
 )
+from volunteer.core.wire import compression
 
 logger = logging.getLogger("coordinator_seeds.trainer")
 
@@ -139,6 +140,8 @@ class MoELanguageModel(nn.Module):
             make_moe(d, layer, dht, spec.k_best, forward_timeout, backward_timeout, manifest.max_batch_size)
             for layer in manifest.layers
         ]
+        for moe in self.moes:  # what the volunteers' schemas declare, from the same manifest
+            moe.wire = compression(manifest.wire_dtype)
         self.blocks = nn.ModuleList(_Block(d, moe) for moe in self.moes)
         self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, corpus.VOCAB_SIZE)
 

@@ -18,13 +18,12 @@ from typing import Iterator
 import torch
 from hivemind.moe import ModuleBackend, Server, declare_experts
 from hivemind.utils import get_dht_time
-from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from tests.forkserver import server_context
-from volunteer.core import records
+from volunteer.core import records, wire
 from volunteer.core.expert_modules import build_expert, build_optimizer
 from volunteer.core.expert_records import publish_servers, withdraw_servers
-from volunteer.serving.backends import initial_seed
+from volunteer.serving.backends import initial_seed, wire_schemas
 from volunteer.serving.counters import ExpertCounters
 from volunteer.serving.handler import LeanServer
 from volunteer.serving.versions import AuditedBackend, RevealService
@@ -75,15 +74,15 @@ KINDS = {"honest": AuditedBackend, "zeros": ZerosBackend, "random": RandomBacken
          "wrong1in10": WrongOneInTenBackend}
 
 
-def _backend(kind: str, uid: str, pools: bool) -> ModuleBackend:
+def _backend(kind: str, uid: str, pools: bool, wire_dtype: str = "float32") -> ModuleBackend:
     module = build_expert(BLOCK, D_MODEL, D_HIDDEN, seed=initial_seed(uid))
     optimizer = build_optimizer("adam", module.parameters(), lr=LR)
-    schema = (BatchTensorDescriptor.from_tensor(torch.empty(1, D_MODEL)),)
+    schema, outputs = wire_schemas(module, torch.empty(1, D_MODEL), wire.compression(wire_dtype))  # as volunteers do
     if kind == "hijack":  # a plain hivemind expert that answers zeros: no commitment, no signed record
         return ModuleBackend(name=uid, module=_Zeros(), optimizer=None, args_schema=schema, max_batch_size=4096)
     return KINDS[kind](uid, module, optimizer=optimizer, expert_type="small",
-                       counters=ExpertCounters(uid, "small"), args_schema=schema, min_batch_size=1,
-                       max_batch_size=4096, pools=pools)
+                       counters=ExpertCounters(uid, "small"), args_schema=schema, outputs_schema=outputs,
+                       min_batch_size=1, max_batch_size=4096, pools=pools)
 
 
 class _Zeros(torch.nn.Module):
@@ -92,13 +91,13 @@ class _Zeros(torch.nn.Module):
 
 
 def _serve(conn: Connection, initial_peers: list[str], uids: list[str], kind: str, key_path: str,
-           samples_per_second: float, serving: str) -> None:
+           samples_per_second: float, serving: str, wire_dtype: str) -> None:
     os.setsid()  # its own process group: the test kills everything it started at once
     records.use_record_key(Path(key_path))
     torch.set_num_threads(1)
     dht = records.join_dht(PREFIX, initial_peers)
     lean = serving == "lean" and kind != "hijack"
-    backends = {uid: _backend(kind, uid, pools=not lean) for uid in uids}
+    backends = {uid: _backend(kind, uid, pools=not lean, wire_dtype=wire_dtype) for uid in uids}
     if lean:
         server = LeanServer(dht, backends, [("cpu", uids)], update_period=5)
         server.run_in_background(timeout=60)
@@ -142,12 +141,12 @@ def _serve(conn: Connection, initial_peers: list[str], uids: list[str], kind: st
 
 class StrangerServer:
     def __init__(self, initial_peers: list[str], uids: list[str], kind: str, key_path: Path,
-                 samples_per_second: float = 100.0, serving: str = "lean"):
+                 samples_per_second: float = 100.0, serving: str = "lean", wire_dtype: str = "float32"):
         context = server_context()
         self.uids, self.kind = uids, kind
         self._conn, child = context.Pipe()
         self.process = context.Process(target=_serve, args=(child, initial_peers, uids, kind, str(key_path),
-                                                             samples_per_second, serving))
+                                                             samples_per_second, serving, wire_dtype))
         self.process.start()
         child.close()
         self.peer_id = ""

@@ -199,6 +199,9 @@ BAD_DICTS = [
     # versions
     ("schema_version-2", _set("schema_version", 2), ["schema_version 2 is not supported"]),
     ("schema_version-string", _set("schema_version", "1"), ["schema_version must be an integer"]),
+    # the wire dtype
+    ("wire_dtype-float64", _set("wire_dtype", "float64"), ["wire_dtype = 'float64' is not one of float32, float16"]),
+    ("wire_dtype-int", _set("wire_dtype", 16), ["wire_dtype must be a name"]),
 ]
 
 
@@ -216,6 +219,16 @@ def test_bad_manifest_dict_is_refused_in_one_line(change, expected):
     with pytest.raises(ManifestError) as wire_err:
         loads(body)
     check_one_line(wire_err.value)
+
+
+def test_wire_dtype_is_float32_unless_said_and_left_out_of_the_dict_when_default():
+    """float32 (what every manifest meant before the key existed) is left out of what a seed serves, so
+    clients older than the key still parse it; float16 is kept and survives the round trip."""
+    plain = Manifest.from_dict(mutated(lambda d: None))
+    assert plain.wire_dtype == "float32" and "wire_dtype" not in plain.to_dict()
+    half = Manifest.from_dict(mutated(_set("wire_dtype", "float16")))
+    assert half.wire_dtype == "float16" and half.to_dict()["wire_dtype"] == "float16"
+    assert Manifest.from_dict(json.loads(half.to_json())) == half
 
 
 def test_ffn_with_four_times_d_model_is_accepted():

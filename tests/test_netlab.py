@@ -40,6 +40,7 @@ LAB_MANIFEST = textwrap.dedent(
     dht_prefix = "lablm"
     d_model = 256
     max_batch_size = 4096
+    wire_dtype = "float16"
 
     [optimizer]
     name = "adam"
@@ -62,7 +63,7 @@ LAB_MANIFEST = textwrap.dedent(
     lr = 0.003
     """
 )
-CALL_BYTES = 16 * 64 * 2 // 4 * 256 * 4
+CALL_BYTES = 16 * 64 * 2 // 4 * (256 * 2 + 8)  # a call's rows (batch x seq x k / 4 experts) in float16 on the wire
 SEED_HTTP, SEED_DHT = 8470, 31337
 SERVED_BOUND = 60.0  # seconds from "serving" to backward samples counted, behind a NAT (the issue's goal)
 
@@ -266,4 +267,4 @@ def test_with_a_port_forward_and_announce_host_it_is_direct(lab, homes):
 
 def test_calls_are_bigger_than_what_a_relay_carries():
     assert CALL_BYTES > 128 * 1024
-    assert re.search(r"d_model = 256", LAB_MANIFEST)
+    assert re.search(r"d_model = 256", LAB_MANIFEST) and re.search(r'wire_dtype = "float16"', LAB_MANIFEST)

@@ -10,6 +10,7 @@ a server process to start; only the replicas test kills one (its own layer's).""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -41,12 +42,14 @@ MANIFEST = Manifest.from_dict({
     "expert_types": [{"name": "small", "block": "residual_ffn", "d_hidden": 32}],
     "layers": [{"uid_prefix": "tstrange_ffn0", "grid": [2, 5], "expert_type": "small"},  # cheaters + honest
                {"uid_prefix": "tstrange_rep", "grid": [1, 4], "expert_type": "small"},  # two replicas
-               {"uid_prefix": "tstrange_big", "grid": [32, 16], "expert_type": "small"}],  # > 256: beam search
+               {"uid_prefix": "tstrange_big", "grid": [32, 16], "expert_type": "small"},  # > 256: beam search
+               {"uid_prefix": "tstrange_f16", "grid": [1, 2], "expert_type": "small"}],  # float16 on the wire
     "trainer": {"seq_len": 16, "batch_size": 4, "k_best": 2, "lr": 1e-3},
 })
-LAYER, REPLICATED, BIG = MANIFEST.layers
+LAYER, REPLICATED, BIG, F16 = MANIFEST.layers
 UIDS, REP_UIDS, BIG_UIDS = LAYER.uids(), REPLICATED.uids(), ["tstrange_big.3.5", "tstrange_big.3.6", "tstrange_big.20.1"]
 CHEATS = {"zeros": UIDS[2:4], "random": UIDS[4:6], "frozen": UIDS[6:8], "wrong1in10": UIDS[8:10]}
+F16_MANIFEST = replace(MANIFEST, wire_dtype="float16")
 AUDIT_RATE = 0.5  # high, so that the tests are short; the odds scale with it (calls_to_catch)
 
 
@@ -79,6 +82,7 @@ def swarm(peers: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "slow": StrangerServer(peers, REP_UIDS, "honest", keys / "slow.der", samples_per_second=20.0,
                                serving="hivemind"),
         "fast": StrangerServer(peers, REP_UIDS, "honest", keys / "fast.der", samples_per_second=60.0),
+        "honest16": StrangerServer(peers, F16.uids(), "honest", keys / "honest16.der", wire_dtype="float16"),
     }
     with running(*servers.values()):
         yield servers
@@ -251,6 +255,48 @@ def test_rows_the_unsigned_grid_root_hides_are_still_found(swarm: dict[str, Stra
     wait_until(lambda: set(moe.live.refresh()) == set(BIG_UIDS), 30, "the three signed uids behind the forged root")
     step(moe)
     assert set(moe.calls_by_peer) == {honest.peer_id} and moe.calls_failed == 0
+
+
+def test_float16_on_the_wire_is_half_the_bytes_and_honest_answers_pass_their_audits(
+        swarm: dict[str, StrangerServer], client: DHT) -> None:
+    """A volunteer of an experiment with ``wire_dtype = "float16"`` declares hivemind's MEANSTD_16BIT in
+    its schemas: a plain hivemind ``RemoteExpert`` follows them (forward and backward work), the server
+    answers in 16 bits, and the trainer's layer sends 16 bits too. Every audited call of the honest
+    server passes: the audit recomputes from the rounded inputs and gradients the server read (an audit
+    keeping the float32 ones would not find them in the revealed batch) and allows the answer's rounding."""
+    from hivemind.moe.client.expert import get_server_stub
+    from hivemind.moe.client.remote_expert_worker import RemoteExpertWorker
+    from hivemind.proto import runtime_pb2
+    from hivemind.utils import nested_flatten
+
+    from coordinator_seeds.strangers import wire_tolerance
+    from volunteer.core import wire
+
+    server, float16 = swarm["honest16"], wire.compression("float16")
+    (expert,) = create_remote_experts([ExpertInfo(F16.uids()[0], PeerID.from_base58(server.peer_id))], client)
+    schemas = [*nested_flatten(expert.info["forward_schema"]), *nested_flatten(expert.info["outputs_schema"])]
+    assert [s.compression for s in schemas] == [float16, float16]
+    x = torch.randn(32, D_MODEL, requires_grad=True)
+    expert(x).sum().backward()  # a plain client: inputs, outputs and gradients as the schemas say
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    request = runtime_pb2.ExpertRequest(uid=F16.uids()[0], tensors=[wire.serialize(x.detach(), float16)])
+    answer = RemoteExpertWorker.run_coroutine(get_server_stub(expert.p2p, expert.peer_id).rpc_forward(request))
+    (tensor,) = answer.tensors
+    assert tensor.compression == float16 and len(tensor.buffer) == x.numel() * 2 + len(x) * 8  # + mean, std a row
+
+    auditor = Auditor(expert_specs(MANIFEST), wire_tolerance(AuditSettings(rate=1.0, seed=3), F16_MANIFEST))
+    try:
+        moe = layer(client, F16, auditor=auditor)
+        moe.wire = float16
+        wait_until(lambda: len(moe.live.refresh()) == 2, 30, "the two float16 uids")
+        for _ in range(3):
+            step(moe)
+        auditor.wait_idle()
+        assert moe.calls_failed == 0 and set(moe.calls_by_peer) == {server.peer_id}
+        audited, passed = auditor.verdicts()[server.peer_id]
+        assert audited == passed >= 6 and auditor.credited(server.peer_id), auditor.failures
+    finally:
+        auditor.shutdown()
 
 
 def test_the_seeds_ban_list_is_followed_and_anyone_elses_ignored(swarm: dict[str, StrangerServer], peers: list[str],

@@ -256,6 +256,25 @@ def test_dispatch_matches_local_reference(frozen_server: ServerProcess, client_d
     assert moe.gate.weight.grad is not None and torch.isfinite(moe.gate.weight.grad).all()
 
 
+def test_dispatch_sends_in_the_experiments_wire_dtype(frozen_server: ServerProcess, client_dht: DHT) -> None:
+    """float16 on the wire: the plain hivemind server reads the rounded inputs and gradients (it decodes
+    whatever compression a request names), so the layer's answers are the reference's within the
+    rounding (2^-10 of the largest value), and not float32's."""
+    from volunteer.core.wire import compression, rounding_rtol
+
+    moe = frozen_layer(client_dht)
+    moe.wire = compression("float16")
+    x = torch.randn(200, D_MODEL, requires_grad=True)
+    grad = torch.randn(200, D_MODEL)
+    chosen = moe.route(moe.gate(x).detach(), moe.live.current())
+    output = moe(x)
+    output.backward(grad)
+    expected, expected_grad = local_reference(moe, local_copies(frozen_server, FROZEN), x, grad, chosen)
+    for got, want in ((output.detach(), expected), (x.grad, expected_grad)):
+        error = float((got - want).abs().max() / want.abs().max())
+        assert 1e-6 < error <= 2 * rounding_rtol("float16"), error
+
+
 def test_one_batched_call_per_chosen_expert_per_step(frozen_server: ServerProcess, client_dht: DHT) -> None:
     moe = frozen_layer(client_dht)
     for _ in range(2):

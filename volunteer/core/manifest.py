@@ -23,6 +23,9 @@ SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 256 * 1024
 MAX_EXPERT_PARAMS = 2**31  # 8 GiB of fp32 weights for one expert is already more than any volunteer holds
 MAX_GRID_UIDS = 65536
+# How activations and gradients cross the network (``volunteer.core.wire`` maps these to hivemind's
+# compressions): float16 halves the bytes of every expert call, which is what a step over a WAN waits on.
+WIRE_DTYPES = ("float32", "float16")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
@@ -77,6 +80,7 @@ class Manifest:
     layers: tuple[MoELayer, ...]
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     schema_version: int = SCHEMA_VERSION
+    wire_dtype: str = "float32"  # one of WIRE_DTYPES; volunteers declare it in their experts' schemas
 
     def expert_type(self, name: str) -> ExpertType:
         return next(t for t in self.expert_types if t.name == name)
@@ -95,7 +99,10 @@ class Manifest:
         return self.expert_type(self.layer_of(uid).expert_type)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))  # tuples become lists, as on the wire
+        data = json.loads(json.dumps(asdict(self)))  # tuples become lists, as on the wire
+        if data["wire_dtype"] == "float32":  # the default left out: clients older than the key still parse it
+            del data["wire_dtype"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -290,6 +297,7 @@ def _parse(data: Any) -> Manifest:
         layers=tuple(layers),
         trainer=trainer,
         schema_version=version,
+        wire_dtype=top.name("wire_dtype", "float32", choices=WIRE_DTYPES),
     )
     top.done()
     return manifest

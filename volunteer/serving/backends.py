@@ -35,6 +35,7 @@ from hivemind.utils.nested import nested_flatten, nested_pack
 from hivemind.utils.tensor_descr import BatchTensorDescriptor
 
 from volunteer.core.manifest import Manifest
+from volunteer.core.wire import compression
 from volunteer.serving.activations import MAX_STALENESS, KeptForwards, Rows
 from volunteer.serving.checkpoints import CheckpointStore, ExpertCheckpoint
 from volunteer.serving.counters import ExpertCounters
@@ -342,12 +343,15 @@ def build_backends(
         optimizer = build_optimizer(manifest.optimizer.name, module.parameters(), lr=manifest.optimizer.lr)
         checkpoint = store.load(uid, expert_type.name)
         sample = sample_input(expert_type.block, 1, manifest.d_model)
+        # the manifest's wire dtype in both schemas: hivemind's clients and servers (ours too) serialize
+        # inputs, outputs and gradients with the compression their schema names
+        args_schema, outputs_schema = wire_schemas(module, sample, compression(manifest.wire_dtype))
         # built on the CPU: hivemind runs a dummy forward on CPU zeros to learn the output schema
         backends[uid] = backend_class(
             uid, module, optimizer=optimizer, expert_type=expert_type.name,
             counters=ExpertCounters(uid, expert_type.name, checkpoint.updates if checkpoint else 0,
                                    params=expert_type.num_params(manifest.d_model)),
-            args_schema=(BatchTensorDescriptor.from_tensor(sample),),
+            args_schema=args_schema, outputs_schema=outputs_schema,
             min_batch_size=1, max_batch_size=max_batch_size, duty_cycle=duty_cycle, pools=pools,
         )
         # then moved, before the optimizer state is loaded: load_state_dict puts that state on its
@@ -361,6 +365,16 @@ def build_backends(
                     group["lr"] = manifest.optimizer.lr
             restored.append(uid)
     return backends, restored
+
+
+def wire_schemas(module: torch.nn.Module, sample: torch.Tensor, wire: int
+                 ) -> tuple[tuple[BatchTensorDescriptor, ...], BatchTensorDescriptor]:
+    """An expert's input and output schemas with the wire compression ``wire`` (hivemind's
+    ``CompressionType``): the inputs' covers inputs and input gradients, the output's covers outputs
+    and output gradients."""
+    with torch.no_grad():
+        output = module(torch.zeros_like(sample))
+    return (BatchTensorDescriptor.from_tensor(sample, wire),), BatchTensorDescriptor.from_tensor(output, wire)
 
 
 class ServerStartError(RuntimeError):

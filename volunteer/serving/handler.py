@@ -122,7 +122,11 @@ class ExpertHandler(ServicerBase):
                 raise Paused(f"{uid} is paused by its volunteer")
             outputs = await self._computed(Task(uid, kind, inputs, deliver=None))
             trained = inputs[0].shape[0] if kind == "backward" else 0
-            return [serialize_torch_tensor(output, proto.compression, allow_inplace=True)
+            # A 16-bit wire's compression rewrites its input when allowed in place; a forward's output
+            # shares its storage with the graph kept for the backward (KeptForwards), so only the
+            # backward's gradients, which nothing keeps, are compressed in place.
+            in_place = kind == "backward"
+            return [serialize_torch_tensor(output, proto.compression, allow_inplace=in_place)
                     for output, proto in zip(outputs, self.output_schemas[uid][kind])]
         finally:
             clock.end(trained)

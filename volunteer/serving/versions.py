@@ -29,7 +29,7 @@ from functools import partial
 from typing import Callable, Mapping
 
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.moe.server.module_backend import ModuleBackend
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
@@ -49,6 +49,7 @@ from volunteer.core.audit_check import (
     find_own_rows,
     state_digest,
 )
+from volunteer.core.wire import serialize
 from volunteer.serving.backends import CountingBackend, Paused, malformed
 from volunteer.serving.batching import DeviceWorker, Task
 from volunteer.serving.handler import _deliverer, _gather, _stream_parts
@@ -230,6 +231,10 @@ class RevealService:
         self.schemas = {uid: dict(forward=tuple(nested_flatten(b.forward_schema)),
                                   backward=tuple(nested_flatten(b.backward_schema)))
                         for uid, b in self.backends.items()}
+        # answers go back compressed as the schemas say (the experiment's wire dtype), commitments as they are
+        self.answer_wire = {uid: dict(forward=tuple(nested_flatten(b.outputs_schema))[0].compression,
+                                      backward=tuple(nested_flatten(b.grad_inputs_schema))[0].compression)
+                            for uid, b in self.backends.items()}
         self.ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -294,7 +299,8 @@ class RevealService:
             outputs = await getattr(backend, f"{kind}_pool").submit_task(*inputs)
         else:
             outputs = await self._on_worker(uid, kind, inputs)
-        return [serialize_torch_tensor(t) for t in outputs]
+        wire = self.answer_wire[uid][kind]
+        return [serialize(t, wire) for t in outputs]
 
     async def _on_worker(self, uid: str, kind: str, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """The lean path's request, as ``handler.ExpertHandler`` runs it: checked, queued on the device's
