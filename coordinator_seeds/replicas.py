@@ -66,6 +66,7 @@ from volunteer.core.audit_check import (
     Commitment,
 )
 from volunteer.core.expert_records import (
+    AUDIT_PROTOCOL,
     ServerRecord,
     read_groups,
     read_servers,
@@ -180,7 +181,7 @@ class SignedServers:
 
         def lookup() -> None:
             try:
-                records = read_servers(self.dht, self.dht_prefix, self.uids, banned=banned)
+                records = read_servers(self.dht, self.dht_prefix, self.uids, banned=banned, audit=AUDIT_PROTOCOL)
                 infos = [ExpertInfo(r.uid, PeerID.from_base58(r.peer_id)) for rs in records.values() for r in rs]
                 experts = create_remote_experts(infos, self.dht) if infos else []
                 future.set_result(list(zip([r for rs in records.values() for r in rs], experts)))
@@ -513,7 +514,7 @@ class SignedGrid(LiveGrid):
         keys = {row: row_group_keys(self.dht_prefix, row, self.layer.grid[-1]) for row in rows}
         try:
             found = read_groups(self.dht, [k for ks in keys.values() for k in ks], banned=frozenset(self.banned()),
-                                timeout=self.lookup_timeout)
+                                timeout=self.lookup_timeout, audit=AUDIT_PROTOCOL)
         except Exception as e:  # a failed lookup must not stop training: what is cached serves
             logger.warning("signed row lookup for %s failed: %s", self.layer.uid_prefix, e)
             return

@@ -45,7 +45,12 @@ from volunteer.core.audit_check import (
     state_digest,
 )
 from volunteer.core.expert_modules import build_expert, build_optimizer
-from volunteer.core.expert_records import group_key, parse_group, row_group_keys
+from volunteer.core.expert_records import (
+    AUDIT_PROTOCOL,
+    group_key,
+    parse_group,
+    row_group_keys,
+)
 from volunteer.serving.batching import DeviceWorker, Task
 from volunteer.serving.counters import ExpertCounters
 from volunteer.serving.versions import AuditedBackend, VersionStore
@@ -266,6 +271,11 @@ def test_only_signed_well_formed_records_of_the_group_are_read() -> None:
     assert parse_group(key, items, banned={found[0].key}) == []
     assert parse_group(key, items, banned={"QmA"}) == []
     assert [r.owner for r in parse_group(key, items, include_paused=True)] == [b"[owner:AAAA]", b"[owner:CCCC]"]
+    # a trainer reads only servers of its own audit protocol: another one's digests never match
+    assert [r.owner for r in parse_group(key, items, audit=1)] == [b"[owner:AAAA]"]
+    assert parse_group(key, items, audit=AUDIT_PROTOCOL) == []
+    ours = [(b"[owner:AAAA]", {**good, "audit": AUDIT_PROTOCOL})]
+    assert [r.audit for r in parse_group(key, ours, audit=AUDIT_PROTOCOL)] == [AUDIT_PROTOCOL]
 
 
 def test_an_unanswered_reveal_excludes_for_a_doubling_while_and_is_never_a_published_ban() -> None:

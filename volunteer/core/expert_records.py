@@ -46,8 +46,8 @@ from volunteer.core.records import RECORD_TTL, key_fingerprint, owner_subkey
 GROUP_WIDTH = 64  # uids of one row under one key: a 64-wide row is one key
 AUDIT_PROTOCOL = 3  # what a server's answers carry (``volunteer.serving.versions``); 0 = none, 1 = a one-stream
 # digest, 2 = ``state_digest`` in pieces, 3 = a two-leaf tree (weights, optimizer state) of pieces with
-# streamed msgpack reveals (a server and a trainer of different protocols disagree on every digest: no
-# reader checks this yet, so run one version)
+# streamed msgpack reveals (a server and a trainer of different protocols disagree on every digest, so a
+# trainer reads only the records of its own protocol: ``audit=`` of ``read_servers`` / ``read_groups``)
 _OWNER = re.compile(rb"^\[owner:(.+?)\]$", re.DOTALL)
 
 
@@ -162,11 +162,11 @@ async def _store_many(keys: list[str], values: list, expirations: list[float], s
 
 
 def read_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], *, banned: Collection[str] = (),
-                 include_paused: bool = False) -> dict[str, list[ServerRecord]]:
+                 include_paused: bool = False, audit: int | None = None) -> dict[str, list[ServerRecord]]:
     """Every signed, well-formed server record of each uid, minus banned keys and banned peers: one
-    read of the uids' group keys (in bounded DHT calls)."""
+    read of the uids' group keys (in bounded DHT calls). ``audit``: only servers of that audit protocol."""
     keys = list(dict.fromkeys(group_key(dht_prefix, uid) for uid in uids))
-    groups = read_groups(dht, keys, banned=banned, include_paused=include_paused)
+    groups = read_groups(dht, keys, banned=banned, include_paused=include_paused, audit=audit)
     found: dict[str, list[ServerRecord]] = {uid: [] for uid in uids}
     for records in groups.values():
         for record in records:
@@ -176,7 +176,7 @@ def read_servers(dht: DHT, dht_prefix: str, uids: Sequence[str], *, banned: Coll
 
 
 def read_groups(dht: DHT, keys: Sequence[str], *, banned: Collection[str] = (), include_paused: bool = False,
-                timeout: float | None = None) -> dict[str, list[ServerRecord]]:
+                timeout: float | None = None, audit: int | None = None) -> dict[str, list[ServerRecord]]:
     """The server records under each group key (``group_key``, ``row_group_keys``)."""
     answers = get_many(dht, keys, latest=True, **({} if timeout is None else dict(timeout=timeout)))
     found = {}
@@ -184,14 +184,15 @@ def read_groups(dht: DHT, keys: Sequence[str], *, banned: Collection[str] = (), 
         entry = answers.get(key)
         value = entry.value if entry is not None else None
         items = ((subkey, item.value) for subkey, item in value.items()) if isinstance(value, dict) else ()
-        found[key] = parse_group(key, items, banned=banned, include_paused=include_paused)
+        found[key] = parse_group(key, items, banned=banned, include_paused=include_paused, audit=audit)
     return found
 
 
 def parse_group(key: str, items: Iterable[tuple[object, object]], *, banned: Collection[str] = (),
-                include_paused: bool = False) -> list[ServerRecord]:
+                include_paused: bool = False, audit: int | None = None) -> list[ServerRecord]:
     """The records among a group key's ``(subkey, value)`` pairs that an owner signed, that fit the
-    schema, and whose uids belong to that group.
+    schema, and whose uids belong to that group (and, given ``audit``, whose server speaks that audit
+    protocol: an auditing trainer would fail every honest server of another one).
 
     The DHT checked the signature of every subkey naming an owner; a subkey naming none was
     written by anybody, so it is dropped here."""
@@ -204,7 +205,7 @@ def parse_group(key: str, items: Iterable[tuple[object, object]], *, banned: Col
             parsed = ServerGroupSchema.parse_obj(value)
         except (pydantic.ValidationError, TypeError):
             continue
-        if len(parsed.uids) > GROUP_WIDTH:
+        if len(parsed.uids) > GROUP_WIDTH or (audit is not None and parsed.audit != audit):
             continue
         for uid, rate in parsed.uids.items():
             record = ServerRecord(uid, subkey, parsed.peer_id, parsed.device, rate, parsed.reachable, parsed.paused,
