@@ -62,12 +62,8 @@ from volunteer.core.records import join_dht
 from volunteer.serving.backends import CountingBackend
 from volunteer.serving.batching import DeviceWorker, Task
 from volunteer.serving.counters import ExpertCounters
-from volunteer.serving.versions import (
-    AuditedBackend,
-    VersionStore,
-    version_bytes,
-    versions_to_keep,
-)
+from volunteer.serving.version_budget import version_bytes, versions_to_keep
+from volunteer.serving.versions import AuditedBackend, VersionStore
 
 TIMEOUT = 30.0
 

@@ -18,7 +18,7 @@ from volunteer.core.blocks import BLOCKS, OPTIMIZERS
 from volunteer.core.manifest import ExpertType, Manifest, Optimizer
 from volunteer.host.hardware import HardwareProfile
 from volunteer.planning.devices import Device, find_gpu
-from volunteer.serving.versions import version_bytes, versions_to_keep
+from volunteer.serving.version_budget import version_bytes, versions_to_keep
 
 MiB = 2**20
 GiB = 2**30

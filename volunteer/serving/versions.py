@@ -53,25 +53,15 @@ from volunteer.core.wire import serialize
 from volunteer.serving.backends import CountingBackend, Paused, malformed
 from volunteer.serving.batching import DeviceWorker, Task
 from volunteer.serving.handler import _deliverer, _gather, _stream_parts
+from volunteer.serving.version_budget import (
+    KEEP_FOR,
+    KEEP_VERSIONS,
+    version_bytes,
+    versions_to_keep,
+)
 
 logger = logging.getLogger(__name__)
-KEEP_VERSIONS = 16
-KEEP_FOR = 60.0  # seconds; a trainer asks within a step or two of the answer
-# Host memory one expert's kept versions may take: a large expert keeps fewer versions (each one is a
-# copy of its weights and optimizer state), never fewer than a trained version and its parent.
-AUDIT_MEMORY_CAP = 256 * 2**20
-MIN_VERSIONS = 2
 REVEAL_PART_BYTES = 2**18  # one message of a streamed reveal: small enough to show progress on a slow link
-
-
-def version_bytes(params: int, optimizer_states: int, batch_size: int, d_model: int) -> int:
-    """One kept version in fp32: weights and optimizer state, and the inputs and gradients of its step."""
-    return 4 * (params * (1 + optimizer_states) + 2 * batch_size * d_model)
-
-
-def versions_to_keep(one_version: int) -> int:
-    """How many versions an expert keeps: ``KEEP_VERSIONS``, fewer where they would exceed the cap."""
-    return max(MIN_VERSIONS, min(KEEP_VERSIONS, AUDIT_MEMORY_CAP // max(1, one_version)))
 
 
 def _copy_state(state):
