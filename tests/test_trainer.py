@@ -242,17 +242,23 @@ def local_copies(server: ServerProcess, layer: MoELayer) -> dict[int, torch.nn.M
 # --- dispatch ------------------------------------------------------------------------------------
 
 
-def test_dispatch_matches_local_reference(frozen_server: ServerProcess, client_dht: DHT) -> None:
-    moe = frozen_layer(client_dht)
+def dispatched_and_reference(moe, frozen_server: ServerProcess) -> tuple[torch.Tensor, ...]:
+    """A forward and backward of 200 tokens through ``moe``, and the same on local copies of the
+    frozen server's experts: ``(output, input grad, expected output, expected input grad)``."""
     x = torch.randn(200, D_MODEL, requires_grad=True)
     grad = torch.randn(200, D_MODEL)
     chosen = moe.route(moe.gate(x).detach(), moe.live.current())
     output = moe(x)
     output.backward(grad)
-
     expected, expected_grad = local_reference(moe, local_copies(frozen_server, FROZEN), x, grad, chosen)
-    assert torch.allclose(output.detach(), expected, atol=1e-5)
-    assert torch.allclose(x.grad, expected_grad, atol=1e-5)
+    return output.detach(), x.grad, expected, expected_grad
+
+
+def test_dispatch_matches_local_reference(frozen_server: ServerProcess, client_dht: DHT) -> None:
+    moe = frozen_layer(client_dht)
+    output, x_grad, expected, expected_grad = dispatched_and_reference(moe, frozen_server)
+    assert torch.allclose(output, expected, atol=1e-5)
+    assert torch.allclose(x_grad, expected_grad, atol=1e-5)
     assert moe.gate.weight.grad is not None and torch.isfinite(moe.gate.weight.grad).all()
 
 
@@ -264,13 +270,8 @@ def test_dispatch_sends_in_the_experiments_wire_dtype(frozen_server: ServerProce
 
     moe = frozen_layer(client_dht)
     moe.wire = compression("float16")
-    x = torch.randn(200, D_MODEL, requires_grad=True)
-    grad = torch.randn(200, D_MODEL)
-    chosen = moe.route(moe.gate(x).detach(), moe.live.current())
-    output = moe(x)
-    output.backward(grad)
-    expected, expected_grad = local_reference(moe, local_copies(frozen_server, FROZEN), x, grad, chosen)
-    for got, want in ((output.detach(), expected), (x.grad, expected_grad)):
+    output, x_grad, expected, expected_grad = dispatched_and_reference(moe, frozen_server)
+    for got, want in ((output, expected), (x_grad, expected_grad)):
         error = float((got - want).abs().max() / want.abs().max())
         assert 1e-6 < error <= 2 * rounding_rtol("float16"), error
 
