@@ -327,9 +327,18 @@ def reveal_bytes(reveal: Reveal) -> int:
     return size + (reveal_bytes(reveal.parent) if reveal.parent is not None else 0)
 
 
+REVEAL_TRIES = 3  # a reveal whose stream is cut is asked for again: loopback's daemons cut ~1 in 1,000
+
+
+class StreamCut(ConnectionError):
+    """The reveal's stream ended before what its server had announced: a network fault, never a verdict."""
+
+
 def reveal_over_p2p(call: AuditedCall, seconds_for: Callable[[int], float]) -> Reveal | None:
     """Ask the call's server for what the audit needs of the version its answer committed to (``REVEAL_RPC``,
-    a stream): the structure within ``seconds_for(0)``, the rest within ``seconds_for(its bytes)``."""
+    a stream): the structure within ``seconds_for(0)``, the rest within ``seconds_for(its bytes)``. A stream
+    cut short is asked for again, up to ``REVEAL_TRIES`` times: only the server's own empty structure says
+    that the version is not kept, so a cut can neither ban an honest server nor pass a lying one."""
     expert = call.expert
     own = (call.inputs, call.grads) if call.kind == "backward" and call.grads is not None else None
     asked = RevealRequest(call.commits[-1].version, call.kind, len(call.inputs) if own else 0,
@@ -343,7 +352,9 @@ def reveal_over_p2p(call: AuditedCall, seconds_for: Callable[[int], float]) -> R
             await P2P.send_protobuf(request, writer)
             await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
             first = await asyncio.wait_for(read_bounded(reader, MAX_HEADER_BYTES), seconds_for(0))
-            if first is None or not first.metadata:
+            if first is None:
+                raise StreamCut("the reveal's stream ended before its structure")
+            if not first.metadata:
                 return None
             announced = _announced(first.metadata)
             budget = [announced + 2**16]  # the tensors' bytes and their parts' framing
@@ -355,15 +366,26 @@ def reveal_over_p2p(call: AuditedCall, seconds_for: Callable[[int], float]) -> R
                     parts.extend(message.tensors)
 
             await asyncio.wait_for(rest(), seconds_for(announced))
+            received = sum(len(part.buffer) for part in parts)
+            if received < announced:
+                raise StreamCut(f"the reveal's stream ended after {received} of its {announced} bytes")
             return first.metadata, _combined(parts)
+        except asyncio.IncompleteReadError as e:  # inside a message
+            raise StreamCut(f"the reveal's stream ended inside a message: {e}") from None
         finally:
             writer.close()
 
-    future = RemoteExpertWorker.run_coroutine(ask(), return_future=True)
-    try:
-        received = future.result(timeout=given_up)
-    finally:
-        future.cancel()  # a reveal given up on must not go on reading
+    for attempt in range(1, REVEAL_TRIES + 1):
+        future = RemoteExpertWorker.run_coroutine(ask(), return_future=True)
+        try:
+            received = future.result(timeout=given_up)
+            break
+        except StreamCut as e:
+            if attempt == REVEAL_TRIES:
+                raise
+            logger.info("reveal of %s v%d from %s: %s; asking again", call.uid, asked.version, call.peer_id, e)
+        finally:
+            future.cancel()  # a reveal given up on must not go on reading
     if received is None:
         return None
     return decode_reveal(*received, own=own)

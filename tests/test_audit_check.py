@@ -206,6 +206,23 @@ def test_versions_are_kept_for_a_bounded_count() -> None:
     assert expert.versions.memory_bytes() <= 4 * (3 * params * 4 + 2 * 2 * SPEC.d_model * 4 + 64)
 
 
+def test_a_version_current_for_longer_than_the_keeping_time_is_still_revealed_after_its_step() -> None:
+    """Version 0 answered for 100 s (an idle expert), then one step: the step's reveal needs version 0 as
+    its parent, whose 60 s start when it stopped being current. (CI caught an honest server banned for
+    "version 1 was not kept" when its age counted from the snapshot.)"""
+    now = [0.0]
+    expert = Expert()
+    expert.versions = VersionStore(keep=16, keep_for=60.0, clock=lambda: now[0])
+    expert.forward(torch.randn(2, SPEC.d_model))
+    now[0] = 100.0
+    _, before, after = expert.backward(torch.randn(2, SPEC.d_model), torch.randn(2, SPEC.d_model))
+    assert (before.version, after.version) == (0, 1) and expert.versions.reveal(1) is not None
+    now[0] = 159.0
+    assert expert.versions.reveal(1) is not None and expert.versions.reveal(0) is not None
+    now[0] = 161.0  # 61 s after version 0 was superseded: gone; the current one always stays
+    assert expert.versions.reveal(0) is None and expert.versions.reveal(1) is None and len(expert.versions) == 1
+
+
 def test_the_state_digest_binds_every_byte_and_name_on_any_number_of_threads() -> None:
     """A state above ``PARALLEL_DIGEST_FROM`` is hashed in pieces on several threads: the digest is the
     same on one thread, and moves with a flipped last byte, bytes moved from one tensor to the next, a

@@ -8,12 +8,12 @@ plain clients the first tensor only, and so does the lean path (``serving.handle
 its schema lists); the project's trainers call ``AUDITED_FORWARD``/``_BACKWARD`` (``RevealService``)
 and get both, computed where plain calls are: hivemind's TaskPools, or on the lean path the device's
 ``batching.DeviceWorker``, so audited and plain calls batch together and a server cannot tell them apart
-by where they run. ``VersionStore`` keeps
-the last ``keep`` versions (at most ``keep_for`` seconds old); its memory is ``keep`` copies of the
-weights and optimizer state plus the batches of the steps that made them (``memory_bytes``), counted in
-the bench's figure. ``RevealService`` answers ``VolunteerAudit.rpc_reveal`` on the server's P2P with a
-stream: the reveal's structure (msgpack) first, then its tensors in parts of ``REVEAL_PART_BYTES``, as
-hivemind streams its own large answers (``split_for_streaming``); only what the audit's kind needs
+by where they run. ``VersionStore`` keeps the last ``keep`` versions (each for at most ``keep_for``
+seconds after a newer one replaced it); its memory is ``keep`` copies of the weights and optimizer
+state plus the batches of the steps that made them (``memory_bytes``), counted in the bench's figure.
+``RevealService`` answers ``VolunteerAudit.rpc_reveal`` on the server's P2P with a stream: the
+reveal's structure (msgpack) first, then its tensors in parts of ``REVEAL_PART_BYTES``, as hivemind
+streams its own large answers (``split_for_streaming``); only what the audit's kind needs
 (``Reveal.opened``). The audited calls have streaming forms too (``AUDITED_FORWARD_STREAM``/``_BACKWARD_``),
 for requests above hivemind's unary size, which the trainer uses exactly where hivemind's client would.
 """
@@ -129,11 +129,17 @@ class VersionStore:
         reveal = Reveal(number, module_state, optimizer_state, placeholder,
                         None if inputs is None else inputs.detach().to("cpu", copy=True),
                         None if grads is None else grads.detach().to("cpu", copy=True))
-        self._versions[number] = (self.clock(), reveal, commit)
+        now = self.clock()
+        if self._versions:  # the version this one supersedes was answered with until now: its age starts here
+            last, (_, kept, kept_commit) = next(reversed(self._versions.items()))
+            self._versions[last] = (now, kept, kept_commit)
+        self._versions[number] = (now, reveal, commit)
         self._expire()
         return commit
 
     def _expire(self) -> None:
+        # a version's time is when it stopped being current (the current one's, when it was made): an
+        # expert idle for longer than ``keep_for`` must still reveal the parent of its next step
         cutoff = self.clock() - self.keep_for
         while self._versions and (len(self._versions) > self.keep or next(iter(self._versions.values()))[0] < cutoff):
             if len(self._versions) == 1:
