@@ -359,14 +359,16 @@ def reveal_over_p2p(call: AuditedCall, seconds_for: Callable[[int], float]) -> R
             announced = _announced(first.metadata)
             budget = [announced + 2**16]  # the tensors' bytes and their parts' framing
             parts: list[runtime_pb2.Tensor] = []
+            received = 0
 
-            async def rest() -> None:
-                while (message := await read_bounded(reader, budget[0])) is not None:
+            async def rest() -> None:  # up to the announced bytes, then this side closes first (streams.py)
+                nonlocal received
+                while received < announced and (message := await read_bounded(reader, budget[0])) is not None:
                     budget[0] -= message.ByteSize() + 1 + P2P.HEADER_LEN
                     parts.extend(message.tensors)
+                    received += sum(len(part.buffer) for part in message.tensors)
 
             await asyncio.wait_for(rest(), seconds_for(announced))
-            received = sum(len(part.buffer) for part in parts)
             if received < announced:
                 raise StreamCut(f"the reveal's stream ended after {received} of its {announced} bytes")
             return first.metadata, _combined(parts)

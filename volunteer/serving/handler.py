@@ -42,6 +42,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils import MSGPackSerializer, nested_flatten
 from hivemind.utils.streaming import split_for_streaming
 
+from volunteer.core.streams import PLAIN_LINGER, add_graceful_stream_handler
 from volunteer.serving.backends import (
     CountingBackend,
     Paused,
@@ -74,6 +75,20 @@ class ExpertHandler(ServicerBase):
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
         # hivemind's clients call "ConnectionHandler.rpc_forward": answer under that name, not ours
         return ConnectionHandler._get_handle_name(namespace, method_name)
+
+    async def add_p2p_handlers(self, p2p: P2P, wrapper: object = None, *, namespace: str | None = None,
+                               balanced: bool = False) -> None:
+        """hivemind's registration (``ServicerBase``), with the streaming forms ended gracefully
+        (``core.streams``: the daemons would otherwise cut some answers); removed as hivemind's are."""
+        self._collect_rpc_handlers()
+        for rpc in self._rpc_handlers:
+            name, method = self._get_handle_name(namespace, rpc.method_name), getattr(self, rpc.method_name)
+            if rpc.stream_output:
+                await add_graceful_stream_handler(p2p, name, method, rpc.request_type, stream_input=rpc.stream_input,
+                                                  linger=PLAIN_LINGER, balanced=balanced)
+            else:
+                await p2p.add_protobuf_handler(name, method, rpc.request_type, stream_input=rpc.stream_input,
+                                               balanced=balanced)
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(self._backend(request.uid).get_info()))

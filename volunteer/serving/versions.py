@@ -49,6 +49,7 @@ from volunteer.core.audit_check import (
     find_own_rows,
     state_digest,
 )
+from volunteer.core.streams import PLAIN_LINGER, add_graceful_stream_handler
 from volunteer.core.wire import serialize
 from volunteer.serving.backends import CountingBackend, Paused, malformed
 from volunteer.serving.batching import DeviceWorker, Task
@@ -256,13 +257,15 @@ class RevealService:
 
         self._stop = asyncio.Event()
         p2p = await P2P.replicate(self.dht.run_coroutine(DHT._get_p2p_daemon_listen_maddr))
-        await p2p.add_protobuf_handler(REVEAL_RPC, self._reveal, runtime_pb2.ExpertRequest, stream_output=True)
+        # streams end gracefully (core.streams): the daemons would otherwise cut 1-3 answers in 1,000; the
+        # trainer's reveal reader closes first, the audited streams' (hivemind's reader) waits PLAIN_LINGER
+        await add_graceful_stream_handler(p2p, REVEAL_RPC, self._reveal, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(AUDITED_FORWARD, self._forward, runtime_pb2.ExpertRequest)
         await p2p.add_protobuf_handler(AUDITED_BACKWARD, self._backward, runtime_pb2.ExpertRequest)
-        await p2p.add_protobuf_handler(AUDITED_FORWARD_STREAM, self._forward_stream, runtime_pb2.ExpertRequest,
-                                       stream_input=True, stream_output=True)
-        await p2p.add_protobuf_handler(AUDITED_BACKWARD_STREAM, self._backward_stream, runtime_pb2.ExpertRequest,
-                                       stream_input=True, stream_output=True)
+        await add_graceful_stream_handler(p2p, AUDITED_FORWARD_STREAM, self._forward_stream, runtime_pb2.ExpertRequest,
+                                          stream_input=True, linger=PLAIN_LINGER)
+        await add_graceful_stream_handler(p2p, AUDITED_BACKWARD_STREAM, self._backward_stream,
+                                          runtime_pb2.ExpertRequest, stream_input=True, linger=PLAIN_LINGER)
         self.ready.set()
         try:
             await self._stop.wait()
