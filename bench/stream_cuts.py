@@ -9,6 +9,12 @@ client does (``iterate_protobuf_handler``: until the server closes) or as the tr
 now (the announced number of messages, then it closes first). A stream is cut when fewer messages or
 bytes than sent arrive. Each case's figure is cuts per 10,000 streams, with the rounds' spread.
 
+It also counts the resets the client's daemon saw (its ``doStreamPipe`` logs ``stream error: stream
+reset`` at debug level when the stream it reads is reset; ``GOLOG_LOG_LEVEL=p2pd=debug``). Where the server
+closes first, that is the number of streams on which the server's daemon sent RST rather than FIN: the
+race ``volunteer.core.streams`` describes. (Where the client closes first its own daemon resets the stream
+it stops reading, every time, so those cases' counts say nothing about the server.)
+
     .venv/bin/python -m bench.stream_cuts [--streams 5000] [--parallel 8] [--messages 3] [--size 8192] [--rounds 5]
 """
 
@@ -16,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import subprocess
 import sys
 import time
@@ -65,10 +73,33 @@ async def serve(short_linger: float) -> None:
         await p2p.shutdown()
 
 
+class ResetCounter(logging.Handler):
+    """The client daemon's ``stream error`` lines, which hivemind relays to its p2p_daemon logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "stream error: stream reset":  # not "use of closed network connection"
+            self.count += 1
+
+    @classmethod
+    def installed(cls) -> ResetCounter:
+        os.environ["GOLOG_LOG_LEVEL"] = "error,p2pd=debug"  # read by P2P.create for its daemon
+        daemon_log = logging.getLogger("hivemind.p2p.p2p_daemon")
+        daemon_log.setLevel(logging.DEBUG)
+        daemon_log.propagate = False  # counted, not printed
+        counter = cls()
+        daemon_log.addHandler(counter)
+        return counter
+
+
 @dataclass
 class Tally:
     streams: int = 0
     cut: int = 0
+    resets: int = 0
     timed_out: int = 0
     failed: int = 0
     seconds: list[float] = field(default_factory=list)  # per stream
@@ -106,11 +137,11 @@ async def read_then_close(p2p: P2P, peer: PeerID, name: str, request, expected: 
 
 
 async def one_round(p2p: P2P, peer: PeerID, case: tuple[str, str], streams: int, parallel: int,
-                    messages: int, size: int, tally: Tally) -> None:
+                    messages: int, size: int, tally: Tally, resets: ResetCounter) -> None:
     name, reader = case
     request = runtime_pb2.ExpertRequest(uid="bench", metadata=MSGPackSerializer.dumps((messages, size)))
     gate = asyncio.Semaphore(parallel)
-    cut_before = tally.cut
+    cut_before, resets_before = tally.cut, resets.count
 
     async def call() -> None:
         async with gate:
@@ -135,11 +166,14 @@ async def one_round(p2p: P2P, peer: PeerID, case: tuple[str, str], streams: int,
                 tally.cut += 1
 
     await asyncio.gather(*(call() for _ in range(streams)))
+    await asyncio.sleep(0.5)  # the daemon's last log lines arrive
+    tally.resets += resets.count - resets_before
     tally.per_round.append(1e4 * (tally.cut - cut_before) / streams)
 
 
 async def drive(args, peer_id: str, maddrs: list[str]) -> dict[tuple[str, str], Tally]:
     peer = PeerID.from_base58(peer_id)
+    resets = ResetCounter.installed()
     p2p = await P2P.create(initial_peers=[Multiaddr(f"{maddrs[0]}/p2p/{peer_id}")])
     tallies = {case: Tally() for case in CASES}
     try:
@@ -147,7 +181,8 @@ async def drive(args, peer_id: str, maddrs: list[str]) -> dict[tuple[str, str], 
         for r in range(args.rounds):
             cases = CASES if r % 2 == 0 else CASES[::-1]  # alternate the order: no case always goes first
             for case in cases:
-                await one_round(p2p, peer, case, per_round, args.parallel, args.messages, args.size, tallies[case])
+                await one_round(p2p, peer, case, per_round, args.parallel, args.messages, args.size, tallies[case],
+                                resets)
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{n}/{rd} {t.cut}" for (n, rd), t in tallies.items()), flush=True)
     finally:
@@ -198,11 +233,11 @@ def main() -> None:
     for (name, reader), t in tallies.items():
         rounds = sorted(t.per_round)
         rows.append([name.split(".")[1], reader, t.streams, t.cut, t.timed_out, t.failed, t.per_10k(),
-                     f"{rounds[0]:.0f}-{rounds[-1]:.0f}", 1e3 * median(t.seconds)])
+                     f"{rounds[0]:.0f}-{rounds[-1]:.0f}", t.resets, 1e3 * median(t.seconds)])
     print_table(f"{args.messages} messages of {args.size} bytes a stream, {args.parallel} streams at once "
                 f"({wall:.0f} s in all)",
                 ["handler", "reader", "streams", "cut", "timed out", "failed", "cut/10k", "rounds' range",
-                 "median ms"], rows)
+                 "client resets", "median ms"], rows)
     key = {f"{name.split('.')[1]}_{reader}_per10k": t.per_10k() for (name, reader), t in tallies.items()}
     print_key("stream_cuts", key)
 

@@ -327,7 +327,7 @@ def reveal_bytes(reveal: Reveal) -> int:
     return size + (reveal_bytes(reveal.parent) if reveal.parent is not None else 0)
 
 
-REVEAL_TRIES = 3  # a reveal whose stream is cut is asked for again: loopback's daemons cut ~1 in 1,000
+REVEAL_TRIES = 3  # a cut reveal is asked for again: servers before core.streams were cut 1-3 in 1,000
 
 
 class StreamCut(ConnectionError):
