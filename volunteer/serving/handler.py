@@ -81,8 +81,9 @@ class ExpertHandler(ServicerBase):
         """hivemind's registration (``ServicerBase``), with the streaming forms ended gracefully
         (``core.streams``: the daemons would otherwise cut some answers); removed as hivemind's are."""
         self._collect_rpc_handlers()
+        servicer = self if wrapper is None else wrapper
         for rpc in self._rpc_handlers:
-            name, method = self._get_handle_name(namespace, rpc.method_name), getattr(self, rpc.method_name)
+            name, method = self._get_handle_name(namespace, rpc.method_name), getattr(servicer, rpc.method_name)
             if rpc.stream_output:
                 await add_graceful_stream_handler(p2p, name, method, rpc.request_type, stream_input=rpc.stream_input,
                                                   linger=PLAIN_LINGER, balanced=balanced)
