@@ -56,6 +56,10 @@ from volunteer.core.audit_check import (
     Reveal,
     check_backward,
     check_forward,
+    decode_reveal,
+    encode_reveal,
+    find_own_rows,
+    rows_digest,
 )
 from volunteer.core.expert_modules import build_expert, build_optimizer
 from volunteer.core.records import join_dht
@@ -190,18 +194,28 @@ def check_cost(exp: BenchExperiment, rows: int, repeats: int = 30) -> tuple[floa
         after = store.advance(module, optimizer, before, x, g)
     with torch.no_grad():
         output = module(x)
-    forward_reveal = store.reveal(after.version)
-    forward_reveal = Reveal(forward_reveal.version, forward_reveal.module, forward_reveal.optimizer)
 
     def forward() -> None:
-        check_forward(spec, after, Reveal.from_bytes(forward_reveal.to_bytes()), x, output)
+        check_forward(spec, after, _through_the_wire(store.reveal(after.version), "forward")[0], x, output)
 
     def backward() -> None:
-        check_backward(spec, before, after, Reveal.from_bytes(store.reveal(after.version).to_bytes()), x, g,
-                       x_in.grad)
+        reveal = _through_the_wire(store.reveal(after.version), "backward", (x, g))[0]
+        check_backward(spec, before, after, reveal, x, g, x_in.grad)
 
-    size = len(store.reveal(after.version).to_bytes())
+    size = _through_the_wire(store.reveal(after.version), "backward", (x, g))[1]
     return _cpu_ms(forward, repeats), _cpu_ms(backward, repeats), size
+
+
+def _through_the_wire(kept: Reveal, kind: str, own: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[Reveal, int]:
+    """What a trainer decodes of a kept version, as ``RevealService`` sends it (opened for ``kind``, the
+    trainer's own rows left out and spliced back), and the bytes of its tensors."""
+    opened = kept.opened(kind)
+    own_at = None
+    if own is not None and opened.inputs is not None:
+        own_at = find_own_rows(opened.inputs, opened.grads, len(own[0]), rows_digest(*own))
+    header, tensors = encode_reveal(opened, own_at, len(own[0]) if own_at is not None else 0)
+    return decode_reveal(header, tensors, own), sum(len(t.buffer) for t in tensors)
 
 
 def _cpu_ms(f: Callable[[], None], repeats: int) -> float:
