@@ -300,6 +300,11 @@ class AuditedBackend(CountingBackend):
                 self.module(x_in).backward(grad.to(x.device, x.dtype))
             self.on_backward(len(x))
             grad_in = x_in.grad
+        # The copy and digest of the new state stay on this answer's path: the answer must bind the state
+        # its step made before any trainer can ask for it. An answer that carried the "after" version
+        # without its digest would let a server pick that state at reveal time: a frozen copy would
+        # reveal before + the recomputed update, pass, and keep answering from its frozen weights, whose
+        # digest the next answers would carry with nothing tying it to this step.
         after = self.versions.advance(self.module, self.optimizer, before, x, grad)
         return grad_in, _rows(before.row() + after.row(), len(x))
 
