@@ -6,7 +6,9 @@ and trainer steps/s with audits on and off, side by side in one run.
    answer carries its commitment) and as a plain ``CountingBackend``, forward+backward calls of
    ``rows`` rows, in alternating rounds; per round, this process's CPU per call and calls/s, paired
    ratios; and the CPU of the commit alone (``VersionStore.advance``: copy and digest). Both experts
-   are the same and run on one intra-op thread. Per expert size of ``--server-sizes``.
+   are the same and run on one intra-op thread. Per expert size of ``--server-sizes``. With
+   ``--store-before TREE`` (an earlier commit's ``git archive``), that tree's ``AuditedBackend`` (its
+   version store and digest) is a third worker in the same rounds: before and now, paired.
 2. **The trainer's check** (in this process): CPU per audited forward and backward call of the bench
    expert: the server encodes the reveal, the trainer decodes it, checks the digests and recomputes.
 3. **End to end**: two ``volunteer start`` processes serve the 8 experts of one layer (4 each, lean);
@@ -21,15 +23,19 @@ The memory figure is the server's ``VersionStore`` for one bench expert after mo
 keeps (measured here in-process on the same expert).
 
     .venv/bin/python -m bench.audit_overhead [--tokens 256] [--rounds 16] [--seconds 2.5] [--rate 0.02]
+        [--server-sizes 64x256@64,512x2048@256] [--server-rounds 8] [--store-before TREE]
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import math
 import statistics
+import sys
 import time
 from functools import partial
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -56,6 +62,10 @@ from volunteer.core.audit_check import (
     Reveal,
     check_backward,
     check_forward,
+    decode_reveal,
+    encode_reveal,
+    find_own_rows,
+    rows_digest,
 )
 from volunteer.core.expert_modules import build_expert, build_optimizer
 from volunteer.core.records import join_dht
@@ -120,27 +130,25 @@ def with_process_cpu(run: Callable[[], Rate]) -> Callable[[], Rate]:
     return measured
 
 
-def server_commit_cost(size: str, exp: BenchExperiment, rounds: int, seconds: float) -> list[str]:
-    """``size`` is ``d_model x d_hidden @ rows``; a table row of the paired figures."""
+def server_commit_cost(size: str, exp: BenchExperiment, rounds: int, seconds: float,
+                       before_class: type[CountingBackend] | None = None) -> list[str]:
+    """``size`` is ``d_model x d_hidden @ rows``; a table row of the paired figures. ``before_class``: an
+    earlier tree's ``AuditedBackend`` (``backend_from_tree``), a third worker in the same rounds."""
     dims, rows = size.split("@")
     d_model, d_hidden = map(int, dims.split("x"))
     rows = int(rows)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    workers = {name: lean_worker(cls, d_model, d_hidden, exp.block, exp.lr, rows)
-               for name, cls in (("audited", AuditedBackend), ("plain", CountingBackend))}
+    classes = {"audited": AuditedBackend, "plain": CountingBackend, **({"before": before_class} if before_class else {})}
+    workers = {name: lean_worker(cls, d_model, d_hidden, exp.block, exp.lr, rows) for name, cls in classes.items()}
     try:
         runs = {name: with_process_cpu(partial(measure, worker_step(w, rows, d_model), seconds, warmup=2))
                 for name, w in workers.items()}
         results = {name: [] for name in runs}
-        for i in range(rounds):  # ABAB, then BABA
-            for name in (("audited", "plain") if i % 2 == 0 else ("plain", "audited")):
+        for i in range(rounds):  # ABC, then CBA
+            for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
                 results[name].append(runs[name]())
-        backend = workers["audited"].backends["u.0"]
-        before = backend.versions.current(backend.module, backend.optimizer)
-        x = torch.randn(rows, d_model)
-        commit_ms = 1000 * median(_cpu(lambda: backend.versions.advance(backend.module, backend.optimizer, before, x, x))
-                                  for _ in range(9))
+        commit_ms = {name: _commit_ms(workers[name].backends["u.0"], rows, d_model) for name in workers if name != "plain"}
     finally:
         for worker in workers.values():
             worker.stop()
@@ -149,7 +157,41 @@ def server_commit_cost(size: str, exp: BenchExperiment, rounds: int, seconds: fl
     speed = [a.per_second / p.per_second for a, p in zip(results["audited"], results["plain"])]
     cpu = [_cpu_per_call(a) / _cpu_per_call(p) for a, p in zip(results["audited"], results["plain"])]
     plain_ms = median(_cpu_per_call(p) for p in results["plain"])
-    return [f"{d_model}/{d_hidden}", rows, f"{plain_ms:.2f}", f"{commit_ms:.2f}", _spread(cpu), _spread(speed)]
+    row = [f"{d_model}/{d_hidden}", rows, f"{plain_ms:.2f}", f"{commit_ms['audited']:.2f}", _spread(cpu), _spread(speed)]
+    if before_class is not None:
+        row += [f"{commit_ms['before']:.2f}",
+                _spread([_cpu_per_call(b) / _cpu_per_call(p) for b, p in zip(results["before"], results["plain"])]),
+                _spread([_cpu_per_call(a) / _cpu_per_call(b) for a, b in zip(results["audited"], results["before"])])]
+    return row
+
+
+def _commit_ms(backend: AuditedBackend, rows: int, d_model: int) -> float:
+    """Median CPU ms of ``VersionStore.advance`` alone (copy and digest of one optimizer step's state)."""
+    before = backend.versions.current(backend.module, backend.optimizer)
+    x = torch.randn(rows, d_model)
+    return 1000 * median(_cpu(lambda: backend.versions.advance(backend.module, backend.optimizer, before, x, x))
+                         for _ in range(15))
+
+
+def backend_from_tree(tree: Path) -> type[CountingBackend]:
+    """The ``AuditedBackend`` of an earlier source tree (``git archive <commit> | tar -x -C TREE``): its
+    ``serving/versions.py`` and the ``core/audit_check.py`` it commits with, imported beside this tree's
+    under other names; everything else they import (backends, batching) is this tree's."""
+    modules = {}
+    for name, path in (("before_audit_check", "volunteer/core/audit_check.py"),
+                       ("before_versions", "volunteer/serving/versions.py")):
+        spec = importlib.util.spec_from_file_location(name, tree / path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while it is built
+        ours = sys.modules["volunteer.core.audit_check"]
+        if name == "before_versions":  # its ``from volunteer.core.audit_check import ...`` gets the old one
+            sys.modules["volunteer.core.audit_check"] = modules["before_audit_check"]
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.modules["volunteer.core.audit_check"] = ours
+        modules[name] = module
+    return modules["before_versions"].AuditedBackend
 
 
 def _cpu(f: Callable[[], object]) -> float:
@@ -190,18 +232,28 @@ def check_cost(exp: BenchExperiment, rows: int, repeats: int = 30) -> tuple[floa
         after = store.advance(module, optimizer, before, x, g)
     with torch.no_grad():
         output = module(x)
-    forward_reveal = store.reveal(after.version)
-    forward_reveal = Reveal(forward_reveal.version, forward_reveal.module, forward_reveal.optimizer)
 
     def forward() -> None:
-        check_forward(spec, after, Reveal.from_bytes(forward_reveal.to_bytes()), x, output)
+        check_forward(spec, after, _through_the_wire(store.reveal(after.version), "forward")[0], x, output)
 
     def backward() -> None:
-        check_backward(spec, before, after, Reveal.from_bytes(store.reveal(after.version).to_bytes()), x, g,
-                       x_in.grad)
+        reveal = _through_the_wire(store.reveal(after.version), "backward", (x, g))[0]
+        check_backward(spec, before, after, reveal, x, g, x_in.grad)
 
-    size = len(store.reveal(after.version).to_bytes())
+    size = _through_the_wire(store.reveal(after.version), "backward", (x, g))[1]
     return _cpu_ms(forward, repeats), _cpu_ms(backward, repeats), size
+
+
+def _through_the_wire(kept: Reveal, kind: str, own: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[Reveal, int]:
+    """What a trainer decodes of a kept version, as ``RevealService`` sends it (opened for ``kind``, the
+    trainer's own rows left out and spliced back), and the bytes of its tensors."""
+    opened = kept.opened(kind)
+    own_at = None
+    if own is not None and opened.inputs is not None:
+        own_at = find_own_rows(opened.inputs, opened.grads, len(own[0]), rows_digest(*own))
+    header, tensors = encode_reveal(opened, own_at, len(own[0]) if own_at is not None else 0)
+    return decode_reveal(header, tensors, own), sum(len(t.buffer) for t in tensors)
 
 
 def _cpu_ms(f: Callable[[], None], repeats: int) -> float:
@@ -295,6 +347,8 @@ def main() -> None:
     parser.add_argument("--server-sizes", default="64x256@64,512x2048@256",
                         help="d_model x d_hidden @ rows a call, for the server's part (comma-separated)")
     parser.add_argument("--server-rounds", type=int, default=8)
+    parser.add_argument("--store-before", type=Path, help="source tree of an earlier commit: its audited backend "
+                        "in part 1's rounds too (commit CPU and CPU per call, before and now)")
     args = parser.parse_args()
     exp = BenchExperiment()
     rows = args.tokens * 2 // math.prod(exp.grid)  # what one expert gets of a step: k = 2 over the layer's experts
@@ -302,11 +356,14 @@ def main() -> None:
     print(f"expert: {exp.describe()}; 2 volunteers x 4 experts; k=2; {args.tokens} tokens a step "
           f"({rows} rows an expert); audit rate {args.rate:.0%}")
 
-    server_rows = [server_commit_cost(size, exp, args.server_rounds, 0.5) for size in args.server_sizes.split(",")]
+    before_class = backend_from_tree(args.store_before.resolve()) if args.store_before else None
+    server_rows = [server_commit_cost(size, exp, args.server_rounds, 0.5, before_class)
+                   for size in args.server_sizes.split(",")]
     print_table(f"1. server: audited / plain lean backend, forward+backward calls, {args.server_rounds} alternating "
                 "rounds (median [quartiles] of paired ratios)",
                 ["expert", "rows", "plain: CPU ms/call", "commit: CPU ms/step", "CPU/call audited/plain",
-                 "calls/s audited/plain"], server_rows)
+                 "calls/s audited/plain"] + (["before: commit ms/step", "before: CPU/call audited/plain",
+                                              "CPU/call now/before"] if before_class else []), server_rows)
 
     forward_ms, backward_ms, reveal_bytes = check_cost(exp, rows)
     calls = 2 * math.prod(exp.grid)  # a forward and a backward call per expert a step (each gets tokens at k = 2)

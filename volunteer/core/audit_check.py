@@ -2,7 +2,7 @@
 
 Every answer of an audited server carries, next to its tensor, the **commitment** of the expert's state
 that produced it: the version number and the digest of that state (``state_digest``: a two-leaf tree,
-the SHA-256 of the weights and the SHA-256 of the optimizer state, hashed together). A forward answer
+the BLAKE3 of the weights and the BLAKE3 of the optimizer state, hashed together). A forward answer
 carries one (``FORWARD_COMMIT``: version, digest); a backward answer two, the state it computed with and
 the state its optimizer step produced (``BACKWARD_COMMIT``). The server keeps recent versions for a
 bounded time (``volunteer.serving.versions``). After an answer came back, a trainer picks a few calls at
@@ -48,13 +48,12 @@ trainer's CPU recomputation were not measured (no GPU was lent).
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import hashlib
-import os
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import blake3
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
@@ -62,7 +61,7 @@ from hivemind.utils import MSGPackSerializer
 
 from volunteer.core.expert_modules import build_expert, build_optimizer
 
-DIGEST_WORDS = 4  # a SHA-256 as four int64 words
+DIGEST_WORDS = 4  # a 256-bit digest as four int64 words
 FORWARD_COMMIT = 1 + DIGEST_WORDS  # [version, digest...] per answered row
 BACKWARD_COMMIT = 2 * FORWARD_COMMIT  # [before version, before digest..., after version, after digest...]
 MAX_REVEAL_BYTES = 64 * 2**20  # what a trainer receives of one reveal at most, structure and tensors
@@ -97,101 +96,94 @@ def state_digest(module_state: Mapping[str, torch.Tensor], optimizer_state: Mapp
     a tree of two leaves, the weights' digest and the optimizer state's, so a reveal can open the weights
     and show only the optimizer state's digest (``Reveal.opened``).
 
-    Each leaf is canonical: tensors in name order, the optimizer's per-parameter state in index order
-    (its hyperparameters too, so a changed learning rate is a different state). A server computes one at
-    every optimizer step, before its answer can go out, so a large state is hashed on several cores:
-    a leaf's bytes, each segment headed by its name, dtype, shape, offset and length (``_segments``), are
-    cut into pieces of about ``DIGEST_PIECE`` bytes, each piece is hashed, and the leaf is the SHA-256 of
-    the pieces' digests in order (``_pieces_digest``). The pieces are fixed by the state alone, so the
-    digest does not depend on how many threads computed it (``threads``: up to 4 by default, fewer on
-    fewer cores); a small state is one piece."""
+    Each leaf is BLAKE3 over a canonical stream (``weights_leaf``, ``optimizer_leaf``): a header naming
+    every entry in order (name, dtype and shape of a tensor; the value of anything else; the optimizer's
+    hyperparameters, so a changed learning rate is a different state), then the tensors' bytes in that
+    order. A server hashes that stream at every optimizer step, before its answer can go out: it copies
+    the tensors into one flat buffer in this order (``serving.versions``) and hashes the buffer in one
+    call; a trainer hashes the revealed tensors one after the other; the bytes, so the digests, are the
+    same. BLAKE3 rather than SHA-256: as sound (256 bits, a standard design), 3x faster on one core here
+    (0.07 against 0.22 ms for the 0.4 MB of a 64/256 expert with Adam, with the CPU's SHA extensions),
+    and its tree makes the same digest on any number of threads (``threads``: BLAKE3's own pool from
+    ``PARALLEL_DIGEST_FROM`` bytes by default, one thread below)."""
     return combined_digest(weights_digest(module_state, threads=threads),
                            optimizer_digest(optimizer_state, threads=threads))
 
 
 def weights_digest(module_state: Mapping[str, torch.Tensor], *, threads: int | None = None) -> bytes:
-    """The weights' leaf: their tensors in name order, hashed in pieces."""
-    return _pieces_digest(_segments(module_state, None), threads)
+    """The weights' leaf."""
+    header, entries = weights_leaf(module_state)
+    return leaf_digest(header, [_bytes_of(t) for _, t in entries], threads)
 
 
 def optimizer_digest(optimizer_state: Mapping[str, Any] | None, *, threads: int | None = None) -> bytes:
-    """The optimizer state's leaf: its per-parameter state in index order, hashed in pieces, then its
-    hyperparameters (a changed learning rate is a different state)."""
+    """The optimizer state's leaf."""
     if optimizer_state is None:
-        return hashlib.sha256(b"no optimizer").digest()
-    h = hashlib.sha256(_pieces_digest(_segments({}, optimizer_state), threads))
+        return NO_OPTIMIZER_DIGEST
+    header, entries = optimizer_leaf(optimizer_state)
+    return leaf_digest(header, [_bytes_of(t) for _, t in entries], threads)
+
+
+def weights_leaf(module_state: Mapping[str, Any]) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
+    """A leaf's header and its tensors in stream order: the weights in name order."""
+    labels, tensors = [], []
+    for name in sorted(module_state):
+        labels.append(_label(name, module_state[name], tensors, name))
+    return b"".join(labels), tensors
+
+
+def optimizer_leaf(optimizer_state: Mapping[str, Any]) -> tuple[bytes, list[tuple[tuple[int, str], torch.Tensor]]]:
+    """The optimizer's per-parameter state in index then name order, then its hyperparameters."""
+    labels, tensors = [], []
+    state = optimizer_state.get("state", {})
+    for index in sorted(state):
+        for name in sorted(state[index]):
+            labels.append(_label(f"{index}.{name}", state[index][name], tensors, (index, name)))
     for i, group in enumerate(optimizer_state.get("param_groups", [])):
-        h.update(repr(sorted((k, v) for k, v in group.items() if k != "params")).encode() + str(i).encode())
+        labels.append(_framed(f"group {i}\0{sorted((k, v) for k, v in group.items() if k != 'params')!r}"))
+    return b"".join(labels), tensors
+
+
+def leaf_digest(header: bytes, data: Sequence[Any], threads: int | None, size: int | None = None) -> bytes:
+    """BLAKE3 of the header (prefixed by its length: it ends where the tensors' bytes start) and of
+    ``data``, buffers in stream order; ``size``, their bytes if known (it decides the threads)."""
+    if size is None:
+        size = sum(len(d) for d in data)
+    if threads is None:
+        threads = blake3.blake3.AUTO if size >= PARALLEL_DIGEST_FROM else 1
+    h = blake3.blake3(len(header).to_bytes(8, "little") + header, max_threads=threads)
+    for d in data:
+        h.update(d)
     return h.digest()
-
-
-def _pieces_digest(segments: Iterator[tuple[bytes, memoryview | bytes]], threads: int | None) -> bytes:
-    pieces: list[list[tuple[bytes, memoryview | bytes]]] = [[]]
-    size = filled = 0
-    for segment in segments:
-        if filled >= DIGEST_PIECE:
-            pieces.append([])
-            filled = 0
-        pieces[-1].append(segment)
-        filled += len(segment[1])
-        size += len(segment[1])
-    threads = _digest_threads() if threads is None else threads
-    if size >= PARALLEL_DIGEST_FROM and threads > 1:
-        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="state-digest") as pool:
-            digests = list(pool.map(_piece_digest, pieces))
-    else:
-        digests = [_piece_digest(piece) for piece in pieces]
-    return hashlib.sha256(b"".join(digests)).digest()
 
 
 def combined_digest(weights: bytes, optimizer: bytes) -> tuple[int, ...]:
-    raw = hashlib.sha256(b"weights\0" + weights + b"optimizer\0" + optimizer).digest()
+    raw = blake3.blake3(b"weights\0" + weights + b"optimizer\0" + optimizer).digest()
     return tuple(int.from_bytes(raw[i:i + 8], "little", signed=True) for i in range(0, 8 * DIGEST_WORDS, 8))
 
 
-DIGEST_PIECE = 2**20  # bytes of state hashed as one piece (one thread's share)
 PARALLEL_DIGEST_FROM = 8 * 2**20  # below this, a thread pool's hand-offs cost more than they save
+NO_OPTIMIZER_DIGEST = blake3.blake3(b"no optimizer").digest()
 
 
-def _segments(module_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any] | None
-              ) -> Iterator[tuple[bytes, memoryview | bytes]]:
-    """(header, bytes) of the state in canonical order, a tensor cut at ``DIGEST_PIECE``; views, no copies."""
-    for name in sorted(module_state):
-        yield from _tensor_segments(name, module_state[name])
-    if optimizer_state is not None:
-        for index in sorted(optimizer_state.get("state", {})):
-            for name in sorted(optimizer_state["state"][index]):
-                yield from _tensor_segments(f"{index}.{name}", optimizer_state["state"][index][name])
+def _label(name: str, value: Any, tensors: list, key: Any) -> bytes:
+    """An entry's part of the header; a tensor is appended to ``tensors`` (its bytes follow the header)."""
+    if isinstance(value, torch.Tensor):
+        tensors.append((key, value))
+        return _framed(f"{name}\0{value.dtype}\0{tuple(value.shape)}")
+    return _framed(f"{name}\0={value!r}")
 
 
-def _tensor_segments(name: str, value: Any) -> Iterator[tuple[bytes, memoryview | bytes]]:
-    if not isinstance(value, torch.Tensor):
-        yield _header(f"{name}\0{value!r}", 0), b""
-        return
-    tensor = value.detach().to("cpu").contiguous().reshape(-1)
-    raw = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
-    label = f"{name}\0{tensor.dtype}\0{tuple(value.shape)}\0"
-    for start in range(0, max(1, len(raw)), DIGEST_PIECE):
-        data = memoryview(raw[start:start + DIGEST_PIECE])
-        yield _header(f"{label}{start}", len(data)), data
+def _framed(text: str) -> bytes:
+    """Prefixed by its own length: no two headers read alike."""
+    data = text.encode()
+    return len(data).to_bytes(4, "little") + data
 
 
-def _header(label: str, length: int) -> bytes:
-    """A segment's header, prefixed by its own length and naming the data's: no two states hash alike."""
-    text = f"{label}\0{length}".encode()
-    return len(text).to_bytes(4, "little") + text
-
-
-def _piece_digest(piece: list[tuple[bytes, memoryview | bytes]]) -> bytes:
-    h = hashlib.sha256()
-    for header, data in piece:
-        h.update(header)
-        h.update(data)  # hashlib lets other threads run while it hashes more than 2 KiB
-    return h.digest()
-
-
-def _digest_threads() -> int:
-    return min(4, os.cpu_count() or 1)
+def _bytes_of(tensor: torch.Tensor) -> Any:
+    """A tensor's bytes as a buffer, row-major, without copying a contiguous CPU tensor."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else b""
 
 
 # --- what a server reveals -------------------------------------------------------------------------

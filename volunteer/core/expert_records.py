@@ -44,10 +44,11 @@ from volunteer.core.dht_calls import batches, get_many, get_one, wait_result
 from volunteer.core.records import RECORD_TTL, key_fingerprint, owner_subkey
 
 GROUP_WIDTH = 64  # uids of one row under one key: a 64-wide row is one key
-AUDIT_PROTOCOL = 3  # what a server's answers carry (``volunteer.serving.versions``); 0 = none, 1 = a one-stream
+AUDIT_PROTOCOL = 4  # what a server's answers carry (``volunteer.serving.versions``); 0 = none, 1 = a one-stream
 # digest, 2 = ``state_digest`` in pieces, 3 = a two-leaf tree (weights, optimizer state) of pieces with
-# streamed msgpack reveals (a server and a trainer of different protocols disagree on every digest, so a
-# trainer reads only the records of its own protocol: ``audit=`` of ``read_servers`` / ``read_groups``)
+# streamed msgpack reveals, 4 = the same tree with BLAKE3 leaves, each over a header and the tensors' bytes
+# (a server and a trainer of different protocols disagree on every digest, so a trainer reads only the
+# records of its own protocol: ``audit=`` of ``read_servers`` / ``read_groups``)
 _OWNER = re.compile(rb"^\[owner:(.+?)\]$", re.DOTALL)
 
 

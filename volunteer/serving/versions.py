@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from functools import partial
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from hivemind.compression import deserialize_torch_tensor
@@ -41,13 +41,17 @@ from volunteer.core.audit_check import (
     AUDITED_BACKWARD_STREAM,
     AUDITED_FORWARD,
     AUDITED_FORWARD_STREAM,
+    NO_OPTIMIZER_DIGEST,
     REVEAL_RPC,
     Commitment,
     Reveal,
     RevealRequest,
+    combined_digest,
     encode_reveal,
     find_own_rows,
-    state_digest,
+    leaf_digest,
+    optimizer_leaf,
+    weights_leaf,
 )
 from volunteer.core.streams import PLAIN_LINGER, add_graceful_stream_handler
 from volunteer.core.wire import serialize
@@ -65,24 +69,122 @@ logger = logging.getLogger(__name__)
 REVEAL_PART_BYTES = 2**18  # one message of a streamed reveal: small enough to show progress on a slow link
 
 
-def _copy_state(state):
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: _copy_state(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_copy_state(v) for v in state)
-    return state
+class _State:
+    """One kept version's weights and optimizer state, packed in one flat host buffer in the digest's
+    stream order (``audit_check.weights_leaf``, then ``optimizer_leaf``), so that its copy is one call
+    and its digest one hash call a leaf; the buffer is reused by a later version once this one expires."""
+
+    def __init__(self, buffer: torch.Tensor):
+        self.buffer = buffer  # uint8, on the host
+        self.layout: tuple[bytes, bytes | None] | None = None  # the leaves' headers its views were cut for
+        self.views: list[torch.Tensor] = []  # where each tensor of the stream goes, typed and shaped
+        self.spans: list[tuple[int, int, torch.dtype, tuple[int, ...]]] = []  # offset, bytes, dtype, shape
+        self.weights_bytes = self.total = 0
+        self.tight = True  # no alignment gap between tensors: each leaf is one contiguous run of bytes
+        self.weight_names: list[str] = []
+        self.optimizer_keys: list[tuple[int, str]] = []
+        self.optimizer_values: list[tuple[tuple[int, str], Any]] = []  # its entries that are not tensors
+        self.param_groups: list | None = None  # None: no optimizer
+
+    def fill(self, weights: tuple[bytes, list], optimizer: tuple[bytes, list] | None, optimizer_state) -> None:
+        """Copy the leaves' tensors in; cut the views first if the layout changed (the first step makes
+        Adam's moments, so version 0 is smaller than the rest)."""
+        layout = (weights[0], optimizer[0] if optimizer is not None else None)
+        entries = weights[1] + (optimizer[1] if optimizer is not None else [])
+        if layout != self.layout:
+            self._cut(layout, weights[1], entries)
+        self.weight_names = [name for name, _ in weights[1]]
+        self.optimizer_keys = [key for key, _ in optimizer[1]] if optimizer is not None else []
+        self.optimizer_values = ([((i, n), v) for i, s in optimizer_state["state"].items() for n, v in s.items()
+                                  if not isinstance(v, torch.Tensor)] if optimizer is not None else [])
+        self.param_groups = optimizer_state["param_groups"] if optimizer is not None else None
+        tensors = [t.detach() for _, t in entries]
+        if _foreach_copy is not None and all(t.device.type == "cpu" for t in tensors):
+            _foreach_copy(self.views, tensors)
+        else:  # a device's tensors, each brought to the host
+            for view, tensor in zip(self.views, tensors):
+                view.copy_(tensor)
+
+    def _cut(self, layout: tuple[bytes, bytes | None], weights: list, entries: list) -> None:
+        self.layout, self.views, self.spans = layout, [], []
+        offset = 0
+        for index, (_, tensor) in enumerate(entries):
+            if index == len(weights):
+                self.weights_bytes = offset
+            size = tensor.element_size()
+            start = -(-offset // size) * size  # aligned for a typed view of the bytes
+            length = tensor.numel() * size
+            self.spans.append((start, length, tensor.dtype, tuple(tensor.shape)))
+            offset = start + length
+        if len(entries) == len(weights):
+            self.weights_bytes = offset
+        self.total = offset
+        self.tight = all(start == (self.spans[i - 1][0] + self.spans[i - 1][1] if i else 0)
+                         for i, (start, _, _, _) in enumerate(self.spans))
+        if self.buffer.numel() < self.total:
+            self.buffer = torch.empty(self.total, dtype=torch.uint8)
+        self.views = [self._typed(self.buffer, span) for span in self.spans]
+
+    @staticmethod
+    def _typed(buffer: torch.Tensor, span: tuple[int, int, torch.dtype, tuple[int, ...]]) -> torch.Tensor:
+        start, length, dtype, shape = span
+        return buffer[start:start + length].view(dtype).view(shape)
+
+    def digests(self) -> tuple[bytes, bytes]:
+        """The two leaves' digests, over the buffer's bytes (one run a leaf unless alignment left gaps)."""
+        data = self.buffer.numpy()
+        weights = self._leaf(data, self.layout[0], self.spans[:len(self.weight_names)], 0, self.weights_bytes)
+        if self.param_groups is None:
+            return weights, NO_OPTIMIZER_DIGEST
+        optimizer = self._leaf(data, self.layout[1], self.spans[len(self.weight_names):], self.weights_bytes,
+                               self.total)
+        return weights, optimizer
+
+    def _leaf(self, data, header: bytes, spans, start: int, end: int) -> bytes:
+        runs = [data[start:end]] if self.tight else [data[s:s + n] for s, n, _, _ in spans]
+        return leaf_digest(header, runs, None, end - start)
+
+    def revealed(self) -> tuple[dict[str, torch.Tensor], dict | None]:
+        """The state as ``module.state_dict()`` and ``optimizer.state_dict()`` gave it, in a copy of the
+        buffer: a reveal may still be encoding when the buffer is reused for a later version."""
+        data = self.buffer[:self.total].clone()
+        tensors = [self._typed(data, span) for span in self.spans]
+        module = dict(zip(self.weight_names, tensors))
+        if self.param_groups is None:
+            return module, None
+        state: dict[int, dict[str, Any]] = {}
+        for (index, name), value in zip(self.optimizer_keys, tensors[len(self.weight_names):]):
+            state.setdefault(index, {})[name] = value
+        for (index, name), value in self.optimizer_values:
+            state.setdefault(index, {})[name] = value
+        return module, {"state": state, "param_groups": self.param_groups}
+
+
+_foreach_copy = getattr(torch, "_foreach_copy_", None)  # one call for all tensors (torch >= 2.1); else one each
+
+
+class _Kept(NamedTuple):
+    since: float  # when it stopped being current (or was made, while it is)
+    state: _State
+    commit: Commitment
+    parent: int | None
+    inputs: torch.Tensor | None
+    grads: torch.Tensor | None
 
 
 class VersionStore:
     """Recent versions of one expert, by number. Version 0 is the state at start; each optimizer step
-    makes the next one. Thread-safe: the Runtime thread writes, the reveal service reads."""
+    makes the next one. Thread-safe: the Runtime thread writes, the reveal service reads.
+
+    Each version is one flat host buffer (``_State``); at most ``keep`` of them exist, those of the kept
+    versions and the spares of expired ones, which the next versions reuse: no allocation, no page
+    faults, one copy call and one hash call a leaf per optimizer step."""
 
     def __init__(self, keep: int = KEEP_VERSIONS, keep_for: float = KEEP_FOR,
                  clock: Callable[[], float] = time.monotonic):
         self.keep, self.keep_for, self.clock = keep, keep_for, clock
-        self._versions: OrderedDict[int, tuple[float, Reveal, Commitment]] = OrderedDict()
+        self._versions: OrderedDict[int, _Kept] = OrderedDict()
+        self._spares: list[_State] = []
         self._current: Commitment | None = None
         self._lock = threading.Lock()
 
@@ -107,34 +209,40 @@ class VersionStore:
             kept = self._versions.get(version)
             if kept is None:
                 return None
-            reveal = kept[1]
-            if reveal.parent is not None:  # stored as a number: fill it in from the store
-                parent = self._versions.get(reveal.parent.version)
-                if parent is None:
+            parent = None
+            if kept.parent is not None:
+                parent_kept = self._versions.get(kept.parent)
+                if parent_kept is None:
                     return None
-                reveal = Reveal(reveal.version, reveal.module, reveal.optimizer, parent[1], reveal.inputs, reveal.grads)
-            return reveal
+                parent = Reveal(kept.parent, *parent_kept.state.revealed())
+            return Reveal(version, *kept.state.revealed(), parent, kept.inputs, kept.grads)
 
     def memory_bytes(self) -> int:
+        """The host memory it holds: the buffers, kept and spare, and the kept versions' batches."""
         with self._lock:
-            return sum(_nbytes(r) for _, r, _ in self._versions.values())
+            states = [k.state for k in self._versions.values()] + self._spares
+            batches = [t for k in self._versions.values() for t in (k.inputs, k.grads) if t is not None]
+            return sum(s.buffer.numel() for s in states) + sum(t.numel() * t.element_size() for t in batches)
 
     def __len__(self) -> int:
         return len(self._versions)
 
     def _add(self, number: int, module, optimizer, parent: int | None, inputs, grads) -> Commitment:
-        module_state = _copy_state(module.state_dict())
-        optimizer_state = _copy_state(optimizer.state_dict()) if optimizer is not None else None
-        commit = Commitment(number, state_digest(module_state, optimizer_state))
-        placeholder = Reveal(parent, {}, None) if parent is not None else None
-        reveal = Reveal(number, module_state, optimizer_state, placeholder,
-                        None if inputs is None else inputs.detach().to("cpu", copy=True),
-                        None if grads is None else grads.detach().to("cpu", copy=True))
+        optimizer_state = optimizer.state_dict() if optimizer is not None else None
+        weights = weights_leaf(module.state_dict())
+        optimizer_part = optimizer_leaf(optimizer_state) if optimizer_state is not None else None
+        while len(self._versions) >= self.keep and len(self._versions) > 1:  # room; the newest (its parent) stays
+            self._spares.append(self._versions.popitem(last=False)[1].state)
+        state = self._spares.pop() if self._spares else _State(torch.empty(0, dtype=torch.uint8))
+        state.fill(weights, optimizer_part, optimizer_state)
+        commit = Commitment(number, combined_digest(*state.digests()))
         now = self.clock()
         if self._versions:  # the version this one supersedes was answered with until now: its age starts here
-            last, (_, kept, kept_commit) = next(reversed(self._versions.items()))
-            self._versions[last] = (now, kept, kept_commit)
-        self._versions[number] = (now, reveal, commit)
+            last = next(reversed(self._versions))
+            self._versions[last] = self._versions[last]._replace(since=now)
+        self._versions[number] = _Kept(now, state, commit, parent,
+                                       None if inputs is None else inputs.detach().to("cpu", copy=True),
+                                       None if grads is None else grads.detach().to("cpu", copy=True))
         self._expire()
         return commit
 
@@ -142,22 +250,10 @@ class VersionStore:
         # a version's time is when it stopped being current (the current one's, when it was made): an
         # expert idle for longer than ``keep_for`` must still reveal the parent of its next step
         cutoff = self.clock() - self.keep_for
-        while self._versions and (len(self._versions) > self.keep or next(iter(self._versions.values()))[0] < cutoff):
+        while self._versions and (len(self._versions) > self.keep or next(iter(self._versions.values())).since < cutoff):
             if len(self._versions) == 1:
                 break  # the current version is always kept
-            self._versions.popitem(last=False)
-
-
-def _nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, Reveal):
-        return _nbytes(value.module) + _nbytes(value.optimizer) + _nbytes(value.inputs) + _nbytes(value.grads)
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
+            self._spares.append(self._versions.popitem(last=False)[1].state)
 
 
 class AuditedBackend(CountingBackend):
@@ -205,6 +301,11 @@ class AuditedBackend(CountingBackend):
                 self.module(x_in).backward(grad.to(x.device, x.dtype))
             self.on_backward(len(x))
             grad_in = x_in.grad
+        # The copy and digest of the new state stay on this answer's path: the answer must bind the state
+        # its step made before any trainer can ask for it. An answer that carried the "after" version
+        # without its digest would let a server pick that state at reveal time: a frozen copy would
+        # reveal before + the recomputed update, pass, and keep answering from its frozen weights, whose
+        # digest the next answers would carry with nothing tying it to this step.
         after = self.versions.advance(self.module, self.optimizer, before, x, grad)
         return grad_in, _rows(before.row() + after.row(), len(x))
 
